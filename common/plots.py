@@ -1,0 +1,40 @@
+"""Matplotlib on the Agg backend with one house style; `save` writes a titled chart into the output folder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
+
+DPI = 130
+plt.rcParams.update({
+    "figure.figsize": (8, 4.8),
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.titlesize": 12,
+    "axes.titleweight": "bold",
+    "font.size": 10,
+})
+
+
+def figure(title: str, xlabel: str, ylabel: str, size: tuple[float, float] | None = None):
+    """A new figure with one axis, already titled and labelled (put units in the labels)."""
+    fig, ax = plt.subplots(figsize=size)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    return fig, ax
+
+
+def save(fig, out_dir: Path, name: str) -> Path:
+    """Save as PNG at a readable DPI, close the figure, return the path."""
+    path = Path(out_dir) / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path

@@ -1,0 +1,253 @@
+"""Console tables and atomic JSON/CSV/Markdown reports that always carry the environment they were measured in."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from common.errors import UserError
+
+REPORT_VERSION = 1
+
+
+def to_jsonable(value: Any) -> Any:
+    """Turn dataclasses, numpy and torch values into plain JSON types; NaN/inf become None."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_jsonable(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(key): to_jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [to_jsonable(item) for item in value]
+    if isinstance(value, (np.generic,)):
+        return to_jsonable(value.item())
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, torch.Tensor):
+        return to_jsonable(value.tolist())
+    if isinstance(value, (torch.dtype, torch.device, torch.Size, Path)):
+        return str(value) if not isinstance(value, torch.Size) else list(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def atomic_write(path: Path, text: str) -> Path:
+    """Write text to a temp file beside path, then rename: readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
+            stream.write(text)
+        os.replace(temp_name, path)
+    except BaseException:
+        os.unlink(temp_name)
+        raise
+    return path
+
+
+def format_value(value: Any) -> str:
+    """A compact human form: 3 significant figures for floats, thousands separators for ints."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "-"
+        if value == 0:
+            return "0"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.3g}"
+    return str(value)
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    """Rows of dicts as an aligned text table (numbers right-aligned)."""
+    if not rows:
+        return "(no rows)"
+    columns = columns or list(dict.fromkeys(key for row in rows for key in row))
+    cells = [[format_value(row.get(column)) for column in columns] for row in rows]
+    widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
+    numeric = [all(isinstance(row.get(c), (int, float)) or row.get(c) is None for row in rows) for c in columns]
+
+    def render(values: list[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    lines = [render(columns), "  ".join("-" * w for w in widths)]
+    lines += [render(line) for line in cells]
+    return "\n".join(lines)
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str] | None = None, title: str | None = None) -> None:
+    """Print a titled aligned table."""
+    if title:
+        print(f"\n{title}")
+    print(format_table(rows, columns))
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    """Rows of dicts as a GitHub Markdown table."""
+    if not rows:
+        return "_no rows_"
+    columns = columns or list(dict.fromkeys(key for row in rows for key in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(format_value(row.get(c)).replace("|", "\\|") for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _is_table(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(item, dict) for item in value)
+
+
+class Report:
+    """Results of one script run, section by section; writes report.json, report.md and results.csv."""
+
+    def __init__(self, script: str, out_dir: Path, environment: dict[str, Any]) -> None:
+        self.script = script
+        self.out_dir = Path(out_dir)
+        self.environment = environment
+        self.sections: dict[str, Any] = {}
+        self.failures: dict[str, str] = {}
+        self.skipped: dict[str, str] = {}
+        self.rows: list[dict[str, Any]] = []
+        self.models: list[dict[str, Any]] = []
+        self.charts: list[str] = []
+        self.partial = False
+        self.started = time.perf_counter()
+
+    def run_section(self, title: str, why: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Print the heading and why, run the section, keep its result; a failure is recorded, not raised."""
+        print(f"\n{'=' * 78}\n{title}\n{'=' * 78}\n{why}\n")
+        try:
+            result = fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            self.partial = True
+            self.failures[title] = "interrupted by the user (Ctrl-C)"
+            self.write()
+            raise
+        except UserError as error:
+            self.failures[title] = str(error)
+            print(f"[section failed] {error}")
+            return None
+        except Exception as error:  # one broken section must not lose the others' numbers
+            self.failures[title] = f"{type(error).__name__}: {error}"
+            print(f"[section failed] {type(error).__name__}: {error}")
+            traceback.print_exc(limit=3)
+            return None
+        self.sections[title] = result
+        return result
+
+    def skip(self, what: str, reason: str) -> None:
+        """Record and print that something was not run, and why."""
+        self.skipped[what] = reason
+        print(f"[skipped] {what}: {reason}")
+
+    def add_rows(self, section: str, rows: list[dict[str, Any]]) -> None:
+        """Append tidy measurement rows (one per measurement) for results.csv."""
+        self.rows.extend({"section": section, **row} for row in rows)
+
+    def add_chart(self, path: Path) -> None:
+        """Remember a chart file so the report can list it."""
+        self.charts.append(str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The whole run as JSON-ready data."""
+        return to_jsonable({
+            "report_version": REPORT_VERSION,
+            "script": self.script,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "partial": self.partial,
+            "wall_s": time.perf_counter() - self.started,
+            "environment": self.environment,
+            "models": self.models,
+            "sections": self.sections,
+            "failures": self.failures,
+            "skipped": self.skipped,
+            "charts": self.charts,
+            "rows": self.rows,
+        })
+
+    def markdown(self, data: dict[str, Any]) -> str:
+        """A paste-able Markdown rendering: environment, models, each section's tables and scalars."""
+        lines = [f"# {self.script}", ""]
+        if data["partial"]:
+            lines += ["**Partial report: the run was interrupted before every section finished.**", ""]
+        lines += ["## Environment", "", markdown_table([{"key": k, "value": v} for k, v in data["environment"].items()]), ""]
+        if data["models"]:
+            lines += ["## Models", "", markdown_table(data["models"]), ""]
+        for title, result in data["sections"].items():
+            lines += [f"## {title}", ""]
+            lines += _markdown_block(result)
+        if data["failures"]:
+            lines += ["## Failed sections", ""] + [f"- **{k}**: {v}" for k, v in data["failures"].items()] + [""]
+        if data["skipped"]:
+            lines += ["## Skipped", ""] + [f"- **{k}**: {v}" for k, v in data["skipped"].items()] + [""]
+        if data["charts"]:
+            lines += ["## Charts", ""] + [f"- {Path(c).name}" for c in data["charts"]] + [""]
+        return "\n".join(lines)
+
+    def write(self) -> list[Path]:
+        """Write report.json, report.md and (when there are rows) results.csv atomically."""
+        data = self.to_dict()
+        written = [
+            atomic_write(self.out_dir / "report.json", json.dumps(data, indent=2, allow_nan=False)),
+            atomic_write(self.out_dir / "report.md", self.markdown(data)),
+        ]
+        if data["rows"]:
+            written.append(atomic_write(self.out_dir / "results.csv", rows_to_csv(data["rows"])))
+        return written
+
+    def finish(self) -> int:
+        """Write the reports, print where they are and the wall time; exit code 1 if any section failed."""
+        paths = self.write()
+        print(f"\n{'=' * 78}")
+        for path in paths + [Path(c) for c in self.charts]:
+            print(f"wrote {path}")
+        if self.failures:
+            print(f"{len(self.failures)} section(s) failed: {', '.join(self.failures)}")
+        print(f"total wall time: {time.perf_counter() - self.started:.1f} s")
+        return 1 if self.failures else 0
+
+
+def _markdown_block(result: Any) -> list[str]:
+    if _is_table(result):
+        return [markdown_table(result), ""]
+    if not isinstance(result, dict):
+        return [f"{format_value(result)}", ""]
+    lines: list[str] = []
+    scalars = {k: v for k, v in result.items() if not isinstance(v, (dict, list))}
+    if scalars:
+        lines += [f"- {k}: {format_value(v)}" for k, v in scalars.items()] + [""]
+    for key, value in result.items():
+        if _is_table(value):
+            lines += [f"### {key}", "", markdown_table(value), ""]
+        elif isinstance(value, dict) and value:
+            lines += [f"### {key}", ""] + _markdown_block(value)
+    return lines
+
+
+def rows_to_csv(rows: list[dict[str, Any]]) -> str:
+    """Tidy rows as CSV text with the union of their keys as the header."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+    return buffer.getvalue()
