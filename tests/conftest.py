@@ -1,0 +1,29 @@
+"""Shared test helpers: PNG signature check and importing the digit-named lesson scripts."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def is_png(path: Path) -> bool:
+    """True when the file starts with the 8-byte PNG signature and has more than a header."""
+    data = Path(path).read_bytes()
+    return data[:8] == PNG_SIGNATURE and len(data) > 1000
+
+
+def load_script(stem: str):
+    """Import a lesson script (its name starts with a digit, so `import` cannot)."""
+    spec = importlib.util.spec_from_file_location(f"lesson_{stem}", ROOT / f"{stem}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def png_ok():
+    return is_png

@@ -1,0 +1,87 @@
+"""Device choice with availability patched, the environment description, and the CLI's error paths."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from common import cli, device
+from common.errors import UserError
+from tests.conftest import ROOT
+
+
+@pytest.mark.parametrize(
+    ("cuda", "mps", "expected"),
+    [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")],
+)
+def test_auto_prefers_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(device, "mps_available", lambda: mps)
+    assert device.pick_device("auto").type == expected
+
+
+def test_asking_for_missing_cuda_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="sees no CUDA GPU"):
+        device.pick_device("cuda")
+
+
+def test_asking_for_missing_mps_or_an_unknown_device_fails(monkeypatch):
+    monkeypatch.setattr(device, "mps_available", lambda: False)
+    with pytest.raises(UserError, match="MPS"):
+        device.pick_device("mps")
+    with pytest.raises(UserError, match="unknown device"):
+        device.pick_device("tpu")
+
+
+def test_environment_names_versions_threads_and_cpu():
+    env = device.describe_environment(torch.device("cpu"))
+    assert env["torch"] == torch.__version__
+    assert env["transformers"].startswith("5.")
+    assert env["torch_threads"] == torch.get_num_threads()
+    assert env["logical_cores"] >= 1 and env["cpu"]
+    assert env["gpu"] is None
+
+
+def test_parser_turns_bad_options_into_user_errors():
+    parser = cli.base_parser("test")
+    with pytest.raises(UserError, match="unrecognized arguments"):
+        parser.parse_args(["--no-such-option"])
+    with pytest.raises(UserError, match="invalid choice"):
+        parser.parse_args(["--source", "internet"])
+
+
+def test_start_applies_threads_and_rejects_zero(tmp_path):
+    parser = cli.base_parser("test")
+    before = torch.get_num_threads()
+    try:
+        ctx = cli.start("/x/05_example.py", parser.parse_args(["--threads", "1", "--output-dir", str(tmp_path)]))
+        assert torch.get_num_threads() == 1
+        assert ctx.out_dir == tmp_path and ctx.report.script == "05_example"
+        with pytest.raises(UserError, match="at least 1"):
+            cli.start("/x/05_example.py", parser.parse_args(["--threads", "0"]))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_run_turns_user_error_into_exit_2(capsys):
+    def failing_main(argv):
+        raise UserError("no such model 'x'")
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(failing_main, [])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: no such model 'x'"
+
+
+def test_script_with_missing_cuda_exits_2_with_one_line_and_no_traceback():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA, so --device cuda is not an error here")
+    done = subprocess.run([sys.executable, "01_autotokenizer_automodel.py", "--device", "cuda"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert "CUDA" in done.stderr

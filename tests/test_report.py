@@ -1,0 +1,99 @@
+"""Tables, JSON conversion, atomic writes and the section runner that keeps results when a section fails."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from common import report
+from common.errors import UserError
+from common.report import Report, atomic_write, format_table, to_jsonable
+
+
+def test_atomic_write_leaves_old_file_and_no_temp_when_rename_fails(tmp_path, monkeypatch):
+    target = tmp_path / "report.json"
+    target.write_text("old")
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report.os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        atomic_write(target, "new content")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
+def test_atomic_write_replaces_content(tmp_path):
+    target = tmp_path / "sub" / "a.txt"
+    atomic_write(target, "first")
+    atomic_write(target, "second")
+    assert target.read_text() == "second"
+    assert os.listdir(target.parent) == ["a.txt"]
+
+
+def test_to_jsonable_handles_numpy_torch_dataclasses_and_nan():
+    @dataclass
+    class Point:
+        x: float
+        tags: tuple
+
+    converted = to_jsonable({"a": np.float32(1.5), "b": torch.tensor([1, 2]), "c": Point(float("nan"), ("t",)),
+                             "d": torch.float16, "e": torch.Size([2, 3])})
+    assert converted == {"a": 1.5, "b": [1, 2], "c": {"x": None, "tags": ["t"]}, "d": "torch.float16", "e": [2, 3]}
+    json.dumps(converted, allow_nan=False)
+
+
+def test_format_table_aligns_numbers_right_and_text_left():
+    text = format_table([{"model": "bert", "ms": 12.345}, {"model": "distilbert", "ms": 1234.5}])
+    lines = text.splitlines()
+    assert lines[0].startswith("model") and lines[0].endswith("ms")
+    assert lines[2] == "bert" + " " * 9 + "12.3"
+    assert lines[3] == "distilbert  1,234"
+
+
+def test_failed_section_is_recorded_and_the_next_section_still_runs(tmp_path, capsys):
+    rep = Report("05_example", tmp_path, {"device": "cpu"})
+    rep.run_section("1. works", "why", lambda: {"speedup": 2.0, "table": [{"a": 1}]})
+    rep.run_section("2. breaks", "why", lambda: 1 / 0)
+    rep.run_section("3. user error", "why", lambda: (_ for _ in ()).throw(UserError("bad input")))
+    rep.run_section("4. works too", "why", lambda: [{"b": 2}])
+    rep.add_rows("1. works", [{"name": "x", "p50_ms": 1.25}])
+    assert rep.finish() == 1
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["sections"]["1. works"]["speedup"] == 2.0
+    assert data["sections"]["4. works too"] == [{"b": 2}]
+    assert "ZeroDivisionError" in data["failures"]["2. breaks"]
+    assert data["failures"]["3. user error"] == "bad input"
+    assert data["environment"] == {"device": "cpu"}
+    markdown = (tmp_path / "report.md").read_text()
+    assert "## 1. works" in markdown and "| a |" in markdown and "## Failed sections" in markdown
+    with open(tmp_path / "results.csv", newline="") as handle:
+        assert list(csv.DictReader(handle)) == [{"section": "1. works", "name": "x", "p50_ms": "1.25"}]
+
+
+def test_interrupted_section_writes_a_partial_report(tmp_path):
+    rep = Report("05_example", tmp_path, {})
+    rep.run_section("1. done", "why", lambda: {"value": 1})
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        rep.run_section("2. interrupted", "why", interrupted)
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["partial"] is True
+    assert data["sections"] == {"1. done": {"value": 1}}
+    assert "Partial report" in (tmp_path / "report.md").read_text()
+
+
+def test_successful_run_exits_zero(tmp_path):
+    rep = Report("05_example", tmp_path, {})
+    rep.run_section("1. fine", "why", lambda: {"x": 1})
+    assert rep.finish() == 0
+    assert not (tmp_path / "results.csv").exists()  # no rows, no CSV
