@@ -192,11 +192,24 @@ def cache_problem(folder: Path, fingerprint: dict[str, Any]) -> str | None:
     return None if manifest.get("files") else "empty manifest"
 
 
+# Folders whose checksums passed in this process: hashing ~500 MB costs ~0.5 s, too much to repeat on every load.
+# The key includes every file's size and mtime, so a file changed since then is hashed again.
+_VERIFIED: set[tuple] = set()
+
+
+def _verified_key(folder: Path, fingerprint: dict[str, Any]) -> tuple:
+    files = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir())) if folder.is_dir() else ()
+    return str(folder), json.dumps(fingerprint, sort_keys=True), files
+
+
 def ensure_cached(name: str, fingerprint: dict[str, Any], build: Callable[[Path], None]) -> Path:
     """Return a verified cache folder, building it (into a temp folder, then an atomic rename) when needed."""
     folder = cache_root() / name
+    if _verified_key(folder, fingerprint) in _VERIFIED:
+        return folder
     problem = cache_problem(folder, fingerprint)
     if problem is None:
+        _VERIFIED.add(_verified_key(folder, fingerprint))
         return folder
     if folder.exists():
         print(f"[cache] {folder}: {problem}; rebuilding")
@@ -211,6 +224,7 @@ def ensure_cached(name: str, fingerprint: dict[str, Any], build: Callable[[Path]
         os.replace(temp, folder)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+    _VERIFIED.add(_verified_key(folder, fingerprint))
     return folder
 
 

@@ -237,8 +237,8 @@ def _markdown_block(result: Any) -> list[str]:
     for key, value in result.items():
         if _is_table(value):
             lines += [f"### {key}", "", markdown_table(value), ""]
-        elif isinstance(value, dict) and value:
-            lines += [f"### {key}", ""] + _markdown_block(value)
+        elif isinstance(value, dict) and (block := _markdown_block(value)):
+            lines += [f"### {key}", ""] + block
     return lines
 
 

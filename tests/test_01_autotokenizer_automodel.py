@@ -1,0 +1,179 @@
+"""End-to-end and bad-input tests for 01_autotokenizer_automodel.py (one --quick run shared by the module)."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import cli
+from common.errors import UserError
+
+SCRIPT = Path(__file__).resolve().parents[1] / "01_autotokenizer_automodel.py"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+USER_TEXT = "Ich trinke gern Tee am Morgen."
+S1, S2, S3, S4, S5 = ("1. Tokenizer encode/decode", "2. AutoModel by hand", "3. pipeline()", "4. Manual vs pipeline",
+                      "5. Custom pipelines")
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("lesson01", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def lesson():
+    return load_script()
+
+
+@pytest.fixture(scope="module")
+def run(lesson, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lesson01")
+    threads = torch.get_num_threads()
+    try:  # one thread: the run stays fast even when other processes share the cores (no timing is asserted)
+        code = lesson.main(["--quick", "--source", "bundled", "--threads", "1", "--output-dir", str(out),
+                            "--text", USER_TEXT])
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    return code, out, report
+
+
+def test_run_succeeds_with_every_section(run):
+    code, out, report = run
+    assert code == 0
+    assert report["failures"] == {}
+    assert list(report["sections"]) == [S1, S2, S3, S4, S5]
+    assert (out / "report.md").read_text(encoding="utf-8").count("## ") >= 5
+    assert (out / "results.csv").is_file()
+    assert {m["role"] for m in report["models"]} == {"encoder", "classifier", "decoder", "seq2seq"}
+
+
+def test_each_chart_is_a_png(run):
+    _, out, report = run
+    names = {"similarity_heatmap.png", "manual_vs_pipeline_latency.png", "tokenisation_throughput.png"}
+    assert {Path(c).name for c in report["charts"]} == names
+    for name in names:
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_SIGNATURE and len(data) > 5_000
+
+
+def test_tokenizer_section_reports_losses_and_truncation(run):
+    section = run[2]["sections"][S1]
+    cases = {row["case"]: row for row in section["round_trip"]}
+    assert cases["Empty string"]["exact"] and cases["Empty string"]["tokens"] == 2  # [CLS] [SEP]
+    assert "accents stripped" in cases["Turkish"]["lost"] and cases["Turkish"]["lossless_after_norm"]
+    assert "[UNK]" in cases["Emoji"]["lost"] and not cases["Emoji"]["lossless_after_norm"]
+    over = cases["Over-long"]
+    assert over["tokens"] > 512 and over["kept"] == section["max_tokens"] == 512 and "truncated" in over["lost"]
+    assert any(row["tokens"] == over["tokens"] for row in section["truncated"])
+    assert cases["--text 1"]["chars"] == len(USER_TEXT)
+    assert section["padded_batch_shape"] == [3, 12]
+    assert section["walkthrough"]["input_ids"][0] == 101 and section["walkthrough"]["input_ids"][-1] == 102
+    assert len(section["throughput"]) == 3
+    for row in section["throughput"]:
+        assert row["p50_ms"] > 0 and row["items_per_s"] > 0
+    assert section["throughput"][0]["speedup_vs_single"] == pytest.approx(1.0)
+
+
+def test_similarity_orders_related_above_unrelated(run):
+    section = run[2]["sections"][S2]
+    assert section["hidden_shape"][0] == 5 and section["hidden_shape"][2] == 384  # 4 built-in + 1 user text
+    matrix = torch.tensor(section["similarity"])
+    assert torch.allclose(matrix.diagonal(), torch.ones(5), atol=1e-5)
+    assert torch.allclose(matrix, matrix.T, atol=1e-6)
+    assert section["ordering_ok"] and section["related_min"] > section["unrelated_max"] + 0.2
+    assert section["mask_effect_max_abs"] > 0.01  # forgetting the mask really changes padded embeddings
+
+
+def test_pipeline_section(run):
+    section = run[2]["sections"][S3]
+    assert section["feature_shape"][0] == 1 and section["feature_shape"][2] == 384
+    assert section["padded_rows"][0] == section["padded_rows"][1] > section["own_tokens"][0]
+    assert section["classifier_source"] == "bundled"
+    assert section["sentiment_correct"] == section["sentiment_checked"] == 4
+    assert section["sampling_reproducible"]
+    assert all(row["continuation"] for row in section["generation"])
+
+
+def test_manual_and_pipeline_agree_and_are_timed(run):
+    section = run[2]["sections"][S4]
+    assert section["texts_compared"] == 13  # 12 SENTENCES + the user's text
+    assert 0 <= section["embedding_max_abs_diff"] <= section["tolerance"] <= 1e-4
+    assert section["labels_agree"] and set(section["labels"]) <= {"POSITIVE", "NEGATIVE"}
+    assert {(row["batch"], row["path"]) for row in section["timings"]} == {
+        (b, p) for b in (1, 8, 32) for p in ("manual", "pipeline")}
+    for row in section["timings"]:
+        assert row["p50_ms"] > 0 and row["ms_per_text"] == pytest.approx(row["p50_ms"] / row["batch"])
+    assert set(section["overhead_ratio"]) == {"1", "8", "32"} and all(r > 0 for r in section["overhead_ratio"].values())
+    parts = {row["part"]: row for row in section["overhead_breakdown"]}
+    assert parts["pad items into a batch (collate)"]["pipeline_ms"] > 0
+
+
+def test_custom_pipelines_section(run, lesson):
+    section = run[2]["sections"][S5]
+    assert section["ordering_ok"] and section["max_diff_vs_manual"] < 1e-5
+    t2t = section["text_to_text"]
+    assert t2t["source"] == "twin" and t2t["meaningful"] is False
+    assert t2t["output_tokens"] == lesson.QUICK_TEXT_TO_TEXT_NEW_TOKENS + 1  # decoder start token + new tokens
+    for name in ("sentence-similarity", "text-to-text"):
+        stages = {row["stage"]: row for row in section["stages"] if row["pipeline"] == name}
+        assert {"preprocess", "_forward", "postprocess", "whole call"} <= set(stages)
+        assert all(stages[s]["p50_ms"] > 0 for s in ("preprocess", "_forward", "postprocess", "whole call"))
+
+
+def test_non_utf8_file_is_a_clear_error(lesson, tmp_path, capsys):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("Günaydın, çay?\n".encode("latin-1", errors="replace") + b"\xff\xfe bad\n")
+    with pytest.raises(UserError, match="not UTF-8"):
+        lesson.main(["--quick", "--text-file", str(bad), "--output-dir", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(lesson.main, ["--quick", "--text-file", str(bad), "--output-dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "not UTF-8" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("argv_kind", ["empty file", "blank --text", "missing file"])
+def test_empty_or_missing_input_is_a_clear_error(lesson, tmp_path, argv_kind):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n   \n", encoding="utf-8")
+    argv = {"empty file": ["--text-file", str(empty)], "blank --text": ["--text", "  "],
+            "missing file": ["--text-file", str(tmp_path / "nope.txt")]}[argv_kind]
+    with pytest.raises(UserError, match="no text|no such file"):
+        lesson.main(["--quick", *argv, "--output-dir", str(tmp_path / "out")])
+
+
+def test_100k_character_text_is_truncated_and_reported(lesson, tmp_path, capsys):
+    from common import models
+
+    long_text = ("Tokenizers split long documents into many pieces. " * 2_000)[:99_999] + "."
+    path = tmp_path / "long.txt"
+    path.write_text(f"{long_text}\nshort line\n", encoding="utf-8")
+    texts = lesson.read_user_texts(argparse.Namespace(text=None, text_file=path))
+    assert [len(t) for t in texts] == [100_000, len("short line")]
+    loaded = models.load_model("encoder", source="bundled", verbose=False)
+    rows = lesson.report_truncation(loaded.tokenizer, 512, texts)
+    assert len(rows) == 1 and rows[0]["chars"] == 100_000 and rows[0]["kept"] == 512 and rows[0]["tokens"] > 10_000
+    printed = capsys.readouterr().out
+    assert "[truncated]" in printed and "100,000 chars" in printed and "short line" not in printed
+
+
+def test_a_failing_section_is_recorded_and_exits_nonzero(lesson, tmp_path, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("boom")
+
+    for name in ("tokenizer_section", "automodel_section", "pipeline_section", "manual_vs_pipeline_section",
+                 "custom_pipelines_section"):
+        monkeypatch.setattr(lesson, name, lambda *args: {"ok": True})
+    monkeypatch.setattr(lesson, "pipeline_section", broken)
+    code = lesson.main(["--quick", "--output-dir", str(tmp_path)])
+    report = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
+    assert code == 1
+    assert report["failures"] == {S3: "RuntimeError: boom"}
+    assert set(report["sections"]) == {S1, S2, S4, S5}
