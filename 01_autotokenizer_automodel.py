@@ -315,7 +315,7 @@ def automodel_section(ctx: cli.Context, user_texts: list[str] | None) -> dict:
     report_truncation(loaded.tokenizer, max_tokens(loaded.tokenizer, loaded.model), sentences)
 
     batch = loaded.tokenizer(sentences, padding=True, truncation=True, return_tensors="pt").to(ctx.device)
-    with torch.inference_mode():  # no autograd bookkeeping at all: less memory, a little faster than no_grad
+    with torch.inference_mode():  # no autograd graph is recorded: inference needs no gradients
         hidden = loaded.model(**batch).last_hidden_state
     texts_n, positions, width = hidden.shape
     print(f"last_hidden_state shape {tuple(hidden.shape)} = {texts_n} texts x {positions} token positions "

@@ -15,8 +15,8 @@ QUICK_BATCH_SIZES = [1]
 NEW_TOKENS = 32
 QUICK_NEW_TOKENS = 8
 # A batch > 1 forward whose predicted time per call (scaled from a measured smaller cell) is above this is skipped
-# with the reason: BERT-base at batch 8 x 512 tokens takes ~20 s a call on 2 CPU cores, which alone would break the
-# 4-minute budget. Batch 1 always runs: it is the reference line of the latency chart.
+# with the reason: BERT-base at batch 8 x 512 tokens takes 10-20 s a call on 2 CPU cores, which alone would break
+# the 4-minute budget. Batch 1 always runs: it is the reference line of the latency chart.
 MAX_CALL_S = 2.5
 BUDGET_S = 0.5  # time per measurement after 1 warm-up and at least MIN_RUNS runs
 QUICK_BUDGET_S = 0.1
@@ -28,6 +28,7 @@ TEXT_TO_TEXT_INPUT = "translate English to German: The house is wonderful."
 FILL_MASK_TEXT = "The capital of France is {mask}."
 PROBE_TEXT = "Attention decides which other words each word is allowed to see"
 PIPELINE_NEW_TOKENS = 20
+QUICK_PIPELINE_NEW_TOKENS = 8
 CAUSAL_TOLERANCE = 1e-5  # relative change of earlier positions' hidden states below which they did not see the edit
 TWIN_NOTE = "(twin: random weights, text is noise; shown only to prove the plumbing)"
 
@@ -71,7 +72,7 @@ def default_models(source: str) -> list[str]:
 
 
 def kind_from_config(config: Any, name: str) -> str:
-    """decoder / encoder / seq2seq for any Hub checkpoint, read from its config (as the catalog does for its own)."""
+    """decoder / encoder / seq2seq for a Hub checkpoint outside the catalog, read from its config."""
     model_type = config.model_type
     if getattr(config, "is_encoder_decoder", False):
         return "seq2seq"
@@ -86,7 +87,7 @@ def kind_from_config(config: Any, name: str) -> str:
 def resolve_spec(name: str, source: str) -> dict:
     """What loading `name` will give: display label, architecture family and whether it carries a masked-LM head."""
     _, entry, location, source_label = models.resolve(name, source)
-    offline = source_label != "hub"
+    offline = source_label != "hub" or (source == "auto" and not models.hub_reachable())
     try:
         config = AutoConfig.from_pretrained(location, local_files_only=offline)
     except (OSError, ValueError) as error:
@@ -153,7 +154,9 @@ def for_each_model(ctx: cli.Context, specs: list[dict], what: str, work: Callabl
 
 
 def embedding_parameter_ids(model: torch.nn.Module) -> set[int]:
-    """Parameters of embedding tables (token, position, token-type) and of modules named `embeddings` (BERT's LayerNorm)."""
+    """Parameters of embedding tables (token, position, token-type) and of modules named `embeddings`.
+
+    The second rule adds BERT's embedding LayerNorm; T5's relative-position bias tables count as embeddings."""
     ids = set()
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Embedding) or name.rsplit(".", 1)[-1] == "embeddings":
@@ -254,7 +257,7 @@ def architecture_facts(ctx: cli.Context, loaded: models.LoadedModel, spec: dict)
         "heads": config.num_attention_heads,
         "kv_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
         "vocab": config.vocab_size, "max_positions": max_positions(config), "masking": masking,
-        "earlier_change": max(changes.values()) if spec["kind"] != "seq2seq" else changes["encoder"],
+        "earlier_change": changes.get("model", changes.get("encoder")),
         "decoder_earlier_change": changes.get("decoder"),
         "params": params, "embedding_params": embeddings, "other_params": rest,
         "embedding_pct": 100.0 * embeddings / params,
@@ -309,17 +312,18 @@ def show(spec: dict, text: str) -> str:
 def pipeline_demo(ctx: cli.Context, loaded: models.LoadedModel, spec: dict) -> dict:
     """The one line each architecture is made for: features (encoder), continuation (decoder), text-to-text."""
     model, tokenizer = loaded.model, loaded.tokenizer
+    new_tokens = QUICK_PIPELINE_NEW_TOKENS if ctx.quick else PIPELINE_NEW_TOKENS
     if spec["kind"] == "encoder":
         features = pipeline("feature-extraction", model=model, tokenizer=tokenizer)(PROMPT, return_tensors=True)
         task, given = "feature-extraction", PROMPT
         output = f"one {features.shape[-1]}-number vector per token, shape {tuple(features.shape)}"
     elif spec["kind"] == "decoder":
         generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
-        result = generator(PROMPT, max_new_tokens=PIPELINE_NEW_TOKENS, do_sample=False, return_full_text=False)
+        result = generator(PROMPT, max_new_tokens=new_tokens, do_sample=False, return_full_text=False)
         task, given, output = "text-generation", PROMPT, show(spec, result[0]["generated_text"].strip())
     else:
         text_to_text = pipeline(custom_pipelines.TEXT_TO_TEXT, model=model, tokenizer=tokenizer)
-        result = text_to_text(TEXT_TO_TEXT_INPUT, max_new_tokens=PIPELINE_NEW_TOKENS, do_sample=False)
+        result = text_to_text(TEXT_TO_TEXT_INPUT, max_new_tokens=new_tokens, do_sample=False)
         task, given, output = custom_pipelines.TEXT_TO_TEXT, TEXT_TO_TEXT_INPUT, show(spec, result["generated_text"])
     print(f"{spec['label']:<32} {task:<18} {given!r}\n{'':<32} -> {output}")
     return {"model": spec["label"], "architecture": spec["family"], "pipeline": task, "input": given,
@@ -414,7 +418,8 @@ def forward_latency(ctx: cli.Context, meter: PerformanceMeter, loaded: models.Lo
 
 
 def generation_speed(ctx: cli.Context, meter: PerformanceMeter, loaded: models.LoadedModel, spec: dict) -> list[dict]:
-    """TTFT, per-token latency and tokens/s for exactly N greedy new tokens, with the KV cache and (decoders) without."""
+    """TTFT, per-token latency and tokens/s for exactly N greedy new tokens, with the KV cache (and without it too,
+    for decoders)."""
     model, new_tokens = loaded.model, speed_settings(ctx)["new_tokens"]
     encoded = loaded.tokenizer(PROMPT, return_tensors="pt").to(next(model.parameters()).device)
     inputs = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}  # no token_type_ids
@@ -439,7 +444,8 @@ def generation_speed(ctx: cli.Context, meter: PerformanceMeter, loaded: models.L
                      "new_tokens": new_tokens, "prompt_tokens": inputs["input_ids"].shape[1],
                      "ttft_ms": measured.time_to_first_token_s * 1e3, "per_token_ms": measured.per_token_s * 1e3,
                      "tokens_per_s": measured.tokens_per_s, "p50_total_ms": measured.full.median_ms,
-                     "noisy": measured.first_token.noisy or measured.full.noisy, "same_tokens_as_cache_off": same_tokens})
+                     "noisy": measured.first_token.noisy or measured.full.noisy,
+                     "same_tokens_as_cache_off": same_tokens})
     return rows
 
 
@@ -466,23 +472,27 @@ def model_speed(ctx: cli.Context, loaded: models.LoadedModel, spec: dict) -> dic
 
 
 def latency_chart(ctx: cli.Context, forward: list[dict]) -> None:
-    """One line per model (solid batch 1, dashed batch 8): how cost grows with sequence length."""
+    """One colour per model, one line style per batch size: how cost grows with sequence length."""
+    from matplotlib.lines import Line2D
+
     fig, ax = plots.figure("Forward latency vs sequence length", "sequence length (tokens)",
                            "median forward latency (ms)")
-    colours = {}
-    for row in forward:
-        colours.setdefault(row["model"], f"C{len(colours)}")
-    for (label, batch) in dict.fromkeys((row["model"], row["batch"]) for row in forward):
+    colours = {label: f"C{i}" for i, label in enumerate(dict.fromkeys(row["model"] for row in forward))}
+    styles = {batch: style for batch, style in zip(sorted({row["batch"] for row in forward}), ["-", "--", ":"])}
+    for label, batch in dict.fromkeys((row["model"], row["batch"]) for row in forward):
         points = sorted((row["seq_len"], row["p50_ms"]) for row in forward
                         if row["model"] == label and row["batch"] == batch)
-        ax.plot(*zip(*points), marker="o", color=colours[label], linestyle="-" if batch == 1 else "--",
-                label=f"{label}, batch {batch}")
+        ax.plot(*zip(*points), marker="o", color=colours[label], linestyle=styles[batch])
+    lengths = sorted({row["seq_len"] for row in forward})
     ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted({row["seq_len"] for row in forward}), labels=sorted({row["seq_len"] for row in forward}))
+    ax.set_xticks(lengths, labels=lengths)
     values = [row["p50_ms"] for row in forward]
     if max(values) / min(values) > 20:
         ax.set_yscale("log")
-    ax.legend(fontsize=8)
+    handles = [Line2D([], [], color=colour, marker="o", label=label) for label, colour in colours.items()]
+    handles += [Line2D([], [], color="black", linestyle=style, label=f"batch {batch}")
+                for batch, style in styles.items()]
+    ax.legend(handles=handles, fontsize=8)
     ctx.report.add_chart(plots.save(fig, ctx.out_dir, "latency_vs_seq_length"))
 
 
@@ -570,7 +580,8 @@ def model_memory(ctx: cli.Context, spec: dict) -> tuple[dict, list[dict]]:
     loaded, load_measure = meter.time_load(spec["label"], lambda: load(ctx, spec))
     row = {"model": spec["label"], "architecture": spec["family"], "rss_before_mib": before / MIB,
            "load_s": load_measure.seconds, "load_peak_mib": (load_measure.peak_rss_bytes - before) / MIB,
-           "after_load_mib": (load_measure.rss_after_bytes - before) / MIB, "load_cuda_peak_mib": cuda_peak_mib(ctx.device)}
+           "after_load_mib": (load_measure.rss_after_bytes - before) / MIB,
+           "load_cuda_peak_mib": cuda_peak_mib(ctx.device)}
     tidy = [{"model": spec["label"], "phase": "load", "peak_rss_delta_mib": row["load_peak_mib"],
              "peak_cuda_mib": row["load_cuda_peak_mib"]}]
     limit = max_positions(loaded.model.config)
@@ -598,11 +609,12 @@ def memory_chart(ctx: cli.Context, rows: list[dict], lengths: list[int]) -> None
     fig, ax = plots.figure("Peak memory per model (process RSS above the level before loading)", "model", "MiB")
     labels = [row["model"] for row in rows]
 
-    def longest_peak(row: dict) -> float:
+    def forward_peak(row: dict) -> float:
         return max((row[f"peak_mib@{n}"] for n in lengths if f"peak_mib@{n}" in row), default=0.0)
 
     series = [("load peak (weights memory-mapped, not read yet)", [row["load_peak_mib"] for row in rows], "#4e79a7"),
-              (f"forward peak (longest of {lengths} tokens)", [longest_peak(row) for row in rows], "#f28e2b"),
+              (f"forward peak (highest over {'/'.join(map(str, lengths))} tokens, batch 1)",
+               [forward_peak(row) for row in rows], "#f28e2b"),
               ("after release + cleanup()", [row["after_release_mib"] for row in rows], "#76b7b2")]
     for index, (name, values, colour) in enumerate(series):
         drawn = ax.bar([i + (index - 1) * 0.27 for i in range(len(rows))], values, width=0.27, label=name, color=colour)
@@ -646,7 +658,8 @@ def memory_section(ctx: cli.Context, specs: list[dict]) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- 5. summary
 
 
-def summary_rows(specs: list[dict], facts: dict | None, speed: dict | None, memory_rows: list[dict] | None) -> list[dict]:
+def summary_rows(specs: list[dict], facts: dict | None, speed: dict | None,
+                 memory_rows: list[dict] | None) -> list[dict]:
     """One row per model from the sections' measured numbers ('-' where a section or cell did not run)."""
     rows = []
     for spec in specs:
@@ -665,6 +678,24 @@ def summary_rows(specs: list[dict], facts: dict | None, speed: dict | None, memo
     return rows
 
 
+def same_size_comparison(rows: list[dict]) -> str:
+    """Encoder vs the decoder closest in size, forward @128: does the architecture itself change the cost?"""
+    timed = [row for row in rows if row["fwd_ms@128"] is not None and row["params_m"] is not None]
+    pairs = [(encoder, min((row for row in timed if row["architecture"] == "decoder-only"),
+                           key=lambda decoder: abs(decoder["params_m"] - encoder["params_m"]), default=None))
+             for encoder in timed if encoder["architecture"] == "encoder-only"]
+    pairs = [(encoder, decoder) for encoder, decoder in pairs
+             if decoder is not None and abs(decoder["params_m"] - encoder["params_m"]) < 0.25 * encoder["params_m"]]
+    def verdict(ratio: float) -> str:
+        if 0.8 <= ratio <= 1.25:
+            return "at equal size the cost is alike; what differs is what the model can do"
+        return f"the encoder is {'faster' if ratio < 1 else 'slower'} at equal size"
+
+    return "".join(f" ({encoder['model']} takes {encoder['fwd_ms@128'] / decoder['fwd_ms@128']:.2f}x the time of "
+                   f"the similar-size {decoder['model']}: {verdict(encoder['fwd_ms@128'] / decoder['fwd_ms@128'])})"
+                   for encoder, decoder in pairs)
+
+
 def family_advice(rows: list[dict], kv_rows: list[dict]) -> list[str]:
     """One line per architecture on when to use it, built from this run's numbers."""
     def numbers(family: str, key: str, unit: str) -> str:
@@ -674,16 +705,17 @@ def family_advice(rows: list[dict], kv_rows: list[dict]) -> list[str]:
     speedups = ", ".join(f"{row['speedup']:.1f}x for {row['model']}" for row in kv_rows) or "not measured"
     advice = {
         "encoder-only": "Encoder-only: one pass gives every token a vector that has seen the whole input "
-                        f"(bidirectional); forward @128 tokens: {numbers('encoder-only', 'fwd_ms@128', 'ms')}; "
-                        "it cannot generate. Use it to classify, tag (NER), extract answers or embed for search.",
+                        f"(bidirectional); forward @128 tokens: {numbers('encoder-only', 'fwd_ms@128', 'ms')}"
+                        f"{same_size_comparison(rows)}; it cannot generate. Use it to classify, tag (NER), extract "
+                        "answers or embed for search.",
         "decoder-only": "Decoder-only: causal, so it can write one token after another: "
                         f"{numbers('decoder-only', 'tokens_per_s', 'tokens/s')} with the KV cache "
                         f"(cache speed-up {speedups}). Use it for open-ended generation and chat; "
                         f"memory: {numbers('decoder-only', 'peak_mib', 'MiB')}.",
         "encoder-decoder": "Encoder-decoder: reads the input once bidirectionally, then writes causally: "
-                           f"{numbers('encoder-decoder', 'tokens_per_s', 'tokens/s')}, at "
-                           f"{numbers('encoder-decoder', 'params_m', 'M params')}. Use it when an input maps to a "
-                           "new text: translation, summarisation, any task phrased as text-to-text.",
+                           f"{numbers('encoder-decoder', 'tokens_per_s', 'tokens/s')} with the KV cache, "
+                           f"memory {numbers('encoder-decoder', 'peak_mib', 'MiB')}. Use it when an input maps to "
+                           "a new text: translation, summarisation, any task phrased as text-to-text.",
     }
     return [advice[family] for family in dict.fromkeys(row["architecture"] for row in rows)]
 

@@ -11,6 +11,7 @@ ENCODER_ROLE = "encoder"            # real weights (all-MiniLM-L6-v2): fidelity,
 DECODER_ROLE = "decoder"            # real weights offline (SmolLM2-135M): greedy-token fidelity
 OFFLOAD_ROLE = "distilbert-base-uncased"  # a twin squeezed under a deliberately small memory cap
 SPEED_BATCH = 16                    # the "batched" workload: 16 everyday sentences
+QUICK_SPEED_BATCH = 8
 MEASURE_BUDGET_S = 1.0              # seconds of repeats per measurement (at least MIN_RUNS)
 QUICK_MEASURE_BUDGET_S = 0.2
 MIN_RUNS = 3
@@ -20,7 +21,7 @@ LONG_TEXT_WORDS = (40, 100)         # one text in five is this long; the rest ar
 MAX_LENGTH = 128                    # what "pad to max_length" pads to (and where every strategy truncates)
 QUICK_MAX_LENGTH = 64
 BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64]
-QUICK_BATCH_SIZES = [1, 8, 32]
+QUICK_BATCH_SIZES = [1, 4, 16]
 PASSES = 2                          # timed passes over the corpus per (strategy, batch size)
 QUICK_PASSES = 1
 GREEDY_TOKENS = 32                  # decoder fidelity: greedy tokens compared with fp32
@@ -29,7 +30,7 @@ DECODER_PROMPT = "The three most useful tips for making Python code run faster a
 MATMUL_SIZE = 2048                  # the peak-FLOP/s reference: one square fp32 matmul
 QUICK_MATMUL_SIZE = 1024
 STREAM_TEXTS = 512                  # the "long list" for streaming vs materialising
-QUICK_STREAM_TEXTS = 128
+QUICK_STREAM_TEXTS = 64
 STREAM_BATCH = 32
 OFFLOAD_CAP = "100MiB"              # max_memory for the main device: far below the 265 MB twin
 RECIPE_RUNS = 2                     # timed end-to-end passes of naive and best
@@ -48,10 +49,10 @@ BAR_NAMES = ("batched vs batch-1 throughput", "fp32 encoder FLOP/s vs matmul pea
 
 import argparse  # noqa: E402  (settings first, nanoGPT style)
 import copy  # noqa: E402
+import ctypes  # noqa: E402
 import dataclasses  # noqa: E402
 import importlib.util  # noqa: E402
 import inspect  # noqa: E402
-import io  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
@@ -79,7 +80,7 @@ VARIANT_LABELS = {
     "bf16-weights": "bf16 weights",
     "fp16-autocast": "fp16 autocast",
     "fp16-weights": "fp16 weights",
-    "int8-dynamic": "dynamic int8 (torch.ao)",
+    "int8-dynamic": "dynamic int8 per-channel",
     "bnb-8bit": "bitsandbytes 8-bit",
     "bnb-4bit": "bitsandbytes 4-bit nf4",
 }
@@ -175,6 +176,11 @@ def speed_role(ctx: cli.Context) -> str:
     return pick(ctx, SPEED_ROLE, QUICK_SPEED_ROLE)
 
 
+def speed_batch(ctx: cli.Context) -> int:
+    """How many sentences the "batched" workload holds."""
+    return pick(ctx, SPEED_BATCH, QUICK_SPEED_BATCH)
+
+
 def sentence_batch(tokenizer: Any, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
     """`batch_size` everyday sentences, tokenised and padded to the longest, on the device."""
     encoded = tokenizer(texts.repeated_sentences(batch_size), padding=True, return_tensors="pt")
@@ -209,20 +215,34 @@ def first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 
 
-def serialized_mib(model: Any) -> float:
-    """The model's weights as torch.save writes them (packed int8/4-bit included): an honest footprint."""
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return buffer.tell() / 2**20
+def weights_mib(model: Any) -> float:
+    """Bytes of everything in the state dict (packed int8/4-bit weights and their scales included; tied weights
+    counted once): the model's real footprint, which parameters() alone misses for quantised layers."""
+    sizes: dict[Any, int] = {}
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor) and value.is_quantized:
+            sizes[id(value)] = value.numel() * value.element_size()
+        elif isinstance(value, torch.Tensor):
+            sizes[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+        elif isinstance(value, (tuple, list)):  # dynamic int8 keeps (packed weight, bias) tuples
+            for item in value:
+                visit(item)
+
+    for value in model.state_dict().values():
+        visit(value)
+    return sum(sizes.values()) / 2**20
 
 
-def quantize_dynamic_int8(model: Any) -> Any:
-    """PyTorch's dynamic int8 quantisation of every nn.Linear (weights int8, activations quantised per call)."""
-    from torch.ao.quantization import quantize_dynamic
+def quantize_dynamic_int8(model: Any, per_channel: bool = True) -> Any:
+    """PyTorch's dynamic int8 quantisation of every nn.Linear: int8 weights (one scale per output row, or one per
+    matrix), activations quantised on the fly each call."""
+    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
 
+    qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
     with warnings.catch_warnings():  # deprecated in favour of torchao (not installed here); the section says so
         warnings.simplefilter("ignore")
-        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        return quantize_dynamic(model, {torch.nn.Linear: qconfig}, dtype=torch.qint8)
 
 
 def bnb_config(variant: str, device: torch.device) -> Any:
@@ -280,9 +300,19 @@ def greedy_tokens(model: Any, inputs: dict[str, torch.Tensor], new_tokens: int) 
     return output[0, inputs["input_ids"].shape[1]:].tolist()
 
 
+def release_free_heap() -> bool:
+    """gc, then hand the C heap's free pages back to the OS (glibc's malloc_trim), so the next RSS reading starts
+    from what is really in use; False where that call does not exist (macOS, musl)."""
+    memory.cleanup()
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0) or True)
+    except (OSError, AttributeError):
+        return False
+
+
 def peak_memory_delta(run: Callable[[], Any], device: torch.device) -> int:
     """Peak memory above the start while `run` executes and its result is still held (allocator on CUDA, RSS else)."""
-    memory.cleanup()
+    release_free_heap()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -331,8 +361,7 @@ def corpus(ctx: cli.Context) -> list[str]:
                                      long=LONG_TEXT_WORDS)
 
 
-def embed_sorted(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 32,
-                 max_length: int = 128) -> torch.Tensor:
+def embed_sorted(model, tokenizer, texts: list[str], batch_size: int = 32, max_length: int = 128) -> torch.Tensor:
     """Mean-pooled sentence embeddings, batched shortest-first so each batch pads only to its own longest text."""
     encoded = tokenizer(texts, truncation=True, max_length=max_length)
     order = sorted(range(len(texts)), key=lambda i: len(encoded["input_ids"][i]))
@@ -429,7 +458,7 @@ def threads_section(ctx: cli.Context) -> dict:
     cpu = torch.device("cpu")
     loaded = shared_model(ctx, speed_role(ctx), cpu)  # threads only matter for CPU work
     meter = make_meter(ctx, cpu)
-    batches = {size: sentence_batch(loaded.tokenizer, size, cpu) for size in (1, SPEED_BATCH)}
+    batches = {size: sentence_batch(loaded.tokenizer, size, cpu) for size in (1, speed_batch(ctx))}
     original = torch.get_num_threads()
     rows = []
     try:
@@ -474,7 +503,8 @@ def threads_section(ctx: cli.Context) -> dict:
 def grad_section(ctx: cli.Context) -> dict:
     """Grad enabled vs torch.no_grad() vs torch.inference_mode(): latency and memory on the same batch."""
     loaded = shared_model(ctx, speed_role(ctx))
-    batch = sentence_batch(loaded.tokenizer, SPEED_BATCH, ctx.device)
+    batch_size = speed_batch(ctx)
+    batch = sentence_batch(loaded.tokenizer, batch_size, ctx.device)
     meter = make_meter(ctx)
     rows = []
     for mode in reversed(GRAD_MODES):  # leanest first, so allocator caching cannot flatter the leaner modes
@@ -482,7 +512,7 @@ def grad_section(ctx: cli.Context) -> dict:
         rows.append({"mode": mode, "kept_for_backward_mib": saved_for_backward_bytes(loaded.model, run) / 2**20,
                      "peak_mem_delta_mib": peak_memory_delta(run, ctx.device) / 2**20})
     for row in rows:
-        m = meter.measure(row["mode"], forward(loaded.model, batch, grad_mode=row["mode"]), items=SPEED_BATCH,
+        m = meter.measure(row["mode"], forward(loaded.model, batch, grad_mode=row["mode"]), items=batch_size,
                           tokens=real_tokens(batch))
         row.update(timing_row(m))
     rows.reverse()
@@ -490,7 +520,7 @@ def grad_section(ctx: cli.Context) -> dict:
     for row in rows:
         row["speedup_vs_grad"] = grad_row["p50_ms"] / row["p50_ms"]
     print_table(rows, ["mode", "p50_ms", "iqr_ms", "speedup_vs_grad", "kept_for_backward_mib", "peak_mem_delta_mib",
-                       "noisy"], title=f"{loaded.info.label}, batch {SPEED_BATCH}")
+                       "noisy"], title=f"{loaded.info.label}, batch {batch_size}")
     print("kept_for_backward: activations autograd stores for a backward pass nobody runs (exact, counted with "
           "saved_tensors_hooks);\npeak_mem_delta: sampled peak above the start while the output is held "
           f"({'CUDA allocator' if ctx.device.type == 'cuda' else 'process RSS'}).")
@@ -503,10 +533,10 @@ def grad_section(ctx: cli.Context) -> dict:
 
 
 def precision_section(ctx: cli.Context) -> dict:
-    """fp32 vs autocast vs low-precision weights: speed on the speed model, fidelity on the real encoder."""
-    speed = shared_model(ctx, speed_role(ctx))
-    reference = shared_model(ctx, ENCODER_ROLE)
-    batch = sentence_batch(speed.tokenizer, SPEED_BATCH, ctx.device)
+    """fp32 vs autocast vs low-precision weights on the real encoder: speed and embedding fidelity together."""
+    reference = shared_model(ctx, ENCODER_ROLE)  # precision moves outputs, so it is timed where they mean something
+    batch_size = speed_batch(ctx)
+    batch = sentence_batch(reference.tokenizer, batch_size, ctx.device)
     meter = make_meter(ctx)
     fp32_embeddings = embed(reference.model, reference.tokenizer, texts.SENTENCES)
     rows = []
@@ -514,21 +544,19 @@ def precision_section(ctx: cli.Context) -> dict:
         precision = variant.split("-")[0]
         weights = LOW_PRECISION[precision] if variant.endswith("-weights") else None
         autocast = LOW_PRECISION[precision] if variant.endswith("-autocast") else None
-        model = copy.deepcopy(speed.model).to(weights) if weights else speed.model
-        m = meter.measure(variant, forward(model, batch, autocast), items=SPEED_BATCH, tokens=real_tokens(batch))
-        weight_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-        fidelity_model = copy.deepcopy(reference.model).to(weights) if weights else reference.model
+        model = copy.deepcopy(reference.model).to(weights) if weights else reference.model
+        m = meter.measure(variant, forward(model, batch, autocast), items=batch_size, tokens=real_tokens(batch))
         with torch.autocast(ctx.device.type, dtype=autocast) if autocast else nullcontext():
-            embeddings = embed(fidelity_model, reference.tokenizer, texts.SENTENCES)
-        rows.append(timing_row(m, variant=VARIANT_LABELS[variant], key=variant, weights_mib=weight_mib,
+            embeddings = embed(model, reference.tokenizer, texts.SENTENCES)
+        rows.append(timing_row(m, variant=VARIANT_LABELS[variant], key=variant, weights_mib=weights_mib(model),
                                **cosine_fidelity(fp32_embeddings, embeddings)))
-        del model, fidelity_model
+        del model
     for row in rows:
         row["speedup"] = row["texts_per_s"] / rows[0]["texts_per_s"]
     print_table(rows, ["variant", "p50_ms", "iqr_ms", "texts_per_s", "speedup", "weights_mib", "cosine_mean",
                        "cosine_min", "noisy"],
-                title=f"speed: {speed.info.label}, batch {SPEED_BATCH}; fidelity: {reference.info.label} embeddings "
-                      f"of {len(texts.SENTENCES)} sentences vs fp32")
+                title=f"{reference.info.label}: speed at batch {batch_size}; fidelity = embeddings of "
+                      f"{len(texts.SENTENCES)} sentences vs fp32")
     slower = [r["variant"] for r in rows[1:] if r["speedup"] < 1]
     note = None
     if ctx.device.type == "cpu" and slower:
@@ -549,8 +577,7 @@ def precision_section(ctx: cli.Context) -> dict:
     ax.margins(y=0.2)
     ctx.report.add_chart(plots.save(fig, ctx.out_dir, "precision"))
     ctx.report.add_rows("precision", rows)
-    return {"speed_model": speed.info.label, "fidelity_model": reference.info.label, "rows": rows,
-            "cpu_flags": devices.cpu_flags(), "note": note}
+    return {"model": reference.info.label, "rows": rows, "cpu_flags": devices.cpu_flags(), "note": note}
 
 
 # ------------------------------------------------------------------------------------ 5. quantization
@@ -559,7 +586,8 @@ def precision_section(ctx: cli.Context) -> dict:
 def quantized_encoder_rows(ctx: cli.Context, meter: PerformanceMeter) -> list[dict]:
     """fp32, dynamic int8 and bitsandbytes 8/4-bit encoders: size, speed and embedding cosine vs fp32."""
     reference = shared_model(ctx, ENCODER_ROLE)
-    batch = sentence_batch(reference.tokenizer, SPEED_BATCH, ctx.device)
+    batch_size = speed_batch(ctx)
+    batch = sentence_batch(reference.tokenizer, batch_size, ctx.device)
     fp32_embeddings = embed(reference.model, reference.tokenizer, texts.SENTENCES)
     rows = []
     for variant in tqdm(("fp32", "int8-dynamic", "bnb-8bit", "bnb-4bit"), desc="encoder variants", disable=None,
@@ -573,13 +601,13 @@ def quantized_encoder_rows(ctx: cli.Context, meter: PerformanceMeter) -> list[di
             model = reference.model if variant == "fp32" else make_variant(ctx, ENCODER_ROLE, variant, ctx.device,
                                                                             verbose=False)[0]
             prepare_s = time.perf_counter() - started
-            m = meter.measure(variant, forward(model, batch), items=SPEED_BATCH, tokens=real_tokens(batch))
+            m = meter.measure(variant, forward(model, batch), items=batch_size, tokens=real_tokens(batch))
             fidelity = cosine_fidelity(fp32_embeddings, embed(model, reference.tokenizer, texts.SENTENCES))
         except Exception as error:  # e.g. a bitsandbytes build without this device's backend
             ctx.report.skip(f"encoder {VARIANT_LABELS[variant]}", first_line(error))
             continue
         rows.append(timing_row(m, model="encoder", variant=VARIANT_LABELS[variant], key=variant,
-                               size_mib=serialized_mib(model), prepare_s=prepare_s, **fidelity))
+                               size_mib=weights_mib(model), prepare_s=prepare_s, **fidelity))
         del model
         memory.cleanup()
     return rows
@@ -611,7 +639,8 @@ def quantized_decoder_rows(ctx: cli.Context, meter: PerformanceMeter) -> tuple[l
             def generate() -> None:
                 latest["tokens"] = greedy_tokens(model, prompt, new_tokens)
 
-            m = meter.measure(variant, generate, items=1, tokens=new_tokens, min_runs=pick(ctx, 2, 1), budget_s=0)
+            m = meter.measure(variant, generate, items=1, tokens=new_tokens, warmup=0, min_runs=pick(ctx, 2, 1),
+                              budget_s=0)  # a 32-token generation is its own warm-up; --quick times just one
         except Exception as error:
             ctx.report.skip(f"decoder {VARIANT_LABELS[variant]}", first_line(error))
             if variant == "fp32":
@@ -620,7 +649,7 @@ def quantized_decoder_rows(ctx: cli.Context, meter: PerformanceMeter) -> tuple[l
         reference_tokens = reference_tokens or latest["tokens"]
         continuations[VARIANT_LABELS[variant]] = tokenizer.decode(latest["tokens"], skip_special_tokens=True)
         rows.append({"model": "decoder", "variant": VARIANT_LABELS[variant], "key": variant,
-                     "size_mib": serialized_mib(model), "prepare_s": prepare_s, "p50_ms": m.median_ms,
+                     "size_mib": weights_mib(model), "prepare_s": prepare_s, "p50_ms": m.median_ms,
                      "iqr_ms": m.stats.iqr * 1e3, "runs": m.stats.count, "tokens_per_s": m.tokens_per_s,
                      "token_agreement": token_agreement(reference_tokens, latest["tokens"]),
                      "first_divergence": first_divergence(reference_tokens, latest["tokens"]), "noisy": m.noisy})
@@ -639,6 +668,13 @@ def quantization_section(ctx: cli.Context) -> dict:
           "(8-bit casts activations to fp16 per call on CPU).")
     meter = make_meter(ctx)
     encoder_rows = quantized_encoder_rows(ctx, meter)
+    per_tensor_cosine = None
+    if not variant_unavailable("int8-dynamic", ctx.device):
+        reference = shared_model(ctx, ENCODER_ROLE)
+        per_tensor = quantize_dynamic_int8(copy.deepcopy(reference.model), per_channel=False)
+        per_tensor_cosine = cosine_fidelity(embed(reference.model, reference.tokenizer, texts.SENTENCES),
+                                            embed(per_tensor, reference.tokenizer, texts.SENTENCES))["cosine_mean"]
+        del per_tensor
     decoder_rows, continuations = quantized_decoder_rows(ctx, meter)
     for rows, speed_key in ((encoder_rows, "texts_per_s"), (decoder_rows, "tokens_per_s")):
         for row in rows:
@@ -646,13 +682,18 @@ def quantization_section(ctx: cli.Context) -> dict:
             row["size_pct"] = 100 * row["size_mib"] / rows[0]["size_mib"]
     print_table(encoder_rows, ["variant", "size_mib", "size_pct", "p50_ms", "iqr_ms", "texts_per_s", "speedup",
                                "cosine_mean", "cosine_min", "noisy"],
-                title=f"encoder (real weights), batch {SPEED_BATCH}; fidelity = embedding cosine vs fp32")
+                title=f"encoder (real weights), batch {speed_batch(ctx)}; fidelity = embedding cosine vs fp32")
     print_table(decoder_rows, ["variant", "size_mib", "size_pct", "p50_ms", "tokens_per_s", "speedup",
                                "token_agreement", "first_divergence", "noisy"],
                 title=f"decoder (real weights), {pick(ctx, GREEDY_TOKENS, QUICK_GREEDY_TOKENS)} greedy tokens; "
                       "fidelity = same token at the same position as fp32")
     for variant, text in continuations.items():
         print(f"  {variant:>24}: {DECODER_PROMPT} ->{text[:90]!r}")
+    if per_tensor_cosine is not None:
+        print(f"\ndynamic int8 here uses one weight scale per output row (per-channel); the default single scale per "
+              f"matrix gives encoder cosine {per_tensor_cosine:.4f}. Either way PyTorch's x86 kernels quantise "
+              "activations to 7 bits (reduce_range=True, so AVX2's 8-bit multiply-adds cannot overflow), which is "
+              "where most of the remaining fidelity goes.")
 
     bars = []
     int8 = next((r for r in encoder_rows if r["key"] == "int8-dynamic"), None)
@@ -662,7 +703,7 @@ def quantization_section(ctx: cli.Context) -> dict:
                         int8["speedup"], int8["speedup"] >= INT8_SPEEDUP_TARGET and
                         int8["cosine_mean"] >= INT8_COSINE_TARGET))
 
-    fig, ax = plots.figure("Quantisation: smaller and faster, at what fidelity?", "serialized weights (% of fp32)",
+    fig, ax = plots.figure("Quantisation: smaller and faster, at what fidelity?", "weights in memory (% of fp32)",
                            "speed-up vs fp32 (x)")
     for rows, marker, fidelity_key, label in ((encoder_rows, "o", "cosine_mean", "encoder: cos"),
                                               (decoder_rows, "s", "token_agreement", "decoder: tokens")):
@@ -676,7 +717,8 @@ def quantization_section(ctx: cli.Context) -> dict:
     ax.legend()
     ctx.report.add_chart(plots.save(fig, ctx.out_dir, "quantization"))
     ctx.report.add_rows("quantization", encoder_rows + decoder_rows)
-    return {"encoder": encoder_rows, "decoder": decoder_rows, "continuations": continuations, "bars": bars}
+    return {"encoder": encoder_rows, "decoder": decoder_rows, "continuations": continuations,
+            "int8_per_tensor_cosine_mean": per_tensor_cosine, "bars": bars}
 
 
 # ---------------------------------------------------------------------------------------- 6. batching
@@ -781,15 +823,16 @@ def compile_problem(ctx: cli.Context) -> str | None:
 def attention_section(ctx: cli.Context) -> dict:
     """attn_implementation eager vs sdpa on the same batch, then torch.compile: compile time vs steady state."""
     role = speed_role(ctx)
+    batch_size = speed_batch(ctx)
     meter = make_meter(ctx)
     rows, hidden = [], {}
     batch = None
     for implementation in ("eager", "sdpa"):
         loaded = models.load_model(role, source=ctx.source, device=ctx.device, attn_implementation=implementation)
         label = loaded.info.label
-        batch = batch or sentence_batch(loaded.tokenizer, SPEED_BATCH, ctx.device)
+        batch = batch or sentence_batch(loaded.tokenizer, batch_size, ctx.device)
         run = forward(loaded.model, batch)
-        m = meter.measure(implementation, run, items=SPEED_BATCH, tokens=real_tokens(batch))
+        m = meter.measure(implementation, run, items=batch_size, tokens=real_tokens(batch))
         hidden[implementation] = run().flatten(1).float().cpu()
         rows.append(timing_row(m, variant=f'attn_implementation="{implementation}"', key=implementation))
         if implementation == "sdpa":
@@ -806,7 +849,7 @@ def attention_section(ctx: cli.Context) -> dict:
             started = time.perf_counter()
             first = forward(compiled, batch)()
             first_call_s = time.perf_counter() - started
-            m = meter.measure("torch.compile (sdpa)", forward(compiled, batch), items=SPEED_BATCH,
+            m = meter.measure("torch.compile (sdpa)", forward(compiled, batch), items=batch_size,
                               tokens=real_tokens(batch))
             compile_s = first_call_s - m.stats.median
             rows.append(timing_row(m, variant="sdpa + torch.compile", key="compiled", compile_s=compile_s))
@@ -816,7 +859,7 @@ def attention_section(ctx: cli.Context) -> dict:
     for row in rows:
         row["speedup_vs_eager"] = rows[0]["p50_ms"] / row["p50_ms"]
     print_table(rows, ["variant", "p50_ms", "iqr_ms", "texts_per_s", "speedup_vs_eager", "compile_s", "noisy"],
-                title=f"{label}, batch {SPEED_BATCH}")
+                title=f"{label}, batch {batch_size}")
     print(f"worst output cosine between variants: {agreement:.6f} (same weights, so this checks equivalence, "
           "not quality)")
     if compile_s is not None:
@@ -845,18 +888,25 @@ def load_rows(ctx: cli.Context, meter: PerformanceMeter) -> list[dict]:
         (f"dtype={str(half).replace('torch.', '')}", {"dtype": half}),
     ]
     models.load_model(role, source=ctx.source, device=ctx.device, verbose=False)  # file now in the page cache
-    memory.cleanup()
     rows = []
     for label, kwargs in variants:
-        def load() -> Any:
-            model = models.load_model(role, source=ctx.source, device=ctx.device, verbose=False, **kwargs).model
-            return model.to(ctx.device) if kwargs.get("device_map", "set") is None else model
+        def load() -> models.LoadedModel:
+            loaded = models.load_model(role, source=ctx.source, device=ctx.device, verbose=False, **kwargs)
+            if kwargs.get("device_map", "set") is None:
+                loaded.model.to(ctx.device)
+            return loaded
 
-        model, load_m = meter.time_load(label, load)
+        release_free_heap()
+        start = memory.rss_bytes()
+        loaded, load_m = meter.time_load(label, load)
+        after_load = memory.rss_bytes()
+        with torch.inference_mode():
+            loaded.model(**sentence_batch(loaded.tokenizer, 1, ctx.device))
         rows.append({"technique": label, "load_s": load_m.seconds, "peak_rss_delta_mib": load_m.peak_rss_delta_bytes
-                     / 2**20, "weights_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20})
-        del model
-        memory.cleanup()
+                     / 2**20, "rss_after_load_mib": (after_load - start) / 2**20,
+                     "rss_after_first_call_mib": (memory.rss_bytes() - start) / 2**20,
+                     "weights_mib": weights_mib(loaded.model)})
+        del loaded
     return rows
 
 
@@ -886,26 +936,31 @@ def streaming_rows(ctx: cli.Context) -> list[dict]:
         held["streamed"] = sum(p.nbytes for p in pooled)
         return torch.cat(pooled)
 
-    results = {name: fn() for name, fn in (("streamed", streamed), ("materialised", materialised))}  # warm + check
+    results: dict[str, torch.Tensor] = {}
+    peaks = {name: peak_memory_delta(lambda: results.setdefault(name, fn()), ctx.device)
+             for name, fn in (("streamed", streamed), ("materialised", materialised))}
     same = cosine_fidelity(results["materialised"].float().cpu(), results["streamed"].float().cpu())["cosine_min"]
-    return [{"technique": f"{name} ({len(long_list)} texts)", "peak_rss_delta_mib":
-             peak_memory_delta(fn, ctx.device) / 2**20, "held_mib": held[name] / 2**20, "cosine_min": same}
-            for name, fn in (("streamed", streamed), ("materialised", materialised))]
+    return [{"technique": f"{name} ({len(long_list)} texts)", "peak_rss_delta_mib": peaks[name] / 2**20,
+             "held_mib": held[name] / 2**20, "cosine_min": same} for name in peaks]
 
 
 def cleanup_rows(ctx: cli.Context) -> list[dict]:
     """What del, gc.collect() and torch.cuda.empty_cache() give back after a model and a grad-on output."""
+    release_free_heap()
     steps = [("before load", memory.snapshot())]
     loaded = models.load_model(speed_role(ctx), source=ctx.source, device=ctx.device, verbose=False)
-    output = loaded.model(**sentence_batch(loaded.tokenizer, SPEED_BATCH, ctx.device)).last_hidden_state
+    output = loaded.model(**sentence_batch(loaded.tokenizer, speed_batch(ctx), ctx.device)).last_hidden_state
     steps.append(("model + grad-on output held", memory.snapshot()))
     del loaded, output
     steps.append(("after del", memory.snapshot()))
     freed = memory.cleanup()
     steps.append(("after gc.collect() + empty_cache()", memory.snapshot()))
+    if release_free_heap():
+        steps.append(("after glibc malloc_trim(0)", memory.snapshot()))
     base = steps[0][1]
     print(f"cleanup(): gc.collect() + empty_cache() freed {freed['rss_freed_bytes'] / 2**20:.1f} MiB RSS, "
-          f"{freed['cuda_reserved_freed_bytes'] / 2**20:.1f} MiB CUDA reserved")
+          f"{freed['cuda_reserved_freed_bytes'] / 2**20:.1f} MiB CUDA reserved; freed pages the C allocator keeps "
+          "for reuse still count in RSS until malloc_trim hands them back")
     return [{"step": step, "rss_mib": snap.rss_bytes / 2**20, "rss_vs_start_mib": (snap.rss_bytes - base.rss_bytes)
              / 2**20, "cuda_allocated_mib": snap.cuda_allocated_bytes / 2**20,
              "cuda_reserved_mib": snap.cuda_reserved_bytes / 2**20} for step, snap in steps]
@@ -936,11 +991,14 @@ def memory_section(ctx: cli.Context) -> dict:
     """Lean loading, streaming vs materialising, what cleanup frees, and offloading under a memory cap."""
     meter = make_meter(ctx)
     loads = load_rows(ctx, meter)
-    print_table(loads, ["technique", "load_s", "peak_rss_delta_mib", "weights_mib"],
-                title=f"loading {models.resolve(speed_role(ctx), ctx.source)[1].name} (file already in the page cache)")
+    print_table(loads, ["technique", "load_s", "peak_rss_delta_mib", "rss_after_load_mib", "rss_after_first_call_mib",
+                        "weights_mib"],
+                title=f"loading {models.resolve(speed_role(ctx), ctx.source)[1].name} (file already in the page cache;"
+                      " RSS columns are MiB above the start)")
     print(f"transformers {devices.package_version('transformers')} drops low_cpu_mem_usage without a word: v5 always "
-          "builds the model on the meta device and streams weights in, so the lean path is the default; a half-"
-          "precision dtype is what really halves the footprint.")
+          "builds the model on the meta device and memory-maps the safetensors file, so fp32 weights only become "
+          "resident when the first call reads them; a half-precision dtype must convert (read) everything at load, "
+          "and is what really halves the footprint.")
     streams = streaming_rows(ctx)
     print_table(streams, ["technique", "peak_rss_delta_mib", "held_mib", "cosine_min"],
                 title="a long list through the encoder (same embeddings either way)")
@@ -955,10 +1013,11 @@ def memory_section(ctx: cli.Context) -> dict:
     except Exception as error:  # accelerate missing or a dispatch this version refuses
         ctx.report.skip("device_map='auto' offloading", first_line(error))
 
-    bars_ = [(f"load: {r['technique']}", r["peak_rss_delta_mib"]) for r in loads]
-    bars_ += [(r["technique"].split(" (")[0], r["peak_rss_delta_mib"]) for r in streams]
+    bars_ = [(f"load: {r['technique']}", r["rss_after_first_call_mib"]) for r in loads]
+    bars_ += [(f"embed list: {r['technique'].split(' (')[0]}", r["peak_rss_delta_mib"]) for r in streams]
     bars_ += [(f"offload: {r['technique'][:28]}", r["peak_rss_delta_mib"]) for r in offload]
-    fig, ax = plots.figure("Peak memory of each technique", "peak memory above start (MiB)", "", size=(8, 5.2))
+    fig, ax = plots.figure("What each technique costs in memory", "MiB above the start (loads: after the first "
+                           "call; others: peak)", "", size=(8, 5.2))
     ax.barh([label for label, _ in bars_][::-1], [value for _, value in bars_][::-1], color="tab:purple")
     ctx.report.add_chart(plots.save(fig, ctx.out_dir, "memory"))
     ctx.report.add_rows("memory", loads + streams + offload)
@@ -975,8 +1034,8 @@ def choose_recipe(ctx: cli.Context, results: dict[str, Any]) -> tuple[dict[str, 
                               "batch": RECIPE_DEFAULT_BATCH}
     evidence = {knob: "default (its section did not run)" for knob in choice}
     if "threads" in found:
-        choice["threads"] = found["threads"]["best_threads"][str(SPEED_BATCH)]
-        evidence["threads"] = f"section 2: fastest at batch {SPEED_BATCH}"
+        choice["threads"] = found["threads"]["best_threads"][str(speed_batch(ctx))]
+        evidence["threads"] = f"section 2: fastest at batch {speed_batch(ctx)}"
     candidates = [(row["speedup"], row["key"], "section 4", row["cosine_min"])
                   for row in (found.get("precision") or {}).get("rows", [])[1:]]
     candidates += [(row["speedup"], row["key"], "section 5", row["cosine_mean"])
@@ -1021,7 +1080,8 @@ def recipe_snippet(choice: dict[str, Any], hub_id: str, max_length: int, speedup
               f"model = AutoModel.from_pretrained({load_args}).eval()"]
     dtype = str(LOW_PRECISION.get(variant.split("-")[0]))  # e.g. "torch.bfloat16"
     if variant == "int8-dynamic":
-        lines.append("model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)")
+        lines.append("model = torch.ao.quantization.quantize_dynamic(\n    model, {torch.nn.Linear: "
+                     "torch.ao.quantization.per_channel_dynamic_qconfig}, dtype=torch.qint8)")
     elif variant.endswith("-weights"):
         lines.append(f"model = model.to({dtype})")
     call = f"embeddings = embed_sorted(model, tokenizer, texts, batch_size={choice['batch']}, max_length={max_length})"

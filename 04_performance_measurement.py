@@ -281,7 +281,10 @@ def draw_sweep(ax, sweeps) -> None:
 def draw_devices(ax, rows: list[dict]) -> None:
     """Median latency per device with the IQR as the error bar."""
     labels = [row["device"] for row in rows]
-    ax.bar(labels, [row["p50_ms"] for row in rows], yerr=[row["iqr_ms"] / 2 for row in rows], capsize=6)
+    bars = ax.bar(labels, [row["p50_ms"] for row in rows], yerr=[row["iqr_ms"] / 2 for row in rows], capsize=6,
+                  width=0.5)
+    ax.bar_label(bars, [f"{row['texts_per_s']:.1f} texts/s" for row in rows], label_type="center", color="white")
+    ax.set_xlim(-0.75, max(len(rows), 2) - 0.25)  # keep one lone bar from filling the whole chart
     ax.set_title(f"Same workload on every device ({rows[0]['per_call']})" if rows else "Devices")
     ax.set_xlabel("device")
     ax.set_ylabel("median latency per call (ms; bar: IQR)")
@@ -581,6 +584,8 @@ def sweep_one(ctx: cli.Context, meter: PerformanceMeter, role: str, label: str, 
     ctx.report.add_rows(section, rows)
     if stop_reason:
         ctx.report.skip(f"{role} batch sizes from {batch_size}", stop_reason)
+    if not rows:
+        raise RuntimeError(f"{role}: not even batch 1 could be measured ({stop_reason})")
     base = rows[0]
     table = [{"batch": r["batch"], "p50_ms": r["p50_ms"], "p90_ms": r["p90_ms"], "texts_per_s": r["texts_per_s"],
               "tokens_per_s": r["tokens_per_s"], "throughput_vs_batch1": r["texts_per_s"] / base["texts_per_s"],
@@ -593,10 +598,14 @@ def sweep_one(ctx: cli.Context, meter: PerformanceMeter, role: str, label: str, 
               "off (or the curve is too noisy to say)")
     else:
         at_knee = next(r for r in rows if r["batch"] == knee)
-        print(f"{role}: knee at batch {knee}: {at_knee['texts_per_s']:.1f} texts/s = "
-              f"{at_knee['texts_per_s'] / best['texts_per_s']:.0%} of the best measured ({best['texts_per_s']:.1f} "
-              f"at batch {best['batch']}); beyond it each call waits longer (p50 {at_knee['p50_ms']:.1f} -> "
-              f"{rows[-1]['p50_ms']:.1f} ms at batch {rows[-1]['batch']}) for little extra throughput")
+        share = at_knee["texts_per_s"] / best["texts_per_s"]
+        print(f"{role}: knee at batch {knee}: {at_knee['texts_per_s']:.1f} texts/s = {share:.0%} of the best measured "
+              f"({best['texts_per_s']:.1f} at batch {best['batch']})", end="")
+        if share >= 0.8:
+            print(f"; beyond it each call waits longer (p50 {at_knee['p50_ms']:.1f} -> {rows[-1]['p50_ms']:.1f} ms at "
+                  f"batch {rows[-1]['batch']}) for at most {1 / share - 1:.0%} more throughput")
+        else:
+            print("; throughput rose again after it, so this curve has no single bend (noise, or a second regime)")
     return {"role": role, "model": label, "knee_batch": knee, "best_batch": best["batch"],
             "stopped_because": stop_reason, "table": table}
 

@@ -198,7 +198,8 @@ _VERIFIED: set[tuple] = set()
 
 
 def _verified_key(folder: Path, fingerprint: dict[str, Any]) -> tuple:
-    files = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir())) if folder.is_dir() else ()
+    stats = [(p.name, p.stat()) for p in sorted(folder.iterdir())] if folder.is_dir() else []
+    files = tuple((name, stat.st_size, stat.st_mtime_ns) for name, stat in stats)
     return str(folder), json.dumps(fingerprint, sort_keys=True), files
 
 

@@ -2,33 +2,24 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import is_png, load_script
 
 from common import cli
 from common.errors import UserError
 
-SCRIPT = Path(__file__).resolve().parents[1] / "01_autotokenizer_automodel.py"
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 USER_TEXT = "Ich trinke gern Tee am Morgen."
 S1, S2, S3, S4, S5 = ("1. Tokenizer encode/decode", "2. AutoModel by hand", "3. pipeline()", "4. Manual vs pipeline",
                       "5. Custom pipelines")
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("lesson01", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def lesson():
-    return load_script()
+    return load_script("01_autotokenizer_automodel")
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +50,7 @@ def test_each_chart_is_a_png(run):
     names = {"similarity_heatmap.png", "manual_vs_pipeline_latency.png", "tokenisation_throughput.png"}
     assert {Path(c).name for c in report["charts"]} == names
     for name in names:
-        data = (out / name).read_bytes()
-        assert data[:8] == PNG_SIGNATURE and len(data) > 5_000
+        assert is_png(out / name) and (out / name).stat().st_size > 5_000
 
 
 def test_tokenizer_section_reports_losses_and_truncation(run):

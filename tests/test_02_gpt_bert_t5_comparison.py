@@ -99,7 +99,8 @@ def test_kv_cache_on_and_off_give_identical_greedy_tokens(run):
 
 def test_twin_text_is_never_shown_as_language(run, lesson):
     rows = run[2]["sections"]["2. One input, one line each"]
-    twin_outputs = [row["output"] for row in rows if row["model"].endswith("(twin)") and row["pipeline"] != "feature-extraction"]
+    twin_outputs = [row["output"] for row in rows
+                    if row["model"].endswith("(twin)") and row["pipeline"] != "feature-extraction"]
     assert twin_outputs and all(output == lesson.TWIN_NOTE for output in twin_outputs)
     real = next(row for row in rows if row["model"] == "SmolLM2-135M-Instruct")
     assert real["pipeline"] == "text-generation" and real["output"] != lesson.TWIN_NOTE and real["output"]

@@ -135,6 +135,16 @@ def test_devices_and_seed_table_cover_what_this_machine_has(run):
         assert all(row["ours_time_s"] is None for row in seed["rows"] if row["device"] == "GPU")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_rows_are_measured_with_cuda_memory(run):
+    report = run[2]
+    devices = {row["device"]: row for row in report["sections"]["5. Devices"]}
+    assert devices["cuda"]["cuda_alloc_mib"] > 0
+    for row in report["sections"]["6. The seed's table, reproduced"]["rows"]:
+        if row["device"] == "GPU":
+            assert row["ours_time_s"] > 0 and row["memory_measured_as"] == "CUDA peak reserved"
+
+
 def test_loads_have_cold_and_warm_rows(run):
     loads = run[2]["sections"]["2. Model load time"]
     assert len(loads) == len(script.QUICK_LOAD_ROLES)
