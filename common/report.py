@@ -232,8 +232,11 @@ def _markdown_block(result: Any) -> list[str]:
         return [f"{format_value(result)}", ""]
     lines: list[str] = []
     scalars = {k: v for k, v in result.items() if not isinstance(v, (dict, list))}
-    if scalars:
-        lines += [f"- {k}: {format_value(v)}" for k, v in scalars.items()] + [""]
+    blocks = {k: v for k, v in scalars.items() if isinstance(v, str) and "\n" in v}  # code snippets stay readable
+    if len(blocks) < len(scalars):
+        lines += [f"- {k}: {format_value(v)}" for k, v in scalars.items() if k not in blocks] + [""]
+    for key, text in blocks.items():
+        lines += [f"### {key}", "", "```", text, "```", ""]
     for key, value in result.items():
         if _is_table(value):
             lines += [f"### {key}", "", markdown_table(value), ""]

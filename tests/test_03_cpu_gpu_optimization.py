@@ -68,7 +68,7 @@ def test_threads_are_restored_and_every_count_measured(quick_run):
     threads = report["sections"]["2. CPU threads"]
     assert threads["restored_threads"] == torch.get_num_threads()
     measured = {(row["threads"], row["batch"]) for row in threads["rows"]}
-    assert measured == {(n, b) for n in lesson.thread_counts() for b in (1, lesson.SPEED_BATCH)}
+    assert measured == {(n, b) for n in lesson.thread_counts() for b in (1, lesson.QUICK_SPEED_BATCH)}
 
 
 def test_only_grad_enabled_keeps_activations(quick_run):
