@@ -5,7 +5,6 @@ import copy
 import csv
 import importlib.util
 import json
-import math
 from pathlib import Path
 
 import pytest
