@@ -4,6 +4,22 @@ pipeline convenience costs. Tokenise and decode, run the encoder by hand, do the
 check both paths agree and time them, then build custom pipelines on preprocess/_forward/postprocess."""
 from __future__ import annotations
 
+import os
+import time
+import unicodedata
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+from transformers import pipeline, set_seed
+from transformers.pipelines.base import pad_collate_fn
+
+from common import cli, memory, models, pipelines, plots, texts
+from common.errors import UserError
+from common.meter import Measurement, PerformanceMeter
+from common.report import print_table
+
 # Settings: plain constants, quick variants next to them.
 THROUGHPUT_TEXTS = 1_000            # the same texts go through single calls and one batched call
 BATCH_SIZES = [1, 8, 32]            # manual vs pipeline sweep
@@ -61,22 +77,6 @@ SPECIAL_TOKEN_PURPOSE = {
     "eos_token": "marks the end of a sequence; generation stops here",
 }
 
-import dataclasses  # noqa: E402  (settings first, nanoGPT style)
-import os  # noqa: E402
-import time  # noqa: E402
-import unicodedata  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-from transformers import pipeline, set_seed  # noqa: E402
-from transformers.pipelines.base import pad_collate_fn  # noqa: E402
-
-from common import cli, memory, models, pipelines, plots, texts  # noqa: E402
-from common.errors import UserError  # noqa: E402
-from common.meter import Measurement, PerformanceMeter  # noqa: E402
-from common.report import print_table  # noqa: E402
 
 _SHARED: dict[str, Any] = {}  # the encoder and classifier several sections use; main() empties it
 
@@ -141,16 +141,11 @@ def make_meter(ctx: cli.Context) -> PerformanceMeter:
     return PerformanceMeter(ctx.device, warmup=2, min_runs=MIN_RUNS, budget_s=MEASURE_BUDGET_S)
 
 
-def remember_model(ctx: cli.Context, info: models.ModelInfo) -> None:
-    """Keep a loaded model's provenance in the report."""
-    ctx.report.models.append(dataclasses.asdict(info))
-
-
 def encoder(ctx: cli.Context) -> models.LoadedModel:
     """The encoder role (MiniLM), loaded on first use and shared by the sections."""
     if "encoder" not in _SHARED:
         _SHARED["encoder"] = models.load_model("encoder", source=ctx.source, device=ctx.device)
-        remember_model(ctx, _SHARED["encoder"].info)
+        ctx.report.add_model(_SHARED["encoder"].info.to_dict())
     return _SHARED["encoder"]
 
 
@@ -158,7 +153,7 @@ def classifier(ctx: cli.Context):
     """The sentiment classifier role as a pipeline: real SST-2 with the Hub, the bundled stand-in offline."""
     if "classifier" not in _SHARED:
         _SHARED["classifier"], info = models.load_classifier(source=ctx.source, device=ctx.device)
-        remember_model(ctx, info)
+        ctx.report.add_model(info.to_dict())
         _SHARED["classifier_info"] = info
     return _SHARED["classifier"], _SHARED["classifier_info"]
 
@@ -396,7 +391,7 @@ def pipeline_section(ctx: cli.Context, user_texts: list[str] | None) -> dict:
     print(f"{correct}/{len(SENTIMENT_CHECKS)} clear-cut sentences got the expected label")
 
     decoder = models.load_model("decoder", source=ctx.source, device=ctx.device)
-    remember_model(ctx, decoder.info)
+    ctx.report.add_model(decoder.info.to_dict())
     generator = pipeline("text-generation", model=decoder.model, tokenizer=decoder.tokenizer)
     new_tokens = QUICK_NEW_TOKENS if ctx.quick else NEW_TOKENS
     sampling = {"do_sample": True, "temperature": 0.8, "top_p": 0.9}
@@ -598,7 +593,7 @@ def custom_pipelines_section(ctx: cli.Context) -> dict:
           f"{agreement:.1e}")
 
     seq2seq = models.load_model("seq2seq", source=ctx.source, device=ctx.device)
-    remember_model(ctx, seq2seq.info)
+    ctx.report.add_model(seq2seq.info.to_dict())
     text_to_text = pipeline(task=pipelines.TEXT_TO_TEXT, model=seq2seq.model, tokenizer=seq2seq.tokenizer)
     new_tokens = QUICK_TEXT_TO_TEXT_NEW_TOKENS if ctx.quick else TEXT_TO_TEXT_NEW_TOKENS
     t2t_kwargs = {"prefix": "summarize: ", "max_new_tokens": new_tokens}

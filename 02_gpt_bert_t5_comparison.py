@@ -7,6 +7,22 @@ the KV cache, and memory are measured on this machine, one model loaded at a tim
 """
 from __future__ import annotations
 
+import inspect
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoConfig, pipeline
+from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                    MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+from common import cli, memory, models, plots
+from common import pipelines as custom_pipelines  # registers the "text-to-text" pipeline
+from common.errors import UserError
+from common.meter import PerformanceMeter, measure_generation
+from common.report import format_value, print_table
+
 # Settings (nanoGPT bench.py style): plain constants, the --quick variant next to each.
 SEQ_LENGTHS = [32, 128, 512]
 QUICK_SEQ_LENGTHS = [32, 128]
@@ -42,23 +58,6 @@ SEED_TABLE = [
      "typical uses": "translation, summarisation"},
 ]
 FAMILIES = {"decoder": "decoder-only", "encoder": "encoder-only", "seq2seq": "encoder-decoder"}
-
-import inspect
-from pathlib import Path
-from typing import Any, Callable
-
-import torch
-from tqdm.auto import tqdm
-from transformers import AutoConfig, pipeline
-from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                    MODEL_FOR_MASKED_LM_MAPPING_NAMES)
-
-from common import cli, memory, models, plots
-from common import pipelines as custom_pipelines  # registers the "text-to-text" pipeline
-from common.errors import UserError
-from common.meter import PerformanceMeter, measure_generation
-from common.report import format_value, print_table
-
 MIB = 2**20
 
 
@@ -128,8 +127,8 @@ def plan_models(ctx: cli.Context) -> list[dict]:
 def load(ctx: cli.Context, spec: dict, kind: str | None = None) -> models.LoadedModel:
     """Load one model through the catalog (which prints its provenance line) and list it once in the report."""
     loaded = models.load_model(spec["request"], source=ctx.source, device=ctx.device, kind=kind or spec["kind"])
-    if kind is None and all(entry["label"] != spec["label"] for entry in ctx.report.models):
-        ctx.report.models.append({"label": spec["label"], **vars(loaded.info)})
+    if kind is None:
+        ctx.report.add_model(loaded.info.to_dict())
     return loaded
 
 

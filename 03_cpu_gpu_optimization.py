@@ -21,7 +21,7 @@ LONG_TEXT_WORDS = (40, 100)         # one text in five is this long; the rest ar
 MAX_LENGTH = 128                    # what "pad to max_length" pads to (and where every strategy truncates)
 QUICK_MAX_LENGTH = 64
 BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64]
-QUICK_BATCH_SIZES = [1, 4, 16]
+QUICK_BATCH_SIZES = [1, 4, 8]
 PASSES = 2                          # timed passes over the corpus per (strategy, batch size)
 QUICK_PASSES = 1
 GREEDY_TOKENS = 32                  # decoder fidelity: greedy tokens compared with fp32
@@ -50,7 +50,6 @@ BAR_NAMES = ("batched vs batch-1 throughput", "fp32 encoder FLOP/s vs matmul pea
 import argparse  # noqa: E402  (settings first, nanoGPT style)
 import copy  # noqa: E402
 import ctypes  # noqa: E402
-import dataclasses  # noqa: E402
 import importlib.util  # noqa: E402
 import inspect  # noqa: E402
 import logging  # noqa: E402
@@ -69,7 +68,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from common import cli, device as devices, memory, models, plots, texts  # noqa: E402
 from common.errors import UserError  # noqa: E402
-from common.meter import Measurement, PerformanceMeter  # noqa: E402
+from common.meter import NOISY_CV, Measurement, PerformanceMeter, Stats  # noqa: E402
 from common.pipelines import embed, mean_pool  # noqa: E402
 from common.report import print_table  # noqa: E402
 
@@ -167,7 +166,7 @@ def shared_model(ctx: cli.Context, role: str, device: torch.device | None = None
     key = f"{role}@{device}"
     if key not in _SHARED:
         _SHARED[key] = models.load_model(role, source=ctx.source, device=device)
-        ctx.report.models.append(dataclasses.asdict(_SHARED[key].info))
+        ctx.report.add_model(_SHARED[key].info.to_dict())
     return _SHARED[key]
 
 
@@ -346,6 +345,21 @@ def saved_for_backward_bytes(model: Any, run: Callable[[], Any]) -> int:
     return total
 
 
+def interleaved(workloads: dict[Any, Callable[[], Any]], rounds: int, device: torch.device) -> dict[Any, Stats]:
+    """Time every workload once per round, round-robin, so load that drifts during the sweep (other programs on a
+    shared machine) hits all of them alike instead of whichever happened to run then."""
+    samples: dict[Any, list[float]] = {name: [] for name in workloads}
+    with tqdm(total=rounds * len(workloads), desc="interleaved timing", disable=None, leave=False) as progress:
+        for _ in range(rounds):
+            for name, run in workloads.items():
+                started = time.perf_counter()
+                run()
+                devices.synchronize(device)
+                samples[name].append(time.perf_counter() - started)
+                progress.update()
+    return {name: Stats.from_samples(values) for name, values in samples.items()}
+
+
 def matmul_peak_flops(ctx: cli.Context, meter: PerformanceMeter) -> tuple[float, Measurement]:
     """This machine's fp32 matmul FLOP/s: the best the hardware does on an ideal dense workload."""
     size = pick(ctx, MATMUL_SIZE, QUICK_MATMUL_SIZE)
@@ -454,7 +468,7 @@ def thread_counts() -> list[int]:
 
 
 def threads_section(ctx: cli.Context) -> dict:
-    """Latency and throughput for torch.set_num_threads over 1..N (+ oversubscribed) at batch 1 and batch 16."""
+    """Latency and throughput for torch.set_num_threads over 1..N (+ oversubscribed), single texts and batched."""
     cpu = torch.device("cpu")
     loaded = shared_model(ctx, speed_role(ctx), cpu)  # threads only matter for CPU work
     meter = make_meter(ctx, cpu)
@@ -484,13 +498,16 @@ def threads_section(ctx: cli.Context) -> dict:
               f"{winner['speedup_vs_1']:.2f}x vs 1 thread)")
     print(f"threads restored to {torch.get_num_threads()}")
 
-    fig, ax = plots.figure("More threads help batches more than single texts", "torch threads",
-                           "speed-up vs 1 thread (x)")
+    batched = max((r for r in rows if r["batch"] > 1), key=lambda r: r["texts_per_s"])
+    fig, ax = plots.figure(f"Threads: {batched['threads']} is fastest for batch {batched['batch']} "
+                           f"({batched['speedup_vs_1']:.2f}x vs 1 thread)", "torch threads", "speed-up vs 1 thread (x)")
     for size in batches:
         points = [r for r in rows if r["batch"] == size]
         ax.plot([r["threads"] for r in points], [r["speedup_vs_1"] for r in points], marker="o", label=f"batch {size}")
     ax.axvline(os.cpu_count() or 1, color="grey", linestyle=":", label="logical cores")
     ax.set_xscale("log", base=2)
+    ax.set_xticks(thread_counts(), [str(n) for n in thread_counts()])
+    ax.minorticks_off()
     ax.legend()
     ctx.report.add_chart(plots.save(fig, ctx.out_dir, "threads"))
     ctx.report.add_rows("threads", rows)
@@ -522,7 +539,7 @@ def grad_section(ctx: cli.Context) -> dict:
     print_table(rows, ["mode", "p50_ms", "iqr_ms", "speedup_vs_grad", "kept_for_backward_mib", "peak_mem_delta_mib",
                        "noisy"], title=f"{loaded.info.label}, batch {batch_size}")
     print("kept_for_backward: activations autograd stores for a backward pass nobody runs (exact, counted with "
-          "saved_tensors_hooks);\npeak_mem_delta: sampled peak above the start while the output is held "
+          "saved_tensors_hooks);\npeak_mem_delta: high-water mark above the start while the output is held "
           f"({'CUDA allocator' if ctx.device.type == 'cuda' else 'process RSS'}).")
     fastest = max(rows, key=lambda r: r["speedup_vs_grad"])["mode"]
     ctx.report.add_rows("grad", rows)
@@ -629,7 +646,7 @@ def quantized_decoder_rows(ctx: cli.Context, meter: PerformanceMeter) -> tuple[l
             started = time.perf_counter()
             if variant == "fp32":
                 loaded = models.load_model(DECODER_ROLE, source=ctx.source, device=ctx.device)
-                ctx.report.models.append(dataclasses.asdict(loaded.info))
+                ctx.report.add_model(loaded.info.to_dict())
                 model, tokenizer = loaded.model, loaded.tokenizer
             else:
                 model = make_variant(ctx, DECODER_ROLE, variant, ctx.device, verbose=False)[0]
@@ -711,9 +728,10 @@ def quantization_section(ctx: cli.Context) -> dict:
         if rows:
             ax.scatter([r["size_pct"] for r in rows], [r["speedup"] for r in rows], marker=marker, s=60,
                        label=label.split(":")[0])
-        for r in rows:
-            ax.annotate(f"{r['variant'].split(' (')[0]}\n{label.split(': ')[1]} {r[fidelity_key]:.3f}",
+        for r in rows[1:]:  # rows[0] is fp32 itself: (100%, 1x), labelled once below
+            ax.annotate(f"{r['variant']}\n{label.split(': ')[1]} {r[fidelity_key]:.3f}",
                         (r["size_pct"], r["speedup"]), textcoords="offset points", xytext=(6, 4), fontsize=7)
+    ax.annotate("fp32 (the reference)", (100, 1), textcoords="offset points", xytext=(-10, 8), ha="right", fontsize=7)
     ax.axhline(1.0, color="grey", linestyle=":")
     ax.legend()
     ctx.report.add_chart(plots.save(fig, ctx.out_dir, "quantization"))
@@ -739,39 +757,43 @@ def batching_section(ctx: cli.Context) -> dict:
     peak_before, peak = matmul_peak_flops(ctx, meter)
 
     strategies = {"pad to max_length": (False, max_length), "dynamic": (False, None), "dynamic + sorted": (True, None)}
-    rows, outputs = [], {}
+    passes, outputs, work = {}, {}, {}
+    for batch_size in pick(ctx, BATCH_SIZES, QUICK_BATCH_SIZES):
+        for strategy, (sort, pad_to) in strategies.items():
+            groups = make_batches(lengths, batch_size, sort)
+            tensors = [tokenizer.pad({k: [encoded[k][i] for i in rows_] for k in encoded}, padding="max_length" if
+                                     pad_to else "longest", max_length=pad_to, return_tensors="pt").to(ctx.device)
+                       for rows_ in groups]
+            embeddings = outputs[(strategy, batch_size)] = torch.empty(len(texts_), config.hidden_size,
+                                                                        device=ctx.device)
+
+            def one_pass(groups=groups, tensors=tensors, embeddings=embeddings) -> None:
+                with torch.inference_mode():
+                    for rows_, batch in zip(groups, tensors):
+                        embeddings[rows_] = mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])
+
+            passes[(strategy, batch_size)] = one_pass
+            work[(strategy, batch_size)] = (
+                sum(encoder_forward_flops(config, *batch["input_ids"].shape) for batch in tensors),
+                padding_waste([[lengths[i] for i in g] for g in groups], pad_to))
     with torch.inference_mode():
         model(**sentence_batch(tokenizer, 8, ctx.device))  # warm the kernels once, outside every timing
-    sweep = [(s, b) for b in pick(ctx, BATCH_SIZES, QUICK_BATCH_SIZES) for s in strategies]
-    for strategy, batch_size in tqdm(sweep, desc="batching sweep", disable=None, leave=False):
-        sort, pad_to = strategies[strategy]
-        groups = make_batches(lengths, batch_size, sort)
-        padding = "max_length" if pad_to else "longest"
-        tensors = [tokenizer.pad({k: [encoded[k][i] for i in rows_] for k in encoded}, padding=padding,
-                                 max_length=pad_to, return_tensors="pt").to(ctx.device) for rows_ in groups]
-        embeddings = torch.empty(len(texts_), config.hidden_size, device=ctx.device)
-
-        def one_pass() -> None:
-            with torch.inference_mode():
-                for rows_, batch in zip(groups, tensors):
-                    embeddings[rows_] = mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])
-
-        m = meter.measure(f"{strategy}, batch {batch_size}", one_pass, items=len(texts_), tokens=sum(lengths),
-                          warmup=0, min_runs=pick(ctx, PASSES, QUICK_PASSES), budget_s=0)
-        flops = sum(encoder_forward_flops(config, *batch["input_ids"].shape) for batch in tensors)
-        waste = padding_waste([[lengths[i] for i in g] for g in groups], pad_to)
-        outputs[(strategy, batch_size)] = embeddings.float().cpu()
-        rows.append({"strategy": strategy, "batch": batch_size, "pass_s": m.stats.median, "texts_per_s":
-                     m.items_per_s, "waste_pct": waste["waste_pct"], "padded_slots": waste["padded_slots"],
-                     "gflop_per_s": flops / m.stats.median / 1e9, "runs": m.stats.count, "noisy": m.noisy})
-    print_table(rows, ["strategy", "batch", "pass_s", "texts_per_s", "waste_pct", "gflop_per_s", "noisy"],
-                title="one pass over the corpus per row (median of the passes)")
+    timings = interleaved(passes, pick(ctx, PASSES, QUICK_PASSES), ctx.device)
+    rows = []
+    for (strategy, batch_size), stats in timings.items():
+        flops, waste = work[(strategy, batch_size)]
+        rows.append({"strategy": strategy, "batch": batch_size, "pass_s": stats.median, "iqr_s": stats.iqr,
+                     "texts_per_s": len(texts_) / stats.median, "waste_pct": waste["waste_pct"],
+                     "padded_slots": waste["padded_slots"], "gflop_per_s": flops / stats.median / 1e9,
+                     "runs": stats.count, "noisy": stats.count > 2 and stats.iqr / stats.median > NOISY_CV})
+    print_table(rows, ["strategy", "batch", "pass_s", "iqr_s", "texts_per_s", "waste_pct", "gflop_per_s", "noisy"],
+                title="one pass over the corpus per row (median of the passes, taken round-robin)")
     peak_flops = max(peak_before, matmul_peak_flops(ctx, meter)[0])  # before and after the sweep: load drifts
     print(f"fp32 matmul peak here: {peak_flops / 1e9:.1f} GFLOP/s (best of {peak.name} before and after the sweep)")
     baseline = next(r for r in rows if r["strategy"] == "dynamic" and r["batch"] == 1)  # batch 1 never pads
-    reference = outputs[("dynamic", 1)]
-    agreement = {s: min(cosine_fidelity(reference, outputs[(s, b)])["cosine_min"] for (s2, b) in outputs if s2 == s)
-                 for s in strategies}
+    reference = outputs[("dynamic", 1)].float().cpu()
+    agreement = {s: min(cosine_fidelity(reference, outputs[(s, b)].float().cpu())["cosine_min"]
+                        for (s2, b) in outputs if s2 == s) for s in strategies}
     print("worst embedding cosine vs unpadded batch 1: " + ", ".join(f"{s} {c:.6f}" for s, c in agreement.items())
           + " (padding is masked out, so only float rounding differs)")
 
@@ -792,12 +814,15 @@ def batching_section(ctx: cli.Context) -> dict:
             f"vs batch {best_padded['batch']}, each at its best)", sorted_ratio, sorted_ratio >= SORTED_SPEEDUP_TARGET),
     ]
 
-    fig, ax = plots.figure("Sorting by length lets batching pay off", "batch size (texts)", "throughput (texts/s)")
+    fig, ax = plots.figure(f"Sorted dynamic padding: {sorted_ratio:.1f}x the texts/s of pad-to-max (each at its best)", "batch size (texts)", "throughput (texts/s)")
     for strategy in strategies:
         points = [r for r in rows if r["strategy"] == strategy]
         ax.plot([r["batch"] for r in points], [r["texts_per_s"] for r in points], marker="o",
                 label=f"{strategy} (waste {points[-1]['waste_pct']:.0f}% at batch {points[-1]['batch']})")
     ax.set_xscale("log", base=2)
+    sizes = sorted({r["batch"] for r in rows})
+    ax.set_xticks(sizes, [str(size) for size in sizes])
+    ax.minorticks_off()
     ax.legend()
     ctx.report.add_chart(plots.save(fig, ctx.out_dir, "batching"))
     ctx.report.add_rows("batching", rows)
@@ -1022,7 +1047,8 @@ def memory_section(ctx: cli.Context) -> dict:
 
     bars_ = [(f"load: {r['technique']}", r["mem_after_first_call_mib"]) for r in loads]
     bars_ += [(f"embed list: {r['technique'].split(' (')[0]}", r["peak_rss_delta_mib"]) for r in streams]
-    bars_ += [(f"offload: {r['technique'][:28]}", r["peak_rss_delta_mib"]) for r in offload]
+    bars_ += [(f"offload: {'cap ' + OFFLOAD_CAP if 'max_memory' in r['technique'] else 'none'}",
+               r["peak_rss_delta_mib"]) for r in offload]
     fig, ax = plots.figure("What each technique costs in memory", "MiB above the start (loads: after the first "
                            "call; others: peak)", "", size=(8, 5.2))
     ax.barh([label for label, _ in bars_][::-1], [value for _, value in bars_][::-1], color="tab:purple")
@@ -1108,30 +1134,31 @@ def recipe_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
                                         attn_implementation=choice["attention"])
     texts_ = corpus(ctx)
     max_length = pick(ctx, MAX_LENGTH, QUICK_MAX_LENGTH)
-    runs = pick(ctx, RECIPE_RUNS, QUICK_RECIPE_RUNS)
     outputs: dict[str, torch.Tensor] = {}
 
     def naive_pass() -> None:
         outputs["naive"] = embed_naive(naive.model, naive.tokenizer, texts_, max_length)  # grad stays on
 
     def best_pass() -> None:
-        with torch.autocast(ctx.device.type, dtype=autocast) if autocast else nullcontext():
-            outputs["best"] = embed_sorted(best_model, naive.tokenizer, texts_, choice["batch"], max_length)
-
-    meter = make_meter(ctx)
-    naive_m = meter.measure("naive", naive_pass, items=len(texts_), warmup=0, min_runs=runs, budget_s=0)
-    original = torch.get_num_threads()
-    try:
+        original = torch.get_num_threads()
         torch.set_num_threads(choice["threads"])
-        best_m = meter.measure("recipe", best_pass, items=len(texts_), warmup=1, min_runs=runs, budget_s=0)
-    finally:
-        torch.set_num_threads(original)
-    speedup = naive_m.stats.median / best_m.stats.median
+        try:
+            with torch.autocast(ctx.device.type, dtype=autocast) if autocast else nullcontext():
+                outputs["best"] = embed_sorted(best_model, naive.tokenizer, texts_, choice["batch"], max_length)
+        finally:
+            torch.set_num_threads(original)  # the naive pass keeps torch's default, as a learner's first try would
+
+    best_pass()  # the freshly loaded model's first call, outside the timing (the naive model is already warm)
+    timings = interleaved({"naive": naive_pass, "recipe": best_pass}, pick(ctx, RECIPE_RUNS, QUICK_RECIPE_RUNS),
+                          ctx.device)
+    speedup = timings["naive"].median / timings["recipe"].median
     fidelity = cosine_fidelity(outputs["naive"], outputs["best"])
-    rows = [timing_row(naive_m, pipeline="naive: fp32, batch 1, grad on, pad to max_length"),
-            timing_row(best_m, pipeline="recipe")]
-    print_table(rows, ["pipeline", "p50_ms", "iqr_ms", "runs", "texts_per_s", "noisy"],
-                title=f"{len(texts_)} mixed-length texts end to end, {naive.info.label}")
+    rows = [{"pipeline": label, "p50_s": stats.median, "iqr_s": stats.iqr, "runs": stats.count,
+             "texts_per_s": len(texts_) / stats.median}
+            for label, stats in (("naive: fp32, batch 1, grad on, pad to max_length", timings["naive"]),
+                                 ("recipe", timings["recipe"]))]
+    print_table(rows, title=f"{len(texts_)} mixed-length texts end to end (tokenising included), {naive.info.label}; "
+                            "runs taken round-robin")
     print(f"\nspeed-up {speedup:.2f}x, embedding cosine vs naive: mean {fidelity['cosine_mean']:.5f}, worst "
           f"{fidelity['cosine_min']:.5f}")
     entry = models.CATALOG.get(naive.info.name)

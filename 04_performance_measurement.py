@@ -10,6 +10,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import psutil
+import torch
+from torch.utils.benchmark import Timer
+from tqdm import tqdm
+from transformers import pipeline
+from transformers.utils import logging as hf_logging
+
+from common import cli, models, pipelines, plots, texts
+from common.device import mps_available
+from common.errors import UserError
+from common.memory import MIB, cleanup, rss_bytes
+from common.meter import LoadMeasurement, Measurement, PerformanceMeter, Stats, measure_generation
+from common.report import REPORT_VERSION, print_table
+
 # Settings, nanoGPT bench.py style: plain constants, the --quick variant next to each.
 WARMUP, QUICK_WARMUP = 2, 1  # untimed calls first: lazy init, allocator growth and cold caches
 MIN_RUNS, QUICK_MIN_RUNS = 10, 5  # at least this many timed calls ...
@@ -37,20 +52,6 @@ SEED_TABLE = [
     {"model": "BERT-base", "role": "bert-base-uncased", "device": "GPU", "time_s": 0.021, "memory_gb": 3.2},
 ]
 
-import numpy as np
-import psutil
-import torch
-from torch.utils.benchmark import Timer
-from tqdm import tqdm
-from transformers import pipeline
-from transformers.utils import logging as hf_logging
-
-from common import cli, models, pipelines, plots, texts
-from common.device import mps_available
-from common.errors import UserError
-from common.memory import MIB, cleanup, rss_bytes
-from common.meter import LoadMeasurement, Measurement, PerformanceMeter, Stats, measure_generation
-from common.report import REPORT_VERSION, print_table
 
 SCRIPT = Path(__file__).stem
 # The first load of each model in this process: the only load that is truly cold (imports, first file reads).
@@ -70,28 +71,20 @@ def make_meter(ctx: cli.Context, device: torch.device | str | None = None) -> Pe
     )
 
 
-def remember_model(ctx: cli.Context, info: models.ModelInfo) -> None:
-    """List each model once in the report, with its provenance."""
-    entry = {"role": info.role, "name": info.name, "source": info.source, "origin": info.origin,
-             "params": info.params, "dtype": info.dtype, "device": info.device}
-    if entry not in ctx.report.models:
-        ctx.report.models.append(entry)
-
-
 def load(ctx: cli.Context, role: str, device: torch.device | str | None = None) -> models.LoadedModel:
     """Load a role through the catalog, timing the load; the first load per model and device is kept as cold."""
     device = torch.device(device if device is not None else ctx.device)
     loaded, timing = PerformanceMeter(device).time_load(
         role, lambda: models.load_model(role, source=ctx.source, device=device))
     FIRST_LOADS.setdefault(f"{role}@{device}", timing)
-    remember_model(ctx, loaded.info)
+    ctx.report.add_model(loaded.info.to_dict())
     return loaded
 
 
 def load_classifier(ctx: cli.Context, device: torch.device | str | None = None):
     """The classifier role as a pipeline; offline it is the registered embedding-classification stand-in."""
     classifier, info = models.load_classifier(source=ctx.source, device=device if device is not None else ctx.device)
-    remember_model(ctx, info)
+    ctx.report.add_model(info.to_dict())
     if info.source != "hub":
         print("(offline: the classifier role is the registered 'embedding-classification' stand-in, MiniLM plus "
               "similarity to example sentences, not a fine-tuned DistilBERT; its speed is a MiniLM encoder's)")

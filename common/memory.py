@@ -4,7 +4,6 @@ from __future__ import annotations
 import gc
 import os
 import threading
-import time
 from dataclasses import dataclass
 
 import psutil

@@ -9,7 +9,7 @@ import shutil
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any, Callable
@@ -88,6 +88,10 @@ class ModelInfo:
     def label(self) -> str:
         """The model's name with its provenance, for tables and chart legends."""
         return self.name if self.source != "twin" else f"{self.name} (twin)"
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields plus the label, for reports."""
+        return {**asdict(self), "label": self.label}
 
     def line(self) -> str:
         """The one-line load record every script prints."""

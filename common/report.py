@@ -128,12 +128,14 @@ class Report:
         self.rows: list[dict[str, Any]] = []
         self.models: list[dict[str, Any]] = []
         self.charts: list[str] = []
+        self.section_seconds: dict[str, float] = {}
         self.partial = False
         self.started = time.perf_counter()
 
     def run_section(self, title: str, why: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Print the heading and why, run the section, keep its result; a failure is recorded, not raised."""
         print(f"\n{'=' * 78}\n{title}\n{'=' * 78}\n{why}\n")
+        started = time.perf_counter()
         try:
             result = fn(*args, **kwargs)
         except KeyboardInterrupt:
@@ -150,7 +152,10 @@ class Report:
             print(f"[section failed] {type(error).__name__}: {error}")
             traceback.print_exc(limit=3)
             return None
+        finally:
+            self.section_seconds[title] = time.perf_counter() - started
         self.sections[title] = result
+        print(f"[{title}: {self.section_seconds[title]:.1f} s]")
         return result
 
     def skip(self, what: str, reason: str) -> None:
@@ -161,6 +166,12 @@ class Report:
     def add_rows(self, section: str, rows: list[dict[str, Any]]) -> None:
         """Append tidy measurement rows (one per measurement) for results.csv."""
         self.rows.extend({"section": section, **row} for row in rows)
+
+    def add_model(self, model: dict[str, Any]) -> None:
+        """List a loaded model's provenance once per name, source, dtype and device."""
+        key = ("name", "source", "dtype", "device")
+        if all(tuple(m.get(k) for k in key) != tuple(model.get(k) for k in key) for m in self.models):
+            self.models.append(to_jsonable(model))
 
     def add_chart(self, path: Path) -> None:
         """Remember a chart file so the report can list it."""
@@ -179,6 +190,7 @@ class Report:
             "sections": self.sections,
             "failures": self.failures,
             "skipped": self.skipped,
+            "section_seconds": self.section_seconds,
             "charts": self.charts,
             "rows": self.rows,
         })
