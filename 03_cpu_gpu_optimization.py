@@ -4,6 +4,31 @@ the same inputs in the same run, with what it costs in output fidelity (embeddin
 agreement with fp32). Ends with the best combination for this machine as a ready-to-paste snippet."""
 from __future__ import annotations
 
+import argparse
+import copy
+import importlib.util
+import inspect
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections import Counter
+from contextlib import nullcontext
+from typing import Any, Callable, Sequence
+
+import torch
+from tqdm import tqdm
+from transformers.utils import logging as hf_logging
+
+from common import cli, device as devices, memory, models, plots, texts
+from common.errors import UserError
+from common.meter import NOISY_CV, Measurement, PerformanceMeter, Stats
+from common.pipelines import embed, mean_pool
+from common.report import print_table
+
+
 # Settings: plain constants, quick variants next to them.
 SPEED_ROLE = "bert-base-uncased"    # offline a twin: BERT-base's exact shapes with random weights (speed only)
 QUICK_SPEED_ROLE = "encoder"        # MiniLM does ~8x fewer FLOPs per token, which keeps --quick under a minute
@@ -47,30 +72,6 @@ SECTION_NAMES = ("device", "threads", "grad", "precision", "quantization", "batc
 BAR_NAMES = ("batched vs batch-1 throughput", "fp32 encoder FLOP/s vs matmul peak", "dynamic int8 vs fp32",
              "length-sorted dynamic vs pad-to-max")
 
-import argparse  # noqa: E402  (settings first, nanoGPT style)
-import copy  # noqa: E402
-import ctypes  # noqa: E402
-import importlib.util  # noqa: E402
-import inspect  # noqa: E402
-import logging  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from collections import Counter  # noqa: E402
-from contextlib import nullcontext  # noqa: E402
-from typing import Any, Callable, Sequence  # noqa: E402
-
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
-
-from common import cli, device as devices, memory, models, plots, texts  # noqa: E402
-from common.errors import UserError  # noqa: E402
-from common.meter import NOISY_CV, Measurement, PerformanceMeter, Stats  # noqa: E402
-from common.pipelines import embed, mean_pool  # noqa: E402
-from common.report import print_table  # noqa: E402
 
 _SHARED: dict[str, models.LoadedModel] = {}  # fp32 models several sections read; main() empties it
 VARIANT_LABELS = {
@@ -299,19 +300,9 @@ def greedy_tokens(model: Any, inputs: dict[str, torch.Tensor], new_tokens: int) 
     return output[0, inputs["input_ids"].shape[1]:].tolist()
 
 
-def release_free_heap() -> bool:
-    """gc, then hand the C heap's free pages back to the OS (glibc's malloc_trim), so the next RSS reading starts
-    from what is really in use; False where that call does not exist (macOS, musl)."""
-    memory.cleanup()
-    try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0) or True)
-    except (OSError, AttributeError):
-        return False
-
-
 def peak_memory_delta(run: Callable[[], Any], device: torch.device) -> int:
     """Peak memory above the start while `run` executes and its result is still held (allocator on CUDA, RSS else)."""
-    release_free_heap()
+    memory.cleanup()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -928,7 +919,7 @@ def load_rows(ctx: cli.Context, meter: PerformanceMeter) -> list[dict]:
                 loaded.model.to(ctx.device)
             return loaded
 
-        release_free_heap()
+        memory.cleanup()
         start = resident_bytes(ctx.device)
         loaded, load_m = meter.time_load(label, load)
         after_load = resident_bytes(ctx.device)
@@ -978,16 +969,16 @@ def streaming_rows(ctx: cli.Context) -> list[dict]:
 
 def cleanup_rows(ctx: cli.Context) -> list[dict]:
     """What del, gc.collect() and torch.cuda.empty_cache() give back after a model and a grad-on output."""
-    release_free_heap()
+    memory.cleanup()
     steps = [("before load", memory.snapshot())]
     loaded = models.load_model(speed_role(ctx), source=ctx.source, device=ctx.device, verbose=False)
     output = loaded.model(**sentence_batch(loaded.tokenizer, speed_batch(ctx), ctx.device)).last_hidden_state
     steps.append(("model + grad-on output held", memory.snapshot()))
     del loaded, output
     steps.append(("after del", memory.snapshot()))
-    freed = memory.cleanup()
+    freed = memory.cleanup(trim=False)
     steps.append(("after gc.collect() + empty_cache()", memory.snapshot()))
-    if release_free_heap():
+    if memory.trim_heap():
         steps.append(("after glibc malloc_trim(0)", memory.snapshot()))
     base = steps[0][1]
     print(f"cleanup(): gc.collect() + empty_cache() freed {freed['rss_freed_bytes'] / 2**20:.1f} MiB RSS, "
