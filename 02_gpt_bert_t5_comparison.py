@@ -20,6 +20,7 @@ from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_
 from common import cli, memory, models, plots
 from common import pipelines as custom_pipelines  # registers the "text-to-text" pipeline
 from common.errors import UserError
+from common.memory import MIB
 from common.meter import PerformanceMeter, measure_generation
 from common.report import format_value, print_table
 
@@ -58,7 +59,6 @@ SEED_TABLE = [
      "typical uses": "translation, summarisation"},
 ]
 FAMILIES = {"decoder": "decoder-only", "encoder": "encoder-only", "seq2seq": "encoder-decoder"}
-MIB = 2**20
 
 
 # ------------------------------------------------------------------------------------------- which models

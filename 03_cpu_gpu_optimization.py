@@ -231,7 +231,7 @@ def weights_mib(model: Any) -> float:
 
     for value in model.state_dict().values():
         visit(value)
-    return sum(sizes.values()) / 2**20
+    return sum(sizes.values()) / memory.MIB
 
 
 def quantize_dynamic_int8(model: Any, per_channel: bool = True) -> Any:
@@ -517,8 +517,8 @@ def grad_section(ctx: cli.Context) -> dict:
     rows = []
     for mode in reversed(GRAD_MODES):  # leanest first, so allocator caching cannot flatter the leaner modes
         run = forward(loaded.model, batch, grad_mode=mode)
-        rows.append({"mode": mode, "kept_for_backward_mib": saved_for_backward_bytes(loaded.model, run) / 2**20,
-                     "peak_mem_delta_mib": peak_memory_delta(run, ctx.device) / 2**20})
+        rows.append({"mode": mode, "kept_for_backward_mib": saved_for_backward_bytes(loaded.model, run) / memory.MIB,
+                     "peak_mem_delta_mib": peak_memory_delta(run, ctx.device) / memory.MIB})
     for row in rows:
         m = meter.measure(row["mode"], forward(loaded.model, batch, grad_mode=row["mode"]), items=batch_size,
                           tokens=real_tokens(batch))
@@ -926,8 +926,8 @@ def load_rows(ctx: cli.Context, meter: PerformanceMeter) -> list[dict]:
         with torch.inference_mode():
             loaded.model(**sentence_batch(loaded.tokenizer, 1, ctx.device))
         rows.append({"technique": label, "load_s": load_m.seconds, "peak_rss_delta_mib": load_m.peak_rss_delta_bytes
-                     / 2**20, "mem_after_load_mib": (after_load - start) / 2**20,
-                     "mem_after_first_call_mib": (resident_bytes(ctx.device) - start) / 2**20,
+                     / memory.MIB, "mem_after_load_mib": (after_load - start) / memory.MIB,
+                     "mem_after_first_call_mib": (resident_bytes(ctx.device) - start) / memory.MIB,
                      "weights_mib": weights_mib(loaded.model)})
         del loaded
     return rows
@@ -963,8 +963,8 @@ def streaming_rows(ctx: cli.Context) -> list[dict]:
     peaks = {name: peak_memory_delta(lambda: results.setdefault(name, fn()), ctx.device)
              for name, fn in (("streamed", streamed), ("materialised", materialised))}
     same = cosine_fidelity(results["materialised"].float().cpu(), results["streamed"].float().cpu())["cosine_min"]
-    return [{"technique": f"{name} ({len(long_list)} texts)", "peak_rss_delta_mib": peaks[name] / 2**20,
-             "held_mib": held[name] / 2**20, "cosine_min": same} for name in peaks]
+    return [{"technique": f"{name} ({len(long_list)} texts)", "peak_rss_delta_mib": peaks[name] / memory.MIB,
+             "held_mib": held[name] / memory.MIB, "cosine_min": same} for name in peaks]
 
 
 def cleanup_rows(ctx: cli.Context) -> list[dict]:
@@ -981,12 +981,12 @@ def cleanup_rows(ctx: cli.Context) -> list[dict]:
     if memory.trim_heap():
         steps.append(("after glibc malloc_trim(0)", memory.snapshot()))
     base = steps[0][1]
-    print(f"cleanup(): gc.collect() + empty_cache() freed {freed['rss_freed_bytes'] / 2**20:.1f} MiB RSS, "
-          f"{freed['cuda_reserved_freed_bytes'] / 2**20:.1f} MiB CUDA reserved; freed pages the C allocator keeps "
+    print(f"cleanup(): gc.collect() + empty_cache() freed {freed['rss_freed_bytes'] / memory.MIB:.1f} MiB RSS, "
+          f"{freed['cuda_reserved_freed_bytes'] / memory.MIB:.1f} MiB CUDA reserved; freed pages the C allocator keeps "
           "for reuse still count in RSS until malloc_trim hands them back")
-    return [{"step": step, "rss_mib": snap.rss_bytes / 2**20, "rss_vs_start_mib": (snap.rss_bytes - base.rss_bytes)
-             / 2**20, "cuda_allocated_mib": snap.cuda_allocated_bytes / 2**20,
-             "cuda_reserved_mib": snap.cuda_reserved_bytes / 2**20} for step, snap in steps]
+    return [{"step": step, "rss_mib": snap.rss_bytes / memory.MIB, "rss_vs_start_mib": (snap.rss_bytes - base.rss_bytes)
+             / memory.MIB, "cuda_allocated_mib": snap.cuda_allocated_bytes / memory.MIB,
+             "cuda_reserved_mib": snap.cuda_reserved_bytes / memory.MIB} for step, snap in steps]
 
 
 def offload_rows(ctx: cli.Context, meter: PerformanceMeter) -> list[dict]:
@@ -1003,7 +1003,7 @@ def offload_rows(ctx: cli.Context, meter: PerformanceMeter) -> list[dict]:
             m = meter.measure(label, forward(loaded.model, batch), items=4, tokens=real_tokens(batch))
             placement = Counter(getattr(loaded.model, "hf_device_map", {"": str(ctx.device)}).values())
             rows.append(timing_row(m, technique=label, load_s=load_m.seconds, peak_rss_delta_mib=
-                                   load_m.peak_rss_delta_bytes / 2**20, placement=dict(placement)))
+                                   load_m.peak_rss_delta_bytes / memory.MIB, placement=dict(placement)))
             del loaded
             memory.cleanup()
     rows[1]["slowdown"] = rows[1]["p50_ms"] / rows[0]["p50_ms"]
