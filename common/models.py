@@ -210,11 +210,12 @@ def _verified_key(folder: Path, fingerprint: dict[str, Any]) -> tuple:
 def ensure_cached(name: str, fingerprint: dict[str, Any], build: Callable[[Path], None]) -> Path:
     """Return a verified cache folder, building it (into a temp folder, then an atomic rename) when needed."""
     folder = cache_root() / name
-    if _verified_key(folder, fingerprint) in _VERIFIED:
+    key = _verified_key(folder, fingerprint)
+    if key in _VERIFIED:
         return folder
     problem = cache_problem(folder, fingerprint)
     if problem is None:
-        _VERIFIED.add(_verified_key(folder, fingerprint))
+        _VERIFIED.add(key)
         return folder
     if folder.exists():
         print(f"[cache] {folder}: {problem}; rebuilding")
