@@ -4,17 +4,22 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
 
 from common.device import DEVICE_CHOICES, describe_environment, pick_device
 from common.errors import UserError
+from common import models
+from common.calibration import calibrate
+from common.meter import PerformanceMeter
 from common.models import SOURCES
 from common.report import Report
+
+T = TypeVar("T")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,6 +52,7 @@ class Context:
     device: torch.device
     out_dir: Path
     report: Report
+    _loaded: dict[tuple, models.LoadedModel] = field(default_factory=dict, repr=False)
 
     @property
     def quick(self) -> bool:
@@ -57,6 +63,28 @@ class Context:
     def source(self) -> str:
         """auto, hub or bundled."""
         return self.args.source
+
+    def pick(self, full: T, quick: T) -> T:
+        """The full-run value, or the --quick one (lessons keep both side by side in a settings dataclass)."""
+        return quick if self.quick else full
+
+    def meter(self, device: torch.device | str | None = None, **overrides: Any) -> PerformanceMeter:
+        """The lessons' meter on this run's device (or another), with the full or --quick budget."""
+        return PerformanceMeter.for_run(self.quick, self.device if device is None else device, **overrides)
+
+    def record(self, info: models.ModelInfo) -> models.ModelInfo:
+        """List a model the lesson loaded itself in this run's report (provenance: Hub, bundled or twin)."""
+        self.report.add_model(info.to_dict())
+        return info
+
+    def load(self, role: str, device: torch.device | str | None = None, **kwargs: Any) -> models.LoadedModel:
+        """Load a role once per run (same device and options give the same object) and record it in the report."""
+        device = torch.device(self.device if device is None else device)
+        key = (role, str(device), repr(sorted(kwargs.items())))
+        if key not in self._loaded:
+            self._loaded[key] = models.load_model(role, source=self.source, device=device, **kwargs)
+            self.record(self._loaded[key].info)
+        return self._loaded[key]
 
 
 def seed_everything(seed: int) -> None:
@@ -88,7 +116,9 @@ def start(script_file: str, args: argparse.Namespace) -> Context:
         gpu = environment["gpu"]
         print(f"GPU: {gpu['name']}  {gpu['memory_gib']} GiB  compute capability {gpu['capability']}")
     print(f"model source: {args.source}  |  outputs: {out_dir}")
-    return Context(args=args, device=device, out_dir=out_dir, report=Report(stem, out_dir, environment))
+    report = Report(stem, out_dir, environment)
+    report.calibration["start"] = calibrate()
+    return Context(args=args, device=device, out_dir=out_dir, report=report)
 
 
 def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:

@@ -150,6 +150,53 @@ class PeakRSSSampler:
         return self.peak_bytes - self.baseline_bytes
 
 
-def bytes_to_mib(value: float) -> float:
-    """Bytes as MiB, rounded for tables."""
-    return round(value / MIB, 1)
+class CudaPeak:
+    """Context manager: the CUDA allocator's peak bytes on this device inside the block (0 off CUDA)."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.allocated_bytes = 0
+        self.reserved_bytes = 0
+        self.baseline_bytes = 0
+
+    def __enter__(self) -> "CudaPeak":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline_bytes = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.allocated_bytes = torch.cuda.max_memory_allocated(self.device)
+            self.reserved_bytes = torch.cuda.max_memory_reserved(self.device)
+
+    @property
+    def delta_bytes(self) -> int:
+        """How far above the starting allocation the block went at its highest."""
+        return self.allocated_bytes - self.baseline_bytes
+
+
+def weights_bytes(model: torch.nn.Module) -> int:
+    """Bytes of everything the model stores (parameters, buffers, packed int8/4-bit weights), tied tensors once."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+
+    def add(value: object) -> None:
+        nonlocal total
+        if isinstance(value, torch.Tensor):
+            if value.is_quantized:
+                key, size = (value.data_ptr(), value.numel()), value.numel() * value.element_size()
+            else:
+                key, size = (value.untyped_storage().data_ptr(), value.nbytes), value.nbytes
+            if key not in seen:
+                seen.add(key)
+                total += size
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                add(item)
+
+    for value in model.state_dict().values():
+        add(value)
+    return total

@@ -10,23 +10,29 @@ from typing import Any, Callable
 import numpy as np
 import psutil
 import torch
+from tqdm.auto import tqdm
 
 from common.device import synchronize
-from common.memory import PeakRSSSampler, rss_bytes
+from common.memory import CudaPeak, PeakRSSSampler, rss_bytes
 
 NOISY_CV = 0.10  # a spread above 10% of the median makes a ratio of two medians unreliable
+P99_MIN_SAMPLES = 100  # below this, "p99" is only the maximum
 
 
 @dataclass(frozen=True)
 class Stats:
-    """Summary of latency samples in seconds: centre, spread, tail percentiles and a 95% CI of the median."""
+    """Summary of latency samples in seconds: centre, spread, tail percentiles and a confidence interval of the median.
+
+    p99 is None below P99_MIN_SAMPLES samples (it would only be the maximum); `ci_coverage` is the interval's real
+    coverage, which falls below 95% when there are too few samples for an exact 95% interval.
+    """
 
     count: int
     mean: float
     median: float
     p90: float
     p95: float
-    p99: float
+    p99: float | None
     std: float
     iqr: float
     cv: float
@@ -34,6 +40,7 @@ class Stats:
     max: float
     ci95_low: float
     ci95_high: float
+    ci_coverage: float
 
     @classmethod
     def from_samples(cls, samples: list[float] | np.ndarray) -> "Stats":
@@ -44,26 +51,49 @@ class Stats:
         p25, median, p75, p90, p95, p99 = np.percentile(values, [25, 50, 75, 90, 95, 99])
         std = float(values.std(ddof=1)) if values.size > 1 else 0.0
         mean = float(values.mean())
-        low, high = median_ci95(values)
+        low, high, coverage = median_ci(values)
         return cls(
             count=int(values.size), mean=mean, median=float(median), p90=float(p90), p95=float(p95),
-            p99=float(p99), std=std, iqr=float(p75 - p25), cv=std / mean if mean > 0 else 0.0,
-            min=float(values[0]), max=float(values[-1]), ci95_low=low, ci95_high=high,
+            p99=float(p99) if values.size >= P99_MIN_SAMPLES else None, std=std, iqr=float(p75 - p25),
+            cv=std / mean if mean > 0 else 0.0, min=float(values[0]), max=float(values[-1]),
+            ci95_low=low, ci95_high=high, ci_coverage=coverage,
         )
 
+    def ci_text(self, scale: float = 1e3, unit: str = "ms") -> str:
+        """The median's interval as text, with its real coverage when that is below 95%."""
+        text = f"[{self.ci95_low * scale:.3g}, {self.ci95_high * scale:.3g}] {unit}"
+        return text if self.ci_coverage >= 0.95 else f"{text} (only {self.ci_coverage:.0%} coverage at n={self.count})"
 
-def median_ci95(sorted_values: np.ndarray) -> tuple[float, float]:
-    """Distribution-free 95% confidence interval of the median from order statistics (binomial, normal approx.)."""
-    n = sorted_values.size
-    half_width = 1.96 * math.sqrt(n) / 2
-    lower_rank = max(int(math.floor(n / 2 - half_width)), 1)
-    upper_rank = min(int(math.ceil(n / 2 + half_width)) + 1, n)
-    return float(sorted_values[lower_rank - 1]), float(sorted_values[upper_rank - 1])
+
+def median_ci_ranks(n: int, level: float = 0.95) -> tuple[int, int, float]:
+    """1-based ranks (k, n+1-k) of the exact distribution-free interval of the median, and its real coverage.
+
+    The number of samples below the true median is Binomial(n, 1/2); [x_(k), x_(n+1-k)] covers the median with
+    probability 1 - 2 P(B <= k-1). The widest k whose coverage reaches `level` is taken; below n = 6 no k does, so
+    the interval is [min, max] and its coverage (75% at n = 3) is returned for the reader to see.
+    """
+    if n < 1:
+        raise ValueError("no samples")
+    below = 0.0  # P(B <= k-1)
+    best_k, best_coverage = 1, max(1 - 2 * 0.5**n, 0.0)
+    for k in range(1, (n + 1) // 2 + 1):
+        below += math.exp(math.lgamma(n + 1) - math.lgamma(k) - math.lgamma(n - k + 2) - n * math.log(2))
+        coverage = 1 - 2 * below
+        if coverage < level:
+            break
+        best_k, best_coverage = k, coverage
+    return best_k, n + 1 - best_k, best_coverage
+
+
+def median_ci(sorted_values: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
+    """Exact distribution-free interval of the median from order statistics: (low, high, coverage)."""
+    low_rank, high_rank, coverage = median_ci_ranks(int(sorted_values.size), level)
+    return float(sorted_values[low_rank - 1]), float(sorted_values[high_rank - 1]), coverage
 
 
 @dataclass
 class Measurement:
-    """One measured workload: its latency samples, statistics, throughput, peaks and utilisation."""
+    """One measured workload: its latency samples, statistics, throughput (from the median), peaks and utilisation."""
 
     name: str
     samples_s: list[float]
@@ -87,24 +117,14 @@ class Measurement:
         """Median latency per call in milliseconds."""
         return self.stats.median * 1e3
 
-    def summary(self) -> dict[str, Any]:
-        """Flat, table-ready numbers (ms, MiB, per-second) without the raw samples."""
-        return {
-            "name": self.name,
-            "runs": self.stats.count,
-            "p50_ms": self.stats.median * 1e3,
-            "p90_ms": self.stats.p90 * 1e3,
-            "p99_ms": self.stats.p99 * 1e3,
-            "iqr_ms": self.stats.iqr * 1e3,
-            "cv": self.stats.cv,
-            "items_per_s": self.items_per_s,
-            "tokens_per_s": self.tokens_per_s,
-            "peak_rss_mib": self.peak_rss_bytes / 2**20,
-            "peak_cuda_alloc_mib": self.peak_cuda_allocated_bytes / 2**20,
-            "cpu_util_pct": self.cpu_util_pct,
-            "gpu_util_pct": self.gpu_util_pct,
-            "noisy": self.noisy,
-        }
+    def row(self, **labels: Any) -> dict[str, Any]:
+        """One table/CSV row with the house keys: labels, p50_ms, iqr_ms, runs, items_per_s (from the median), noisy."""
+        row = {**labels, "p50_ms": self.stats.median * 1e3, "iqr_ms": self.stats.iqr * 1e3, "runs": self.stats.count,
+               "items_per_s": self.items_per_s}
+        if self.tokens_per_call:
+            row["tokens_per_s"] = self.tokens_per_s
+        row["noisy"] = self.noisy
+        return row
 
     def to_dict(self) -> dict[str, Any]:
         """Everything, raw samples included, for report.json."""
@@ -125,7 +145,11 @@ class LoadMeasurement:
 
 
 class _GpuUtilSampler:
-    """Polls NVML's utilisation counter on a thread; mean of the samples, or None where NVML is absent."""
+    """Polls NVML's utilisation on a thread; mean of the samples, or None where NVML is absent.
+
+    NVML's "utilisation" is the share of its sampling window in which at least one kernel ran, not how much of the
+    GPU that kernel used. The device is found by UUID, because NVML numbers GPUs without CUDA_VISIBLE_DEVICES.
+    """
 
     def __init__(self, device: torch.device, interval_s: float = 0.05) -> None:
         self.samples: list[int] = []
@@ -139,7 +163,7 @@ class _GpuUtilSampler:
 
                 pynvml.nvmlInit()
                 index = device.index if device.index is not None else torch.cuda.current_device()
-                self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+                self._handle = pynvml.nvmlDeviceGetHandleByUUID(cuda_uuid(index))
                 self._nvml = pynvml
             except Exception:  # NVML missing or driver too old: utilisation is simply not reported
                 self._handle = None
@@ -166,6 +190,75 @@ class _GpuUtilSampler:
         return float(np.mean(self.samples)) if self.samples else None
 
 
+def cuda_uuid(index: int) -> str:
+    """NVML's name for the CUDA device at this (visible) index: "GPU-" plus torch's UUID."""
+    uuid = str(torch.cuda.get_device_properties(index).uuid)
+    return uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
+
+
+SAME_BAND = 0.03  # a ratio interval inside [1/1.03, 1.03] is a difference too small to act on, reported as "same"
+
+
+@dataclass
+class Comparison:
+    """Workloads timed round-robin; ratios of medians with an exact interval from the paired rounds, and verdicts.
+
+    The interval of ratio(a, b) is the distribution-free interval of the median of the per-round ratios
+    t_b / t_a (order statistics of paired rounds, as for Stats); its real coverage is kept beside it.
+    """
+
+    measurements: dict[str, Measurement]
+    schedule: list[str]  # the workloads in the order they ran, one entry per timed call
+
+    @property
+    def rounds(self) -> int:
+        """Timed rounds (each workload ran once per round)."""
+        return min(m.stats.count for m in self.measurements.values())
+
+    def ratio(self, a: str, b: str) -> tuple[float, float, float]:
+        """How many times faster a is than b: (median_b / median_a, interval low, interval high)."""
+        ta, tb = np.asarray(self.measurements[a].samples_s), np.asarray(self.measurements[b].samples_s)
+        per_round = np.sort(tb / ta)
+        low, high, _ = median_ci(per_round)
+        return float(np.median(tb) / np.median(ta)), low, high
+
+    def coverage(self) -> float:
+        """Real coverage of the ratio intervals at this number of rounds."""
+        return median_ci_ranks(self.rounds)[2]
+
+    def verdict(self, a: str, b: str) -> str:
+        """"faster" or "slower" (a against b) when the interval excludes 1 and SAME_BAND, else "same"."""
+        _, low, high = self.ratio(a, b)
+        if low > 1 + SAME_BAND:
+            return "faster"
+        if high < 1 / (1 + SAME_BAND):
+            return "slower"
+        return "same"
+
+    def sentence(self, a: str, b: str) -> str:
+        """The verdict in words with its numbers; "same" reads "no measurable difference here"."""
+        estimate, low, high = self.ratio(a, b)
+        interval = f"{low:.2f}-{high:.2f}, {self.rounds} rounds"
+        if self.coverage() < 0.95:
+            interval += f", {self.coverage():.0%} interval"
+        verdict = self.verdict(a, b)
+        if verdict == "same":
+            return f"{a} vs {b}: no measurable difference here ({estimate:.2f}x, interval {interval})"
+        return f"{a} is {estimate:.2f}x as fast as {b}: {verdict} (interval {interval})"
+
+    def rows(self, baseline: str | None = None, **labels: Any) -> list[dict[str, Any]]:
+        """One row per workload; with a baseline, also its speed-up over it, interval and verdict."""
+        rows = []
+        for name, measurement in self.measurements.items():
+            row = measurement.row(**labels, workload=name)
+            if baseline is not None:
+                estimate, low, high = self.ratio(name, baseline)
+                row.update(speedup=estimate, speedup_low=low, speedup_high=high,
+                           verdict="baseline" if name == baseline else self.verdict(name, baseline))
+            rows.append(row)
+        return rows
+
+
 class PerformanceMeter:
     """Times a callable like torch.utils.benchmark: warm-up, synchronise, repeat until a count and time budget."""
 
@@ -182,6 +275,12 @@ class PerformanceMeter:
         self.min_runs = min_runs
         self.max_runs = max_runs
         self.budget_s = budget_s
+
+    @classmethod
+    def for_run(cls, quick: bool, device: torch.device | str = "cpu", **overrides: Any) -> "PerformanceMeter":
+        """The lessons' meter: 5 runs and 1 s per measurement, or 3 runs and 0.2 s with --quick."""
+        settings = dict(warmup=2, min_runs=3, budget_s=0.2) if quick else dict(warmup=2, min_runs=5, budget_s=1.0)
+        return cls(device, **{**settings, **overrides})
 
     def measure(
         self,
@@ -200,58 +299,70 @@ class PerformanceMeter:
         min_runs = self.min_runs if min_runs is None else min_runs
         max_runs = self.max_runs if max_runs is None else max_runs
         budget_s = self.budget_s if budget_s is None else budget_s
-        device, clock = self.device, time.perf_counter
-        sync_needed = device.type in ("cuda", "mps")
-
+        clock = time.perf_counter
         for _ in range(warmup):
             fn()
-        synchronize(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-
+        synchronize(self.device)
         samples: list[float] = []
-        cpu_before = psutil.Process().cpu_times()
-        with PeakRSSSampler() as rss, _GpuUtilSampler(device) as gpu:
+        with _Resources(self.device) as resources:
             started = clock()
             while True:
-                t0 = clock()
-                fn()
-                if sync_needed:
-                    synchronize(device)
-                samples.append(clock() - t0)
+                samples.append(self._time_once(fn))
                 if len(samples) >= max_runs or (len(samples) >= min_runs and clock() - started >= budget_s):
                     break
-            wall = clock() - started
-        cpu_after = psutil.Process().cpu_times()
+        return resources.measurement(name, samples, items, tokens)
 
-        stats = Stats.from_samples(samples)
-        total = float(np.sum(samples))
-        cpu_seconds = (cpu_after.user - cpu_before.user) + (cpu_after.system - cpu_before.system)
-        noisy = stats.count > 2 and stats.median > 0 and stats.iqr / stats.median > NOISY_CV
-        warnings = []
-        if noisy:
-            warnings.append(
-                f"{name}: noisy machine (IQR is {stats.iqr / stats.median:.0%} of the median over "
-                f"{stats.count} runs); compare ratios from this run only"
-            )
-        return Measurement(
-            name=name,
-            samples_s=samples,
-            stats=stats,
-            items_per_call=items,
-            tokens_per_call=tokens,
-            items_per_s=items * stats.count / total if total > 0 else 0.0,
-            tokens_per_s=tokens * stats.count / total if total > 0 else 0.0,
-            peak_rss_bytes=rss.peak_bytes,
-            peak_rss_delta_bytes=rss.peak_delta_bytes,
-            peak_cuda_allocated_bytes=torch.cuda.max_memory_allocated() if device.type == "cuda" else 0,
-            peak_cuda_reserved_bytes=torch.cuda.max_memory_reserved() if device.type == "cuda" else 0,
-            cpu_util_pct=100.0 * cpu_seconds / wall if wall > 0 else 0.0,
-            gpu_util_pct=gpu.mean_pct,
-            noisy=noisy,
-            wall_s=wall,
-            warnings=warnings,
+    def compare(
+        self,
+        workloads: dict[str, Callable[[], Any]],
+        items: int | dict[str, int] = 1,
+        tokens: int | dict[str, int] = 0,
+        *,
+        warmup: int | None = None,
+        min_rounds: int | None = None,
+        max_rounds: int = 1000,
+        budget_s: float | None = None,
+        progress: str | None = None,
+    ) -> Comparison:
+        """Warm each workload up, then time them in round-robin rounds (starting point rotating) until the budget.
+
+        Round-robin puts every workload under the same machine state, so a busy neighbour slows all of them alike
+        and the paired per-round ratios stay honest where back-to-back measurements would drift apart.
+        """
+        names = list(workloads)
+        warmup = self.warmup if warmup is None else warmup
+        min_rounds = self.min_runs if min_rounds is None else min_rounds
+        budget_s = self.budget_s * len(names) if budget_s is None else budget_s
+        per_items = items if isinstance(items, dict) else dict.fromkeys(names, items)
+        per_tokens = tokens if isinstance(tokens, dict) else dict.fromkeys(names, tokens)
+        for name in names:
+            for _ in range(warmup):
+                workloads[name]()
+        synchronize(self.device)
+        samples: dict[str, list[float]] = {name: [] for name in names}
+        schedule: list[str] = []
+        bar = tqdm(total=min_rounds, desc=progress, disable=True if progress is None else None, leave=False, unit="round")
+        with bar, _Resources(self.device) as resources:
+            started = time.perf_counter()
+            for round_index in range(max_rounds):
+                for offset in range(len(names)):
+                    name = names[(round_index + offset) % len(names)]
+                    samples[name].append(self._time_once(workloads[name]))
+                    schedule.append(name)
+                bar.update(1)
+                if round_index + 1 >= min_rounds and time.perf_counter() - started >= budget_s:
+                    break
+        return Comparison(
+            {name: resources.measurement(name, samples[name], per_items[name], per_tokens[name]) for name in names},
+            schedule,
         )
+
+    def _time_once(self, fn: Callable[[], Any]) -> float:
+        started = time.perf_counter()
+        fn()
+        if self.device.type in ("cuda", "mps"):
+            synchronize(self.device)
+        return time.perf_counter() - started
 
     def time_load(self, name: str, load: Callable[[], Any]) -> tuple[Any, LoadMeasurement]:
         """Call a loader once, returning its result with wall time and peak RSS during the load."""
@@ -266,6 +377,49 @@ class PerformanceMeter:
         """The meter's own cost per timed call: loop wall time per call of an empty function."""
         empty = self.measure("empty", lambda: None, warmup=10, min_runs=runs, max_runs=runs, budget_s=0)
         return empty.wall_s / empty.stats.count
+
+
+class _Resources:
+    """What a timed block used besides time: peak RSS, CUDA peaks (of this device), CPU and GPU utilisation."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._rss = PeakRSSSampler()
+        self._gpu = _GpuUtilSampler(device)
+        self._cuda = CudaPeak(device)
+
+    def __enter__(self) -> "_Resources":
+        self._cpu_before = psutil.Process().cpu_times()
+        self._cuda.__enter__()
+        self._rss.__enter__()
+        self._gpu.__enter__()
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall_s = time.perf_counter() - self._started
+        self._gpu.__exit__(*exc)
+        self._rss.__exit__(*exc)
+        self._cuda.__exit__(*exc)
+        cpu_after = psutil.Process().cpu_times()
+        cpu_seconds = (cpu_after.user - self._cpu_before.user) + (cpu_after.system - self._cpu_before.system)
+        self.cpu_util_pct = 100.0 * cpu_seconds / self.wall_s if self.wall_s > 0 else 0.0
+
+    def measurement(self, name: str, samples: list[float], items: int, tokens: int) -> Measurement:
+        """A Measurement of these samples; throughput is work per call over the median call."""
+        stats = Stats.from_samples(samples)
+        noisy = stats.count > 2 and stats.median > 0 and stats.iqr / stats.median > NOISY_CV
+        warnings = [f"{name}: noisy machine (IQR is {stats.iqr / stats.median:.0%} of the median over "
+                    f"{stats.count} runs); compare ratios from this run only"] if noisy else []
+        return Measurement(
+            name=name, samples_s=samples, stats=stats, items_per_call=items, tokens_per_call=tokens,
+            items_per_s=items / stats.median if stats.median > 0 else 0.0,
+            tokens_per_s=tokens / stats.median if stats.median > 0 else 0.0,
+            peak_rss_bytes=self._rss.peak_bytes, peak_rss_delta_bytes=self._rss.peak_delta_bytes,
+            peak_cuda_allocated_bytes=self._cuda.allocated_bytes, peak_cuda_reserved_bytes=self._cuda.reserved_bytes,
+            cpu_util_pct=self.cpu_util_pct, gpu_util_pct=self._gpu.mean_pct, noisy=noisy, wall_s=self.wall_s,
+            warnings=warnings,
+        )
 
 
 @dataclass
@@ -291,20 +445,7 @@ class GenerationMeasurement:
     @property
     def tokens_per_s(self) -> float:
         """Generated tokens per second over the whole call (batch included), from the median."""
-        return self.new_tokens * self.batch_size / self.full.stats.median
-
-    def summary(self) -> dict[str, Any]:
-        """Table-ready numbers."""
-        return {
-            "name": self.name,
-            "new_tokens": self.new_tokens,
-            "batch": self.batch_size,
-            "ttft_ms": self.time_to_first_token_s * 1e3,
-            "per_token_ms": self.per_token_s * 1e3,
-            "tokens_per_s": self.tokens_per_s,
-            "p50_total_ms": self.full.stats.median * 1e3,
-            "noisy": self.first_token.noisy or self.full.noisy,
-        }
+        return self.full.tokens_per_s
 
 
 def measure_generation(

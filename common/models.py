@@ -109,6 +109,40 @@ class LoadedModel:
     info: ModelInfo
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a role's weights come from: a path or Hub id that `from_pretrained` takes, and its provenance."""
+
+    role: str | None
+    name: str
+    path: str  # a local folder, or a Hub id when the Hub is reachable and the checkpoint not yet cached
+    source: str  # hub | bundled | twin
+    origin: str
+    kind: str  # encoder | classifier | decoder | seq2seq
+
+    @property
+    def meaningful(self) -> bool:
+        """False for twins: their outputs are noise, good for speed and memory only."""
+        return self.source != "twin"
+
+    @property
+    def label(self) -> str:
+        """The model's name with its provenance, for tables and chart legends."""
+        return self.name if self.meaningful else f"{self.name} (twin)"
+
+    def info(self, model: Any, load_s: float, verbose: bool = True) -> ModelInfo:
+        """The provenance record of a model loaded from here (printed as the [model] line unless verbose=False)."""
+        parameters = list(model.parameters())
+        info = ModelInfo(
+            role=self.role, name=self.name, source=self.source, origin=self.origin, kind=self.kind,
+            params=sum(p.numel() for p in parameters), dtype=str(model.dtype).replace("torch.", ""),
+            device=str(parameters[0].device), load_s=load_s, meaningful=self.meaningful,
+        )
+        if verbose:
+            print(info.line())
+        return info
+
+
 # ---------------------------------------------------------------------------------------------- the Hub
 
 
@@ -153,6 +187,15 @@ def use_hub(hub_id: str, source: str) -> bool:
     if source == "bundled":
         return False
     return hub_cached(hub_id) or hub_reachable()
+
+
+def hub_location(hub_id: str) -> str:
+    """The cached snapshot folder when the Hub cannot be reached (no network wait later), else the Hub id."""
+    if hub_cached(hub_id) and not hub_reachable():
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(hub_id, local_files_only=True)
+    return hub_id
 
 
 # --------------------------------------------------------------------------------- validated disk caches
@@ -292,7 +335,7 @@ def twin_folder(name: str) -> Path:
     config_text = (TWIN_DIR / f"{name}.json").read_text(encoding="utf-8")
     tokenizer_source = TWIN_TOKENIZER[name]
     fingerprint = {"config_sha256": hashlib.sha256(config_text.encode()).hexdigest(), "seed": TWIN_SEED,
-                   "torch": torch.__version__, "tokenizer": tokenizer_source}
+                   "torch": torch.__version__, "tokenizer": tokenizer_source, "build": 2}
     tokenizer_folder = bundled_folder(tokenizer_source)
 
     def build(target: Path) -> None:
@@ -301,8 +344,12 @@ def twin_folder(name: str) -> Path:
         with torch.random.fork_rng():
             torch.manual_seed(TWIN_SEED)
             model = auto_class(CATALOG[name].kind).from_config(config)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+        if model.can_generate():  # stop and pad with the borrowed tokenizer's ids, not the real model's
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
+            model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
         model.save_pretrained(target)
-        AutoTokenizer.from_pretrained(tokenizer_folder).save_pretrained(target)
+        tokenizer.save_pretrained(target)
 
     return ensure_cached(f"twin-{name}", fingerprint, build)
 
@@ -354,19 +401,19 @@ def resolve(name_or_role: str, source: str = "auto") -> tuple[str | None, Catalo
         hub_name, offline_name = ROLES[role]
         hub_entry = CATALOG[hub_name]
         if use_hub(hub_entry.hub_id, source):
-            return role, hub_entry, hub_entry.hub_id, "hub"
+            return role, hub_entry, hub_location(hub_entry.hub_id), "hub"
         entry = CATALOG[offline_name]
     elif name_or_role in CATALOG:
         entry = CATALOG[name_or_role]
         if use_hub(entry.hub_id, source):
-            return None, entry, entry.hub_id, "hub"
+            return None, entry, hub_location(entry.hub_id), "hub"
     elif "/" in name_or_role:
         if source == "bundled":
             raise UserError(f"{name_or_role} is a Hub model, but --source bundled forbids the Hub; {available_names()}")
-        if source == "auto" and not (hub_cached(name_or_role) or hub_reachable()):
+        if not (hub_cached(name_or_role) or hub_reachable()):
             raise UserError(f"{name_or_role} is not in the local cache and the Hub is unreachable; "
                             f"offline you can use {available_names().split('; or')[0]}")
-        return None, None, name_or_role, "hub"
+        return None, None, hub_location(name_or_role), "hub"
     else:
         raise UserError(f"unknown model {name_or_role!r}; {available_names()}")
     if entry.offline == "stand-in":
@@ -375,13 +422,42 @@ def resolve(name_or_role: str, source: str = "auto") -> tuple[str | None, Catalo
     return role, entry, location, entry.offline
 
 
-def _origin(entry: CatalogEntry | None, location: str, source: str) -> str:
+def _origin(entry: CatalogEntry | None, hub_id: str, source: str) -> str:
     if source == "hub":
-        return location
+        return hub_id
     if source == "twin":
         return f"random weights, exact config of {entry.hub_id}; speed/memory only"
     _, distribution = BUNDLED_PACKAGES[entry.name]
     return f"pip package {distribution} {package_version(distribution)}, {entry.license}"
+
+
+def checkpoint(name_or_role: str, source: str = "auto", kind: str | None = None) -> Checkpoint:
+    """Where to load a role, catalog name or Hub id from (Hub, bundled or twin), checked to fit `kind`."""
+    from transformers import AutoConfig
+
+    role, entry, location, source_label = resolve(name_or_role, source)
+    kind = kind or (entry.kind if entry else None) or "encoder"
+    name = entry.name if entry else name_or_role
+    hub_id = entry.hub_id if entry else name_or_role
+    try:
+        config = AutoConfig.from_pretrained(location)
+    except (OSError, ValueError) as error:
+        raise UserError(f"could not read the config of {name} from {location}: {_first_line(error)}") from error
+    check_kind(config, kind, name)
+    return Checkpoint(role, name, location, source_label, _origin(entry, hub_id, source_label), kind)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def prepare_tokenizer(tokenizer: Any, model: Any) -> None:
+    """Give a decoder's tokenizer a pad token (they ship without one; batching needs it) and tell generate()."""
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model, "generation_config", None) is not None and tokenizer.pad_token_id is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
 def load_model(
@@ -394,44 +470,22 @@ def load_model(
     verbose: bool = True,
     **from_pretrained_kwargs: Any,
 ) -> LoadedModel:
-    """Load a role, catalog name or Hub id with its tokenizer, timed, and print its provenance line."""
-    from transformers import AutoConfig, AutoTokenizer
+    """Load a role with its tokenizer, timed, for sections whose lesson is not the loading itself."""
+    from transformers import AutoTokenizer
 
-    role, entry, location, source_label = resolve(name_or_role, source)
-    kind = kind or (entry.kind if entry else None) or "encoder"
-    offline = source_label != "hub" or (source == "auto" and not hub_reachable())
-    device = torch.device(device)
-    name = entry.name if entry else location
+    where = checkpoint(name_or_role, source, kind)
+    from_pretrained_kwargs.setdefault("device_map", str(torch.device(device)))
     try:
-        config = AutoConfig.from_pretrained(location, local_files_only=offline)
-        check_kind(config, kind, name)
         started = time.perf_counter()
-        from_pretrained_kwargs.setdefault("device_map", str(device))
-        model = auto_class(kind).from_pretrained(
-            location, dtype=dtype or torch.float32, local_files_only=offline, **from_pretrained_kwargs
-        )
+        model = auto_class(where.kind).from_pretrained(where.path, dtype=dtype or torch.float32,
+                                                       **from_pretrained_kwargs)
         model.eval()
         load_s = time.perf_counter() - started
-        tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=offline)
-    except UserError:
-        raise
+        tokenizer = AutoTokenizer.from_pretrained(where.path)
     except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"could not load {name} from {location}: {first_line}") from error
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token  # decoders ship without a pad token; batching needs one
-    if getattr(model, "generation_config", None) is not None and tokenizer.pad_token_id is not None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        if source_label == "twin":
-            model.generation_config.eos_token_id = tokenizer.eos_token_id
-    info = ModelInfo(
-        role=role, name=name, source=source_label, origin=_origin(entry, location, source_label), kind=kind,
-        params=sum(p.numel() for p in model.parameters()), dtype=str(model.dtype).replace("torch.", ""),
-        device=str(next(model.parameters()).device), load_s=load_s, meaningful=source_label != "twin",
-    )
-    if verbose:
-        print(info.line())
-    return LoadedModel(model, tokenizer, info)
+        raise UserError(f"could not load {where.name} from {where.path}: {_first_line(error)}") from error
+    prepare_tokenizer(tokenizer, model)
+    return LoadedModel(model, tokenizer, where.info(model, load_s, verbose))
 
 
 SENTIMENT_EXAMPLES: dict[str, list[str]] = {
@@ -462,8 +516,8 @@ def load_classifier(*, source: str = "auto", device: torch.device | str = "cpu",
 
     entry = CATALOG["distilbert-sst2"]
     if use_hub(entry.hub_id, source):
-        loaded = load_model(entry.hub_id, source="hub", device=device, kind="classifier", verbose=False)
-        loaded.info.role, loaded.info.name = "classifier", entry.name
+        loaded = load_model(entry.name, source="hub", device=device, kind="classifier", verbose=False)
+        loaded.info.role = "classifier"
         classifier = pipeline("text-classification", model=loaded.model, tokenizer=loaded.tokenizer)
     else:
         loaded = load_model("all-MiniLM-L6-v2", source="bundled", device=device, verbose=False)

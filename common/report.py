@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from common.calibration import calibrate
 from common.errors import UserError
 
 REPORT_VERSION = 1
@@ -129,6 +130,7 @@ class Report:
         self.models: list[dict[str, Any]] = []
         self.charts: list[str] = []
         self.section_seconds: dict[str, float] = {}
+        self.calibration: dict[str, dict[str, Any]] = {}  # "start" and "end": see common.calibration
         self.partial = False
         self.started = time.perf_counter()
 
@@ -186,6 +188,7 @@ class Report:
             "partial": self.partial,
             "wall_s": time.perf_counter() - self.started,
             "environment": self.environment,
+            "calibration": self.calibration,
             "models": self.models,
             "sections": self.sections,
             "failures": self.failures,
@@ -227,6 +230,7 @@ class Report:
 
     def finish(self) -> int:
         """Write the reports, print where they are and the wall time; exit code 1 if any section failed."""
+        self.calibration["end"] = calibrate()
         paths = self.write()
         print(f"\n{'=' * 78}")
         for path in paths + [Path(c) for c in self.charts]:

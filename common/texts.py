@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 SENTENCES: list[str] = [
     "The weather is lovely today, so we are walking to the park.",
@@ -39,3 +40,9 @@ def mixed_length_corpus(count: int, seed: int = 0, short: tuple[int, int] = (4, 
 def repeated_sentences(count: int) -> list[str]:
     """`count` texts cycling through SENTENCES: realistic everyday lengths for throughput tests."""
     return [SENTENCES[i % len(SENTENCES)] for i in range(count)]
+
+
+def count_tokens(tokenizer: Any, texts: list[str], **tokenizer_kwargs: Any) -> int:
+    """Real (non-padding) tokens the tokenizer makes of these texts, with the given truncation settings."""
+    encoded = tokenizer(texts, **tokenizer_kwargs)
+    return sum(len(ids) for ids in encoded["input_ids"])

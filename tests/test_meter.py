@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from common.meter import GenerationMeasurement, PerformanceMeter, Stats, measure_generation, median_ci95
+from common.meter import GenerationMeasurement, PerformanceMeter, Stats, measure_generation, median_ci, median_ci_ranks
 
 
 def test_stats_match_numpy_on_known_samples():
@@ -19,19 +19,34 @@ def test_stats_match_numpy_on_known_samples():
     assert stats.median == pytest.approx(np.median(values))
     assert stats.p90 == pytest.approx(np.percentile(values, 90))
     assert stats.p95 == pytest.approx(np.percentile(values, 95))
-    assert stats.p99 == pytest.approx(np.percentile(values, 99))
+    assert stats.p99 is None  # 10 samples: a "p99" would only be the maximum
     assert stats.std == pytest.approx(values.std(ddof=1))
     assert stats.iqr == pytest.approx(np.percentile(values, 75) - np.percentile(values, 25))
     assert stats.cv == pytest.approx(values.std(ddof=1) / values.mean())
     assert (stats.min, stats.max) == (0.009, 0.050)
 
 
-def test_median_ci_uses_order_statistics():
-    values = np.arange(1.0, 101.0)  # n = 100: ranks 40 and 61 for a 95% interval
-    low, high = median_ci95(values)
+def test_median_ci_uses_exact_order_statistics():
+    values = np.arange(1.0, 101.0)  # n = 100: ranks 40 and 61, exact binomial coverage 96.5%
+    low, high, coverage = median_ci(values)
     assert (low, high) == (40.0, 61.0)
-    assert low <= np.median(values) <= high
-    assert median_ci95(np.array([1.0, 2.0, 3.0])) == (1.0, 3.0)
+    assert coverage == pytest.approx(0.9648, abs=1e-4)
+    assert median_ci_ranks(10)[:2] == (2, 9)  # the textbook table: 97.9% for n = 10
+    assert median_ci_ranks(20)[:2] == (6, 15)
+
+
+def test_median_ci_says_its_real_coverage_when_samples_are_few():
+    low, high, coverage = median_ci(np.array([1.0, 2.0, 3.0]))
+    assert (low, high) == (1.0, 3.0)
+    assert coverage == pytest.approx(0.75)  # [min, max] of 3 samples misses the median one time in four
+    assert "75% coverage" in Stats.from_samples([1.0, 2.0, 3.0]).ci_text()
+    assert "coverage" not in Stats.from_samples(np.arange(1.0, 21.0)).ci_text()
+
+
+def test_p99_needs_a_hundred_samples():
+    values = np.linspace(0.0, 1.0, 100)
+    assert Stats.from_samples(values).p99 == pytest.approx(np.percentile(values, 99))
+    assert Stats.from_samples(values[:99]).p99 is None
 
 
 def test_stats_reject_empty_samples():
@@ -45,8 +60,8 @@ def test_meter_times_a_known_sleep():
     assert result.stats.count == 5
     assert result.stats.median >= 0.010  # sleep never returns early; a unit slip would fall below
     assert result.stats.median < 1.0
-    assert result.items_per_s == pytest.approx(4 * 5 / sum(result.samples_s))
-    assert result.tokens_per_s == pytest.approx(40 * 5 / sum(result.samples_s))
+    assert result.items_per_s == pytest.approx(4 / np.median(result.samples_s))  # throughput from the median
+    assert result.tokens_per_s == pytest.approx(40 / np.median(result.samples_s))
 
 
 def test_meter_runs_warmup_then_exactly_the_requested_runs():
@@ -95,3 +110,44 @@ def test_generation_measurement_derives_per_token_latency():
     assert generation.per_token_s == pytest.approx((full - first) / 4)
     assert generation.tokens_per_s == pytest.approx(10 / full)
     assert generation.full.tokens_per_call == 10
+
+
+def spin(seconds: float) -> None:
+    """Busy-wait: a workload whose duration is the same every call, unlike sleep's wake-up jitter."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        pass
+
+
+def test_compare_calls_two_identical_workloads_the_same():
+    meter = PerformanceMeter(warmup=1, min_runs=15, budget_s=0.0)
+    comparison = meter.compare({"a": lambda: spin(0.001), "b": lambda: spin(0.001)})
+    estimate, low, high = comparison.ratio("a", "b")
+    assert low <= estimate <= high
+    assert comparison.verdict("a", "b") == "same" and comparison.verdict("b", "a") == "same"
+    assert "no measurable difference" in comparison.sentence("a", "b")
+
+
+def test_compare_finds_a_three_times_slower_workload():
+    meter = PerformanceMeter(warmup=1, min_runs=6, budget_s=0.0)
+    comparison = meter.compare({"1 ms": lambda: time.sleep(0.001), "3 ms": lambda: time.sleep(0.003)})
+    estimate, low, high = comparison.ratio("1 ms", "3 ms")
+    assert 2.0 < estimate < 3.5
+    assert low > 1.0  # the interval excludes "no difference"
+    assert comparison.verdict("1 ms", "3 ms") == "faster"
+    assert comparison.verdict("3 ms", "1 ms") == "slower"
+    inverse = comparison.ratio("3 ms", "1 ms")
+    assert inverse[0] == pytest.approx(1 / estimate)
+
+
+def test_compare_runs_round_robin_with_a_rotating_start():
+    calls: list[str] = []
+    meter = PerformanceMeter(warmup=2, min_runs=4, max_runs=4, budget_s=0.0)
+    comparison = meter.compare({name: (lambda name=name: calls.append(name)) for name in "abc"}, min_rounds=4,
+                               max_rounds=4)
+    assert calls[:6] == list("aabbcc")  # warm-up: each workload twice, before any timing
+    assert comparison.schedule == calls[6:] == list("abc" "bca" "cab" "abc")
+    assert all(len(m.samples_s) == 4 for m in comparison.measurements.values())
+    rows = comparison.rows(baseline="a")
+    assert [row["verdict"] for row in rows][0] == "baseline"
+    assert {"p50_ms", "iqr_ms", "runs", "items_per_s", "noisy", "speedup"} <= rows[1].keys()
