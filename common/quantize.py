@@ -1,0 +1,251 @@
+"""Dynamic int8 for CPU inference: the activation range this CPU can afford, GPT-2's Conv1D, selective and torchao int8.
+
+PyTorch's dynamic int8 (`quantize_dynamic`) stores each nn.Linear's weight as int8 (one scale per output row) and
+quantises the activations on the fly at every call. How many bits those activations get is the fidelity question:
+fbgemm's AVX2 kernel multiplies uint8 activations by int8 weights with `vpmaddubsw`, which adds pairs of products
+into int16 and saturates, so the stock module always passes `reduce_range=True` (7-bit activations: no overflow, but
+half the resolution). CPUs with VNNI (`vpdpbusd`) or AMX accumulate straight into int32, so there the full 8 bits
+are safe and noticeably more faithful.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Collection, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+
+from common.device import cpu_flags
+from common.fidelity import cosine_fidelity
+
+# Any one of these accumulates uint8 x int8 products in int32 (AVX-512 VNNI, AVX-VNNI, AMX), so 8-bit activations
+# cannot saturate an intermediate sum.
+INT32_ACCUMULATING_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+@dataclass(frozen=True)
+class ActivationRange:
+    """The activation range chosen for dynamic int8 on a CPU, with the reason a lesson can print."""
+
+    reduce_range: bool  # True: 7-bit activations (quantized::linear_dynamic's reduce_range)
+    reason: str
+    measure_both: bool  # the choice trades fidelity for safety here, so both are worth measuring
+
+    @property
+    def bits(self) -> int:
+        """Bits the activations are quantised to."""
+        return 7 if self.reduce_range else 8
+
+
+def choose_activation_range(flags: Sequence[str] | None = None) -> ActivationRange:
+    """8-bit activations where the CPU accumulates int8 products in int32 (VNNI/AMX), 7-bit elsewhere."""
+    flags = cpu_flags() if flags is None else list(flags)
+    safe = [flag for flag in INT32_ACCUMULATING_FLAGS if flag in flags]
+    if safe:
+        return ActivationRange(False, f"CPU has {', '.join(safe)}: int8 products accumulate in int32, so 8-bit "
+                                      "activations cannot saturate", measure_both=False)
+    if "avx2" in flags:
+        return ActivationRange(True, "AVX2 without VNNI: fbgemm sums pairs of int8 products in int16, which 8-bit "
+                                     "activations can saturate, so 7-bit is the safe default", measure_both=True)
+    return ActivationRange(True, "no x86 int8 features reported (flags: "
+                                 f"{', '.join(flags) or 'none'}): keeping PyTorch's safe 7-bit default",
+                           measure_both=False)
+
+
+class FullRangeDynamicLinear(DynamicQuantizedLinear):
+    """Dynamic int8 Linear that quantises activations to all 8 bits (reduce_range=False)."""
+
+    # The stock module hard-codes reduce_range=True for its current serialisation version (a legacy branch for
+    # version < 4 drops it). Overriding forward says what we mean without relying on that branch.
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x, self._packed_params._packed_params,
+                                                  reduce_range=False).to(x.dtype)
+
+    def _get_name(self) -> str:
+        return "DynamicQuantizedLinear8bitActivations"
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Qualified names of every nn.Linear in the model, in module order."""
+    return [name for name, module in model.named_modules() if type(module) is nn.Linear]
+
+
+def quantize_dynamic_int8(model: nn.Module, reduce_range: bool, layers: Collection[str] | None = None,
+                          per_channel: bool = True) -> nn.Module:
+    """A dynamic-int8 copy of the model: the named Linears (all by default) get int8 weights and 7- or 8-bit activations."""
+    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
+
+    qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
+    names = linear_names(model) if layers is None else list(layers)
+    unknown = set(names) - set(linear_names(model))
+    if unknown:
+        raise ValueError(f"not nn.Linear layers of this model: {sorted(unknown)}")
+    # Module names as keys quantise exactly these layers; the mapping picks which dynamic module replaces them.
+    module = DynamicQuantizedLinear if reduce_range else FullRangeDynamicLinear
+    with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao; kept as the baseline
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(model, dict.fromkeys(names, qconfig), dtype=torch.qint8, mapping={nn.Linear: module})
+
+
+def conv1d_to_linear(model: nn.Module) -> int:
+    """Replace transformers' Conv1D (GPT-2's x @ W + b) by the equivalent nn.Linear in place; returns how many."""
+    from transformers.pytorch_utils import Conv1D
+
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv1D):
+                # Conv1D stores W as (in, out); Linear wants (out, in), so the same numbers, transposed.
+                linear = nn.Linear(child.nx, child.nf, device=child.weight.device, dtype=child.weight.dtype)
+                with torch.no_grad():
+                    linear.weight.copy_(child.weight.t())
+                    linear.bias.copy_(child.bias)
+                setattr(parent, name, linear)
+                replaced += 1
+    return replaced
+
+
+@dataclass(frozen=True)
+class QuantizedShare:
+    """How much of a model is stored as int8: element counts and the two shares worth printing."""
+
+    int8_elements: int
+    matmul_elements: int  # weights of Linear, Conv1D and quantised Linear layers: what int8 could reach
+    all_elements: int  # every stored parameter, buffer-free, tied weights once (a quantised copy counts apart)
+
+    @property
+    def of_matmul(self) -> float:
+        """Share of the matrix-multiply weights that are int8."""
+        return self.int8_elements / self.matmul_elements if self.matmul_elements else 0.0
+
+    @property
+    def of_all(self) -> float:
+        """Share of all stored weight elements that are int8 (embeddings stay float)."""
+        return self.int8_elements / self.all_elements if self.all_elements else 0.0
+
+
+def quantized_share(model: nn.Module) -> QuantizedShare:
+    """Count int8 weight elements (torch.ao dynamic modules or torchao int8 tensors) against all weights."""
+    from transformers.pytorch_utils import Conv1D
+
+    int8 = matmul = 0
+    for module in model.modules():
+        if isinstance(module, DynamicQuantizedLinear):
+            weight = module.weight()
+            int8 += weight.numel() if weight.dtype == torch.qint8 else 0
+            matmul += weight.numel()
+        elif isinstance(module, (nn.Linear, Conv1D)):
+            matmul += module.weight.numel()
+            int8 += module.weight.numel() if _is_int8(module.weight) else 0
+    stored = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
+    for module in model.modules():
+        if isinstance(module, DynamicQuantizedLinear):  # packed weights and biases are not parameters
+            bias = module.bias()
+            stored += module.weight().numel() + (bias.numel() if bias is not None else 0)
+    return QuantizedShare(int8, matmul, stored)
+
+
+def _is_int8(weight: torch.Tensor) -> bool:
+    """True for a weight whose storage is int8, including torchao's tensor subclasses that report a float dtype."""
+    if weight.dtype in (torch.int8, torch.qint8):
+        return True
+    inner = getattr(weight, "qdata", None)  # torchao's Int8Tensor keeps its int8 data here
+    return isinstance(inner, torch.Tensor) and inner.dtype == torch.int8
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    """Fidelity of the model with only this one Linear quantised, against fp32."""
+
+    name: str
+    cosine_mean: float
+    cosine_min: float
+
+    @property
+    def drop(self) -> float:
+        """How much this layer alone costs: 1 - mean cosine."""
+        return 1.0 - self.cosine_mean
+
+
+def rank_sensitivity(model: nn.Module, embed: Callable[[nn.Module], torch.Tensor], reduce_range: bool,
+                     progress: str | None = None) -> list[LayerSensitivity]:
+    """Quantise one Linear at a time, embed with it, and rank the layers by cosine drop against fp32, worst first.
+
+    `embed(model)` returns the embeddings of a small fixed text set: one pass per Linear is the whole cost, so keep
+    that set small (a dozen texts ranks MiniLM's 36 layers in seconds).
+    """
+    from tqdm.auto import tqdm
+
+    reference = embed(model)
+    ranking = []
+    for name in tqdm(linear_names(model), desc=progress, disable=True if progress is None else None, leave=False,
+                     unit="layer"):
+        with _only_quantized(model, name, reduce_range):
+            fidelity = cosine_fidelity(reference, embed(model))
+        ranking.append(LayerSensitivity(name, fidelity["cosine_mean"], fidelity["cosine_min"]))
+    return sorted(ranking, key=lambda layer: layer.drop, reverse=True)
+
+
+@contextmanager
+def _only_quantized(model: nn.Module, name: str, reduce_range: bool) -> Iterator[None]:
+    """Swap one Linear for its int8 version for the duration of the block, then put the fp32 one back."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    original = getattr(parent, child)
+    # Quantising a one-layer wrapper copies just that layer, not the whole model as quantize_dynamic would.
+    setattr(parent, child, quantize_dynamic_int8(nn.Sequential(original), reduce_range)[0])
+    try:
+        yield
+    finally:
+        setattr(parent, child, original)
+
+
+def quantize_selective(model: nn.Module, ranking: Sequence[LayerSensitivity], keep_fp32: int,
+                       reduce_range: bool) -> tuple[nn.Module, list[str]]:
+    """A dynamic-int8 copy with the `keep_fp32` most sensitive Linears left in fp32; returns it and their names."""
+    if not 0 <= keep_fp32 <= len(ranking):
+        raise ValueError(f"keep_fp32 must be between 0 and {len(ranking)}, got {keep_fp32}")
+    kept = [layer.name for layer in ranking[:keep_fp32]]
+    quantised = [name for name in linear_names(model) if name not in kept]
+    return quantize_dynamic_int8(model, reduce_range, layers=quantised), kept
+
+
+def torchao_unavailable() -> str | None:
+    """Why torchao's int8 path cannot run here (not installed, or an incompatible build), or None when it can."""
+    if importlib.util.find_spec("torchao") is None:
+        return "torchao is not installed (pip install torchao; 0.18.0 ran on CPU with torch 2.13)"
+    try:
+        _import_torchao_quietly()
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_  # noqa: F401
+    except Exception as error:  # a torchao built for another torch fails in many ways; the reason is what matters
+        return f"torchao does not import here: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+    return None
+
+
+def quantize_torchao_int8(model: nn.Module) -> nn.Module:
+    """A copy quantised with torchao's int8 dynamic-activation / int8-weight config (what PyTorch now points to)."""
+    _import_torchao_quietly()
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    quantised = copy.deepcopy(model)
+    quantize_(quantised, Int8DynamicActivationInt8WeightConfig())
+    return quantised
+
+
+def _import_torchao_quietly() -> None:
+    """Import torchao with its CPU-irrelevant warnings (CUDA-only kernels that do not load) silenced."""
+    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.ERROR)
+    try:
+        import torchao  # noqa: F401
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)

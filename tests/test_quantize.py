@@ -1,0 +1,124 @@
+"""Dynamic int8 engines: activation range per CPU, 8-bit activations, Conv1D conversion, selective and torchao int8."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+from common import quantize
+from common.fidelity import cosine_fidelity
+
+
+@pytest.mark.parametrize("flags, reduce_range, measure_both", [
+    (["avx2", "avx512f", "avx512_vnni", "fma"], False, False),  # AVX-512 VNNI: int32 accumulation
+    (["avx2", "avx_vnni", "fma"], False, False),  # client cores' AVX-VNNI
+    (["avx2", "amx_int8", "amx_tile"], False, False),
+    (["avx2", "fma"], True, True),  # AVX2 only: int16 pair sums can saturate, worth measuring both
+    (["avx2", "avx512f", "fma"], True, True),  # AVX-512 without VNNI still sums pairs in int16
+    ([], True, False),  # nothing known (e.g. ARM): PyTorch's safe default, nothing to compare
+])
+def test_activation_range_is_a_function_of_the_cpu_flags(flags, reduce_range, measure_both):
+    choice = quantize.choose_activation_range(flags)
+    assert (choice.reduce_range, choice.measure_both, choice.bits) == (reduce_range, measure_both,
+                                                                         7 if reduce_range else 8)
+    assert choice.reason
+
+
+def test_stock_dynamic_linear_reduces_range_and_ours_does_not():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32).eval()
+    x = torch.randn(8, 64) * 3
+    stock = quantize.quantize_dynamic_int8(nn.Sequential(linear), reduce_range=True)[0]
+    full = quantize.quantize_dynamic_int8(nn.Sequential(linear), reduce_range=False)[0]
+    assert type(full) is quantize.FullRangeDynamicLinear
+    packed = stock._packed_params._packed_params
+    # What the installed torch does: the stock module calls linear_dynamic with reduce_range=True.
+    assert torch.equal(stock(x), torch.ops.quantized.linear_dynamic(x, packed, reduce_range=True))
+    assert torch.equal(full(x), torch.ops.quantized.linear_dynamic(x, packed, reduce_range=False))
+    reference = linear(x).detach()
+    # Same int8 weights, so the activations' eighth bit is the only difference, and it must help.
+    assert (full(x) - reference).abs().mean() < (stock(x) - reference).abs().mean()
+
+
+def tiny_bert() -> BertModel:
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32)
+    return BertModel(config).eval()
+
+
+def test_layers_argument_quantises_exactly_those_layers():
+    model = tiny_bert()
+    names = quantize.linear_names(model)
+    assert len(names) == 2 * 6 + 1  # q, k, v, attention output, intermediate, output per layer, plus the pooler
+    quantised = quantize.quantize_dynamic_int8(model, reduce_range=True, layers=names[:2])
+    assert quantize.linear_names(quantised) == names[2:]
+    assert all(type(module) is nn.Linear for name, module in model.named_modules() if name in names)  # a copy
+    with pytest.raises(ValueError, match="not nn.Linear"):
+        quantize.quantize_dynamic_int8(model, reduce_range=True, layers=["embeddings.word_embeddings"])
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def test_conv1d_to_linear_keeps_outputs_and_lets_int8_reach_every_matmul():
+    model = tiny_gpt2()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        before = model(ids).logits
+    only_head = quantize.quantized_share(quantize.quantize_dynamic_int8(model, reduce_range=True))
+    assert only_head.int8_elements == 64 * 32  # lm_head alone: Conv1D is not an nn.Linear
+    assert only_head.of_matmul < 0.1
+
+    assert quantize.conv1d_to_linear(model) == 4 * 2  # c_attn, c_proj, c_fc, mlp c_proj per block
+    with torch.inference_mode():
+        after = model(ids).logits
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+    share = quantize.quantized_share(quantize.quantize_dynamic_int8(model, reduce_range=True))
+    assert share.of_matmul == 1.0
+    assert 0.8 < share.of_all < 1.0  # embeddings and layer norms stay float
+
+
+def embed_tokens(model: nn.Module) -> torch.Tensor:
+    ids = torch.randint(0, 100, (6, 10), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        return model(input_ids=ids).last_hidden_state.mean(1)
+
+
+def test_sensitivity_ranking_and_selective_int8_keep_exactly_the_worst_k():
+    model = tiny_bert()
+    reference = embed_tokens(model)
+    ranking = quantize.rank_sensitivity(model, embed_tokens, reduce_range=True)
+    assert sorted(layer.name for layer in ranking) == sorted(quantize.linear_names(model))
+    assert [layer.drop for layer in ranking] == sorted((layer.drop for layer in ranking), reverse=True)
+    assert ranking[0].drop > 0
+    torch.testing.assert_close(embed_tokens(model), reference, rtol=0, atol=0)  # every layer put back in fp32
+
+    selective, kept = quantize.quantize_selective(model, ranking, keep_fp32=3, reduce_range=True)
+    assert kept == [layer.name for layer in ranking[:3]]
+    assert quantize.linear_names(selective) == [name for name in quantize.linear_names(model) if name in kept]
+    everything = quantize.quantize_dynamic_int8(model, reduce_range=True)
+    worst = cosine_fidelity(reference, embed_tokens(everything))["cosine_mean"]
+    assert cosine_fidelity(reference, embed_tokens(selective))["cosine_mean"] >= worst
+    with pytest.raises(ValueError):
+        quantize.quantize_selective(model, ranking, keep_fp32=len(ranking) + 1, reduce_range=True)
+
+
+def test_torchao_says_why_when_it_is_missing(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+    assert "not installed" in quantize.torchao_unavailable()
+
+
+@pytest.mark.skipif(quantize.torchao_unavailable() is not None, reason="torchao is not usable here")
+def test_torchao_int8_quantises_every_linear_and_stays_close():
+    model = tiny_bert()
+    quantised = quantize.quantize_torchao_int8(model)
+    assert quantize.quantized_share(quantised).of_matmul == 1.0
+    assert quantize.quantized_share(model).int8_elements == 0  # the original is untouched
+    assert cosine_fidelity(embed_tokens(model), embed_tokens(quantised))["cosine_mean"] > 0.99

@@ -1,0 +1,80 @@
+"""Peer runtimes on the bundled MiniLM: the ONNX export and ONNX Runtime int8 against PyTorch, sentence-transformers."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from common import models, runtimes, texts
+from common.fidelity import cosine_fidelity
+
+pytestmark = pytest.mark.skipif(runtimes.onnx_unavailable() is not None, reason=str(runtimes.onnx_unavailable()))
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    folder = models.bundled_folder("all-MiniLM-L6-v2")
+    return folder, AutoModel.from_pretrained(folder, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def reference(minilm):
+    _, model, tokenizer = minilm
+    return runtimes.torch_embedder(model, tokenizer)(texts.FIDELITY_TEXTS)
+
+
+@pytest.fixture(scope="module")
+def exported(minilm, tmp_path_factory):
+    _, model, tokenizer = minilm
+    return runtimes.export_onnx(model, tokenizer, tmp_path_factory.mktemp("onnx"))
+
+
+def test_sorted_batches_return_rows_in_input_order_unaffected_by_padding(minilm, reference):
+    _, model, tokenizer = minilm
+    one_by_one = runtimes.torch_embedder(model, tokenizer, batch_size=1)(texts.FIDELITY_TEXTS[:12])
+    assert cosine_fidelity(one_by_one, reference[:12])["cosine_min"] > 0.99999
+    torch.testing.assert_close(reference.norm(dim=-1), torch.ones(len(reference)))
+
+
+def test_onnx_export_matches_pytorch_on_mixed_lengths(minilm, reference, exported):
+    _, _, tokenizer = minilm
+    onnx_fp32 = runtimes.onnx_embedder(exported, tokenizer)(texts.FIDELITY_TEXTS)
+    assert cosine_fidelity(reference, onnx_fp32)["cosine_min"] >= 0.9999
+
+
+def test_export_is_reused_while_the_model_is_the_same(minilm, exported):
+    _, model, tokenizer = minilm
+    written = exported.stat().st_mtime_ns
+    assert runtimes.export_onnx(model, tokenizer, exported.parent) == exported
+    assert exported.stat().st_mtime_ns == written
+
+
+def test_onnx_runtime_int8_stays_close_and_is_smaller(minilm, reference, exported):
+    _, _, tokenizer = minilm
+    int8 = runtimes.quantize_onnx_int8(exported, reduce_range=False)
+    assert int8.stat().st_size < exported.stat().st_size / 3
+    fidelity = cosine_fidelity(reference, runtimes.onnx_embedder(int8, tokenizer)(texts.FIDELITY_TEXTS))
+    assert fidelity["cosine_min"] >= 0.95
+    assert fidelity["cosine_mean"] < 0.99999  # really int8, not the fp32 file again
+
+
+@pytest.mark.skipif(runtimes.sentence_transformers_unavailable() is not None, reason="sentence-transformers missing")
+def test_sentence_transformers_encode_matches_our_mean_pooling(minilm, reference):
+    folder, _, _ = minilm
+    encoded = runtimes.sentence_transformers_embedder(folder)(texts.FIDELITY_TEXTS)
+    assert cosine_fidelity(reference, encoded)["cosine_min"] >= 0.9999
+
+
+def test_a_missing_runtime_is_a_printable_reason(monkeypatch):
+    real_import = importlib.import_module
+
+    def without_onnxruntime(name, *args):
+        if name.startswith("onnxruntime"):
+            raise ImportError(f"No module named '{name}'")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", without_onnxruntime)
+    reason = runtimes.onnx_unavailable()
+    assert "onnxruntime" in reason and "requirements.txt" in reason
