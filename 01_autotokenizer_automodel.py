@@ -2,35 +2,39 @@
 """01 · AutoTokenizer, AutoModel and pipeline(): how text becomes ids, ids become vectors, and what the
 pipeline convenience costs. Tokenise and decode, run the encoder by hand, do the same with pipeline(),
 check both paths agree and time them, then build custom pipelines on preprocess/_forward/postprocess."""
-from __future__ import annotations
 
 import os
 import time
 import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
-from transformers import pipeline, set_seed
+from transformers import AutoModel, AutoTokenizer, pipeline, set_seed
 from transformers.pipelines.base import pad_collate_fn
 
 from common import cli, memory, models, pipelines, plots, texts
 from common.errors import UserError
-from common.meter import Measurement, PerformanceMeter
+from common.meter import Comparison, PerformanceMeter
 from common.report import print_table
 
-# Settings: plain constants, quick variants next to them.
+
+@dataclass(frozen=True)
+class Settings:
+    """What a full run and a --quick run do differently; timing budgets come from ctx.meter()."""
+
+    generation_tokens: int    # text-generation demo
+    text_to_text_tokens: int  # custom text-to-text pipeline
+    warmup: int               # untimed calls per workload first: the first call pays one-off set-up costs
+
+
+FULL = Settings(generation_tokens=20, text_to_text_tokens=16, warmup=2)
+QUICK = Settings(generation_tokens=8, text_to_text_tokens=6, warmup=1)
+
 THROUGHPUT_TEXTS = 1_000            # the same texts go through single calls and one batched call
-BATCH_SIZES = [1, 8, 32]            # manual vs pipeline sweep
-MEASURE_BUDGET_S = 1.0              # seconds of repeats per measurement (at least MIN_RUNS)
-QUICK_MEASURE_BUDGET_S = 0.2
-MIN_RUNS = 5
-QUICK_MIN_RUNS = 3
-NEW_TOKENS = 20                     # text-generation demo
-QUICK_NEW_TOKENS = 8
-TEXT_TO_TEXT_NEW_TOKENS = 16
-QUICK_TEXT_TO_TEXT_NEW_TOKENS = 6
+BATCH_SIZES = (1, 8, 32)            # manual vs pipeline sweep
 PIPELINE_BATCH_SIZE = 8             # used where a single batch size is enough (agreement check)
 EMBEDDING_TOLERANCE = 1e-4          # float32 sums in a different order differ by ~1e-6; 1e-4 still catches bugs
 PADDING_DEMO_MAX_LENGTH = 12        # small on purpose, so truncation is visible in the printed tensor
@@ -78,34 +82,7 @@ SPECIAL_TOKEN_PURPOSE = {
 }
 
 
-_SHARED: dict[str, Any] = {}  # the encoder and classifier several sections use; main() empties it
-
-
 # ------------------------------------------------------------------------------------------- helpers
-
-
-def read_user_texts(args) -> list[str] | None:
-    """The user's --text and --text-file sentences (blank lines dropped), None when neither was given."""
-    if args.text is None and args.text_file is None:
-        return None
-    given = list(args.text or [])
-    if args.text_file is not None:
-        path = args.text_file
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            raise UserError(f"--text-file {path}: no such file") from None
-        except OSError as error:
-            raise UserError(f"--text-file {path}: cannot read it ({error.strerror or error})") from None
-        try:
-            given += raw.decode("utf-8-sig").splitlines()
-        except UnicodeDecodeError as error:
-            raise UserError(f"--text-file {path} is not UTF-8 text (byte 0x{raw[error.start]:02x} at offset "
-                            f"{error.start}); save it as UTF-8, one text per line") from None
-    kept = [text.strip() for text in given if text.strip()]
-    if not kept:
-        raise UserError("no text to work on: --text/--text-file gave only empty lines; pass at least one sentence")
-    return kept
 
 
 def shorten(text: str, width: int = 38) -> str:
@@ -114,12 +91,6 @@ def shorten(text: str, width: int = 38) -> str:
     if not flat:
         return "(empty)"
     return flat if len(flat) <= width else flat[: width - 1] + "…"
-
-
-def max_tokens(tokenizer: Any, model: Any) -> int:
-    """The longest input the encoder reads; some tokenizers store a huge sentinel instead of a real limit."""
-    limit = tokenizer.model_max_length
-    return limit if limit < 1_000_000 else model.config.max_position_embeddings
 
 
 def report_truncation(tokenizer: Any, limit: int, documents: list[str]) -> list[dict]:
@@ -134,76 +105,16 @@ def report_truncation(tokenizer: Any, limit: int, documents: list[str]) -> list[
     return truncated
 
 
-def make_meter(ctx: cli.Context) -> PerformanceMeter:
-    """The house meter with this run's budget (smaller with --quick)."""
-    if ctx.quick:
-        return PerformanceMeter(ctx.device, warmup=1, min_runs=QUICK_MIN_RUNS, budget_s=QUICK_MEASURE_BUDGET_S)
-    return PerformanceMeter(ctx.device, warmup=2, min_runs=MIN_RUNS, budget_s=MEASURE_BUDGET_S)
-
-
-def encoder(ctx: cli.Context) -> models.LoadedModel:
-    """The encoder role (MiniLM), loaded on first use and shared by the sections."""
-    if "encoder" not in _SHARED:
-        _SHARED["encoder"] = models.load_model("encoder", source=ctx.source, device=ctx.device)
-        ctx.report.add_model(_SHARED["encoder"].info.to_dict())
-    return _SHARED["encoder"]
-
-
-def classifier(ctx: cli.Context):
-    """The sentiment classifier role as a pipeline: real SST-2 with the Hub, the bundled stand-in offline."""
-    if "classifier" not in _SHARED:
-        _SHARED["classifier"], info = models.load_classifier(source=ctx.source, device=ctx.device)
-        ctx.report.add_model(info.to_dict())
-        _SHARED["classifier_info"] = info
-    return _SHARED["classifier"], _SHARED["classifier_info"]
-
-
-def overlong_text() -> str:
-    """A text many times longer than the encoder's 512-token window."""
-    return " ".join(texts.SENTENCES * OVERLONG_REPEATS)
-
-
-def timing_row(measurement: Measurement, **labels: Any) -> dict:
-    """A table row from a measurement: median, spread, and throughput at the median."""
-    return {**labels, "p50_ms": measurement.median_ms, "iqr_ms": measurement.stats.iqr * 1e3,
-            "runs": measurement.stats.count, "items_per_s": measurement.items_per_call / measurement.stats.median,
-            "noisy": measurement.noisy}
-
-
 # --------------------------------------------------------------------------------------- 1. tokenizer
 
 
-def lost_in_round_trip(text: str, decoded: str, ids: list[int], tokenizer: Any, truncated: bool) -> str:
-    """Name what decode(encode(text)) could not give back: case, accents, unknown characters, spacing, length."""
-    def has_accents(value: str) -> bool:
-        return any(unicodedata.category(c) == "Mn" for c in unicodedata.normalize("NFD", value))
-
-    losses = []
-    if any(c.isupper() for c in text) and not any(c.isupper() for c in decoded):
-        losses.append("lower-cased")
-    if has_accents(text) and not has_accents(decoded):
-        losses.append("accents stripped")
-    unknown = ids.count(tokenizer.unk_token_id) if tokenizer.unk_token_id is not None else 0
-    if unknown:
-        losses.append(f"{unknown} [UNK] (characters dropped)")
-    if truncated:
-        losses.append("truncated")
-    if not losses and decoded != text:
-        losses.append("spacing around punctuation")
-    return ", ".join(losses) or "-"
-
-
-def normalise(tokenizer: Any, text: str) -> str:
-    """The text as the tokenizer's normaliser sees it (lower-casing, accent stripping, ...) before splitting."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    return backend.normalizer.normalize_str(text) if backend is not None and backend.normalizer else text
-
-
-def tokenizer_section(ctx: cli.Context, user_texts: list[str] | None) -> dict:
-    """Encode, decode, pad, truncate, map offsets, round-trip edge cases, and time single vs batched calls."""
-    loaded = encoder(ctx)
-    tokenizer = loaded.tokenizer
-    limit = max_tokens(tokenizer, loaded.model)
+def tokenizer_section(ctx: cli.Context, s: Settings, user_texts: list[str] | None) -> dict:
+    """Models read integer ids, not text: see what the tokenizer keeps, drops and pads,
+    and whether one batched call is faster than many single ones."""
+    where = models.checkpoint("encoder", ctx.source)
+    tokenizer = AutoTokenizer.from_pretrained(where.path)
+    print(f"[tokenizer] {where.name}  source={where.source} ({where.origin})  "
+          f"model_max_length={tokenizer.model_max_length}\n")
 
     encoded = tokenizer(WALKTHROUGH_TEXT)
     print(f"text:           {WALKTHROUGH_TEXT!r}")
@@ -212,7 +123,6 @@ def tokenizer_section(ctx: cli.Context, user_texts: list[str] | None) -> dict:
     print(f"attention_mask: {encoded['attention_mask']}   (1 = a real token the model attends to)")
     print(f"decode:         {tokenizer.decode(encoded['input_ids'])!r}")
     print(f"decode(skip_special_tokens=True): {tokenizer.decode(encoded['input_ids'], skip_special_tokens=True)!r}")
-
     special = [{"attribute": name, "token": getattr(tokenizer, name), "id": getattr(tokenizer, f"{name}_id"),
                 "purpose": purpose}
                for name, purpose in SPECIAL_TOKEN_PURPOSE.items() if getattr(tokenizer, name, None)]
@@ -235,83 +145,100 @@ def tokenizer_section(ctx: cli.Context, user_texts: list[str] | None) -> dict:
                    for token, (start, end) in zip(offsets.tokens(), offsets["offset_mapping"])]
     print_table(offset_rows, title=f"Offsets mapping: each token points back at characters of {OFFSETS_DEMO_TEXT!r}")
 
-    cases = EDGE_CASES + [("Over-long", overlong_text())]
+    cases = EDGE_CASES + [("Over-long", " ".join(texts.SENTENCES * OVERLONG_REPEATS))]
     cases += [(f"--text {i + 1}", text) for i, text in enumerate((user_texts or [])[:MAX_USER_TEXTS_SHOWN])]
-    round_trip = []
-    for label, text in cases:
-        ids = tokenizer(text, truncation=True)["input_ids"]
-        total = len(tokenizer(text, verbose=False)["input_ids"])
-        decoded = tokenizer.decode(ids, skip_special_tokens=True)
-        normalised = normalise(tokenizer, text)
-        round_trip.append({
-            "case": label, "text": shorten(text, 30), "chars": len(text), "tokens": total, "kept": len(ids),
+    round_trip = [round_trip_row(tokenizer, label, text) for label, text in cases]
+    print_table(round_trip, title="Round trip decode(encode(text)): exact, lossless after normalisation, what is lost")
+    truncated = report_truncation(tokenizer, tokenizer.model_max_length, [text for _, text in cases])
+
+    throughput = tokenisation_throughput(ctx, s, tokenizer)
+    return {"walkthrough": {"text": WALKTHROUGH_TEXT, "tokens": encoded.tokens(), "input_ids": encoded["input_ids"]},
+            "special_tokens": special, "padded_batch_shape": list(batch["input_ids"].shape),
+            "max_tokens": tokenizer.model_max_length, "round_trip": round_trip, "truncated": truncated, **throughput}
+
+
+def round_trip_row(tokenizer: Any, label: str, text: str) -> dict:
+    """Encode with truncation, decode, and say whether the text came back (exactly, or up to normalisation)."""
+    ids = tokenizer(text, truncation=True)["input_ids"]
+    total = len(tokenizer(text, verbose=False)["input_ids"])
+    decoded = tokenizer.decode(ids, skip_special_tokens=True)
+    normaliser = tokenizer.backend_tokenizer.normalizer  # lower-casing, accent stripping, ... before splitting
+    normalised = normaliser.normalize_str(text) if normaliser else text
+    return {"case": label, "text": shorten(text, 30), "chars": len(text), "tokens": total, "kept": len(ids),
             "exact": decoded == text,
             # lossless up to normalisation: same characters as the normaliser's output, ignoring spaces
             "lossless_after_norm": "".join(decoded.split()) == "".join(normalised.split()),
-            "lost": lost_in_round_trip(text, decoded, ids, tokenizer, total > len(ids)),
-        })
-    print_table(round_trip, title="Round trip decode(encode(text)): exact, lossless after normalisation, what is lost")
-    truncated = report_truncation(tokenizer, limit, [text for _, text in cases])
+            "lost": lost_in_round_trip(text, decoded, ids, tokenizer, total > len(ids))}
 
+
+def lost_in_round_trip(text: str, decoded: str, ids: list[int], tokenizer: Any, truncated: bool) -> str:
+    """Name what decode(encode(text)) could not give back: case, accents, unknown characters, spacing, length."""
+    def has_accents(value: str) -> bool:
+        return any(unicodedata.category(c) == "Mn" for c in unicodedata.normalize("NFD", value))
+
+    losses = []
+    if any(c.isupper() for c in text) and not any(c.isupper() for c in decoded):
+        losses.append("lower-cased")
+    if has_accents(text) and not has_accents(decoded):
+        losses.append("accents stripped")
+    unknown = ids.count(tokenizer.unk_token_id) if tokenizer.unk_token_id is not None else 0
+    if unknown:
+        losses.append(f"{unknown} [UNK] (characters dropped)")
+    if truncated:
+        losses.append("truncated")
+    if not losses and decoded != text:
+        losses.append("spacing around punctuation")
+    return ", ".join(losses) or "-"
+
+
+def tokenisation_throughput(ctx: cli.Context, s: Settings, tokenizer: Any) -> dict:
+    """The same texts as single calls, one batched call, and one batched call padded into a tensor, round-robin."""
     corpus = texts.mixed_length_corpus(THROUGHPUT_TEXTS, seed=ctx.args.seed)
     lengths = [len(ids) for ids in tokenizer(corpus, truncation=True)["input_ids"]]
-    total_tokens = sum(lengths)
-    meter = make_meter(ctx)
-    ways = {
-        f"{THROUGHPUT_TEXTS:,} single calls": lambda: [tokenizer(text, truncation=True) for text in corpus],
-        "one batched call": lambda: tokenizer(corpus, truncation=True),
-        "one batched call, padded tensor": lambda: tokenizer(corpus, padding=True, truncation=True,
-                                                             return_tensors="pt"),
-    }
-    measured = {way: meter.measure(way, fn, items=THROUGHPUT_TEXTS, tokens=total_tokens) for way, fn in ways.items()}
-    single = next(iter(measured.values()))
-    throughput = [{**timing_row(m, way=way), "speedup_vs_single": single.stats.median / m.stats.median}
-                  for way, m in measured.items()]
-    print_table(throughput, title=f"Tokenisation throughput over the same {THROUGHPUT_TEXTS:,} texts "
-                                  f"({total_tokens:,} tokens)")
+    single, batched, padded = f"{THROUGHPUT_TEXTS:,} single calls", "one batched call", "one batched call, padded tensor"
+    comparison = ctx.meter(warmup=s.warmup).compare({
+        single: lambda: [tokenizer(text, truncation=True) for text in corpus],
+        batched: lambda: tokenizer(corpus, truncation=True),
+        padded: lambda: tokenizer(corpus, padding=True, truncation=True, return_tensors="pt"),
+    }, items=THROUGHPUT_TEXTS, tokens=sum(lengths), progress="tokenisation")
+    rows = comparison.rows(baseline=single)
+    print_table(rows, ["workload", "p50_ms", "iqr_ms", "runs", "items_per_s", "noisy", "speedup", "speedup_low",
+                       "speedup_high", "verdict"],
+                title=f"Tokenisation throughput over the same {THROUGHPUT_TEXTS:,} texts ({sum(lengths):,} tokens)")
+    ctx.report.add_rows("tokenisation", rows)
+
     parallelism = os.environ.get("TOKENIZERS_PARALLELISM", "unset (Rust threads on)")
-    speedup = throughput[1]["speedup_vs_single"]
-    if speedup > 1:
-        print(f"One batched call is {speedup:.1f}x faster: it crosses from Python into the Rust tokenizer once instead "
-              f"of {THROUGHPUT_TEXTS:,} times and can split the work over threads "
-              f"(TOKENIZERS_PARALLELISM={parallelism}).")
-    else:
-        print(f"Here the batched call was not faster ({speedup:.2f}x): its Rust worker threads competed with other "
-              "processes on these cores (see the noisy column); rerun on an idle machine.")
-    print(f"Padding to one tensor pads every text to the longest "
-          f"({max(lengths)} tokens): {1 - total_tokens / (len(lengths) * max(lengths)):.0%} of that tensor is padding, "
-          "the waste that padding each small batch on its own (dynamic padding, lesson 03) avoids.")
-    ctx.report.add_rows("tokenisation", throughput)
-
-    fig, ax = plots.figure(f"Tokenisation throughput, {THROUGHPUT_TEXTS:,} texts", "texts per second (median)", "")
-    names = list(measured)
-    speeds = [row["items_per_s"] for row in throughput]
-    ax.barh(names, speeds, color=["#b0b0b0", "#1f77b4", "#2ca02c"])
-    for y, (speed, row) in enumerate(zip(speeds, throughput)):
-        ax.text(speed, y, f"  {row['speedup_vs_single']:.1f}x", va="center")
-    ax.invert_yaxis()
-    ax.set_xlim(0, max(speeds) * 1.2)
-    ctx.report.add_chart(plots.save(fig, ctx.out_dir, "tokenisation_throughput"))
-
-    return {"walkthrough": {"text": WALKTHROUGH_TEXT, "tokens": encoded.tokens(), "input_ids": encoded["input_ids"]},
-            "special_tokens": special, "padded_batch_shape": list(batch["input_ids"].shape),
-            "max_tokens": limit, "round_trip": round_trip, "truncated": truncated,
-            "throughput": throughput, "tokenizers_parallelism": parallelism,
-            "batched_speedup": speedup}
+    sentence, verdict = comparison.sentence(batched, single), comparison.verdict(batched, single)
+    print(sentence)
+    if verdict == "faster":
+        print(f"  why: it crosses from Python into the Rust tokenizer once instead of {THROUGHPUT_TEXTS:,} times and "
+              f"can split the work over threads (TOKENIZERS_PARALLELISM={parallelism})")
+    print(comparison.sentence(padded, batched))
+    print(f"Padding to one tensor pads every text to the longest ({max(lengths)} tokens): "
+          f"{1 - sum(lengths) / (len(lengths) * max(lengths)):.0%} of that tensor is padding, the waste that padding "
+          "each small batch on its own (dynamic padding, lesson 03) reduces.")
+    plot_tokenisation_throughput(ctx, rows)
+    return {"throughput": rows, "tokenizers_parallelism": parallelism, "batched_verdict": verdict,
+            "batched_speedup": comparison.ratio(batched, single)[0], "batched_sentence": sentence}
 
 
 # --------------------------------------------------------------------------------------- 2. AutoModel
 
 
-def automodel_section(ctx: cli.Context, user_texts: list[str] | None) -> dict:
-    """Tokenizer -> model -> last_hidden_state -> masked mean pooling -> cosine similarity matrix and heat-map."""
-    loaded = encoder(ctx)
+def automodel_section(ctx: cli.Context, s: Settings, user_texts: list[str] | None) -> dict:
+    """tokenizer -> model -> vectors, step by step: the shape of the output
+    and how pooling turns token vectors into one sentence vector."""
+    where = models.checkpoint("encoder", ctx.source)
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(where.path)
+    model = AutoModel.from_pretrained(where.path, dtype=torch.float32, device_map=ctx.device)
+    ctx.record(where.info(model, time.perf_counter() - started))
     sentences = SIMILARITY_TEXTS + (user_texts or [])[:MAX_USER_TEXTS_SHOWN]
-    report_truncation(loaded.tokenizer, max_tokens(loaded.tokenizer, loaded.model), sentences)
+    report_truncation(tokenizer, tokenizer.model_max_length, sentences)
 
-    batch = loaded.tokenizer(sentences, padding=True, truncation=True, return_tensors="pt").to(ctx.device)
+    batch = tokenizer(sentences, padding=True, truncation=True, return_tensors="pt").to(model.device)
     with torch.inference_mode():  # no autograd graph is recorded: inference needs no gradients
-        hidden = loaded.model(**batch).last_hidden_state
+        hidden = model(**batch).last_hidden_state
     texts_n, positions, width = hidden.shape
     print(f"last_hidden_state shape {tuple(hidden.shape)} = {texts_n} texts x {positions} token positions "
           f"(the longest text; shorter ones are padded) x {width} numbers per token (config.hidden_size)")
@@ -338,21 +265,7 @@ def automodel_section(ctx: cli.Context, user_texts: list[str] | None) -> dict:
     print(f"related pairs {[round(v, 3) for v in related]} vs unrelated pairs {[round(v, 3) for v in unrelated]}: "
           + (f"every related pair beats every unrelated one by at least {min(related) - max(unrelated):.3f}"
              if ordering_ok else "WARNING: an unrelated pair scores as high as a related one"))
-
-    fig, ax = plots.figure("Related sentences score higher (cosine similarity)", "sentence", "sentence",
-                           size=(6.5 + 0.4 * len(sentences), 5 + 0.3 * len(sentences)))
-    image = ax.imshow(similarity.numpy(), cmap="viridis", vmin=min(0.0, float(similarity.min())), vmax=1.0)
-    ticks = [f"{label}: {shorten(text, 22)}" for label, text in zip(labels, sentences)]
-    ax.set_xticks(range(len(labels)), labels)
-    ax.set_yticks(range(len(labels)), ticks)
-    ax.grid(False)
-    for i in range(len(labels)):
-        for j in range(len(labels)):
-            value = float(similarity[i, j])
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="black" if value > 0.6 else "white")
-    fig.colorbar(image, ax=ax, label="cosine similarity")
-    ctx.report.add_chart(plots.save(fig, ctx.out_dir, "similarity_heatmap"))
-
+    plot_similarity_heatmap(ctx, similarity, labels, sentences)
     return {"hidden_shape": [texts_n, positions, width], "sentences": [shorten(text, 60) for text in sentences],
             "similarity": similarity.numpy(), "related": related, "unrelated": unrelated,
             "related_min": min(related), "unrelated_max": max(unrelated), "ordering_ok": ordering_ok,
@@ -362,26 +275,26 @@ def automodel_section(ctx: cli.Context, user_texts: list[str] | None) -> dict:
 # ---------------------------------------------------------------------------------------- 3. pipeline()
 
 
-def pipeline_section(ctx: cli.Context, user_texts: list[str] | None) -> dict:
-    """The same jobs with pipeline(): feature-extraction, the sentiment classifier role, text-generation."""
-    loaded = encoder(ctx)
-    extractor = pipeline("feature-extraction", model=loaded.model, tokenizer=loaded.tokenizer)
+def pipeline_section(ctx: cli.Context, s: Settings, user_texts: list[str] | None) -> dict:
+    """The same jobs in one line each: the pipeline hides tokenising,
+    batching and decoding."""
+    encoder = ctx.load("encoder")
+    extractor = pipeline("feature-extraction", model=encoder.model, tokenizer=encoder.tokenizer)
     features = extractor(SIMILARITY_TEXTS[0], return_tensors=True)
     print(f'pipeline("feature-extraction") on one text -> tensor {tuple(features.shape)}: the token vectors, '
           "no pooling; mean over the tokens gives the sentence embedding")
     padded = extractor(PADDING_DEMO_TEXTS[:2], batch_size=2, return_tensors=True)
-    own = [len(ids) for ids in loaded.tokenizer(PADDING_DEMO_TEXTS[:2])["input_ids"]]
+    own = [len(ids) for ids in encoder.tokenizer(PADDING_DEMO_TEXTS[:2])["input_ids"]]
     print(f"with batch_size=2 the two texts come back with {[f.shape[1] for f in padded]} token rows although they "
           f"have {own} tokens: rows past a text's own length are padding, so pool only its own tokens")
 
-    clf, info = classifier(ctx)
-    if info.source == "hub":
-        print("classifier: the real SST-2 fine-tuned DistilBERT from the Hub")
-    else:
-        print("classifier: offline stand-in (bundled MiniLM + nearest example sentences), not a fine-tuned "
-              "sentiment model; with the Hub this role is the real SST-2 DistilBERT")
+    clf, info = models.load_classifier(source=ctx.source, device=ctx.device)
+    ctx.record(info)
+    print("classifier: " + ("the real SST-2 fine-tuned DistilBERT from the Hub" if info.source == "hub" else
+                            "offline stand-in (bundled MiniLM + nearest example sentences), not a fine-tuned sentiment "
+                            "model; with the Hub this role is the real SST-2 DistilBERT"))
     inputs = [text for text, _ in SENTIMENT_CHECKS] + (user_texts or [])[:MAX_USER_TEXTS_SHOWN]
-    report_truncation(clf.tokenizer, max_tokens(clf.tokenizer, clf.model), inputs)
+    report_truncation(clf.tokenizer, clf.tokenizer.model_max_length, inputs)
     predictions = clf(inputs, truncation=True)
     expected = [label for _, label in SENTIMENT_CHECKS] + [None] * (len(inputs) - len(SENTIMENT_CHECKS))
     rows = [{"text": shorten(text, 44), "label": p["label"], "score": p["score"], "expected": want or "-"}
@@ -390,44 +303,115 @@ def pipeline_section(ctx: cli.Context, user_texts: list[str] | None) -> dict:
     correct = sum(p["label"] == want for p, want in zip(predictions, expected) if want)
     print(f"{correct}/{len(SENTIMENT_CHECKS)} clear-cut sentences got the expected label")
 
-    decoder = models.load_model("decoder", source=ctx.source, device=ctx.device)
-    ctx.report.add_model(decoder.info.to_dict())
-    generator = pipeline("text-generation", model=decoder.model, tokenizer=decoder.tokenizer)
-    new_tokens = QUICK_NEW_TOKENS if ctx.quick else NEW_TOKENS
+    generation = generation_demo(ctx, s)
+    return {"feature_shape": list(features.shape), "padded_rows": [f.shape[1] for f in padded], "own_tokens": own,
+            "classifier_source": info.source, "classifier": info.name, "sentiment": rows,
+            "sentiment_correct": correct, "sentiment_checked": len(SENTIMENT_CHECKS), **generation}
+
+
+def generation_demo(ctx: cli.Context, s: Settings) -> dict:
+    """pipeline("text-generation") loads the decoder by itself; greedy once, then sampling twice with one seed."""
+    where = models.checkpoint("decoder", ctx.source)
+    started = time.perf_counter()
+    generator = pipeline("text-generation", model=where.path, dtype=torch.float32, device_map=ctx.device)
+    ctx.record(where.info(generator.model, time.perf_counter() - started))
+    models.prepare_tokenizer(generator.tokenizer, generator.model)  # GPT-2 ships without a pad token
     sampling = {"do_sample": True, "temperature": 0.8, "top_p": 0.9}
-    generations = []
+    generations, outputs = [], []
     for mode, kwargs in [("greedy", {"do_sample": False}), (f"sampled, seed {ctx.args.seed}", sampling),
                          (f"sampled, seed {ctx.args.seed} again", sampling)]:
         set_seed(ctx.args.seed)  # sampling draws from torch's RNG: the same seed gives the same text
         started = time.perf_counter()
-        text = generator(GENERATION_PROMPT, max_new_tokens=new_tokens, return_full_text=False, **kwargs)[0]
+        outputs.append(generator(GENERATION_PROMPT, max_new_tokens=s.generation_tokens, return_full_text=False,
+                                 **kwargs)[0]["generated_text"])
         generations.append({"mode": mode, "seconds": time.perf_counter() - started,
-                            "continuation": text["generated_text"]})
-    print(f"\ntext-generation with {decoder.info.label}, prompt {GENERATION_PROMPT!r}, max_new_tokens={new_tokens}"
+                            "continuation": outputs[-1] if where.meaningful else None})  # a twin's text is noise
+    print(f"\ntext-generation with {where.label}, prompt {GENERATION_PROMPT!r}, max_new_tokens={s.generation_tokens}"
           " (one call each, not a benchmark: lesson 04 measures generation)")
-    if not decoder.info.meaningful:
-        print("(twin: random weights, text is noise; shown only to prove the plumbing)")
     for row in generations:
-        print(f"  {row['mode']:<24} {row['seconds']:5.2f} s  {row['continuation']!r}")
-    reproducible = generations[1]["continuation"] == generations[2]["continuation"]
+        print(f"  {row['mode']:<24} {row['seconds']:5.2f} s  "
+              + (repr(row["continuation"]) if where.meaningful else "(twin: random weights, text not shown)"))
+    reproducible = outputs[1] == outputs[2]
     print(f"same seed, same sampled text: {'yes' if reproducible else 'NO'}")
-    del generator, decoder
-    memory.cleanup()
-
-    return {"feature_shape": list(features.shape), "padded_rows": [f.shape[1] for f in padded], "own_tokens": own,
-            "classifier_source": info.source, "classifier": info.name, "sentiment": rows,
-            "sentiment_correct": correct, "sentiment_checked": len(SENTIMENT_CHECKS),
-            "generation": generations, "sampling_reproducible": reproducible, "new_tokens": new_tokens}
+    return {"generation": generations, "generation_meaningful": where.meaningful,
+            "sampling_reproducible": reproducible, "new_tokens": s.generation_tokens}
 
 
 # ---------------------------------------------------------------------------------- 4. manual vs pipeline
 
 
-def manual_embeddings(loaded: models.LoadedModel, sentences: list[str]) -> torch.Tensor:
+def manual_vs_pipeline_section(ctx: cli.Context, s: Settings, user_texts: list[str] | None) -> dict:
+    """Convenience should not change answers; it may cost time.
+    Both are checked here, on the same inputs."""
+    encoder = ctx.load("encoder")
+    extractor = pipeline("feature-extraction", model=encoder.model, tokenizer=encoder.tokenizer)
+    agreement = check_agreement(ctx, encoder, extractor, user_texts)
+
+    meter = ctx.meter(warmup=s.warmup)
+    comparisons: dict[int, Comparison] = {}
+    for batch_size in tqdm(BATCH_SIZES, desc="manual vs pipeline", disable=None):
+        batch_texts = texts.repeated_sentences(batch_size)
+        counts = [len(ids) for ids in encoder.tokenizer(batch_texts)["input_ids"]]
+        comparisons[batch_size] = meter.compare({
+            "manual": lambda: manual_embeddings(encoder, batch_texts),
+            "pipeline": lambda: pipeline_embeddings(extractor, batch_texts, counts, batch_size),
+        }, items=batch_size, tokens=sum(counts))
+    timings = [{**row, "ms_per_text": row["p50_ms"] / batch_size, "iqr_ms_per_text": row["iqr_ms"] / batch_size}
+               for batch_size, comparison in comparisons.items()
+               for row in comparison.rows(baseline="pipeline", batch=batch_size)]
+    print_table(timings, ["batch", "workload", "p50_ms", "iqr_ms", "ms_per_text", "items_per_s", "runs", "noisy",
+                          "speedup", "verdict"],
+                title="Sentence embeddings: one manual batched call vs pipeline(batch_size=), speedup over pipeline")
+    ctx.report.add_rows("manual_vs_pipeline", timings)
+    verdicts = {str(batch): comparison.sentence("manual", "pipeline") for batch, comparison in comparisons.items()}
+    print("\n".join(f"batch {batch:>2}: {sentence}" for batch, sentence in verdicts.items()))
+    manual = {row["batch"]: row for row in timings if row["workload"] == "manual"}  # speedup = pipeline / manual time
+    small, large = manual[min(BATCH_SIZES)], manual[max(BATCH_SIZES)]
+    if small["verdict"] == "faster" and small["speedup_low"] > large["speedup_high"]:
+        print(f"The pipeline's relative cost is larger at batch {small['batch']} ({small['speedup']:.2f}x) than at batch "
+              f"{large['batch']} ({large['speedup']:.2f}x): a fixed per-call cost weighs most when the forward pass "
+              "is short.")
+    else:
+        print(f"This run does not show the pipeline's relative cost shrinking from batch {small['batch']} to "
+              f"{large['batch']} (that takes a measurable cost at batch {small['batch']} and intervals apart).")
+
+    breakdown = overhead_breakdown(ctx, s, encoder, extractor, comparisons[max(BATCH_SIZES)])
+    plot_manual_vs_pipeline(ctx, timings)
+    return {**agreement, "timings": timings, "overhead_sentences": verdicts,
+            "overhead_ratio": {str(batch): row["speedup"] for batch, row in manual.items()}, **breakdown}
+
+
+def check_agreement(ctx: cli.Context, encoder: models.LoadedModel, extractor: Any,
+                    user_texts: list[str] | None) -> dict:
+    """Embeddings and classifier labels, by hand and by pipeline, must agree number for number (else raise)."""
+    sentences = texts.SENTENCES + (user_texts or [])[:MAX_USER_TEXTS_SHOWN]
+    report_truncation(encoder.tokenizer, encoder.tokenizer.model_max_length, sentences)
+    token_counts = [len(ids) for ids in encoder.tokenizer(sentences, truncation=True)["input_ids"]]
+    manual = manual_embeddings(encoder, sentences)
+    piped = pipeline_embeddings(extractor, sentences, token_counts, PIPELINE_BATCH_SIZE)
+    max_diff = float((manual - piped).abs().max())
+    print(f"embeddings of {len(sentences)} texts, manual (one batch) vs pipeline (batch_size={PIPELINE_BATCH_SIZE}): "
+          f"max abs difference {max_diff:.2e} (tolerance {EMBEDDING_TOLERANCE:.0e})")
+    if not max_diff <= EMBEDDING_TOLERANCE:
+        raise AssertionError(f"manual and pipeline embeddings differ by {max_diff:.2e} > {EMBEDDING_TOLERANCE:.0e}")
+
+    clf, info = models.load_classifier(source=ctx.source, device=ctx.device)
+    ctx.record(info)
+    by_hand = manual_labels(clf, sentences)
+    by_pipeline = [p["label"] for p in clf(sentences, batch_size=PIPELINE_BATCH_SIZE, truncation=True)]
+    mismatches = [(shorten(t), a, b) for t, a, b in zip(sentences, by_hand, by_pipeline) if a != b]
+    print(f"labels from {info.label}, by hand vs pipeline: {len(sentences) - len(mismatches)}/{len(sentences)} equal")
+    if mismatches:
+        raise AssertionError(f"labels differ between manual and pipeline paths: {mismatches}")
+    return {"texts_compared": len(sentences), "embedding_max_abs_diff": max_diff, "tolerance": EMBEDDING_TOLERANCE,
+            "embeddings_agree": True, "labels_agree": True, "labels": by_pipeline}
+
+
+def manual_embeddings(encoder: models.LoadedModel, sentences: list[str]) -> torch.Tensor:
     """One batched call: tokenise all texts together, one forward pass, masked mean pooling."""
-    batch = loaded.tokenizer(sentences, padding=True, truncation=True, return_tensors="pt").to(loaded.model.device)
+    batch = encoder.tokenizer(sentences, padding=True, truncation=True, return_tensors="pt").to(encoder.model.device)
     with torch.inference_mode():
-        hidden = loaded.model(**batch).last_hidden_state
+        hidden = encoder.model(**batch).last_hidden_state
     return pipelines.mean_pool(hidden, batch["attention_mask"]).cpu()
 
 
@@ -449,135 +433,56 @@ def manual_labels(clf: Any, sentences: list[str]) -> list[str]:
     return [clf.model.config.id2label[i] for i in output.logits.argmax(dim=-1).tolist()]
 
 
-def manual_vs_pipeline_section(ctx: cli.Context, user_texts: list[str] | None) -> dict:
-    """Same inputs through both paths: check they agree, then time them at several batch sizes."""
-    loaded = encoder(ctx)
-    tokenizer = loaded.tokenizer
-    extractor = pipeline("feature-extraction", model=loaded.model, tokenizer=tokenizer)
-    sentences = texts.SENTENCES + (user_texts or [])[:MAX_USER_TEXTS_SHOWN]
-    report_truncation(tokenizer, max_tokens(tokenizer, loaded.model), sentences)
-    token_counts = [len(ids) for ids in tokenizer(sentences, truncation=True)["input_ids"]]
-
-    manual = manual_embeddings(loaded, sentences)
-    piped = pipeline_embeddings(extractor, sentences, token_counts, PIPELINE_BATCH_SIZE)
-    max_diff = float((manual - piped).abs().max())
-    print(f"embeddings of {len(sentences)} texts, manual (one batch) vs pipeline (batch_size={PIPELINE_BATCH_SIZE}): "
-          f"max abs difference {max_diff:.2e} (tolerance {EMBEDDING_TOLERANCE:.0e})")
-    if not max_diff <= EMBEDDING_TOLERANCE:
-        raise AssertionError(f"manual and pipeline embeddings differ by {max_diff:.2e} > {EMBEDDING_TOLERANCE:.0e}")
-
-    clf, info = classifier(ctx)
-    by_hand = manual_labels(clf, sentences)
-    by_pipeline = [p["label"] for p in clf(sentences, batch_size=PIPELINE_BATCH_SIZE, truncation=True)]
-    mismatches = [(shorten(t), a, b) for t, a, b in zip(sentences, by_hand, by_pipeline) if a != b]
-    print(f"labels from {info.label}, by hand vs pipeline: {len(sentences) - len(mismatches)}/{len(sentences)} equal")
-    if mismatches:
-        raise AssertionError(f"labels differ between manual and pipeline paths: {mismatches}")
-
-    meter = make_meter(ctx)
-    timings, overhead = [], {}
-    for batch_size in tqdm(BATCH_SIZES, desc="manual vs pipeline", disable=None):
-        batch_texts = texts.repeated_sentences(batch_size)
-        counts = [len(ids) for ids in tokenizer(batch_texts)["input_ids"]]
-        hand = meter.measure(f"manual b{batch_size}", lambda: manual_embeddings(loaded, batch_texts),
-                             items=batch_size, tokens=sum(counts))
-        piped_m = meter.measure(f"pipeline b{batch_size}",
-                                lambda: pipeline_embeddings(extractor, batch_texts, counts, batch_size),
-                                items=batch_size, tokens=sum(counts))
-        overhead[batch_size] = piped_m.stats.median / hand.stats.median
-        for path, m in [("manual", hand), ("pipeline", piped_m)]:
-            timings.append({**timing_row(m, batch=batch_size, path=path), "ms_per_text": m.median_ms / batch_size,
-                            "iqr_ms_per_text": m.stats.iqr * 1e3 / batch_size})
-    print_table(timings, ["batch", "path", "p50_ms", "iqr_ms", "ms_per_text", "items_per_s", "runs", "noisy"],
-                title="Sentence embeddings: one manual batched call vs pipeline(batch_size=)")
-    ctx.report.add_rows("manual_vs_pipeline", timings)
-    print("pipeline / manual time: " + ", ".join(f"{ratio:.2f}x at batch {b}" for b, ratio in overhead.items()))
-    if any(row["noisy"] for row in timings):
-        print("[noisy] some measurements spread by more than 10% of their median (see iqr_ms): treat ratios close "
-              "to 1 as a tie")
-
-    # Where the overhead comes from: time the steps that differ between the two paths, on the largest batch.
+def overhead_breakdown(ctx: cli.Context, s: Settings, encoder: models.LoadedModel, extractor: Any,
+                       whole: Comparison) -> dict:
+    """Time the steps that differ between the two paths on the largest batch: tokenising and padding."""
     largest = max(BATCH_SIZES)
     batch_texts = texts.repeated_sentences(largest)
+    tokenizer = encoder.tokenizer
     collate = pad_collate_fn(tokenizer, None)  # what the pipeline's DataLoader uses to stack items into a batch
     items = [extractor.preprocess(text, truncation=True) for text in batch_texts]
     manual_batch = tokenizer(batch_texts, padding=True, truncation=True, return_tensors="pt")
     if not torch.equal(collate(items)["input_ids"], manual_batch["input_ids"]):
         raise AssertionError("the pipeline's collated batch differs from the manual batch")
-    per_text = meter.measure("tokenise per text",
-                             lambda: [extractor.preprocess(text, truncation=True) for text in batch_texts])
-    batched = meter.measure("tokenise batched", lambda: tokenizer(batch_texts, padding=True, truncation=True,
-                                                                   return_tensors="pt"))
-    padding = meter.measure("collate", lambda: collate(items))
-    whole = {row["path"]: row for row in timings if row["batch"] == largest}
-    manual_ms, pipeline_ms = whole["manual"]["p50_ms"], whole["pipeline"]["p50_ms"]
-    breakdown = [
-        {"part": "whole call", "manual_ms": manual_ms, "pipeline_ms": pipeline_ms},
-        {"part": "tokenise (batched vs one call per text)", "manual_ms": batched.median_ms,
-         "pipeline_ms": per_text.median_ms},
-        {"part": "pad items into a batch (collate)", "manual_ms": 0.0, "pipeline_ms": padding.median_ms},
-        {"part": "rest: forward, DataLoader, unbatching, postprocess", "manual_ms": manual_ms - batched.median_ms,
-         "pipeline_ms": pipeline_ms - per_text.median_ms - padding.median_ms},
-    ]
-    for row in breakdown:
-        row["extra_ms"] = row["pipeline_ms"] - row["manual_ms"]
+    parts = ctx.meter(warmup=s.warmup).compare({
+        "tokenise per text": lambda: [extractor.preprocess(text, truncation=True) for text in batch_texts],
+        "tokenise batched": lambda: tokenizer(batch_texts, padding=True, truncation=True, return_tensors="pt"),
+        "collate": lambda: collate(items),
+    }, items=largest)
+    per_text, batched, padding = (parts.measurements[name].median_ms
+                                  for name in ("tokenise per text", "tokenise batched", "collate"))
+    manual_ms, pipeline_ms = whole.measurements["manual"].median_ms, whole.measurements["pipeline"].median_ms
+    breakdown = [{"part": part, "manual_ms": by_hand, "pipeline_ms": piped, "extra_ms": piped - by_hand}
+                 for part, by_hand, piped in [
+                     ("whole call", manual_ms, pipeline_ms),
+                     ("tokenise (batched vs one call per text)", batched, per_text),
+                     ("pad items into a batch (collate)", 0.0, padding),
+                     ("rest: forward, DataLoader, unbatching, postprocess", manual_ms - batched,
+                      pipeline_ms - per_text - padding)]]
     print_table(breakdown, title=f"Where the pipeline's extra time goes at batch {largest} (the model gets "
                                  "identical padded input_ids on both paths)")
-    noise = whole["manual"]["iqr_ms"] + whole["pipeline"]["iqr_ms"]
-    print(f"The pipeline calls the tokenizer once per text ({breakdown[1]['extra_ms']:+.2f} ms), pads the items "
-          f"itself ({padding.median_ms:+.2f} ms), then runs a DataLoader loop that unbatches the output and "
-          f"postprocesses each text (rest {breakdown[3]['extra_ms']:+.2f} ms; the whole calls' IQRs add up to "
-          f"{noise:.1f} ms, so a smaller difference is noise). Such a fixed per-call cost weighs most when the forward "
-          "pass is short: small batches, small models, fast devices.")
-
-    fig, ax = plots.figure("Pipeline vs manual: latency per text", "batch size (texts per call)",
-                           "median time per text (ms)")
-    for path, colour in [("manual", "#1f77b4"), ("pipeline", "#ff7f0e")]:
-        rows = [row for row in timings if row["path"] == path]
-        ax.errorbar([r["batch"] for r in rows], [r["ms_per_text"] for r in rows],
-                    yerr=[r["iqr_ms_per_text"] / 2 for r in rows], marker="o", capsize=4, color=colour,
-                    label=f"{path} (bars: IQR)")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(BATCH_SIZES, [str(b) for b in BATCH_SIZES])
-    ax.set_ylim(bottom=0)
-    ax.legend()
-    ctx.report.add_chart(plots.save(fig, ctx.out_dir, "manual_vs_pipeline_latency"))
-
-    return {"texts_compared": len(sentences), "embedding_max_abs_diff": max_diff, "tolerance": EMBEDDING_TOLERANCE,
-            "embeddings_agree": True, "labels_agree": True, "labels": by_pipeline, "timings": timings,
-            "overhead_ratio": {str(b): ratio for b, ratio in overhead.items()}, "overhead_breakdown": breakdown}
+    print("The pipeline calls the tokenizer once per text, pads the items itself (collate), then runs a DataLoader "
+          "loop that unbatches the output and postprocesses each text.")
+    print(f"tokenising: {parts.sentence('tokenise batched', 'tokenise per text')}; collate adds {padding:.2f} ms")
+    rest = breakdown[3]["extra_ms"]
+    if whole.verdict("manual", "pipeline") == "same":
+        print(f"The whole calls at batch {largest} show no measurable difference, so the rest's {rest:+.1f} ms is "
+              "within this run's noise.")
+    else:
+        print(f"The whole calls at batch {largest} differ measurably; after tokenising and collating, the rest of "
+              f"the difference is {rest:+.1f} ms.")
+    return {"overhead_breakdown": breakdown, "overhead_parts": parts.rows(baseline="tokenise per text")}
 
 
 # -------------------------------------------------------------------------------------- 5. custom pipelines
 
 
-def time_stages(meter: PerformanceMeter, pipe: Any, name: str, item: Any, **call_kwargs: Any) -> list[dict]:
-    """Time preprocess, forward (_forward with device moves and no_grad) and postprocess apart, then the whole call."""
-    pre_params, forward_params, post_params = pipe._sanitize_parameters(**call_kwargs)  # routes each kwarg
-    model_inputs = pipe.preprocess(item, **pre_params)
-    model_outputs = pipe.forward(model_inputs, **forward_params)
-    stages = {
-        "preprocess": meter.measure(f"{name} preprocess", lambda: pipe.preprocess(item, **pre_params)),
-        "_forward": meter.measure(f"{name} forward", lambda: pipe.forward(model_inputs, **forward_params)),
-        "postprocess": meter.measure(f"{name} postprocess", lambda: pipe.postprocess(model_outputs, **post_params)),
-    }
-    whole = meter.measure(f"{name} whole call", lambda: pipe(item, **call_kwargs))
-    rows = [{"pipeline": name, "stage": stage, "p50_ms": m.median_ms, "iqr_ms": m.stats.iqr * 1e3,
-             "share_pct": 100 * m.stats.median / whole.stats.median, "runs": m.stats.count}
-            for stage, m in stages.items()]
-    glue = whole.stats.median - sum(m.stats.median for m in stages.values())
-    rows.append({"pipeline": name, "stage": "glue (call - stages)", "p50_ms": glue * 1e3, "iqr_ms": None,
-                 "share_pct": 100 * glue / whole.stats.median, "runs": None})
-    rows.append({"pipeline": name, "stage": "whole call", "p50_ms": whole.median_ms, "iqr_ms": whole.stats.iqr * 1e3,
-                 "share_pct": 100.0, "runs": whole.stats.count})
-    return rows
-
-
-def custom_pipelines_section(ctx: cli.Context) -> dict:
-    """Registered custom tasks used through pipeline(task=...): sentence-similarity and text-to-text."""
-    loaded = encoder(ctx)
-    similarity = pipeline(task=pipelines.SENTENCE_SIMILARITY, model=loaded.model, tokenizer=loaded.tokenizer)
-    reference = pipelines.embed(loaded.model, loaded.tokenizer, SIMILARITY_TEXTS)
+def custom_pipelines_section(ctx: cli.Context, s: Settings) -> dict:
+    """New tasks plug into pipeline() by splitting work into
+    preprocess / _forward / postprocess; each stage is timed."""
+    encoder = ctx.load("encoder")
+    similarity = pipeline(task=pipelines.SENTENCE_SIMILARITY, model=encoder.model, tokenizer=encoder.tokenizer)
+    reference = pipelines.embed(encoder.model, encoder.tokenizer, SIMILARITY_TEXTS)
     scores = []
     for kind, pairs in [("related", RELATED_PAIRS), ("unrelated", UNRELATED_PAIRS)]:
         for i, j in pairs:
@@ -592,35 +497,126 @@ def custom_pipelines_section(ctx: cli.Context) -> dict:
     print(f"related > unrelated: {'yes' if ordering_ok else 'NO'}; largest difference from the by-hand cosine "
           f"{agreement:.1e}")
 
-    seq2seq = models.load_model("seq2seq", source=ctx.source, device=ctx.device)
-    ctx.report.add_model(seq2seq.info.to_dict())
-    text_to_text = pipeline(task=pipelines.TEXT_TO_TEXT, model=seq2seq.model, tokenizer=seq2seq.tokenizer)
-    new_tokens = QUICK_TEXT_TO_TEXT_NEW_TOKENS if ctx.quick else TEXT_TO_TEXT_NEW_TOKENS
-    t2t_kwargs = {"prefix": "summarize: ", "max_new_tokens": new_tokens}
+    where = models.checkpoint("seq2seq", ctx.source)
+    started = time.perf_counter()
+    text_to_text = pipeline(task=pipelines.TEXT_TO_TEXT, model=where.path, dtype=torch.float32, device_map=ctx.device)
+    ctx.record(where.info(text_to_text.model, time.perf_counter() - started))
+    t2t_kwargs = {"prefix": "summarize: ", "max_new_tokens": s.text_to_text_tokens}
     output = text_to_text(TEXT_TO_TEXT_INPUT, **t2t_kwargs)
-    print(f'\npipeline(task="text-to-text") with {seq2seq.info.label}: {output["output_tokens"]} output tokens')
-    if seq2seq.info.meaningful:
+    print(f'\npipeline(task="text-to-text") with {where.label}: {output["output_tokens"]} output tokens')
+    if where.meaningful:
         print(f"  summary: {output['generated_text']!r}")
     else:
-        print("(twin: random weights, text is noise; shown only to prove the plumbing and the timing)")
+        print("(twin: random weights, its text is noise and is not shown; the call proves the plumbing and timing)")
 
-    meter = make_meter(ctx)
-    stages = time_stages(meter, similarity, "sentence-similarity",
-                         {"text": SIMILARITY_TEXTS[0], "text_pair": SIMILARITY_TEXTS[1]})
-    stages += time_stages(meter, text_to_text, "text-to-text", TEXT_TO_TEXT_INPUT, **t2t_kwargs)
-    print_table(stages, title="Where a pipeline call spends its time: preprocess (tokenise) -> _forward (model) "
-                              "-> postprocess (tensors to Python)")
+    meter = ctx.meter(warmup=s.warmup)
+    stages = (time_stages(meter, similarity, "sentence-similarity",
+                          {"text": SIMILARITY_TEXTS[0], "text_pair": SIMILARITY_TEXTS[1]})
+              + time_stages(meter, text_to_text, "text-to-text", TEXT_TO_TEXT_INPUT, **t2t_kwargs))
+    print_table(stages, ["pipeline", "stage", "p50_ms", "iqr_ms", "share_pct", "runs", "noisy"],
+                title="Where a pipeline call spends its time: preprocess (tokenise) -> _forward (model) "
+                      "-> postprocess (tensors to Python)")
     ctx.report.add_rows("custom_pipeline_stages", stages)
-    print("preprocess and postprocess run on the CPU in Python; _forward is the only part a GPU speeds up, which is "
-          "why the split exists: pipelines can overlap or batch the model step on its own.")
-    t2t_info = seq2seq.info
-    del text_to_text, seq2seq
-    memory.cleanup()
-
+    for name in ("sentence-similarity", "text-to-text"):
+        ms = {row["stage"]: row["p50_ms"] for row in stages if row["pipeline"] == name}
+        whole = ms.pop("whole call")
+        glue = whole - sum(ms.values())
+        print(f"{name}: _forward's median is {ms['_forward'] / whole:.0%} of the whole call's; " + (
+            f"the whole call minus its three stages (the pipeline's own glue) is {glue:.2f} ms" if glue > 0 else
+            f"the stages add up to {-glue:.2f} ms more than the whole call, so the glue is below this run's noise"))
+    print("preprocess and postprocess run in Python on the CPU; _forward is the step that runs on the model's "
+          "device, which is why the split exists: pipelines can batch or overlap the model step on its own.")
     return {"similarity_scores": scores, "ordering_ok": ordering_ok, "max_diff_vs_manual": agreement,
-            "text_to_text": {"model": t2t_info.label, "source": t2t_info.source, "meaningful": t2t_info.meaningful,
+            "text_to_text": {"model": where.label, "source": where.source, "meaningful": where.meaningful,
                              "output_tokens": output["output_tokens"]},
             "stages": stages}
+
+
+def time_stages(meter: PerformanceMeter, pipe: Any, name: str, item: Any, **call_kwargs: Any) -> list[dict]:
+    """Time preprocess, forward (_forward with device moves and no_grad), postprocess and the whole call round-robin."""
+    pre_params, forward_params, post_params = pipe._sanitize_parameters(**call_kwargs)  # routes each kwarg
+    model_inputs = pipe.preprocess(item, **pre_params)
+    model_outputs = pipe.forward(model_inputs, **forward_params)
+    stages = meter.compare({
+        "preprocess": lambda: pipe.preprocess(item, **pre_params),
+        "_forward": lambda: pipe.forward(model_inputs, **forward_params),
+        "postprocess": lambda: pipe.postprocess(model_outputs, **post_params),
+        "whole call": lambda: pipe(item, **call_kwargs),
+    }, progress=f"{name} stages").measurements
+    whole = stages["whole call"].stats.median
+    return [{**m.row(pipeline=name, stage=stage), "share_pct": 100 * m.stats.median / whole}
+            for stage, m in stages.items()]
+
+
+# ------------------------------------------------------------------------------------------------ charts
+
+
+def plot_tokenisation_throughput(ctx: cli.Context, rows: list[dict]) -> None:
+    """Texts per second of each way to tokenise, labelled with its speed-up over single calls."""
+    fig, ax = plots.figure(f"Tokenisation throughput, {THROUGHPUT_TEXTS:,} texts", "texts per second (median)", "")
+    speeds = [row["items_per_s"] for row in rows]
+    ax.barh([row["workload"] for row in rows], speeds, color=["#b0b0b0", "#1f77b4", "#2ca02c"])
+    for y, row in enumerate(rows):
+        ax.text(row["items_per_s"], y, f"  {row['speedup']:.1f}x ({row['verdict']})", va="center")
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(speeds) * 1.35)
+    ctx.report.add_chart(plots.save(fig, ctx.out_dir, "tokenisation_throughput"))
+
+
+def plot_similarity_heatmap(ctx: cli.Context, similarity: torch.Tensor, labels: list[str], sentences: list[str]) -> None:
+    """The cosine-similarity matrix as a heat-map with the values written in."""
+    fig, ax = plots.figure("Related sentences score higher (cosine similarity)", "sentence", "sentence",
+                           size=(6.5 + 0.4 * len(sentences), 5 + 0.3 * len(sentences)))
+    image = ax.imshow(similarity.numpy(), cmap="viridis", vmin=min(0.0, float(similarity.min())), vmax=1.0)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_yticks(range(len(labels)), [f"{label}: {shorten(text, 22)}" for label, text in zip(labels, sentences)])
+    ax.grid(False)
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            value = float(similarity[i, j])
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="black" if value > 0.6 else "white")
+    fig.colorbar(image, ax=ax, label="cosine similarity")
+    ctx.report.add_chart(plots.save(fig, ctx.out_dir, "similarity_heatmap"))
+
+
+def plot_manual_vs_pipeline(ctx: cli.Context, timings: list[dict]) -> None:
+    """Median time per text against batch size for both paths, with IQR bars."""
+    fig, ax = plots.figure("Pipeline vs manual: latency per text", "batch size (texts per call)",
+                           "median time per text (ms)")
+    for path, colour in [("manual", "#1f77b4"), ("pipeline", "#ff7f0e")]:
+        rows = [row for row in timings if row["workload"] == path]
+        ax.errorbar([r["batch"] for r in rows], [r["ms_per_text"] for r in rows],
+                    yerr=[r["iqr_ms_per_text"] / 2 for r in rows], marker="o", capsize=4, color=colour,
+                    label=f"{path} (bars: IQR)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(BATCH_SIZES, [str(b) for b in BATCH_SIZES])
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    ctx.report.add_chart(plots.save(fig, ctx.out_dir, "manual_vs_pipeline_latency"))
+
+
+def read_user_texts(args) -> list[str] | None:
+    """The user's --text and --text-file sentences (blank lines dropped), None when neither was given."""
+    if args.text is None and args.text_file is None:
+        return None
+    given = list(args.text or [])
+    if args.text_file is not None:
+        path = args.text_file
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise UserError(f"--text-file {path}: no such file") from None
+        except OSError as error:
+            raise UserError(f"--text-file {path}: cannot read it ({error.strerror or error})") from None
+        try:
+            given += raw.decode("utf-8-sig").splitlines()
+        except UnicodeDecodeError as error:
+            raise UserError(f"--text-file {path} is not UTF-8 text (byte 0x{raw[error.start]:02x} at offset "
+                            f"{error.start}); save it as UTF-8, one text per line") from None
+    kept = [text.strip() for text in given if text.strip()]
+    if not kept:
+        raise UserError("no text to work on: --text/--text-file gave only empty lines; pass at least one sentence")
+    return kept
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -631,24 +627,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     user_texts = read_user_texts(args)
     ctx = cli.start(__file__, args)
+    s = ctx.pick(FULL, QUICK)
     if user_texts:
         print(f"your texts: {len(user_texts)}" + (f" (the lesson uses the first {MAX_USER_TEXTS_SHOWN})"
                                                   if len(user_texts) > MAX_USER_TEXTS_SHOWN else ""))
-    _SHARED.clear()
     report = ctx.report
-    report.run_section("1. Tokenizer encode/decode", "Models read integer ids, not text: see what the tokenizer "
-                       "keeps, drops and pads, and why one batched call beats many single ones.",
-                       tokenizer_section, ctx, user_texts)
-    report.run_section("2. AutoModel by hand", "tokenizer -> model -> vectors, step by step: the shape of the "
-                       "output and how pooling turns token vectors into one sentence vector.",
-                       automodel_section, ctx, user_texts)
-    report.run_section("3. pipeline()", "The same jobs in one line each; the pipeline hides tokenising, batching "
-                       "and decoding.", pipeline_section, ctx, user_texts)
-    report.run_section("4. Manual vs pipeline", "Convenience should not change answers; it may cost time. Both "
-                       "are checked here, on the same inputs.", manual_vs_pipeline_section, ctx, user_texts)
-    report.run_section("5. Custom pipelines", "New tasks plug into pipeline() by splitting work into "
-                       "preprocess / _forward / postprocess; each stage is timed.", custom_pipelines_section, ctx)
-    _SHARED.clear()
+    for title, section in [("1. Tokenizer encode/decode", tokenizer_section), ("2. AutoModel by hand", automodel_section),
+                           ("3. pipeline()", pipeline_section), ("4. Manual vs pipeline", manual_vs_pipeline_section)]:
+        report.run_section(title, section.__doc__, section, ctx, s, user_texts)
+    report.run_section("5. Custom pipelines", custom_pipelines_section.__doc__, custom_pipelines_section, ctx, s)
     memory.cleanup()
     return report.finish()
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -11,10 +13,28 @@ from conftest import is_png, load_script
 
 from common import cli
 from common.errors import UserError
+from common.meter import SAME_BAND
 
 USER_TEXT = "Ich trinke gern Tee am Morgen."
 S1, S2, S3, S4, S5 = ("1. Tokenizer encode/decode", "2. AutoModel by hand", "3. pipeline()", "4. Manual vs pipeline",
                       "5. Custom pipelines")
+ROW_KEYS = {"p50_ms", "iqr_ms", "runs", "items_per_s", "noisy"}
+
+
+def verdict_of(low: float, high: float) -> str:
+    """The verdict a speed-up interval must give (the meter's rule, restated so a drift in either shows)."""
+    if low > 1 + SAME_BAND:
+        return "faster"
+    if high < 1 / (1 + SAME_BAND):
+        return "slower"
+    return "same"
+
+
+def check_sentence(sentence: str, verdict: str) -> None:
+    """A printed comparison says what its verdict says: "no measurable difference" for same, else the verdict."""
+    assert ("no measurable difference here" in sentence) == (verdict == "same")
+    if verdict != "same":
+        assert f": {verdict} (" in sentence
 
 
 @pytest.fixture(scope="module")
@@ -26,27 +46,35 @@ def lesson():
 def run(lesson, tmp_path_factory):
     out = tmp_path_factory.mktemp("lesson01")
     threads = torch.get_num_threads()
+    printed = io.StringIO()
     try:  # one thread: the run stays fast even when other processes share the cores (no timing is asserted)
-        code = lesson.main(["--quick", "--source", "bundled", "--threads", "1", "--output-dir", str(out),
-                            "--text", USER_TEXT])
+        with contextlib.redirect_stdout(printed):
+            code = lesson.main(["--quick", "--source", "bundled", "--threads", "1", "--output-dir", str(out),
+                                "--text", USER_TEXT])
     finally:
         torch.set_num_threads(threads)
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
-    return code, out, report
+    return code, out, report, printed.getvalue()
 
 
-def test_run_succeeds_with_every_section(run):
-    code, out, report = run
+def test_run_succeeds_with_every_section(run, lesson):
+    code, out, report, printed = run
+    for section in (lesson.tokenizer_section, lesson.automodel_section, lesson.pipeline_section,
+                    lesson.manual_vs_pipeline_section, lesson.custom_pipelines_section):
+        assert section.__doc__.splitlines()[0] in printed  # each section's why is its docstring
     assert code == 0
     assert report["failures"] == {}
     assert list(report["sections"]) == [S1, S2, S3, S4, S5]
     assert (out / "report.md").read_text(encoding="utf-8").count("## ") >= 5
     assert (out / "results.csv").is_file()
     assert {m["role"] for m in report["models"]} == {"encoder", "classifier", "decoder", "seq2seq"}
+    assert printed.count("[model] role=encoder  all-MiniLM-L6-v2  source=bundled") >= 1  # provenance still printed
+    assert "[model] role=seq2seq  t5-small  source=twin" in printed
+    assert "other processes" not in printed  # the old unmeasured excuse for a slow batched call is gone
 
 
 def test_each_chart_is_a_png(run):
-    _, out, report = run
+    _, out, report, _ = run
     names = {"similarity_heatmap.png", "manual_vs_pipeline_latency.png", "tokenisation_throughput.png"}
     assert {Path(c).name for c in report["charts"]} == names
     for name in names:
@@ -65,10 +93,22 @@ def test_tokenizer_section_reports_losses_and_truncation(run):
     assert cases["--text 1"]["chars"] == len(USER_TEXT)
     assert section["padded_batch_shape"] == [3, 12]
     assert section["walkthrough"]["input_ids"][0] == 101 and section["walkthrough"]["input_ids"][-1] == 102
-    assert len(section["throughput"]) == 3
-    for row in section["throughput"]:
-        assert row["p50_ms"] > 0 and row["items_per_s"] > 0
-    assert section["throughput"][0]["speedup_vs_single"] == pytest.approx(1.0)
+
+def test_tokenisation_throughput_is_a_verdict(run):
+    _, _, report, printed = run
+    section = report["sections"][S1]
+    rows = {row["workload"]: row for row in section["throughput"]}
+    assert list(rows) == ["1,000 single calls", "one batched call", "one batched call, padded tensor"]
+    for row in rows.values():
+        assert ROW_KEYS <= set(row) and row["p50_ms"] > 0 and row["runs"] >= 3
+        assert row["items_per_s"] == pytest.approx(1000 / (row["p50_ms"] / 1e3))  # throughput from the median
+    assert rows["1,000 single calls"]["verdict"] == "baseline" and rows["1,000 single calls"]["speedup"] == 1.0
+    batched = rows["one batched call"]
+    assert batched["speedup_low"] <= batched["speedup"] <= batched["speedup_high"]
+    assert batched["verdict"] == verdict_of(batched["speedup_low"], batched["speedup_high"]) == section["batched_verdict"]
+    check_sentence(section["batched_sentence"], section["batched_verdict"])
+    assert section["batched_sentence"] in printed
+    assert ("why: it crosses from Python into the Rust tokenizer" in printed) == (section["batched_verdict"] == "faster")
 
 
 def test_similarity_orders_related_above_unrelated(run):
@@ -88,21 +128,36 @@ def test_pipeline_section(run):
     assert section["classifier_source"] == "bundled"
     assert section["sentiment_correct"] == section["sentiment_checked"] == 4
     assert section["sampling_reproducible"]
-    assert all(row["continuation"] for row in section["generation"])
+    assert section["generation_meaningful"] and all(row["continuation"] for row in section["generation"])
 
 
 def test_manual_and_pipeline_agree_and_are_timed(run):
-    section = run[2]["sections"][S4]
+    _, _, report, printed = run
+    section = report["sections"][S4]
     assert section["texts_compared"] == 13  # 12 SENTENCES + the user's text
     assert 0 <= section["embedding_max_abs_diff"] <= section["tolerance"] <= 1e-4
     assert section["labels_agree"] and set(section["labels"]) <= {"POSITIVE", "NEGATIVE"}
-    assert {(row["batch"], row["path"]) for row in section["timings"]} == {
+    assert {(row["batch"], row["workload"]) for row in section["timings"]} == {
         (b, p) for b in (1, 8, 32) for p in ("manual", "pipeline")}
     for row in section["timings"]:
-        assert row["p50_ms"] > 0 and row["ms_per_text"] == pytest.approx(row["p50_ms"] / row["batch"])
-    assert set(section["overhead_ratio"]) == {"1", "8", "32"} and all(r > 0 for r in section["overhead_ratio"].values())
+        assert ROW_KEYS <= set(row) and row["p50_ms"] > 0 and row["runs"] >= 3
+        assert row["ms_per_text"] == pytest.approx(row["p50_ms"] / row["batch"])
+        assert row["items_per_s"] == pytest.approx(row["batch"] / (row["p50_ms"] / 1e3))
+        if row["workload"] == "pipeline":
+            assert row["verdict"] == "baseline"
+            continue
+        assert row["verdict"] == verdict_of(row["speedup_low"], row["speedup_high"])
+        assert section["overhead_ratio"][str(row["batch"])] == row["speedup"]  # = pipeline time / manual time
+        sentence = section["overhead_sentences"][str(row["batch"])]
+        check_sentence(sentence, row["verdict"])
+        assert f"batch {row['batch']:>2}: {sentence}" in printed
     parts = {row["part"]: row for row in section["overhead_breakdown"]}
     assert parts["pad items into a batch (collate)"]["pipeline_ms"] > 0
+    assert parts["whole call"]["extra_ms"] == pytest.approx(
+        sum(parts[p]["extra_ms"] for p in parts if p != "whole call"))  # the parts add up to the whole
+    tokenising = {row["workload"]: row for row in section["overhead_parts"]}
+    assert tokenising["tokenise batched"]["verdict"] == verdict_of(tokenising["tokenise batched"]["speedup_low"],
+                                                                   tokenising["tokenise batched"]["speedup_high"])
 
 
 def test_custom_pipelines_section(run, lesson):
@@ -110,11 +165,26 @@ def test_custom_pipelines_section(run, lesson):
     assert section["ordering_ok"] and section["max_diff_vs_manual"] < 1e-5
     t2t = section["text_to_text"]
     assert t2t["source"] == "twin" and t2t["meaningful"] is False
-    assert t2t["output_tokens"] == lesson.QUICK_TEXT_TO_TEXT_NEW_TOKENS + 1  # decoder start token + new tokens
+    assert t2t["output_tokens"] == lesson.QUICK.text_to_text_tokens + 1  # decoder start token + new tokens
     for name in ("sentence-similarity", "text-to-text"):
         stages = {row["stage"]: row for row in section["stages"] if row["pipeline"] == name}
-        assert {"preprocess", "_forward", "postprocess", "whole call"} <= set(stages)
-        assert all(stages[s]["p50_ms"] > 0 for s in ("preprocess", "_forward", "postprocess", "whole call"))
+        assert set(stages) == {"preprocess", "_forward", "postprocess", "whole call"}
+        assert all(ROW_KEYS <= set(row) and row["p50_ms"] > 0 for row in stages.values())
+        assert stages["whole call"]["share_pct"] == pytest.approx(100.0)
+        assert stages["_forward"]["share_pct"] == pytest.approx(
+            100 * stages["_forward"]["p50_ms"] / stages["whole call"]["p50_ms"])
+
+
+def test_twin_text_is_never_shown_as_meaningful(run):
+    printed = run[3]
+    assert "summary:" not in printed and "its text is noise and is not shown" in printed
+
+
+def test_settings_keep_full_and_quick_side_by_side(lesson):
+    assert lesson.FULL.generation_tokens > lesson.QUICK.generation_tokens
+    assert lesson.FULL.text_to_text_tokens > lesson.QUICK.text_to_text_tokens
+    with pytest.raises(AttributeError):
+        lesson.QUICK.warmup = 0  # frozen: a section cannot change the run's settings
 
 
 def test_non_utf8_file_is_a_clear_error(lesson, tmp_path, capsys):
@@ -155,12 +225,17 @@ def test_100k_character_text_is_truncated_and_reported(lesson, tmp_path, capsys)
 
 
 def test_a_failing_section_is_recorded_and_exits_nonzero(lesson, tmp_path, monkeypatch):
+    def fine(*args):
+        """Stands in for a section that works."""
+        return {"ok": True}
+
     def broken(*args):
+        """Stands in for a section that raises."""
         raise RuntimeError("boom")
 
     for name in ("tokenizer_section", "automodel_section", "pipeline_section", "manual_vs_pipeline_section",
                  "custom_pipelines_section"):
-        monkeypatch.setattr(lesson, name, lambda *args: {"ok": True})
+        monkeypatch.setattr(lesson, name, fine)
     monkeypatch.setattr(lesson, "pipeline_section", broken)
     code = lesson.main(["--quick", "--output-dir", str(tmp_path)])
     report = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
