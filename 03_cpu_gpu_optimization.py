@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""03 · CPU/GPU optimisation: every speed and memory technique from the seed, each measured before/after on
-the same inputs in the same run, with what it costs in output fidelity (embedding cosine or greedy-token
+"""03 · CPU/GPU optimisation: every speed and memory technique from the seed, each timed round-robin against its
+baseline in the same run with a verdict, and what it costs in output fidelity (embedding cosine or greedy-token
 agreement with fp32). Ends with the best combination for this machine as a ready-to-paste snippet."""
 from __future__ import annotations
 
@@ -16,128 +16,103 @@ import time
 import warnings
 from collections import Counter
 from contextlib import nullcontext
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
+from torch._dynamo.utils import counters as dynamo_counters
 from tqdm import tqdm
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.utils import logging as hf_logging
 
 from common import cli, device as devices, memory, models, plots, texts
+from common.batching import batch_shapes, encoder_forward_flops, make_batches, padding_waste
 from common.errors import UserError
-from common.meter import NOISY_CV, Measurement, PerformanceMeter, Stats
+from common.fidelity import cosine_fidelity, first_divergence, token_agreement
+from common.meter import Comparison
 from common.pipelines import embed, mean_pool
 from common.report import print_table
 
+MIB = memory.MIB
 
-# Settings: plain constants, quick variants next to them.
-SPEED_ROLE = "bert-base-uncased"    # offline a twin: BERT-base's exact shapes with random weights (speed only)
-QUICK_SPEED_ROLE = "encoder"        # MiniLM does ~8x fewer FLOPs per token, which keeps --quick under a minute
-ENCODER_ROLE = "encoder"            # real weights (all-MiniLM-L6-v2): fidelity, batching, the recipe
-DECODER_ROLE = "decoder"            # real weights offline (SmolLM2-135M): greedy-token fidelity
-OFFLOAD_ROLE = "distilbert-base-uncased"  # a twin squeezed under a deliberately small memory cap
-SPEED_BATCH = 16                    # the "batched" workload: 16 everyday sentences
-QUICK_SPEED_BATCH = 8
-MEASURE_BUDGET_S = 1.0              # seconds of repeats per measurement (at least MIN_RUNS)
-QUICK_MEASURE_BUDGET_S = 0.2
-MIN_RUNS = 3
-CORPUS_SIZE = 64                    # mixed-length texts for batching and the recipe
-QUICK_CORPUS_SIZE = 32
-LONG_TEXT_WORDS = (40, 100)         # one text in five is this long; the rest are 4-16 words
-MAX_LENGTH = 128                    # what "pad to max_length" pads to (and where every strategy truncates)
-QUICK_MAX_LENGTH = 64
-BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64]
-QUICK_BATCH_SIZES = [1, 4, 8]
-PASSES = 2                          # timed passes over the corpus per (strategy, batch size)
-QUICK_PASSES = 1
-GREEDY_TOKENS = 32                  # decoder fidelity: greedy tokens compared with fp32
-QUICK_GREEDY_TOKENS = 8
+
+@dataclass(frozen=True)
+class Settings:
+    """What one run measures; QUICK keeps every section and shrinks the work (it is what the tests run)."""
+
+    speed_role: str  # timed by the speed sections: BERT-base's shapes, or MiniLM (~8x fewer FLOPs per token)
+    speed_batch: int  # the "batched" workload: this many everyday sentences
+    corpus_size: int  # mixed-length texts for batching, torch.compile and the recipe
+    max_length: int  # what "pad to max_length" pads to, and where every strategy truncates
+    batch_sizes: tuple[int, ...]
+    rounds: int  # round-robin rounds behind every ratio that decides a bar or the recipe
+    greedy_tokens: int  # decoder fidelity: greedy tokens compared with fp32's
+    matmul_size: int  # the peak-FLOP/s reference: one square fp32 matmul
+    stream_texts: int  # the "long list" for streaming vs materialising
+    compile: bool  # torch.compile spends about a minute compiling on a small CPU
+    decoder_bnb: bool  # bitsandbytes generation on a CPU takes seconds per call
+
+
+FULL = Settings(speed_role="bert-base-uncased", speed_batch=16, corpus_size=64, max_length=128,
+                batch_sizes=(1, 2, 4, 8, 16, 32, 64), rounds=5, greedy_tokens=32, matmul_size=2048,
+                stream_texts=512, compile=True, decoder_bnb=True)
+QUICK = Settings(speed_role="encoder", speed_batch=4, corpus_size=16, max_length=32,
+                 batch_sizes=(1, 4, 8), rounds=3, greedy_tokens=4, matmul_size=1024,
+                 stream_texts=64, compile=False, decoder_bnb=False)
+
+ENCODER_ROLE = "encoder"  # real weights (all-MiniLM-L6-v2): fidelity, batching, compile, the recipe
+DECODER_ROLE = "decoder"  # real weights (SmolLM2-135M offline): greedy-token fidelity
+OFFLOAD_ROLE = "distilbert-base-uncased"  # squeezed under a deliberately small memory cap
+FIDELITY_TEXTS = texts.SENTENCES  # what every "cosine vs fp32" is computed on
+LONG_TEXT_WORDS = (40, 100)  # one corpus text in five is this long; the rest are 4-16 words
 DECODER_PROMPT = "The three most useful tips for making Python code run faster are"
-MATMUL_SIZE = 2048                  # the peak-FLOP/s reference: one square fp32 matmul
-QUICK_MATMUL_SIZE = 1024
-STREAM_TEXTS = 512                  # the "long list" for streaming vs materialising
-QUICK_STREAM_TEXTS = 64
 STREAM_BATCH = 32
-OFFLOAD_CAP = "100MiB"              # max_memory for the main device: far below the 265 MB twin
-RECIPE_RUNS = 2                     # timed end-to-end passes of naive and best
-QUICK_RECIPE_RUNS = 1
-RECIPE_DEFAULT_BATCH = 32           # used when section 6 did not run
-FIDELITY_FLOOR = 0.99               # a faster variant is recommended only at or above this cosine / agreement
-WORTH_IT = 1.05                     # ... and only when it is at least 5% faster
+OFFLOAD_CAP = "100MiB"  # max_memory for the main device: far below the 265 MB model
+RECIPE_DEFAULT_BATCH = 32  # used when section 6 did not run
+FIDELITY_FLOOR = 0.99  # a faster variant is recommended only at or above this cosine
 FLOPS_FRACTION_TARGET = 0.7
 INT8_SPEEDUP_TARGET = 1.8
 INT8_COSINE_TARGET = 0.99
 SORTED_SPEEDUP_TARGET = 2.0
-SECTION_NAMES = ("device", "threads", "grad", "precision", "quantization", "batching", "attention", "memory",
-                 "recipe")
 BAR_NAMES = ("batched vs batch-1 throughput", "fp32 encoder FLOP/s vs matmul peak", "dynamic int8 vs fp32",
              "length-sorted dynamic vs pad-to-max")
-
-
-_SHARED: dict[str, models.LoadedModel] = {}  # fp32 models several sections read; main() empties it
-VARIANT_LABELS = {
-    "fp32": "fp32",
-    "bf16-autocast": "bf16 autocast",
-    "bf16-weights": "bf16 weights",
-    "fp16-autocast": "fp16 autocast",
-    "fp16-weights": "fp16 weights",
-    "int8-dynamic": "dynamic int8 per-channel",
-    "bnb-8bit": "bitsandbytes 8-bit",
-    "bnb-4bit": "bitsandbytes 4-bit nf4",
-}
+VARIANT_LABELS = {"fp32": "fp32", "bf16-autocast": "bf16 autocast", "bf16-weights": "bf16 weights",
+                  "fp16-autocast": "fp16 autocast", "fp16-weights": "fp16 weights",
+                  "int8-dynamic": "dynamic int8 per-channel", "bnb-8bit": "bitsandbytes 8-bit",
+                  "bnb-4bit": "bitsandbytes 4-bit nf4"}
 LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
-GRAD_MODES = {"grad enabled": torch.enable_grad, "torch.no_grad()": torch.no_grad,
-              "torch.inference_mode()": torch.inference_mode}
 
 
-# ----------------------------------------------------------------------------- pure helpers (unit-tested)
+# ------------------------------------------------------------------------------------------- shared helpers
 
 
-def cosine_fidelity(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
-    """Row-by-row cosine similarity of two embedding matrices: the mean and the worst row."""
-    if reference.shape != candidate.shape:
-        raise ValueError(f"shapes differ: {tuple(reference.shape)} vs {tuple(candidate.shape)}")
-    cosine = torch.nn.functional.cosine_similarity(reference.double(), candidate.double(), dim=-1)
-    return {"cosine_mean": cosine.mean().item(), "cosine_min": cosine.min().item()}
+def sentence_batch(tokenizer: Any, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """`batch_size` everyday sentences, tokenised and padded to the longest, on the device."""
+    return tokenizer(texts.repeated_sentences(batch_size), padding=True, return_tensors="pt").to(device)
 
 
-def token_agreement(reference: Sequence[int], candidate: Sequence[int]) -> float:
-    """Share of the reference's tokens the candidate repeats at the same position (missing ones disagree)."""
-    if not reference:
-        raise ValueError("no reference tokens to compare with")
-    return sum(r == c for r, c in zip(reference, candidate)) / len(reference)
+def forward(model: Any, batch: dict[str, torch.Tensor], autocast: torch.dtype | None = None) -> Callable[[], Any]:
+    """A no-argument inference call of the model on a fixed batch, under autocast when given a dtype."""
+    device_type = next(model.parameters()).device.type
+
+    def run() -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast(device_type, dtype=autocast) if autocast else nullcontext():
+            return model(**batch).last_hidden_state
+    return run
 
 
-def first_divergence(reference: Sequence[int], candidate: Sequence[int]) -> int:
-    """Index of the first differing token; len(reference) when the candidate repeats all of it."""
-    for index, token in enumerate(reference):
-        if index >= len(candidate) or candidate[index] != token:
-            return index
-    return len(reference)
+def verdicts(comparison: Comparison, baseline: str) -> list[str]:
+    """Print each workload's verdict against the baseline, as computed from this run's rounds; return the lines."""
+    lines = [comparison.sentence(name, baseline) for name in comparison.measurements if name != baseline]
+    for line in lines:
+        print(f"  {line}")
+    return lines
 
 
-def make_batches(lengths: Sequence[int], batch_size: int, sort_by_length: bool) -> list[list[int]]:
-    """Text indices grouped into batches, in corpus order or shortest-first (so neighbours have similar lengths)."""
-    if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i]) if sort_by_length else list(range(len(lengths)))
-    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-
-
-def padding_waste(batches: Sequence[Sequence[int]], pad_to: int | None = None) -> dict[str, float]:
-    """Token slots computed vs real tokens for batches of sequence lengths.
-
-    pad_to=None is dynamic padding (each batch pads to its own longest text); an int pads every text to it."""
-    real = sum(sum(batch) for batch in batches)
-    slots = sum(len(batch) * (pad_to if pad_to is not None else max(batch)) for batch in batches if batch)
-    return {"real_tokens": real, "padded_slots": slots, "waste_pct": 100.0 * (slots - real) / slots if slots else 0.0}
-
-
-def encoder_forward_flops(config: Any, batch_size: int, seq_len: int) -> float:
-    """Matmul FLOPs of one encoder forward on a padded batch: Q/K/V/O projections, feed-forward, attention scores."""
-    hidden, ffn, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    projections = 2 * seq_len * (4 * hidden * hidden + 2 * hidden * ffn)
-    attention = 2 * 2 * seq_len * seq_len * hidden  # QK^T and attention-weighted V
-    return float(batch_size * layers * (projections + attention))
+def first_line(error: BaseException) -> str:
+    """An exception as one short line for skip reasons."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 
 
 def bar(name: str, target: str, measured: str, value: float, passed: bool | None) -> dict[str, Any]:
@@ -147,175 +122,169 @@ def bar(name: str, target: str, measured: str, value: float, passed: bool | None
     return {"bar": name, "target": target, "measured": measured, "value": value, "status": status}
 
 
-# ------------------------------------------------------------------------------------------------ helpers
+def ratio_text(comparison: Comparison, a: str, b: str) -> str:
+    """A ratio with its interval and round count, for bars."""
+    estimate, low, high = comparison.ratio(a, b)
+    return f"{estimate:.2f}x [{low:.2f}-{high:.2f}, {comparison.rounds} rounds]"
 
 
-def pick(ctx: cli.Context, normal: Any, quick: Any) -> Any:
-    """The setting for this run: the quick variant under --quick."""
-    return quick if ctx.quick else normal
+def mixed_corpus(ctx: cli.Context, s: Settings) -> list[str]:
+    """The deterministic mixed-length corpus: mostly short texts, one in five long."""
+    return texts.mixed_length_corpus(s.corpus_size, seed=ctx.args.seed, long=LONG_TEXT_WORDS)
 
 
-def make_meter(ctx: cli.Context, device: torch.device | None = None) -> PerformanceMeter:
-    """The house meter with this run's budget."""
-    return PerformanceMeter(device or ctx.device, warmup=1, min_runs=MIN_RUNS,
-                            budget_s=pick(ctx, MEASURE_BUDGET_S, QUICK_MEASURE_BUDGET_S))
+def padded_batches(tokenizer: Any, encoded: Any, groups: list[list[int]], pad_to: int | None,
+                   device: torch.device) -> list[Any]:
+    """Pre-tokenised texts grouped into batches, each padded to `pad_to` or (None) to its own longest text."""
+    return [tokenizer.pad({key: [encoded[key][i] for i in group] for key in encoded}, return_tensors="pt",
+                          padding="max_length" if pad_to else "longest", max_length=pad_to).to(device)
+            for group in groups]
 
 
-def shared_model(ctx: cli.Context, role: str, device: torch.device | None = None) -> models.LoadedModel:
-    """The fp32 model for a role on a device, loaded once and shared by the sections that only read it."""
-    device = device or ctx.device
-    key = f"{role}@{device}"
-    if key not in _SHARED:
-        _SHARED[key] = models.load_model(role, source=ctx.source, device=device)
-        ctx.report.add_model(_SHARED[key].info.to_dict())
-    return _SHARED[key]
-
-
-def speed_role(ctx: cli.Context) -> str:
-    """The model timed in the speed sections (BERT-base, MiniLM under --quick)."""
-    return pick(ctx, SPEED_ROLE, QUICK_SPEED_ROLE)
-
-
-def speed_batch(ctx: cli.Context) -> int:
-    """How many sentences the "batched" workload holds."""
-    return pick(ctx, SPEED_BATCH, QUICK_SPEED_BATCH)
-
-
-def sentence_batch(tokenizer: Any, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """`batch_size` everyday sentences, tokenised and padded to the longest, on the device."""
-    encoded = tokenizer(texts.repeated_sentences(batch_size), padding=True, return_tensors="pt")
-    return {key: value.to(device) for key, value in encoded.items()}
-
-
-def real_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Non-padding tokens in a batch."""
-    return int(batch["attention_mask"].sum())
-
-
-def forward(model: Any, batch: dict[str, torch.Tensor], autocast: torch.dtype | None = None,
-            grad_mode: str = "torch.inference_mode()") -> Callable[[], torch.Tensor]:
-    """A no-argument call of the model on a fixed batch, under a grad mode and optional autocast."""
-    device_type = next(model.parameters()).device.type
-
-    def run() -> torch.Tensor:
-        with GRAD_MODES[grad_mode](), (torch.autocast(device_type, dtype=autocast) if autocast else nullcontext()):
-            return model(**batch).last_hidden_state
+def corpus_pass(model: Any, groups: list[list[int]], batches: list[Any], out: torch.Tensor) -> Callable[[], None]:
+    """One pass of the model over prepared batches, writing each text's mean-pooled embedding into `out`."""
+    def run() -> None:
+        with torch.inference_mode():
+            for group, batch in zip(groups, batches):
+                out[group] = mean_pool(model(**batch).last_hidden_state, batch["attention_mask"]).to(out.dtype)
     return run
 
 
-def timing_row(measurement: Measurement, **labels: Any) -> dict[str, Any]:
-    """A table row: median latency, spread, throughput, noise flag."""
-    return {**labels, "p50_ms": measurement.median_ms, "iqr_ms": measurement.stats.iqr * 1e3,
-            "runs": measurement.stats.count, "texts_per_s": measurement.items_per_s, "noisy": measurement.noisy}
-
-
-def first_line(error: BaseException) -> str:
-    """An exception as one short line for skip reasons."""
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
-
-
-def weights_mib(model: Any) -> float:
-    """Bytes of everything in the state dict (packed int8/4-bit weights and their scales included; tied weights
-    counted once): the model's real footprint, which parameters() alone misses for quantised layers."""
-    sizes: dict[Any, int] = {}
-
-    def visit(value: Any) -> None:
-        if isinstance(value, torch.Tensor) and value.is_quantized:
-            sizes[id(value)] = value.numel() * value.element_size()
-        elif isinstance(value, torch.Tensor):
-            sizes[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
-        elif isinstance(value, (tuple, list)):  # dynamic int8 keeps (packed weight, bias) tuples
-            for item in value:
-                visit(item)
-
-    for value in model.state_dict().values():
-        visit(value)
-    return sum(sizes.values()) / memory.MIB
-
-
-def quantize_dynamic_int8(model: Any, per_channel: bool = True) -> Any:
-    """PyTorch's dynamic int8 quantisation of every nn.Linear: int8 weights (one scale per output row, or one per
-    matrix), activations quantised on the fly each call."""
-    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
-
-    qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
-    with warnings.catch_warnings():  # deprecated in favour of torchao (not installed here); the section says so
-        warnings.simplefilter("ignore")
-        return quantize_dynamic(model, {torch.nn.Linear: qconfig}, dtype=torch.qint8)
-
-
-def bnb_config(variant: str, device: torch.device) -> Any:
-    """The BitsAndBytesConfig for 8-bit or 4-bit nf4 (fp32 compute on CPU, fp16 on GPU)."""
-    from transformers import BitsAndBytesConfig
-
-    if variant == "bnb-8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    compute = torch.float16 if device.type == "cuda" else torch.float32
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
-
-
-def variant_unavailable(variant: str, device: torch.device) -> str | None:
-    """Why a precision/quantisation variant cannot run here, or None."""
-    if variant == "int8-dynamic":
-        if device.type != "cpu":
-            return "PyTorch's dynamic int8 kernels are CPU-only"
-        if importlib.util.find_spec("torch.ao.quantization") is None:
-            return f"torch {torch.__version__} no longer ships torch.ao.quantization (torchao replaces it)"
-    if variant.startswith("bnb") and importlib.util.find_spec("bitsandbytes") is None:
-        return "bitsandbytes is not installed (pip install bitsandbytes)"
-    if variant.startswith("bnb") and device.type == "mps":
-        return "bitsandbytes has no Apple MPS backend"
-    return None
-
-
-def make_variant(ctx: cli.Context, role: str, variant: str, device: torch.device,
-                 **load_kwargs: Any) -> tuple[Any, torch.dtype | None]:
-    """A freshly loaded model in one precision/quantisation variant, and the autocast dtype to run it under."""
-    if variant.startswith("bnb"):
-        loaded = models.load_model(role, source=ctx.source, device=device,
-                                   quantization_config=bnb_config(variant, device), **load_kwargs)
-        return loaded.model, None
-    model = models.load_model(role, source=ctx.source, device=device, **load_kwargs).model
-    precision = variant.split("-")[0]
-    if variant == "int8-dynamic":
-        return quantize_dynamic_int8(model), None
-    if variant.endswith("-weights"):
-        return model.to(LOW_PRECISION[precision]), None
-    return model, LOW_PRECISION.get(precision)
-
-
-def low_precision_variants(device: torch.device) -> list[str]:
-    """The precision variants worth trying on this device: bf16 on CPU, fp16 (and bf16 autocast) on GPUs."""
-    if device.type == "cpu":
-        return ["bf16-autocast", "bf16-weights"]
-    extra = ["bf16-autocast"] if device.type == "cuda" and torch.cuda.is_bf16_supported() else []
-    return ["fp16-autocast", "fp16-weights", *extra]
-
-
-def greedy_tokens(model: Any, inputs: dict[str, torch.Tensor], new_tokens: int) -> list[int]:
-    """Exactly `new_tokens` greedy tokens after the prompt (no sampling, no early stop)."""
-    with torch.inference_mode():
-        output = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    return output[0, inputs["input_ids"].shape[1]:].tolist()
-
-
-def peak_memory_delta(run: Callable[[], Any], device: torch.device) -> int:
-    """Peak memory above the start while `run` executes and its result is still held (allocator on CUDA, RSS else)."""
+def peak_while_held(run: Callable[[], Any], device: torch.device) -> int:
+    """Peak memory above the start while `run` executes and its output is held: CUDA allocator on a GPU, RSS else."""
     memory.cleanup()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-        result = run()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - start
-    else:
-        with memory.PeakRSSSampler() as sampler:
-            result = run()
-        peak = sampler.peak_delta_bytes
-    del result
-    return peak
+    with memory.PeakRSSSampler() as rss, memory.CudaPeak(device) as cuda:
+        output = run()
+    del output
+    return cuda.delta_bytes if device.type == "cuda" else rss.peak_delta_bytes
+
+
+def with_threads(count: int, run: Callable[[], Any]) -> Callable[[], Any]:
+    """`run` under `count` torch threads (set on every call, so round-robin rounds can alternate counts)."""
+    def call() -> Any:
+        torch.set_num_threads(count)
+        return run()
+    return call
+
+
+# ------------------------------------------------------------------------------------------ 1. device
+
+
+def device_offers() -> list[dict[str, Any]]:
+    """What this machine offers: CUDA, MPS and the CPU, each with why or why not."""
+    cuda = torch.cuda.is_available()
+    return [
+        {"backend": "cuda", "available": cuda,
+         "detail": f"{torch.cuda.device_count()} GPU(s), first: {torch.cuda.get_device_name(0)}" if cuda else
+         (f"torch {torch.__version__} has CUDA {torch.version.cuda} but sees no GPU" if torch.version.cuda else
+          f"torch {torch.__version__} is a CPU-only build")},
+        {"backend": "mps", "available": devices.mps_available(),
+         "detail": "Apple GPU via Metal" if devices.mps_available() else "not an Apple-silicon Mac"},
+        {"backend": "cpu", "available": True,
+         "detail": f"{os.cpu_count()} logical cores; flags {', '.join(devices.cpu_flags()) or 'unknown'}"},
+    ]
+
+
+def device_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
+    """Code must run wherever the learner is: pick the best device that exists,
+    and fail clearly when asked for one that does not."""
+    s = ctx.pick(FULL, QUICK)
+    offers = device_offers()
+    print_table(offers, title="What this machine offers")
+    auto = devices.pick_device("auto")
+    reason = {"cuda": "a CUDA GPU is visible", "mps": "no CUDA, but Apple's MPS is available",
+              "cpu": "neither CUDA nor MPS is available"}[auto.type]
+    print(f"\nauto picks the first available of cuda > mps > cpu -> {auto} ({reason}); this run: "
+          f"--device {ctx.args.device} -> {ctx.device}")
+    try:
+        torch.zeros(1).to("cuda")  # exactly what the seed's `model = model.to("cuda")` does to every weight
+        raw = "no error here (CUDA is present), but the same line crashes on any machine without it"
+    except (AssertionError, RuntimeError) as error:
+        raw = first_line(error)
+    try:
+        devices.pick_device("cuda")
+        ours = "no error: CUDA is present"
+    except UserError as error:
+        ours = f"UserError (exit 2, one line): {error}"
+    print(f"\n  bad  : model.to('cuda')            -> {raw}")
+    print(f"  ours : pick_device('cuda')         -> {ours}")
+    loaded = ctx.load(ENCODER_ROLE)
+    output = forward(loaded.model, sentence_batch(loaded.tokenizer, 2, ctx.device))()  # inputs follow the model
+    print(f"  good : device = pick_device('auto'); model.to(device); inputs moved too -> output on {output.device}")
+    result = {"offers": offers, "auto": str(auto), "auto_reason": reason, "used": str(ctx.device),
+              "bad_pattern_raw_error": raw, "our_error": ours, "good_pattern_output_device": str(output.device)}
+    if ctx.device.type == "cpu":
+        print("\nonly the CPU is in use in this run: there is no accelerator to time against it")
+        return result
+    cpu_inputs = sentence_batch(loaded.tokenizer, 2, torch.device("cpu"))
+    try:  # the other classic: model on the GPU, inputs left on the CPU
+        forward(loaded.model, cpu_inputs)()
+        result["mixed_devices_error"] = "no error"
+    except RuntimeError as error:
+        result["mixed_devices_error"] = first_line(error)
+    print(f"  bad  : inputs left on the CPU      -> {result['mixed_devices_error']}")
+    runs = {}
+    for device in (torch.device("cpu"), ctx.device):
+        on_device = ctx.load(ENCODER_ROLE, device)
+        runs[str(device)] = forward(on_device.model, sentence_batch(on_device.tokenizer, s.speed_batch, device))
+    comparison = ctx.meter().compare(runs, items=s.speed_batch, min_rounds=s.rounds, progress="cpu vs device")
+    print_table(comparison.rows(baseline="cpu"), title=f"{loaded.info.label}, batch {s.speed_batch}")
+    result.update(devices=comparison.rows(baseline="cpu"), verdicts=verdicts(comparison, "cpu"))
+    return result
+
+
+# ------------------------------------------------------------------------------------------ 2. threads
+
+
+def thread_counts() -> list[int]:
+    """1, powers of two up to the core count, the core count, torch's setting, and 2x cores (oversubscribed)."""
+    cores = os.cpu_count() or 1
+    powers = (2**i for i in range(cores.bit_length()) if 2**i <= cores)
+    return sorted({1, cores, 2 * cores, torch.get_num_threads(), *powers})
+
+
+def thread_label(count: int) -> str:
+    """"1 thread", "4 threads": the workload names in the threads comparisons."""
+    return f"{count} thread{'s' if count > 1 else ''}"
+
+
+def threads_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
+    """PyTorch splits each operation over threads; more help until the cores run out,
+    and oversubscribing them costs. All counts are timed round-robin, single texts and batched."""
+    s = ctx.pick(FULL, QUICK)
+    cpu = torch.device("cpu")
+    loaded = ctx.load(s.speed_role, cpu)  # threads only matter for CPU work
+    default = torch.get_num_threads()
+    rows, lines, recommended, decisions = [], [], {}, {}
+    try:
+        for size in (1, s.speed_batch):
+            run = forward(loaded.model, sentence_batch(loaded.tokenizer, size, cpu))
+            comparison = ctx.meter(cpu).compare({thread_label(n): with_threads(n, run) for n in thread_counts()},
+                                                items=size, min_rounds=s.rounds, progress=f"threads, batch {size}")
+            rows += [{**row, "threads": n} for n, row in
+                     zip(thread_counts(), comparison.rows(baseline=thread_label(1), batch=size))]
+            print(f"\nbatch {size}, against 1 thread:")
+            lines += verdicts(comparison, thread_label(1))
+            fastest = max(thread_counts(), key=lambda n: comparison.measurements[thread_label(n)].items_per_s)
+            verdict = comparison.verdict(thread_label(fastest), thread_label(default))
+            recommended[str(size)] = fastest if verdict == "faster" else default
+            decisions[str(size)] = f"use {thread_label(recommended[str(size)])}: " + (
+                comparison.sentence(thread_label(fastest), thread_label(default)) if fastest != default
+                else f"torch's default of {default} was the fastest")
+            print(f"batch {size}: {decisions[str(size)]}")
+    finally:
+        torch.set_num_threads(default)  # later sections (and the learner's next line) get the default back
+    print_table(rows, ["threads", "batch", "p50_ms", "iqr_ms", "items_per_s", "speedup", "verdict", "noisy"],
+                title=f"torch.set_num_threads on {loaded.info.label} ({os.cpu_count()} logical cores; "
+                      f"{2 * (os.cpu_count() or 1)} is oversubscribed); speedup vs 1 thread")
+    print(f"threads restored to {torch.get_num_threads()}")
+    ctx.report.add_chart(threads_chart(rows, ctx.out_dir))
+    ctx.report.add_rows("threads", rows)
+    return {"model": loaded.info.label, "rows": rows, "verdicts": lines, "best_threads": recommended,
+            "decisions": decisions, "restored_threads": torch.get_num_threads()}
+
+
+# ------------------------------------------------------------------------------------------- 3. grad
 
 
 def saved_for_backward_bytes(model: Any, run: Callable[[], Any]) -> int:
@@ -336,34 +305,602 @@ def saved_for_backward_bytes(model: Any, run: Callable[[], Any]) -> int:
     return total
 
 
-def interleaved(workloads: dict[Any, Callable[[], Any]], rounds: int, device: torch.device) -> dict[Any, Stats]:
-    """Time every workload once per round, round-robin, so load that drifts during the sweep (other programs on a
-    shared machine) hits all of them alike instead of whichever happened to run then."""
-    samples: dict[Any, list[float]] = {name: [] for name in workloads}
-    with tqdm(total=rounds * len(workloads), desc="interleaved timing", disable=None, leave=False) as progress:
-        for _ in range(rounds):
-            for name, run in workloads.items():
-                started = time.perf_counter()
-                run()
-                devices.synchronize(device)
-                samples[name].append(time.perf_counter() - started)
-                progress.update()
-    return {name: Stats.from_samples(values) for name, values in samples.items()}
+def grad_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
+    """Inference needs no backward pass; keeping autograd's bookkeeping costs time and memory for nothing.
+    The three modes run the same batch, timed round-robin."""
+    s = ctx.pick(FULL, QUICK)
+    loaded = ctx.load(s.speed_role)
+    model, batch = loaded.model, sentence_batch(loaded.tokenizer, s.speed_batch, ctx.device)
+
+    def grad_enabled() -> torch.Tensor:
+        with torch.enable_grad():  # autograd records every operation for a backward pass
+            return model(**batch).last_hidden_state
+
+    def no_grad() -> torch.Tensor:
+        with torch.no_grad():
+            return model(**batch).last_hidden_state
+
+    def inference_mode() -> torch.Tensor:
+        with torch.inference_mode():  # no_grad, and tensors skip version counting too
+            return model(**batch).last_hidden_state
+
+    runs = {"grad enabled": grad_enabled, "torch.no_grad()": no_grad, "torch.inference_mode()": inference_mode}
+    held = {name: {"kept_for_backward_mib": saved_for_backward_bytes(model, run) / MIB,
+                   "peak_mem_delta_mib": peak_while_held(run, ctx.device) / MIB}
+            for name, run in reversed(runs.items())}  # leanest first, so allocator caching cannot flatter them
+    comparison = ctx.meter().compare(runs, items=s.speed_batch, min_rounds=s.rounds, progress="gradient modes")
+    rows = [{"mode": row["workload"], **row, **held[row["workload"]]}
+            for row in comparison.rows(baseline="grad enabled")]
+    print_table(rows, ["mode", "p50_ms", "iqr_ms", "speedup", "verdict", "kept_for_backward_mib",
+                       "peak_mem_delta_mib", "noisy"], title=f"{loaded.info.label}, batch {s.speed_batch}")
+    print("kept_for_backward: activations autograd stores for a backward pass nobody runs (exact, counted with "
+          "saved_tensors_hooks);\npeak_mem_delta: high-water mark above the start while the output is held "
+          f"({'CUDA allocator' if ctx.device.type == 'cuda' else 'process RSS'}).")
+    lines = verdicts(comparison, "grad enabled")
+    lines.append(comparison.sentence("torch.inference_mode()", "torch.no_grad()"))
+    print(f"  {lines[-1]}")
+    ctx.report.add_rows("grad", rows)
+    return {"model": loaded.info.label, "rows": rows, "verdicts": lines, "inference_mode_verdict": lines[1],
+            "kept_by_grad_mib": held["grad enabled"]["kept_for_backward_mib"]}
 
 
-def matmul_peak_flops(ctx: cli.Context, meter: PerformanceMeter) -> tuple[float, Measurement]:
+# --------------------------------------------------------------------------------------- 4. precision
+
+
+def precision_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
+    """Half-size numbers halve memory traffic, but only hardware with native support turns that into speed.
+    Timed on the real encoder, so what each variant does to the embeddings is measured too."""
+    s = ctx.pick(FULL, QUICK)
+    where = models.checkpoint(ENCODER_ROLE, ctx.source)
+    fp32 = ctx.load(ENCODER_ROLE)
+    half = torch.float16 if ctx.device.type == "cuda" else torch.bfloat16  # GPUs: fp16 tensor cores; CPUs: bf16
+    started = time.perf_counter()
+    half_model = AutoModel.from_pretrained(where.path, dtype=half, device_map=ctx.device)
+    ctx.record(where.info(half_model, time.perf_counter() - started))
+    short = "fp16" if half == torch.float16 else "bf16"
+    variants = {"fp32": (fp32.model, None), f"{short}-autocast": (fp32.model, half),
+                f"{short}-weights": (half_model, None)}
+    if ctx.device.type == "cuda" and torch.cuda.get_device_capability(ctx.device) >= (8, 0):  # native bf16
+        variants["bf16-autocast"] = (fp32.model, torch.bfloat16)
+    batch = sentence_batch(fp32.tokenizer, s.speed_batch, ctx.device)
+    comparison = ctx.meter().compare({VARIANT_LABELS[key]: forward(model, batch, autocast)
+                                      for key, (model, autocast) in variants.items()},
+                                     items=s.speed_batch, min_rounds=s.rounds, progress="precision")
+    reference = embed(fp32.model, fp32.tokenizer, FIDELITY_TEXTS)
+    rows = comparison.rows(baseline="fp32")
+    for row, (key, (model, autocast)) in zip(rows, variants.items()):
+        with torch.autocast(ctx.device.type, dtype=autocast) if autocast else nullcontext():
+            embeddings = embed(model, fp32.tokenizer, FIDELITY_TEXTS)
+        row.update(variant=row["workload"], key=key, weights_mib=memory.weights_bytes(model) / MIB,
+                   **cosine_fidelity(reference, embeddings))
+    print_table(rows, ["variant", "p50_ms", "iqr_ms", "items_per_s", "speedup", "verdict", "weights_mib",
+                       "cosine_mean", "cosine_min", "noisy"],
+                title=f"{fp32.info.label}: speed at batch {s.speed_batch}; fidelity = embeddings of "
+                      f"{len(FIDELITY_TEXTS)} sentences vs fp32")
+    lines = verdicts(comparison, "fp32")
+    slower = [row["variant"] for row in rows if row["verdict"] == "slower"]
+    note = None
+    if ctx.device.type == "cpu" and slower:
+        flags = devices.cpu_flags()
+        native = [flag for flag in flags if flag in ("avx512_bf16", "amx_bf16")]
+        note = (f"{', '.join(slower)} measured slower than fp32 here. This CPU reports {', '.join(flags) or 'no flags'}"
+                + (f": it has {', '.join(native)}, yet these kernels did not win on this workload." if native else
+                   ": no avx512_bf16 or amx_bf16, so bf16 matmuls run on fallback kernels; only the memory halves."))
+        print(f"\nnote: {note}")
+    ctx.report.add_chart(precision_chart(rows, ctx.out_dir))
+    ctx.report.add_rows("precision", rows)
+    return {"model": fp32.info.label, "rows": rows, "verdicts": lines, "cpu_flags": devices.cpu_flags(), "note": note}
+
+
+# ------------------------------------------------------------------------------------ 5. quantization
+
+
+def int8_dynamic(model: Any, per_channel: bool = True) -> Any:
+    """PyTorch's dynamic int8 of every nn.Linear: int8 weights (a scale per output row, or one per matrix),
+    activations quantised on the fly at each call."""
+    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
+
+    qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
+    with warnings.catch_warnings():  # torch.ao.quantization warns that torchao replaces it; the section says so
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(model, {torch.nn.Linear: qconfig}, dtype=torch.qint8)
+
+
+def bnb_compute_dtype(device: torch.device) -> torch.dtype:
+    """What bitsandbytes 4-bit computes in: fp16 on a GPU (its fast path), fp32 on a CPU."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def quantization_recipes(where: models.Checkpoint, fp32_model: Any, device: torch.device,
+                         **load: Any) -> dict[str, Callable[[], Any]]:
+    """How each quantised variant is made: dynamic int8 converts a loaded model, bitsandbytes quantises as it loads."""
+    auto = AutoModelForCausalLM if where.kind == "decoder" else AutoModel
+    four_bit = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_compute_dtype=bnb_compute_dtype(device))
+    return {
+        "int8-dynamic": lambda: int8_dynamic(copy.deepcopy(fp32_model)),
+        "bnb-8bit": lambda: auto.from_pretrained(where.path, dtype=torch.float32, device_map=device,
+                                                 quantization_config=BitsAndBytesConfig(load_in_8bit=True), **load),
+        "bnb-4bit": lambda: auto.from_pretrained(where.path, dtype=torch.float32, device_map=device,
+                                                 quantization_config=four_bit, **load),
+    }
+
+
+def variant_unavailable(variant: str, device: torch.device) -> str | None:
+    """Why a quantisation variant cannot run here, or None."""
+    if variant == "int8-dynamic":
+        if device.type != "cpu":
+            return "PyTorch's dynamic int8 kernels are CPU-only"
+        if importlib.util.find_spec("torch.ao.quantization") is None:
+            return f"torch {torch.__version__} no longer ships torch.ao.quantization (torchao replaces it)"
+    if variant.startswith("bnb") and importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed (pip install bitsandbytes)"
+    if variant.startswith("bnb") and device.type == "mps":
+        return "bitsandbytes has no Apple MPS backend"
+    return None
+
+
+def build_variants(ctx: cli.Context, where: models.Checkpoint, builders: dict[str, Callable[[], Any]],
+                   output: Callable[[Any], Any], what: str) -> dict[str, dict[str, Any]]:
+    """Each variant that runs here, built once with its output for the fidelity check; the others skipped with why."""
+    built = {}
+    for key, build in tqdm(builders.items(), desc=f"{what} variants", disable=None, leave=False):
+        problem = variant_unavailable(key, ctx.device)
+        try:
+            if problem:
+                raise RuntimeError(problem)
+            started = time.perf_counter()
+            model = build()
+            built[key] = {"model": model, "prepare_s": time.perf_counter() - started, "output": output(model)}
+            ctx.record(where.info(model, built[key]["prepare_s"], verbose=False))
+        except Exception as error:  # e.g. a bitsandbytes build without this device's backend
+            ctx.report.skip(f"{what} {VARIANT_LABELS[key]}", problem or first_line(error))
+    return built
+
+
+def variant_rows(comparison: Comparison, built: dict[str, dict[str, Any]], what: str,
+                 fidelity: Callable[[Any], dict[str, float]]) -> list[dict[str, Any]]:
+    """Table rows: the comparison against fp32 with each variant's size and fidelity."""
+    fp32_bytes = memory.weights_bytes(built["fp32"]["model"])
+    rows = comparison.rows(baseline="fp32", model=what)
+    for row, (key, variant) in zip(rows, built.items()):
+        size = memory.weights_bytes(variant["model"])
+        row.update(variant=row["workload"], key=key, size_mib=size / MIB, size_pct=100 * size / fp32_bytes,
+                   prepare_s=variant["prepare_s"], **fidelity(variant["output"]))
+    return rows
+
+
+def quantized_encoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], list[str]]:
+    """fp32, dynamic int8 and bitsandbytes 8/4-bit encoders, timed round-robin: size, speed, embedding cosine."""
+    where = models.checkpoint(ENCODER_ROLE, ctx.source)
+    fp32 = ctx.load(ENCODER_ROLE)
+    builders = {"fp32": lambda: fp32.model, **quantization_recipes(where, fp32.model, ctx.device)}
+    built = build_variants(ctx, where, builders, lambda model: embed(model, fp32.tokenizer, FIDELITY_TEXTS), "encoder")
+    batch = sentence_batch(fp32.tokenizer, s.speed_batch, ctx.device)
+    comparison = ctx.meter().compare({VARIANT_LABELS[key]: forward(variant["model"], batch)
+                                      for key, variant in built.items()},
+                                     items=s.speed_batch, min_rounds=s.rounds, progress="encoder variants")
+    rows = variant_rows(comparison, built, "encoder", lambda out: cosine_fidelity(built["fp32"]["output"], out))
+    print_table(rows, ["variant", "size_mib", "size_pct", "p50_ms", "iqr_ms", "items_per_s", "speedup", "verdict",
+                       "cosine_mean", "cosine_min", "noisy"],
+                title=f"encoder {fp32.info.label}, batch {s.speed_batch}; fidelity = embedding cosine vs fp32")
+    return rows, verdicts(comparison, "fp32")
+
+
+def quantized_decoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], list[str]]:
+    """The same variants of the decoder, timed round-robin: size, greedy tokens/s, agreement with fp32's tokens."""
+    where = models.checkpoint(DECODER_ROLE, ctx.source)
+    fp32 = ctx.load(DECODER_ROLE)
+    prompt = fp32.tokenizer(DECODER_PROMPT, return_tensors="pt").to(ctx.device)
+
+    def greedy(model: Any) -> list[int]:
+        with torch.inference_mode():  # exactly greedy_tokens new tokens: no sampling, no early stop
+            output = model.generate(**prompt, max_new_tokens=s.greedy_tokens, min_new_tokens=s.greedy_tokens,
+                                    do_sample=False)
+        return output[0, prompt["input_ids"].shape[1]:].tolist()
+
+    builders = {"fp32": lambda: fp32.model, **quantization_recipes(where, fp32.model, ctx.device)}
+    if not s.decoder_bnb and ctx.device.type == "cpu":
+        for key in ("bnb-8bit", "bnb-4bit"):
+            del builders[key]
+            ctx.report.skip(f"decoder {VARIANT_LABELS[key]}", "--quick (bitsandbytes generation on a CPU takes "
+                            "seconds per call; the full run has it)")
+    built = build_variants(ctx, where, builders, greedy, "decoder")
+    comparison = ctx.meter().compare({VARIANT_LABELS[key]: lambda model=variant["model"]: greedy(model)
+                                      for key, variant in built.items()}, tokens=s.greedy_tokens, warmup=1,
+                                     min_rounds=s.rounds, progress="decoder variants")
+    reference = built["fp32"]["output"]
+    rows = variant_rows(comparison, built, "decoder", lambda out: {
+        "token_agreement": token_agreement(reference, out), "first_divergence": first_divergence(reference, out)})
+    print_table(rows, ["variant", "size_mib", "size_pct", "p50_ms", "tokens_per_s", "speedup", "verdict",
+                       "token_agreement", "first_divergence", "noisy"],
+                title=f"decoder {fp32.info.label}, {s.greedy_tokens} greedy tokens; fidelity = same token at the "
+                      "same position as fp32")
+    lines = verdicts(comparison, "fp32")
+    for key, variant in built.items() if where.meaningful else ():  # a twin's text is noise
+        text = fp32.tokenizer.decode(variant["output"], skip_special_tokens=True)
+        print(f"  {VARIANT_LABELS[key]:>24}: {DECODER_PROMPT} ->{text[:90]!r}")
+    return rows, lines
+
+
+def quantization_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
+    """8- and 4-bit weights shrink the model; whether they are faster, and how much the output moves,
+    is measured on real weights: the encoder's embeddings and the decoder's greedy tokens."""
+    s = ctx.pick(FULL, QUICK)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its notice on every CPU call
+    print(f"dynamic int8: torch.ao.quantization.quantize_dynamic (torch {torch.__version__} deprecates it for "
+          f"torchao, {'installed' if importlib.util.find_spec('torchao') else 'not installed'} here). bitsandbytes "
+          f"{devices.package_version('bitsandbytes') or 'missing'}: BitsAndBytesConfig as quantization_config.")
+    encoder_rows, encoder_lines = quantized_encoders(ctx, s)
+    decoder_rows, decoder_lines = quantized_decoders(ctx, s)
+    per_tensor_cosine = None
+    if not variant_unavailable("int8-dynamic", ctx.device):
+        fp32 = ctx.load(ENCODER_ROLE)
+        per_tensor = int8_dynamic(copy.deepcopy(fp32.model), per_channel=False)
+        per_tensor_cosine = cosine_fidelity(embed(fp32.model, fp32.tokenizer, FIDELITY_TEXTS),
+                                            embed(per_tensor, fp32.tokenizer, FIDELITY_TEXTS))["cosine_mean"]
+        reduced = {module.version >= 4 for module in per_tensor.modules()  # v4 kernels call with reduce_range=True
+                   if isinstance(module, torch.ao.nn.quantized.dynamic.Linear)}
+        print(f"\ndynamic int8 above: one weight scale per output row (per-channel); one scale per matrix gives "
+              f"encoder cosine {per_tensor_cosine:.4f}. Activations: " + ("7-bit (reduce_range=True)" if reduced ==
+              {True} else "8-bit") + " in this torch's DynamicQuantizedLinear.")
+    int8 = next((row for row in encoder_rows if row["key"] == "int8-dynamic"), None)
+    bars = [] if int8 is None else [bar(
+        BAR_NAMES[2], f">= {INT8_SPEEDUP_TARGET}x throughput at cosine >= {INT8_COSINE_TARGET}",
+        f"{int8['speedup']:.2f}x [{int8['speedup_low']:.2f}-{int8['speedup_high']:.2f}] at cosine "
+        f"{int8['cosine_mean']:.4f} (min {int8['cosine_min']:.4f})", int8["speedup"],
+        int8["speedup"] >= INT8_SPEEDUP_TARGET and int8["cosine_mean"] >= INT8_COSINE_TARGET)]
+    ctx.report.add_chart(quantization_chart(encoder_rows, decoder_rows, ctx.out_dir))
+    ctx.report.add_rows("quantization", encoder_rows + decoder_rows)
+    return {"encoder": encoder_rows, "decoder": decoder_rows, "verdicts": encoder_lines + decoder_lines,
+            "int8_per_tensor_cosine_mean": per_tensor_cosine, "bars": bars}
+
+
+# ---------------------------------------------------------------------------------------- 6. batching
+
+
+def batching_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
+    """Batches keep the cores busy, but padding is computed too: sorting texts by length removes most of it.
+    Every (padding strategy, batch size) pass over the same corpus is timed round-robin."""
+    s = ctx.pick(FULL, QUICK)
+    loaded = ctx.load(ENCODER_ROLE)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    corpus = mixed_corpus(ctx, s)
+    encoded = tokenizer(corpus, truncation=True, max_length=s.max_length)  # once up front: the passes time the model
+    lengths = [len(ids) for ids in encoded["input_ids"]]
+    print(f"corpus: {len(corpus)} texts, {min(lengths)}-{max(lengths)} tokens (median {sorted(lengths)[len(lengths) // 2]}"
+          f", max_length {s.max_length}); model {loaded.info.label}")
+    strategies = {"pad to max_length": (False, s.max_length), "dynamic": (False, None), "dynamic + sorted": (True, None)}
+    passes, work, outputs = {}, {}, {}
+    for batch_size in s.batch_sizes:
+        for strategy, (by_length, pad_to) in strategies.items():
+            groups = make_batches(lengths, batch_size, sort_by_length=by_length)
+            batches = padded_batches(tokenizer, encoded, groups, pad_to, ctx.device)
+            name = f"{strategy}, batch {batch_size}"
+            outputs[name] = torch.empty(len(corpus), model.config.hidden_size, device=ctx.device)
+            passes[name] = corpus_pass(model, groups, batches, outputs[name])
+            work[name] = {"strategy": strategy, "batch": batch_size,
+                          "flops": sum(encoder_forward_flops(model.config, *b["input_ids"].shape) for b in batches),
+                          **padding_waste([[lengths[i] for i in group] for group in groups], pad_to)}
+    meter = ctx.meter()
+    peak_before = matmul_peak_flops(meter, s.matmul_size, ctx.device)
+    comparison = meter.compare(passes, items=len(corpus), warmup=1, min_rounds=s.rounds, budget_s=0,
+                               progress="batching passes")
+    peak = max(peak_before, matmul_peak_flops(meter, s.matmul_size, ctx.device))  # before and after: load drifts
+    rows = [{**work[row["workload"]], **row, "gflop_per_s": work[row["workload"]]["flops"] / row["p50_ms"] / 1e6}
+            for row in comparison.rows(baseline="dynamic, batch 1")]
+    print_table(rows, ["strategy", "batch", "p50_ms", "iqr_ms", "items_per_s", "speedup", "waste_pct", "gflop_per_s",
+                       "noisy"], title="one pass over the corpus per row; speedup vs dynamic batch 1 (which never pads)")
+    print(f"fp32 matmul peak here: {peak / 1e9:.1f} GFLOP/s ({s.matmul_size}x{s.matmul_size}, best of before and "
+          "after the sweep)")
+    reference = outputs["dynamic, batch 1"].float().cpu()
+    agreement = {strategy: min(cosine_fidelity(reference, outputs[name].float().cpu())["cosine_min"]
+                               for name in outputs if work[name]["strategy"] == strategy) for strategy in strategies}
+    print("worst embedding cosine vs unpadded batch 1: " + ", ".join(f"{k} {v:.6f}" for k, v in agreement.items()))
+    bars, lines, best_sorted = batching_bars(comparison, rows, peak)
+    ctx.report.add_chart(batching_chart(rows, comparison, ctx.out_dir))
+    ctx.report.add_rows("batching", rows)
+    return {"model": loaded.info.label, "texts": len(corpus), "max_length": s.max_length, "rows": rows,
+            "matmul_peak_gflop_per_s": peak / 1e9, "cosine_vs_batch1": agreement, "verdicts": lines,
+            "best_sorted_batch": best_sorted["batch"], "bars": bars}
+
+
+def matmul_peak_flops(meter: Any, size: int, device: torch.device) -> float:
     """This machine's fp32 matmul FLOP/s: the best the hardware does on an ideal dense workload."""
-    size = pick(ctx, MATMUL_SIZE, QUICK_MATMUL_SIZE)
-    a = torch.randn(size, size, device=ctx.device)
-    b = torch.randn(size, size, device=ctx.device)
-    measurement = meter.measure(f"fp32 matmul {size}x{size}", lambda: a @ b)
-    return 2 * size**3 / measurement.stats.median, measurement
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    return 2 * size**3 / meter.measure(f"fp32 matmul {size}x{size}", lambda: a @ b).stats.median
 
 
-def corpus(ctx: cli.Context) -> list[str]:
-    """The deterministic mixed-length corpus: mostly short texts, one in five long."""
-    return texts.mixed_length_corpus(pick(ctx, CORPUS_SIZE, QUICK_CORPUS_SIZE), seed=ctx.args.seed,
-                                     long=LONG_TEXT_WORDS)
+def batching_bars(comparison: Comparison, rows: list[dict], peak: float) -> tuple[list[dict], list[str], dict]:
+    """The three batching bars from the round-robin passes, each with its verdict line."""
+    def fastest(strategy: str | None = None) -> dict:
+        return max((r for r in rows if strategy in (None, r["strategy"]) and r["batch"] > 1),
+                   key=lambda r: r["items_per_s"])
+
+    best, best_sorted, best_padded = fastest(), fastest("dynamic + sorted"), fastest("pad to max_length")
+    densest = max(rows, key=lambda r: r["gflop_per_s"])
+    fraction = densest["gflop_per_s"] * 1e9 / peak
+    lines = [comparison.sentence(best["workload"], "dynamic, batch 1"),
+             comparison.sentence(best_sorted["workload"], best_padded["workload"])]
+    print("\n".join(f"  {line}" for line in lines))
+    sorted_ratio = comparison.ratio(best_sorted["workload"], best_padded["workload"])[0]
+    bars = [
+        bar(BAR_NAMES[0], "a ratio (no target)", f"{ratio_text(comparison, best['workload'], 'dynamic, batch 1')} "
+            f"({best['workload']} vs dynamic, batch 1)", best["speedup"], None),
+        bar(BAR_NAMES[1], f">= {FLOPS_FRACTION_TARGET:.0%} of {peak / 1e9:.1f} GFLOP/s",
+            f"{fraction:.0%} ({densest['gflop_per_s']:.1f} GFLOP/s, {densest['workload']})",
+            fraction, fraction >= FLOPS_FRACTION_TARGET),
+        bar(BAR_NAMES[3], f">= {SORTED_SPEEDUP_TARGET}x texts/s", ratio_text(comparison, best_sorted["workload"],
+            best_padded["workload"]) + f" ({best_sorted['workload']} vs {best_padded['workload']}, each at its best)",
+            sorted_ratio, sorted_ratio >= SORTED_SPEEDUP_TARGET),
+    ]
+    return bars, lines, best_sorted
+
+
+# ------------------------------------------------------------------------------- 7. attention, compile
+
+
+def compile_problem(device: torch.device) -> str | None:
+    """Why torch.compile cannot run here, or None."""
+    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++") if c):
+        return "no C++ compiler on PATH (inductor needs g++ or clang++ for CPU kernels)"
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        return "triton is not installed (inductor's GPU kernels need it)"
+    if device.type == "mps":
+        return "inductor's MPS backend is experimental; not measured"
+    return None
+
+
+def attention_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
+    """Fused attention kernels and compiled graphs do the same maths with fewer trips to memory;
+    compiling costs time up front, and every new input shape may cost more."""
+    s = ctx.pick(FULL, QUICK)
+    where = models.checkpoint(s.speed_role, ctx.source)
+    tokenizer = AutoTokenizer.from_pretrained(where.path)
+    batch = sentence_batch(tokenizer, s.speed_batch, ctx.device)
+    runs = {}
+    for implementation in ("eager", "sdpa"):
+        started = time.perf_counter()
+        model = AutoModel.from_pretrained(where.path, attn_implementation=implementation, dtype=torch.float32,
+                                          device_map=ctx.device)
+        ctx.record(where.info(model, time.perf_counter() - started))
+        runs[implementation] = forward(model, batch)
+    comparison = ctx.meter().compare(runs, items=s.speed_batch, min_rounds=s.rounds, progress="attention")
+    rows = comparison.rows(baseline="eager", model=where.label)
+    print_table(rows, ["workload", "p50_ms", "iqr_ms", "items_per_s", "speedup", "verdict", "noisy"],
+                title=f'attn_implementation= on {where.label}, batch {s.speed_batch}')
+    agreement = cosine_fidelity(runs["eager"]().flatten(1).float().cpu(), runs["sdpa"]().flatten(1).float().cpu())
+    print(f"worst output cosine sdpa vs eager: {agreement['cosine_min']:.6f} (same weights: equivalence, not quality)")
+    lines = verdicts(comparison, "eager")
+    verdict = comparison.verdict("sdpa", "eager")
+    choice = "eager" if verdict == "slower" else "sdpa"  # a tie keeps transformers' default
+    problem = None if s.compile else "--quick (compiling takes about a minute on a small CPU; the full run has it)"
+    problem = problem or compile_problem(ctx.device)
+    compiled = None
+    if problem:
+        ctx.report.skip("torch.compile", problem)
+    else:
+        try:
+            compiled = compile_on_corpus(ctx, s, results)
+            lines.append(compiled["verdict_line"])
+        except Exception as error:  # a broken toolchain shows up only when inductor builds its first kernel
+            ctx.report.skip("torch.compile", first_line(error))
+    ctx.report.add_rows("attention", rows + (compiled or {}).get("rows", []))
+    return {"rows": rows, "verdicts": lines, "attention_verdict": verdict, "attention_choice": choice,
+            "cosine_min_between_variants": agreement["cosine_min"], "compile": compiled, "compile_skipped": problem}
+
+
+def compile_on_corpus(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dict:
+    """torch.compile on the recipe's workload, length-sorted dynamic padding, whose batches come in many shapes:
+    time to the first answer, recompiles (dynamo's graph counter), then steady state vs eager, round-robin."""
+    loaded = ctx.load(ENCODER_ROLE)
+    batch_size = (results.get("batching") or {}).get("best_sorted_batch", RECIPE_DEFAULT_BATCH)
+    corpus = mixed_corpus(ctx, s)
+    encoded = loaded.tokenizer(corpus, truncation=True, max_length=s.max_length)
+    lengths = [len(ids) for ids in encoded["input_ids"]]
+    groups = make_batches(lengths, batch_size, sort_by_length=True)
+    batches = padded_batches(loaded.tokenizer, encoded, groups, None, ctx.device)
+    compiled = torch.compile(loaded.model)
+    out = torch.empty(len(corpus), loaded.model.config.hidden_size, device=ctx.device)
+    graphs, seconds = [], []
+    with torch.inference_mode():
+        for group, batch in zip(groups, batches):  # the first pass: each call compiles if dynamo needs a new graph
+            before = dynamo_counters["stats"]["unique_graphs"]
+            devices.synchronize(ctx.device)
+            started = time.perf_counter()
+            compiled(**batch)
+            devices.synchronize(ctx.device)
+            seconds.append(time.perf_counter() - started)
+            graphs.append(dynamo_counters["stats"]["unique_graphs"] - before)
+    before = dynamo_counters["stats"]["unique_graphs"]
+    comparison = ctx.meter().compare({"eager": corpus_pass(loaded.model, groups, batches, out),
+                                      "torch.compile": corpus_pass(compiled, groups, batches, out)},
+                                     items=len(corpus), min_rounds=s.rounds, progress="compile vs eager")
+    steady = comparison.measurements["torch.compile"].stats.median
+    gain_s = comparison.measurements["eager"].stats.median - steady
+    overhead_s = sum(seconds) - steady
+    result = {"batch": batch_size, "shapes": len(batch_shapes(lengths, groups)), "first_call_s": seconds[0],
+              "graphs_first_call": graphs[0], "recompiles": sum(graphs[1:]),
+              "recompile_s": sum(t for t, new in zip(seconds[1:], graphs[1:]) if new),
+              "graphs_during_timing": dynamo_counters["stats"]["unique_graphs"] - before,
+              "overhead_s": overhead_s, "verdict": comparison.verdict("torch.compile", "eager"),
+              "verdict_line": comparison.sentence("torch.compile", "eager"),
+              "break_even_passes": overhead_s / gain_s if gain_s > 0 else None,
+              "rows": comparison.rows(baseline="eager", model=f"{loaded.info.label}, corpus pass")}
+    print(f"\ntorch.compile on {len(corpus)} length-sorted texts in batches of {batch_size} ({result['shapes']} "
+          f"distinct batch shapes): first call {seconds[0]:.1f} s ({graphs[0]} graph(s)); {result['recompiles']} "
+          f"recompile(s) over the other shapes, {result['recompile_s']:.1f} s; {result['graphs_during_timing']} "
+          "during the timed passes")
+    print_table(result["rows"], ["workload", "p50_ms", "iqr_ms", "items_per_s", "speedup", "verdict", "noisy"])
+    print(f"  {result['verdict_line']}" + (f"; compiling pays back after ~{result['break_even_passes']:,.0f} passes "
+          "of this corpus" if result["verdict"] == "faster" else ": the compile time never pays back here"))
+    return result
+
+
+# ------------------------------------------------------------------------------------------ 8. memory
+
+
+def resident_bytes(device: torch.device) -> int:
+    """Memory the model lives in: the CUDA allocator's bytes on a GPU, the process RSS otherwise."""
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else memory.rss_bytes()
+
+
+def load_rows(ctx: cli.Context, s: Settings) -> list[dict]:
+    """Load time and memory of the speed model: plain, low_cpu_mem_usage, device_map, half-precision dtype."""
+    where = models.checkpoint(s.speed_role, ctx.source)
+    tokenizer = AutoTokenizer.from_pretrained(where.path)
+    half = torch.float16 if ctx.device.type == "cuda" else torch.bfloat16
+    variants = {
+        "plain from_pretrained": dict(dtype=torch.float32),
+        "low_cpu_mem_usage=True": dict(dtype=torch.float32, low_cpu_mem_usage=True),
+        f'device_map="{ctx.device}"': dict(dtype=torch.float32, device_map=ctx.device),
+        f"dtype={str(half).removeprefix('torch.')}": dict(dtype=half, device_map=ctx.device),
+    }
+    AutoModel.from_pretrained(where.path)  # the file is now in the page cache, so the loads below compare alike
+    rows = []
+    for label, kwargs in variants.items():
+        memory.cleanup()
+        start = resident_bytes(ctx.device)
+        model, load = ctx.meter().time_load(label, lambda: AutoModel.from_pretrained(where.path, **kwargs))
+        model = model if "device_map" in kwargs else model.to(ctx.device)
+        after_load = resident_bytes(ctx.device)
+        forward(model, sentence_batch(tokenizer, 1, ctx.device))()
+        rows.append({"technique": label, "load_s": load.seconds, "peak_rss_delta_mib": load.peak_rss_delta_bytes / MIB,
+                     "mem_after_load_mib": (after_load - start) / MIB,
+                     "mem_after_first_call_mib": (resident_bytes(ctx.device) - start) / MIB,
+                     "weights_mib": memory.weights_bytes(model) / MIB})
+        del model
+    return rows
+
+
+def load_findings(rows: list[dict], device: torch.device) -> list[str]:
+    """What the load table shows, each sentence computed from its numbers."""
+    plain, lean, _, half = rows
+    lines = [f"low_cpu_mem_usage=True: load peak {lean['peak_rss_delta_mib']:.1f} MiB vs plain "
+             f"{plain['peak_rss_delta_mib']:.1f} MiB" + (" -- no difference: transformers 5 always loads lean and "
+             "ignores the flag" if abs(lean["peak_rss_delta_mib"] - plain["peak_rss_delta_mib"]) < 2 else "")]
+    if device.type == "cpu" and plain["mem_after_load_mib"] < 0.5 * plain["weights_mib"]:
+        lines.append(f"fp32 weights: {plain['mem_after_load_mib']:.0f} MiB resident after loading, "
+                     f"{plain['mem_after_first_call_mib']:.0f} MiB after the first call, of {plain['weights_mib']:.0f} "
+                     "MiB: the safetensors file is memory-mapped and read in as the first call touches it")
+    lines.append(f"{half['technique']}: {half['mem_after_first_call_mib']:.0f} MiB resident after the first call vs "
+                 f"fp32's {plain['mem_after_first_call_mib']:.0f} MiB (weights {half['weights_mib']:.0f} vs "
+                 f"{plain['weights_mib']:.0f} MiB)")
+    return lines
+
+
+def streaming_rows(ctx: cli.Context, s: Settings) -> list[dict]:
+    """Embedding a long list: materialising every input and output vs streaming batches through a generator."""
+    loaded = ctx.load(ENCODER_ROLE)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    long_list = texts.repeated_sentences(s.stream_texts)
+    starts = range(0, len(long_list), STREAM_BATCH)
+    held: dict[str, int] = {}
+
+    def materialised() -> torch.Tensor:
+        inputs = [tokenizer(long_list[i:i + STREAM_BATCH], padding=True, return_tensors="pt").to(ctx.device)
+                  for i in starts]
+        with torch.inference_mode():
+            outputs = [model(**batch) for batch in inputs]  # every full output kept until the end
+        held["materialised"] = sum(o.last_hidden_state.nbytes for o in outputs)
+        return torch.cat([mean_pool(o.last_hidden_state, b["attention_mask"]) for o, b in zip(outputs, inputs)])
+
+    def batches():
+        for i in starts:
+            yield tokenizer(long_list[i:i + STREAM_BATCH], padding=True, return_tensors="pt").to(ctx.device)
+
+    def streamed() -> torch.Tensor:
+        with torch.inference_mode():
+            pooled = [mean_pool(model(**batch).last_hidden_state, batch["attention_mask"]) for batch in batches()]
+        held["streamed"] = sum(p.nbytes for p in pooled)
+        return torch.cat(pooled)
+
+    embeddings: dict[str, torch.Tensor] = {}
+    peaks = {name: peak_while_held(lambda: embeddings.setdefault(name, run()), ctx.device)
+             for name, run in (("streamed", streamed), ("materialised", materialised))}
+    same = cosine_fidelity(embeddings["materialised"].float().cpu(), embeddings["streamed"].float().cpu())["cosine_min"]
+    return [{"technique": f"{name} ({len(long_list)} texts)", "peak_rss_delta_mib": peaks[name] / MIB,
+             "held_mib": held[name] / MIB, "cosine_min": same} for name in peaks]
+
+
+def cleanup_rows(ctx: cli.Context, s: Settings) -> list[dict]:
+    """What del, gc.collect() and torch.cuda.empty_cache() give back after a model and a grad-on output."""
+    where = models.checkpoint(s.speed_role, ctx.source)
+    tokenizer = AutoTokenizer.from_pretrained(where.path)
+    memory.cleanup()
+    steps = [("before load", memory.snapshot())]
+    model = AutoModel.from_pretrained(where.path, dtype=torch.float32, device_map=ctx.device)
+    output = model(**sentence_batch(tokenizer, s.speed_batch, ctx.device)).last_hidden_state
+    steps.append(("model + grad-on output held", memory.snapshot()))
+    del model, output
+    steps.append(("after del", memory.snapshot()))
+    freed = memory.cleanup(trim=False)
+    steps.append(("after gc.collect() + empty_cache()", memory.snapshot()))
+    if memory.trim_heap():
+        steps.append(("after glibc malloc_trim(0)", memory.snapshot()))
+    print(f"cleanup(): gc.collect() + empty_cache() freed {freed['rss_freed_bytes'] / MIB:.1f} MiB RSS, "
+          f"{freed['cuda_reserved_freed_bytes'] / MIB:.1f} MiB CUDA reserved; malloc_trim then returned a further "
+          f"{(steps[3][1].rss_bytes - steps[-1][1].rss_bytes) / MIB:.1f} MiB the C allocator had kept for reuse")
+    base = steps[0][1]
+    return [{"step": step, "rss_mib": snap.rss_bytes / MIB, "rss_vs_start_mib": (snap.rss_bytes - base.rss_bytes) / MIB,
+             "cuda_allocated_mib": snap.cuda_allocated_bytes / MIB, "cuda_reserved_mib": snap.cuda_reserved_bytes / MIB}
+            for step, snap in steps]
+
+
+def offload_rows(ctx: cli.Context, s: Settings) -> tuple[list[dict], str]:
+    """device_map="auto" with a small max_memory: what lands where, and what it costs per call, round-robin."""
+    where = models.checkpoint(OFFLOAD_ROLE, ctx.source)
+    tokenizer = AutoTokenizer.from_pretrained(where.path)
+    cap = {"cpu": OFFLOAD_CAP}
+    if ctx.device.type == "cuda":  # accelerate names GPUs by index: this run's GPU, which need not be GPU 0
+        gpu = ctx.device.index if ctx.device.index is not None else torch.cuda.current_device()
+        cap = {gpu: OFFLOAD_CAP, "cpu": "64GiB"}
+    batch = sentence_batch(tokenizer, 4, ctx.device)
+    runs, loads, placement = {}, {}, {}
+    with tempfile.TemporaryDirectory() as folder:
+        for label, kwargs in (("whole model in memory", dict(device_map=ctx.device)),
+                              (f"device_map='auto', max_memory={cap}",
+                               dict(device_map="auto", max_memory=cap, offload_folder=folder))):
+            model, loads[label] = ctx.meter().time_load(label, lambda: AutoModel.from_pretrained(
+                where.path, dtype=torch.float32, **kwargs))
+            ctx.record(where.info(model, loads[label].seconds))
+            runs[label] = forward(model, batch)
+            placement[label] = dict(Counter(getattr(model, "hf_device_map", {"": str(ctx.device)}).values()))
+        comparison = ctx.meter().compare(runs, items=4, warmup=1, min_rounds=s.rounds, progress="offloading")
+    rows = [{**row, "technique": row["workload"], "load_s": loads[row["workload"]].seconds, "placement":
+             placement[row["workload"]], "peak_rss_delta_mib": loads[row["workload"]].peak_rss_delta_bytes / MIB}
+            for row in comparison.rows(baseline="whole model in memory")]
+    print_table(rows, ["technique", "load_s", "peak_rss_delta_mib", "p50_ms", "speedup", "verdict", "placement"],
+                title=f"{where.label} under a {OFFLOAD_CAP} cap")
+    return rows, verdicts(comparison, "whole model in memory")[0]
+
+
+def memory_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
+    """Peak memory decides whether a model fits at all: how it is loaded, what is kept alive,
+    what cleanup really frees, and what offloading under a memory cap costs per call."""
+    s = ctx.pick(FULL, QUICK)
+    loads = load_rows(ctx, s)
+    print_table(loads, title=f"loading {models.checkpoint(s.speed_role, ctx.source).label} (file already in the "
+                f"page cache; mem = {'CUDA allocated' if ctx.device.type == 'cuda' else 'RSS'}, MiB above the start;"
+                " one load each, so load_s is indicative)")
+    findings = load_findings(loads, ctx.device)
+    print("\n".join(f"  {line}" for line in findings))
+    streams = streaming_rows(ctx, s)
+    print_table(streams, title="a long list through the encoder (same embeddings either way)")
+    cleanup = cleanup_rows(ctx, s)
+    print_table(cleanup, title="del + gc.collect() + torch.cuda.empty_cache(), step by step")
+    offload, offload_line = [], None
+    try:
+        offload, offload_line = offload_rows(ctx, s)
+    except Exception as error:  # accelerate missing or a dispatch this version refuses
+        ctx.report.skip("device_map='auto' offloading", first_line(error))
+    ctx.report.add_chart(memory_chart(loads, streams, offload, ctx.out_dir))
+    ctx.report.add_rows("memory", loads + streams + offload)
+    return {"loads": loads, "findings": findings, "streaming": streams, "cleanup": cleanup, "offload": offload,
+            "verdicts": [offload_line] if offload_line else []}
+
+
+# ------------------------------------------------------------------------------------------ 9. recipe
 
 
 def embed_sorted(model, tokenizer, texts: list[str], batch_size: int = 32, max_length: int = 128) -> torch.Tensor:
@@ -392,779 +929,146 @@ def embed_naive(model: Any, tokenizer: Any, texts: list[str], max_length: int) -
     return torch.cat(rows).detach().float().cpu()
 
 
-# ------------------------------------------------------------------------------------------ 1. device
-
-
-def device_section(ctx: cli.Context) -> dict:
-    """What `auto` chose and why, what the machine offers, and the seed's unconditional .to("cuda") as our error."""
-    cuda = torch.cuda.is_available()
-    flags = devices.cpu_flags()
-    offers = [
-        {"backend": "cuda", "available": cuda,
-         "detail": f"{torch.cuda.device_count()} GPU(s), first: {torch.cuda.get_device_name(0)}" if cuda else
-         (f"torch {torch.__version__} has CUDA {torch.version.cuda} but sees no GPU" if torch.version.cuda else
-          f"torch {torch.__version__} is a CPU-only build")},
-        {"backend": "mps", "available": devices.mps_available(),
-         "detail": "Apple GPU via Metal" if devices.mps_available() else "not an Apple-silicon Mac"},
-        {"backend": "cpu", "available": True,
-         "detail": f"{os.cpu_count()} logical cores; flags {', '.join(flags) or 'unknown'}"},
-    ]
-    print_table(offers, title="What this machine offers")
-    auto = devices.pick_device("auto")
-    reason = {"cuda": "a CUDA GPU is visible", "mps": "no CUDA, but Apple's MPS is available",
-              "cpu": "neither CUDA nor MPS is available"}[auto.type]
-    print(f"\nauto picks the first available of cuda > mps > cpu -> {auto} ({reason}); this run: "
-          f"--device {ctx.args.device} -> {ctx.device}")
-
-    try:
-        torch.zeros(1).to("cuda")  # exactly what the seed's `model = model.to("cuda")` does to every weight
-        raw = "no error here (CUDA is present), but the same line crashes on any machine without it"
-    except (AssertionError, RuntimeError) as error:
-        raw = first_line(error)
-    try:
-        devices.pick_device("cuda")
-        ours = "no error: CUDA is present"
-    except UserError as error:
-        ours = f"UserError (exit 2, one line): {error}"
-    print(f"\n  bad  : model.to('cuda')            -> {raw}")
-    print(f"  ours : pick_device('cuda')         -> {ours}")
-
-    loaded = shared_model(ctx, ENCODER_ROLE)
-    inputs = sentence_batch(loaded.tokenizer, 2, ctx.device)  # the good pattern: inputs follow the model
-    with torch.inference_mode():
-        output = loaded.model(**inputs).last_hidden_state
-    print(f"  good : device = pick_device('auto'); model.to(device); inputs moved too -> output on {output.device}")
-    mixed = None
-    if ctx.device.type != "cpu":  # the other classic: model on the GPU, inputs left on the CPU
-        try:
-            cpu_inputs = {key: value.cpu() for key, value in inputs.items()}
-            with torch.inference_mode():
-                loaded.model(**cpu_inputs)
-            mixed = "no error"
-        except RuntimeError as error:
-            mixed = first_line(error)
-        print(f"  bad  : inputs left on the CPU      -> {mixed}")
-    return {"offers": offers, "auto": str(auto), "auto_reason": reason, "used": str(ctx.device),
-            "bad_pattern_raw_error": raw, "our_error": ours, "good_pattern_output_device": str(output.device),
-            "mixed_devices_error": mixed}
-
-
-# ------------------------------------------------------------------------------------------ 2. threads
-
-
-def thread_counts() -> list[int]:
-    """1, powers of two up to the core count, the core count, and one oversubscribed value (2x cores)."""
-    cores = os.cpu_count() or 1
-    return sorted({1, cores, 2 * cores, *(2**i for i in range(cores.bit_length()) if 2**i <= cores)})
-
-
-def threads_section(ctx: cli.Context) -> dict:
-    """Latency and throughput for torch.set_num_threads over 1..N (+ oversubscribed), single texts and batched."""
-    cpu = torch.device("cpu")
-    loaded = shared_model(ctx, speed_role(ctx), cpu)  # threads only matter for CPU work
-    meter = make_meter(ctx, cpu)
-    batches = {size: sentence_batch(loaded.tokenizer, size, cpu) for size in (1, speed_batch(ctx))}
-    original = torch.get_num_threads()
-    rows = []
-    try:
-        for threads in tqdm(thread_counts(), desc="threads", disable=None, leave=False):
-            torch.set_num_threads(threads)
-            for size, batch in batches.items():
-                m = meter.measure(f"{threads} threads, batch {size}", forward(loaded.model, batch), items=size,
-                                  tokens=real_tokens(batch))
-                rows.append(timing_row(m, threads=threads, batch=size))
-    finally:
-        torch.set_num_threads(original)  # later sections (and the learner's next line) get the default back
-    for row in rows:
-        one_thread = next(r for r in rows if r["batch"] == row["batch"] and r["threads"] == 1)
-        row["speedup_vs_1"] = row["texts_per_s"] / one_thread["texts_per_s"]
-    print_table(rows, ["threads", "batch", "p50_ms", "iqr_ms", "texts_per_s", "speedup_vs_1", "noisy"],
-                title=f"torch.set_num_threads on {loaded.info.label} ({os.cpu_count()} logical cores; "
-                      f"{2 * (os.cpu_count() or 1)} is oversubscribed)")
-    best = {}
-    for size in batches:
-        winner = max((r for r in rows if r["batch"] == size), key=lambda r: r["texts_per_s"])
-        best[str(size)] = winner["threads"]
-        print(f"best for batch {size}: {winner['threads']} threads ({winner['texts_per_s']:.1f} texts/s, "
-              f"{winner['speedup_vs_1']:.2f}x vs 1 thread)")
-    print(f"threads restored to {torch.get_num_threads()}")
-
-    batched = max((r for r in rows if r["batch"] > 1), key=lambda r: r["texts_per_s"])
-    fig, ax = plots.figure(f"Threads: {batched['threads']} is fastest for batch {batched['batch']} "
-                           f"({batched['speedup_vs_1']:.2f}x vs 1 thread)", "torch threads", "speed-up vs 1 thread (x)")
-    for size in batches:
-        points = [r for r in rows if r["batch"] == size]
-        ax.plot([r["threads"] for r in points], [r["speedup_vs_1"] for r in points], marker="o", label=f"batch {size}")
-    ax.axvline(os.cpu_count() or 1, color="grey", linestyle=":", label="logical cores")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(thread_counts(), [str(n) for n in thread_counts()])
-    ax.minorticks_off()
-    ax.legend()
-    ctx.report.add_chart(plots.save(fig, ctx.out_dir, "threads"))
-    ctx.report.add_rows("threads", rows)
-    return {"model": loaded.info.label, "rows": rows, "best_threads": best, "restored_threads": torch.get_num_threads()}
-
-
-# ------------------------------------------------------------------------------------------- 3. grad
-
-
-def grad_section(ctx: cli.Context) -> dict:
-    """Grad enabled vs torch.no_grad() vs torch.inference_mode(): latency and memory on the same batch."""
-    loaded = shared_model(ctx, speed_role(ctx))
-    batch_size = speed_batch(ctx)
-    batch = sentence_batch(loaded.tokenizer, batch_size, ctx.device)
-    meter = make_meter(ctx)
-    rows = []
-    for mode in reversed(GRAD_MODES):  # leanest first, so allocator caching cannot flatter the leaner modes
-        run = forward(loaded.model, batch, grad_mode=mode)
-        rows.append({"mode": mode, "kept_for_backward_mib": saved_for_backward_bytes(loaded.model, run) / memory.MIB,
-                     "peak_mem_delta_mib": peak_memory_delta(run, ctx.device) / memory.MIB})
-    for row in rows:
-        m = meter.measure(row["mode"], forward(loaded.model, batch, grad_mode=row["mode"]), items=batch_size,
-                          tokens=real_tokens(batch))
-        row.update(timing_row(m))
-    rows.reverse()
-    grad_row = rows[0]
-    for row in rows:
-        row["speedup_vs_grad"] = grad_row["p50_ms"] / row["p50_ms"]
-    print_table(rows, ["mode", "p50_ms", "iqr_ms", "speedup_vs_grad", "kept_for_backward_mib", "peak_mem_delta_mib",
-                       "noisy"], title=f"{loaded.info.label}, batch {batch_size}")
-    print("kept_for_backward: activations autograd stores for a backward pass nobody runs (exact, counted with "
-          "saved_tensors_hooks);\npeak_mem_delta: high-water mark above the start while the output is held "
-          f"({'CUDA allocator' if ctx.device.type == 'cuda' else 'process RSS'}).")
-    fastest = max(rows, key=lambda r: r["speedup_vs_grad"])["mode"]
-    ctx.report.add_rows("grad", rows)
-    return {"model": loaded.info.label, "rows": rows, "fastest": fastest}
-
-
-# --------------------------------------------------------------------------------------- 4. precision
-
-
-def precision_section(ctx: cli.Context) -> dict:
-    """fp32 vs autocast vs low-precision weights on the real encoder: speed and embedding fidelity together."""
-    reference = shared_model(ctx, ENCODER_ROLE)  # precision moves outputs, so it is timed where they mean something
-    batch_size = speed_batch(ctx)
-    batch = sentence_batch(reference.tokenizer, batch_size, ctx.device)
-    meter = make_meter(ctx)
-    fp32_embeddings = embed(reference.model, reference.tokenizer, texts.SENTENCES)
-    rows = []
-    for variant in ["fp32", *low_precision_variants(ctx.device)]:
-        precision = variant.split("-")[0]
-        weights = LOW_PRECISION[precision] if variant.endswith("-weights") else None
-        autocast = LOW_PRECISION[precision] if variant.endswith("-autocast") else None
-        model = copy.deepcopy(reference.model).to(weights) if weights else reference.model
-        m = meter.measure(variant, forward(model, batch, autocast), items=batch_size, tokens=real_tokens(batch))
-        with torch.autocast(ctx.device.type, dtype=autocast) if autocast else nullcontext():
-            embeddings = embed(model, reference.tokenizer, texts.SENTENCES)
-        rows.append(timing_row(m, variant=VARIANT_LABELS[variant], key=variant, weights_mib=weights_mib(model),
-                               **cosine_fidelity(fp32_embeddings, embeddings)))
-        del model
-    for row in rows:
-        row["speedup"] = row["texts_per_s"] / rows[0]["texts_per_s"]
-    print_table(rows, ["variant", "p50_ms", "iqr_ms", "texts_per_s", "speedup", "weights_mib", "cosine_mean",
-                       "cosine_min", "noisy"],
-                title=f"{reference.info.label}: speed at batch {batch_size}; fidelity = embeddings of "
-                      f"{len(texts.SENTENCES)} sentences vs fp32")
-    slower = [r["variant"] for r in rows[1:] if r["speedup"] < 1]
-    note = None
-    if ctx.device.type == "cpu" and slower:
-        flags = devices.cpu_flags()
-        native = [f for f in flags if f in ("avx512_bf16", "amx_bf16")]
-        note = (f"{', '.join(slower)} ran slower than fp32 here. This CPU reports {', '.join(flags) or 'no flags'}: "
-                + (f"it has {', '.join(native)}, yet these kernels did not win on this workload."
-                   if native else "no avx512_bf16 or amx_bf16, so bf16 matmuls run on fallback kernels that "
-                   "convert to fp32 as they go; only the weights' memory halves."))
-        print(f"\nnote: {note}")
-
-    fig, ax = plots.figure("Lower precision: speed vs fp32, with fidelity", "variant", "throughput (texts/s)")
-    bars_ = ax.bar([r["variant"] for r in rows], [r["texts_per_s"] for r in rows], color="tab:blue")
-    for patch, row in zip(bars_, rows):
-        ax.annotate(f"{row['speedup']:.2f}x\ncos {row['cosine_min']:.4f}", (patch.get_x() + patch.get_width() / 2,
-                    patch.get_height()), ha="center", va="bottom", fontsize=8)
-    ax.margins(y=0.2)
-    ctx.report.add_chart(plots.save(fig, ctx.out_dir, "precision"))
-    ctx.report.add_rows("precision", rows)
-    return {"model": reference.info.label, "rows": rows, "cpu_flags": devices.cpu_flags(), "note": note}
-
-
-# ------------------------------------------------------------------------------------ 5. quantization
-
-
-def quantized_encoder_rows(ctx: cli.Context, meter: PerformanceMeter) -> list[dict]:
-    """fp32, dynamic int8 and bitsandbytes 8/4-bit encoders: size, speed and embedding cosine vs fp32."""
-    reference = shared_model(ctx, ENCODER_ROLE)
-    batch_size = speed_batch(ctx)
-    batch = sentence_batch(reference.tokenizer, batch_size, ctx.device)
-    fp32_embeddings = embed(reference.model, reference.tokenizer, texts.SENTENCES)
-    rows = []
-    for variant in tqdm(("fp32", "int8-dynamic", "bnb-8bit", "bnb-4bit"), desc="encoder variants", disable=None,
-                        leave=False):
-        problem = variant_unavailable(variant, ctx.device)
-        if problem:
-            ctx.report.skip(f"encoder {VARIANT_LABELS[variant]}", problem)
-            continue
-        try:
-            started = time.perf_counter()
-            model = reference.model if variant == "fp32" else make_variant(ctx, ENCODER_ROLE, variant, ctx.device,
-                                                                            verbose=False)[0]
-            prepare_s = time.perf_counter() - started
-            m = meter.measure(variant, forward(model, batch), items=batch_size, tokens=real_tokens(batch))
-            fidelity = cosine_fidelity(fp32_embeddings, embed(model, reference.tokenizer, texts.SENTENCES))
-        except Exception as error:  # e.g. a bitsandbytes build without this device's backend
-            ctx.report.skip(f"encoder {VARIANT_LABELS[variant]}", first_line(error))
-            continue
-        rows.append(timing_row(m, model="encoder", variant=VARIANT_LABELS[variant], key=variant,
-                               size_mib=weights_mib(model), prepare_s=prepare_s, **fidelity))
-        del model
-        memory.cleanup()
-    return rows
-
-
-def quantized_decoder_rows(ctx: cli.Context, meter: PerformanceMeter) -> tuple[list[dict], dict[str, str]]:
-    """The same variants of the decoder: size, greedy tokens/s and agreement with fp32's greedy tokens."""
-    new_tokens = pick(ctx, GREEDY_TOKENS, QUICK_GREEDY_TOKENS)
-    rows, continuations = [], {}
-    reference_tokens: list[int] | None = None
-    for variant in tqdm(("fp32", "int8-dynamic", "bnb-8bit", "bnb-4bit"), desc="decoder variants", disable=None,
-                        leave=False):
-        problem = variant_unavailable(variant, ctx.device)
-        if ctx.quick and variant.startswith("bnb") and ctx.device.type == "cpu":
-            problem = "--quick (bitsandbytes generation on a CPU takes several seconds per variant; the full run has it)"
-        if problem:
-            ctx.report.skip(f"decoder {VARIANT_LABELS[variant]}", problem)
-            continue
-        try:
-            started = time.perf_counter()
-            if variant == "fp32":
-                loaded = models.load_model(DECODER_ROLE, source=ctx.source, device=ctx.device)
-                ctx.report.add_model(loaded.info.to_dict())
-                model, tokenizer = loaded.model, loaded.tokenizer
-            else:
-                model = make_variant(ctx, DECODER_ROLE, variant, ctx.device, verbose=False)[0]
-            prepare_s = time.perf_counter() - started
-            prompt = {k: v.to(ctx.device) for k, v in tokenizer(DECODER_PROMPT, return_tensors="pt").items()}
-            latest: dict[str, list[int]] = {}
-
-            def generate() -> None:
-                latest["tokens"] = greedy_tokens(model, prompt, new_tokens)
-
-            m = meter.measure(variant, generate, items=1, tokens=new_tokens, warmup=0, min_runs=pick(ctx, 2, 1),
-                              budget_s=0)  # a 32-token generation is its own warm-up; --quick times just one
-        except Exception as error:
-            ctx.report.skip(f"decoder {VARIANT_LABELS[variant]}", first_line(error))
-            if variant == "fp32":
-                return rows, continuations  # nothing to compare the others with
-            continue
-        reference_tokens = reference_tokens or latest["tokens"]
-        continuations[VARIANT_LABELS[variant]] = tokenizer.decode(latest["tokens"], skip_special_tokens=True)
-        rows.append({"model": "decoder", "variant": VARIANT_LABELS[variant], "key": variant,
-                     "size_mib": weights_mib(model), "prepare_s": prepare_s, "p50_ms": m.median_ms,
-                     "iqr_ms": m.stats.iqr * 1e3, "runs": m.stats.count, "tokens_per_s": m.tokens_per_s,
-                     "token_agreement": token_agreement(reference_tokens, latest["tokens"]),
-                     "first_divergence": first_divergence(reference_tokens, latest["tokens"]), "noisy": m.noisy})
-        del model
-        memory.cleanup()
-    return rows, continuations
-
-
-def quantization_section(ctx: cli.Context) -> dict:
-    """Dynamic int8 and bitsandbytes 8/4-bit vs fp32 on real weights: footprint, latency, throughput, fidelity."""
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its per-call "cast to fp16" notice, said once below
-    print(f"dynamic int8: torch.ao.quantization.quantize_dynamic (deprecated in torch {torch.__version__} in favour "
-          f"of torchao, which is {'installed' if importlib.util.find_spec('torchao') else 'not installed here'}; "
-          "it still works). bitsandbytes "
-          f"{devices.package_version('bitsandbytes') or 'missing'}: BitsAndBytesConfig as quantization_config "
-          "(8-bit casts activations to fp16 per call on CPU).")
-    meter = make_meter(ctx)
-    encoder_rows = quantized_encoder_rows(ctx, meter)
-    per_tensor_cosine = None
-    if not variant_unavailable("int8-dynamic", ctx.device):
-        reference = shared_model(ctx, ENCODER_ROLE)
-        per_tensor = quantize_dynamic_int8(copy.deepcopy(reference.model), per_channel=False)
-        per_tensor_cosine = cosine_fidelity(embed(reference.model, reference.tokenizer, texts.SENTENCES),
-                                            embed(per_tensor, reference.tokenizer, texts.SENTENCES))["cosine_mean"]
-        del per_tensor
-    decoder_rows, continuations = quantized_decoder_rows(ctx, meter)
-    for rows, speed_key in ((encoder_rows, "texts_per_s"), (decoder_rows, "tokens_per_s")):
-        for row in rows:
-            row["speedup"] = row[speed_key] / rows[0][speed_key]
-            row["size_pct"] = 100 * row["size_mib"] / rows[0]["size_mib"]
-    print_table(encoder_rows, ["variant", "size_mib", "size_pct", "p50_ms", "iqr_ms", "texts_per_s", "speedup",
-                               "cosine_mean", "cosine_min", "noisy"],
-                title=f"encoder (real weights), batch {speed_batch(ctx)}; fidelity = embedding cosine vs fp32")
-    print_table(decoder_rows, ["variant", "size_mib", "size_pct", "p50_ms", "tokens_per_s", "speedup",
-                               "token_agreement", "first_divergence", "noisy"],
-                title=f"decoder (real weights), {pick(ctx, GREEDY_TOKENS, QUICK_GREEDY_TOKENS)} greedy tokens; "
-                      "fidelity = same token at the same position as fp32")
-    for variant, text in continuations.items():
-        print(f"  {variant:>24}: {DECODER_PROMPT} ->{text[:90]!r}")
-    if per_tensor_cosine is not None:
-        print(f"\ndynamic int8 here uses one weight scale per output row (per-channel); the default single scale per "
-              f"matrix gives encoder cosine {per_tensor_cosine:.4f}. Either way PyTorch's x86 kernels quantise "
-              "activations to 7 bits (reduce_range=True, so AVX2's 8-bit multiply-adds cannot overflow), which is "
-              "where most of the remaining fidelity goes.")
-
-    bars = []
-    int8 = next((r for r in encoder_rows if r["key"] == "int8-dynamic"), None)
-    if int8 is not None:
-        bars.append(bar(BAR_NAMES[2], f">= {INT8_SPEEDUP_TARGET}x throughput at cosine >= {INT8_COSINE_TARGET}",
-                        f"{int8['speedup']:.2f}x at cosine {int8['cosine_mean']:.4f} (min {int8['cosine_min']:.4f})",
-                        int8["speedup"], int8["speedup"] >= INT8_SPEEDUP_TARGET and
-                        int8["cosine_mean"] >= INT8_COSINE_TARGET))
-
-    fig, ax = plots.figure("Quantisation: smaller and faster, at what fidelity?", "weights in memory (% of fp32)",
-                           "speed-up vs fp32 (x)")
-    for rows, marker, fidelity_key, label in ((encoder_rows, "o", "cosine_mean", "encoder: cos"),
-                                              (decoder_rows, "s", "token_agreement", "decoder: tokens")):
-        if rows:
-            ax.scatter([r["size_pct"] for r in rows], [r["speedup"] for r in rows], marker=marker, s=60,
-                       label=label.split(":")[0])
-        for r in rows[1:]:  # rows[0] is fp32 itself: (100%, 1x), labelled once below
-            ax.annotate(f"{r['variant']}\n{label.split(': ')[1]} {r[fidelity_key]:.3f}",
-                        (r["size_pct"], r["speedup"]), textcoords="offset points", xytext=(6, 4), fontsize=7)
-    ax.annotate("fp32 (the reference)", (100, 1), textcoords="offset points", xytext=(-10, 8), ha="right", fontsize=7)
-    ax.axhline(1.0, color="grey", linestyle=":")
-    ax.legend()
-    ctx.report.add_chart(plots.save(fig, ctx.out_dir, "quantization"))
-    ctx.report.add_rows("quantization", encoder_rows + decoder_rows)
-    return {"encoder": encoder_rows, "decoder": decoder_rows, "continuations": continuations,
-            "int8_per_tensor_cosine_mean": per_tensor_cosine, "bars": bars}
-
-
-# ---------------------------------------------------------------------------------------- 6. batching
-
-
-def batching_section(ctx: cli.Context) -> dict:
-    """Pad-to-max vs dynamic vs length-sorted dynamic padding over batch sizes: texts/s, waste, FLOP/s."""
-    loaded = shared_model(ctx, ENCODER_ROLE)
-    model, tokenizer, config = loaded.model, loaded.tokenizer, loaded.model.config
-    texts_ = corpus(ctx)
-    max_length = pick(ctx, MAX_LENGTH, QUICK_MAX_LENGTH)
-    encoded = tokenizer(texts_, truncation=True, max_length=max_length)
-    lengths = [len(ids) for ids in encoded["input_ids"]]
-    print(f"corpus: {len(texts_)} texts, {min(lengths)}-{max(lengths)} tokens (median {sorted(lengths)[len(lengths) // 2]}"
-          f", max_length {max_length}); model {loaded.info.label}; tokenised once up front, so passes time the model")
-    meter = make_meter(ctx)
-    peak_before, peak = matmul_peak_flops(ctx, meter)
-
-    strategies = {"pad to max_length": (False, max_length), "dynamic": (False, None), "dynamic + sorted": (True, None)}
-    passes, outputs, work = {}, {}, {}
-    for batch_size in pick(ctx, BATCH_SIZES, QUICK_BATCH_SIZES):
-        for strategy, (sort, pad_to) in strategies.items():
-            groups = make_batches(lengths, batch_size, sort)
-            tensors = [tokenizer.pad({k: [encoded[k][i] for i in rows_] for k in encoded}, padding="max_length" if
-                                     pad_to else "longest", max_length=pad_to, return_tensors="pt").to(ctx.device)
-                       for rows_ in groups]
-            embeddings = outputs[(strategy, batch_size)] = torch.empty(len(texts_), config.hidden_size,
-                                                                        device=ctx.device)
-
-            def one_pass(groups=groups, tensors=tensors, embeddings=embeddings) -> None:
-                with torch.inference_mode():
-                    for rows_, batch in zip(groups, tensors):
-                        embeddings[rows_] = mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])
-
-            passes[(strategy, batch_size)] = one_pass
-            work[(strategy, batch_size)] = (
-                sum(encoder_forward_flops(config, *batch["input_ids"].shape) for batch in tensors),
-                padding_waste([[lengths[i] for i in g] for g in groups], pad_to))
-    with torch.inference_mode():
-        model(**sentence_batch(tokenizer, 8, ctx.device))  # warm the kernels once, outside every timing
-    timings = interleaved(passes, pick(ctx, PASSES, QUICK_PASSES), ctx.device)
-    rows = []
-    for (strategy, batch_size), stats in timings.items():
-        flops, waste = work[(strategy, batch_size)]
-        rows.append({"strategy": strategy, "batch": batch_size, "pass_s": stats.median, "iqr_s": stats.iqr,
-                     "texts_per_s": len(texts_) / stats.median, "waste_pct": waste["waste_pct"],
-                     "padded_slots": waste["padded_slots"], "gflop_per_s": flops / stats.median / 1e9,
-                     "runs": stats.count, "noisy": stats.count > 2 and stats.iqr / stats.median > NOISY_CV})
-    print_table(rows, ["strategy", "batch", "pass_s", "iqr_s", "texts_per_s", "waste_pct", "gflop_per_s", "noisy"],
-                title="one pass over the corpus per row (median of the passes, taken round-robin)")
-    peak_flops = max(peak_before, matmul_peak_flops(ctx, meter)[0])  # before and after the sweep: load drifts
-    print(f"fp32 matmul peak here: {peak_flops / 1e9:.1f} GFLOP/s (best of {peak.name} before and after the sweep)")
-    baseline = next(r for r in rows if r["strategy"] == "dynamic" and r["batch"] == 1)  # batch 1 never pads
-    reference = outputs[("dynamic", 1)].float().cpu()
-    agreement = {s: min(cosine_fidelity(reference, outputs[(s, b)].float().cpu())["cosine_min"]
-                        for (s2, b) in outputs if s2 == s) for s in strategies}
-    print("worst embedding cosine vs unpadded batch 1: " + ", ".join(f"{s} {c:.6f}" for s, c in agreement.items())
-          + " (padding is masked out, so only float rounding differs)")
-
-    best = max((r for r in rows if r["batch"] > 1), key=lambda r: r["texts_per_s"], default=baseline)
-    densest = max(rows, key=lambda r: r["gflop_per_s"])
-    best_sorted = max((r for r in rows if r["strategy"] == "dynamic + sorted"), key=lambda r: r["texts_per_s"])
-    best_padded = max((r for r in rows if r["strategy"] == "pad to max_length"), key=lambda r: r["texts_per_s"])
-    fraction = densest["gflop_per_s"] * 1e9 / peak_flops
-    sorted_ratio = best_sorted["texts_per_s"] / best_padded["texts_per_s"]
-    bars = [
-        bar(BAR_NAMES[0], "a ratio (no target)", f"{best['texts_per_s'] / baseline['texts_per_s']:.2f}x "
-            f"({best['strategy']}, batch {best['batch']} vs batch 1)", best["texts_per_s"] / baseline["texts_per_s"],
-            None),
-        bar(BAR_NAMES[1], f">= {FLOPS_FRACTION_TARGET:.0%} of {peak_flops / 1e9:.1f} GFLOP/s",
-            f"{fraction:.0%} ({densest['gflop_per_s']:.1f} GFLOP/s, {densest['strategy']}, batch {densest['batch']})",
-            fraction, fraction >= FLOPS_FRACTION_TARGET),
-        bar(BAR_NAMES[3], f">= {SORTED_SPEEDUP_TARGET}x texts/s", f"{sorted_ratio:.2f}x (batch {best_sorted['batch']} "
-            f"vs batch {best_padded['batch']}, each at its best)", sorted_ratio, sorted_ratio >= SORTED_SPEEDUP_TARGET),
-    ]
-
-    fig, ax = plots.figure(f"Sorted dynamic padding: {sorted_ratio:.1f}x the texts/s of pad-to-max (each at its best)", "batch size (texts)", "throughput (texts/s)")
-    for strategy in strategies:
-        points = [r for r in rows if r["strategy"] == strategy]
-        ax.plot([r["batch"] for r in points], [r["texts_per_s"] for r in points], marker="o",
-                label=f"{strategy} (waste {points[-1]['waste_pct']:.0f}% at batch {points[-1]['batch']})")
-    ax.set_xscale("log", base=2)
-    sizes = sorted({r["batch"] for r in rows})
-    ax.set_xticks(sizes, [str(size) for size in sizes])
-    ax.minorticks_off()
-    ax.legend()
-    ctx.report.add_chart(plots.save(fig, ctx.out_dir, "batching"))
-    ctx.report.add_rows("batching", rows)
-    return {"model": loaded.info.label, "texts": len(texts_), "max_length": max_length, "rows": rows,
-            "matmul_peak_gflop_per_s": peak_flops / 1e9, "cosine_vs_batch1": agreement,
-            "best_sorted_batch": best_sorted["batch"], "bars": bars}
-
-
-# ------------------------------------------------------------------------------- 7. attention, compile
-
-
-def compile_problem(ctx: cli.Context) -> str | None:
-    """Why torch.compile is not tried here, or None."""
-    if ctx.quick:
-        return "--quick (compiling takes tens of seconds on a small CPU)"
-    if ctx.device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++") if c):
-        return "no C++ compiler on PATH (inductor needs g++ or clang++ for CPU kernels)"
-    if ctx.device.type == "cuda" and importlib.util.find_spec("triton") is None:
-        return "triton is not installed (inductor's GPU kernels need it)"
-    if ctx.device.type == "mps":
-        return "inductor's MPS backend is experimental; not measured"
-    return None
-
-
-def attention_section(ctx: cli.Context) -> dict:
-    """attn_implementation eager vs sdpa on the same batch, then torch.compile: compile time vs steady state."""
-    role = speed_role(ctx)
-    batch_size = speed_batch(ctx)
-    meter = make_meter(ctx)
-    rows, hidden = [], {}
-    batch = None
-    for implementation in ("eager", "sdpa"):
-        loaded = models.load_model(role, source=ctx.source, device=ctx.device, attn_implementation=implementation)
-        label = loaded.info.label
-        batch = batch or sentence_batch(loaded.tokenizer, batch_size, ctx.device)
-        run = forward(loaded.model, batch)
-        m = meter.measure(implementation, run, items=batch_size, tokens=real_tokens(batch))
-        hidden[implementation] = run().flatten(1).float().cpu()
-        rows.append(timing_row(m, variant=f'attn_implementation="{implementation}"', key=implementation))
-        if implementation == "sdpa":
-            sdpa_model = loaded.model
-    agreement = cosine_fidelity(hidden["eager"], hidden["sdpa"])["cosine_min"]
-
-    problem = compile_problem(ctx)
-    compile_s = None
-    if problem:
-        ctx.report.skip("torch.compile", problem)
-    else:
-        try:
-            compiled = torch.compile(sdpa_model)
-            started = time.perf_counter()
-            first = forward(compiled, batch)()
-            first_call_s = time.perf_counter() - started
-            m = meter.measure("torch.compile (sdpa)", forward(compiled, batch), items=batch_size,
-                              tokens=real_tokens(batch))
-            compile_s = first_call_s - m.stats.median
-            rows.append(timing_row(m, variant="sdpa + torch.compile", key="compiled", compile_s=compile_s))
-            agreement = min(agreement, cosine_fidelity(hidden["sdpa"], first.flatten(1).float().cpu())["cosine_min"])
-        except Exception as error:  # a broken toolchain shows up only when inductor builds its first kernel
-            ctx.report.skip("torch.compile", first_line(error))
-    for row in rows:
-        row["speedup_vs_eager"] = rows[0]["p50_ms"] / row["p50_ms"]
-    print_table(rows, ["variant", "p50_ms", "iqr_ms", "texts_per_s", "speedup_vs_eager", "compile_s", "noisy"],
-                title=f"{label}, batch {batch_size}")
-    print(f"worst output cosine between variants: {agreement:.6f} (same weights, so this checks equivalence, "
-          "not quality)")
-    if compile_s is not None:
-        gain_s = (rows[1]["p50_ms"] - rows[-1]["p50_ms"]) / 1e3
-        break_even = compile_s / gain_s if gain_s > 0 else None
-        print(f"torch.compile: {compile_s:.1f} s of compiling before the first answer; "
-              + (f"it pays for itself after ~{break_even:,.0f} calls of this exact shape (a new shape recompiles)"
-                 if break_even else "no steady-state gain here, so it never pays back"))
-    faster = min(rows[:2], key=lambda r: r["p50_ms"])["key"]
-    ctx.report.add_rows("attention", rows)
-    return {"rows": rows, "faster_attention": faster, "cosine_min_between_variants": agreement,
-            "compile_s": compile_s, "compile_skipped": problem}
-
-
-# ------------------------------------------------------------------------------------------ 8. memory
-
-
-def resident_bytes(device: torch.device) -> int:
-    """Memory the model lives in: the CUDA allocator's bytes on a GPU, the process RSS otherwise."""
-    return torch.cuda.memory_allocated() if device.type == "cuda" else memory.rss_bytes()
-
-
-def load_rows(ctx: cli.Context, meter: PerformanceMeter) -> list[dict]:
-    """Load time and peak RSS of the speed model: plain, low_cpu_mem_usage, device_map, half-precision dtype."""
-    role = speed_role(ctx)
-    half = torch.float16 if ctx.device.type == "cuda" else torch.bfloat16
-    variants = [
-        ("plain from_pretrained", {"device_map": None}),
-        ("low_cpu_mem_usage=True", {"device_map": None, "low_cpu_mem_usage": True}),
-        (f'device_map="{ctx.device}"', {"device_map": str(ctx.device)}),
-        (f"dtype={str(half).replace('torch.', '')}", {"dtype": half}),
-    ]
-    models.load_model(role, source=ctx.source, device=ctx.device, verbose=False)  # file now in the page cache
-    rows = []
-    for label, kwargs in variants:
-        def load() -> models.LoadedModel:
-            loaded = models.load_model(role, source=ctx.source, device=ctx.device, verbose=False, **kwargs)
-            if kwargs.get("device_map", "set") is None:
-                loaded.model.to(ctx.device)
-            return loaded
-
-        memory.cleanup()
-        start = resident_bytes(ctx.device)
-        loaded, load_m = meter.time_load(label, load)
-        after_load = resident_bytes(ctx.device)
-        with torch.inference_mode():
-            loaded.model(**sentence_batch(loaded.tokenizer, 1, ctx.device))
-        rows.append({"technique": label, "load_s": load_m.seconds, "peak_rss_delta_mib": load_m.peak_rss_delta_bytes
-                     / memory.MIB, "mem_after_load_mib": (after_load - start) / memory.MIB,
-                     "mem_after_first_call_mib": (resident_bytes(ctx.device) - start) / memory.MIB,
-                     "weights_mib": weights_mib(loaded.model)})
-        del loaded
-    return rows
-
-
-def streaming_rows(ctx: cli.Context) -> list[dict]:
-    """Embedding a long list: materialising every input and output vs streaming batches through a generator."""
-    loaded = shared_model(ctx, ENCODER_ROLE)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    long_list = texts.repeated_sentences(pick(ctx, STREAM_TEXTS, QUICK_STREAM_TEXTS))
-    starts = range(0, len(long_list), STREAM_BATCH)
-    held: dict[str, int] = {}
-
-    def materialised() -> torch.Tensor:
-        inputs = [tokenizer(long_list[s:s + STREAM_BATCH], padding=True, return_tensors="pt").to(ctx.device)
-                  for s in starts]
-        with torch.inference_mode():
-            outputs = [model(**batch) for batch in inputs]  # every full output kept until the end
-        held["materialised"] = sum(o.last_hidden_state.nbytes for o in outputs)
-        return torch.cat([mean_pool(o.last_hidden_state, b["attention_mask"]) for o, b in zip(outputs, inputs)])
-
-    def batches():
-        for s in starts:
-            yield tokenizer(long_list[s:s + STREAM_BATCH], padding=True, return_tensors="pt").to(ctx.device)
-
-    def streamed() -> torch.Tensor:
-        with torch.inference_mode():
-            pooled = [mean_pool(model(**batch).last_hidden_state, batch["attention_mask"]) for batch in batches()]
-        held["streamed"] = sum(p.nbytes for p in pooled)
-        return torch.cat(pooled)
-
-    results: dict[str, torch.Tensor] = {}
-    peaks = {name: peak_memory_delta(lambda: results.setdefault(name, fn()), ctx.device)
-             for name, fn in (("streamed", streamed), ("materialised", materialised))}
-    same = cosine_fidelity(results["materialised"].float().cpu(), results["streamed"].float().cpu())["cosine_min"]
-    return [{"technique": f"{name} ({len(long_list)} texts)", "peak_rss_delta_mib": peaks[name] / memory.MIB,
-             "held_mib": held[name] / memory.MIB, "cosine_min": same} for name in peaks]
-
-
-def cleanup_rows(ctx: cli.Context) -> list[dict]:
-    """What del, gc.collect() and torch.cuda.empty_cache() give back after a model and a grad-on output."""
-    memory.cleanup()
-    steps = [("before load", memory.snapshot())]
-    loaded = models.load_model(speed_role(ctx), source=ctx.source, device=ctx.device, verbose=False)
-    output = loaded.model(**sentence_batch(loaded.tokenizer, speed_batch(ctx), ctx.device)).last_hidden_state
-    steps.append(("model + grad-on output held", memory.snapshot()))
-    del loaded, output
-    steps.append(("after del", memory.snapshot()))
-    freed = memory.cleanup(trim=False)
-    steps.append(("after gc.collect() + empty_cache()", memory.snapshot()))
-    if memory.trim_heap():
-        steps.append(("after glibc malloc_trim(0)", memory.snapshot()))
-    base = steps[0][1]
-    print(f"cleanup(): gc.collect() + empty_cache() freed {freed['rss_freed_bytes'] / memory.MIB:.1f} MiB RSS, "
-          f"{freed['cuda_reserved_freed_bytes'] / memory.MIB:.1f} MiB CUDA reserved; freed pages the C allocator keeps "
-          "for reuse still count in RSS until malloc_trim hands them back")
-    return [{"step": step, "rss_mib": snap.rss_bytes / memory.MIB, "rss_vs_start_mib": (snap.rss_bytes - base.rss_bytes)
-             / memory.MIB, "cuda_allocated_mib": snap.cuda_allocated_bytes / memory.MIB,
-             "cuda_reserved_mib": snap.cuda_reserved_bytes / memory.MIB} for step, snap in steps]
-
-
-def offload_rows(ctx: cli.Context, meter: PerformanceMeter) -> list[dict]:
-    """device_map="auto" with a small max_memory: what lands where, and what it costs per call."""
-    cap = {0: OFFLOAD_CAP, "cpu": "64GiB"} if ctx.device.type == "cuda" else {"cpu": OFFLOAD_CAP}
-    rows = []
-    with tempfile.TemporaryDirectory() as folder:
-        for label, kwargs in (("whole model in memory", {}),
-                              (f"device_map='auto', max_memory={cap}", {"device_map": "auto", "max_memory": cap,
-                                                                        "offload_folder": folder})):
-            loaded, load_m = meter.time_load(label, lambda: models.load_model(
-                OFFLOAD_ROLE, source=ctx.source, device=ctx.device, **kwargs))
-            batch = sentence_batch(loaded.tokenizer, 4, ctx.device)
-            m = meter.measure(label, forward(loaded.model, batch), items=4, tokens=real_tokens(batch))
-            placement = Counter(getattr(loaded.model, "hf_device_map", {"": str(ctx.device)}).values())
-            rows.append(timing_row(m, technique=label, load_s=load_m.seconds, peak_rss_delta_mib=
-                                   load_m.peak_rss_delta_bytes / memory.MIB, placement=dict(placement)))
-            del loaded
-            memory.cleanup()
-    rows[1]["slowdown"] = rows[1]["p50_ms"] / rows[0]["p50_ms"]
-    return rows
-
-
-def memory_section(ctx: cli.Context) -> dict:
-    """Lean loading, streaming vs materialising, what cleanup frees, and offloading under a memory cap."""
-    meter = make_meter(ctx)
-    loads = load_rows(ctx, meter)
-    print_table(loads, ["technique", "load_s", "peak_rss_delta_mib", "mem_after_load_mib", "mem_after_first_call_mib",
-                        "weights_mib"],
-                title=f"loading {models.resolve(speed_role(ctx), ctx.source)[1].name} (file already in the page cache;"
-                      f" mem = {'CUDA allocated' if ctx.device.type == 'cuda' else 'RSS'}, MiB above the start)")
-    print(f"transformers {devices.package_version('transformers')} drops low_cpu_mem_usage without a word: v5 always "
-          "builds the model on the meta device and memory-maps the safetensors file, so fp32 weights only become "
-          "resident when the first call reads them; a half-precision dtype must convert (read) everything at load, "
-          "and is what really halves the footprint.")
-    streams = streaming_rows(ctx)
-    print_table(streams, ["technique", "peak_rss_delta_mib", "held_mib", "cosine_min"],
-                title="a long list through the encoder (same embeddings either way)")
-    cleanup = cleanup_rows(ctx)
-    print_table(cleanup, title="del + gc.collect() + torch.cuda.empty_cache(), step by step")
-    offload: list[dict] = []
-    try:
-        offload = offload_rows(ctx, meter)
-        print_table(offload, ["technique", "load_s", "peak_rss_delta_mib", "p50_ms", "slowdown", "placement"],
-                    title=f"{OFFLOAD_ROLE} twin (random weights: plumbing and cost only) under a {OFFLOAD_CAP} cap")
-        print("offloaded modules are read back from disk (or CPU) on every call: it fits, and it is slower.")
-    except Exception as error:  # accelerate missing or a dispatch this version refuses
-        ctx.report.skip("device_map='auto' offloading", first_line(error))
-
-    bars_ = [(f"load: {r['technique']}", r["mem_after_first_call_mib"]) for r in loads]
-    bars_ += [(f"embed list: {r['technique'].split(' (')[0]}", r["peak_rss_delta_mib"]) for r in streams]
-    bars_ += [(f"offload: {'cap ' + OFFLOAD_CAP if 'max_memory' in r['technique'] else 'none'}",
-               r["peak_rss_delta_mib"]) for r in offload]
-    fig, ax = plots.figure("What each technique costs in memory", "MiB above the start (loads: after the first "
-                           "call; others: peak)", "", size=(8, 5.2))
-    ax.barh([label for label, _ in bars_][::-1], [value for _, value in bars_][::-1], color="tab:purple")
-    ctx.report.add_chart(plots.save(fig, ctx.out_dir, "memory"))
-    ctx.report.add_rows("memory", loads + streams + offload)
-    return {"loads": loads, "streaming": streams, "cleanup": cleanup, "offload": offload}
-
-
-# ------------------------------------------------------------------------------------------ 9. recipe
-
-
-def choose_recipe(ctx: cli.Context, results: dict[str, Any]) -> tuple[dict[str, Any], list[dict]]:
-    """The best setting for each knob from the sections that ran (a safe default, said so, for the rest)."""
+def choose_recipe(results: dict[str, Any], device: torch.device) -> tuple[dict[str, Any], list[dict]]:
+    """Each knob set by its section's verdict (a safe default, said so, where a section did not run)."""
     found = {name: result for name, result in results.items() if result}
     choice: dict[str, Any] = {"threads": torch.get_num_threads(), "variant": "fp32", "attention": "sdpa",
-                              "batch": RECIPE_DEFAULT_BATCH}
+                              "batch": RECIPE_DEFAULT_BATCH, "compile": False}
     evidence = {knob: "default (its section did not run)" for knob in choice}
     if "threads" in found:
-        choice["threads"] = found["threads"]["best_threads"][str(speed_batch(ctx))]
-        evidence["threads"] = f"section 2: fastest at batch {speed_batch(ctx)}"
-    candidates = [(row["speedup"], row["key"], "section 4", row["cosine_min"])
-                  for row in (found.get("precision") or {}).get("rows", [])[1:]]
-    candidates += [(row["speedup"], row["key"], "section 5", row["cosine_mean"])
-                   for row in (found.get("quantization") or {}).get("encoder", [])[1:]]
-    good = [c for c in candidates if c[0] >= WORTH_IT and c[3] >= FIDELITY_FLOOR
-            and not variant_unavailable(c[1], ctx.device)]
+        size, choice["threads"] = max(found["threads"]["best_threads"].items(), key=lambda item: int(item[0]))
+        evidence["threads"] = f"section 2, batch {size}: " + found["threads"]["decisions"][size]
+    candidates = [(row["speedup"], row["key"], where, row["cosine_min"], row["verdict"])
+                  for where, rows in (("section 4", (found.get("precision") or {}).get("rows", [])),
+                                      ("section 5", (found.get("quantization") or {}).get("encoder", [])))
+                  for row in rows if row["key"] != "fp32"]
+    good = [c[:4] for c in candidates if c[4] == "faster" and c[3] >= FIDELITY_FLOOR
+            and not variant_unavailable(c[1], device)]
     if good:
-        speedup, choice["variant"], where, fidelity = max(good)
-        evidence["variant"] = f"{where}: {speedup:.2f}x at cosine {fidelity:.4f}"
+        speedup, choice["variant"], where, cosine = max(good)
+        evidence["variant"] = f"{where}: {speedup:.2f}x faster than fp32 (verdict: faster) at worst cosine {cosine:.4f}"
     elif candidates:
-        evidence["variant"] = f"sections 4-5: nothing was >= {WORTH_IT}x faster at cosine >= {FIDELITY_FLOOR}"
+        evidence["variant"] = f"sections 4-5: no variant was measurably faster at cosine >= {FIDELITY_FLOOR}"
     if "attention" in found:
-        choice["attention"] = found["attention"]["faster_attention"]
-        evidence["attention"] = "section 7: faster of eager/sdpa"
+        choice["attention"] = found["attention"]["attention_choice"]
+        evidence["attention"] = f"section 7: sdpa vs eager verdict '{found['attention']['attention_verdict']}'" + (
+            " (a tie keeps the default)" if found["attention"]["attention_verdict"] == "same" else "")
+        compiled = found["attention"].get("compile")
+        if compiled:
+            choice["compile"] = compiled["verdict"] == "faster" and choice["variant"] == "fp32"
+            evidence["compile"] = f"section 7: {compiled['verdict_line']}" + (
+                "" if choice["variant"] == "fp32" or compiled["verdict"] != "faster"
+                else f"; measured on fp32 only, so not combined with {VARIANT_LABELS[choice['variant']]}")
+        else:
+            evidence["compile"] = f"section 7 did not measure it ({found['attention']['compile_skipped']})"
     if "batching" in found:
         choice["batch"] = found["batching"]["best_sorted_batch"]
-        evidence["batch"] = "section 6: best batch for length-sorted dynamic padding"
+        evidence["batch"] = "section 6: fastest batch for length-sorted dynamic padding"
     rows = [{"knob": knob, "choice": VARIANT_LABELS.get(str(value), value), "evidence": evidence[knob]}
             for knob, value in choice.items()]
-    speedups = {row["mode"]: row["speedup_vs_grad"] for row in (found.get("grad") or {}).get("rows", [])}
-    rows.append({"knob": "gradients", "choice": "torch.inference_mode()", "evidence": "section 3: " + ", ".join(
-        f"{mode} {speedup:.2f}x" for mode, speedup in speedups.items() if mode != "grad enabled") + " vs grad on"
-        if speedups else "default: inference never needs autograd"})
-    rows.append({"knob": "torch.compile", "choice": "not used", "evidence": "dynamic padding makes new shapes, and "
-                 "each new shape recompiles"})
+    grad = found.get("grad")
+    rows.append({"knob": "gradients", "choice": "torch.inference_mode()", "evidence": (
+        f"section 3: {grad['inference_mode_verdict']}; grad enabled kept {grad['kept_by_grad_mib']:.1f} MiB for a "
+        "backward pass") if grad else "default: inference never needs autograd"})
     return choice, rows
 
 
-def recipe_snippet(choice: dict[str, Any], hub_id: str, max_length: int, speedup: float, cosine: float,
-                   device: torch.device) -> str:
+def recipe_model(ctx: cli.Context, choice: dict[str, Any]) -> tuple[Any, torch.dtype | None]:
+    """The recipe's model, loaded with its attention and precision choices (quantised or compiled if chosen),
+    and the autocast dtype to run it under."""
+    where = models.checkpoint(ENCODER_ROLE, ctx.source)
+    variant = choice["variant"]
+    precision = LOW_PRECISION.get(variant.split("-")[0])
+    started = time.perf_counter()
+    if variant.startswith("bnb"):
+        model = quantization_recipes(where, None, ctx.device, attn_implementation=choice["attention"])[variant]()
+    else:
+        model = AutoModel.from_pretrained(where.path, attn_implementation=choice["attention"], device_map=ctx.device,
+                                          dtype=precision if variant.endswith("-weights") else torch.float32)
+    ctx.record(where.info(model, time.perf_counter() - started))
+    if variant == "int8-dynamic":
+        model = int8_dynamic(model)
+    if choice["compile"]:
+        model = torch.compile(model)
+    return model, precision if variant.endswith("-autocast") else None
+
+
+def recipe_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
+    """The winners above, combined and measured end to end against the naive baseline in this same run;
+    the snippet printed at the end calls exactly the function that was timed."""
+    s = ctx.pick(FULL, QUICK)
+    choice, choice_rows = choose_recipe(results, ctx.device)
+    print_table(choice_rows, title="the recipe's choices")
+    naive = ctx.load(ENCODER_ROLE)
+    best, autocast = recipe_model(ctx, choice)
+    corpus = mixed_corpus(ctx, s)
+    outputs: dict[str, torch.Tensor] = {}
+
+    def naive_pass() -> None:
+        outputs["naive"] = embed_naive(naive.model, naive.tokenizer, corpus, s.max_length)  # grad stays on
+
+    def recipe_pass() -> None:
+        default = torch.get_num_threads()
+        torch.set_num_threads(choice["threads"])
+        try:
+            with torch.autocast(ctx.device.type, dtype=autocast) if autocast else nullcontext():
+                outputs["recipe"] = embed_sorted(best, naive.tokenizer, corpus, choice["batch"], s.max_length)
+        finally:
+            torch.set_num_threads(default)  # the naive pass keeps torch's default, as a learner's first try would
+
+    comparison = ctx.meter().compare({"naive": naive_pass, "recipe": recipe_pass}, items=len(corpus), warmup=1,
+                                     min_rounds=s.rounds, budget_s=0, progress="naive vs recipe")
+    rows = comparison.rows(baseline="naive")
+    print_table(rows, ["workload", "p50_ms", "iqr_ms", "runs", "items_per_s", "speedup", "verdict"],
+                title=f"{len(corpus)} mixed-length texts end to end (tokenising included), {naive.info.label}; "
+                      "naive = fp32, batch 1, grad on, pad to max_length")
+    line = verdicts(comparison, "naive")[0]
+    speedup, low, high = comparison.ratio("recipe", "naive")
+    fidelity = cosine_fidelity(outputs["naive"], outputs["recipe"])
+    print(f"embedding cosine vs naive: mean {fidelity['cosine_mean']:.5f}, worst {fidelity['cosine_min']:.5f}")
+    entry = models.CATALOG.get(naive.info.name)
+    measured = (f"{speedup:.1f}x the naive baseline's speed ({comparison.verdict('recipe', 'naive')}, interval "
+                f"{low:.1f}-{high:.1f} over {comparison.rounds} rounds), worst cosine {fidelity['cosine_min']:.4f}")
+    snippet = recipe_snippet(choice, entry.hub_id if entry else naive.info.name, s.max_length, measured, ctx.device)
+    print("\nready to paste:\n" + "-" * 78 + f"\n{snippet}\n" + "-" * 78)
+    ctx.report.add_rows("recipe", rows)
+    return {"choices": choice_rows, "choice": choice, "rows": rows, "speedup": speedup,
+            "verdict": comparison.verdict("recipe", "naive"), "verdicts": [line], **fidelity, "snippet": snippet}
+
+
+def recipe_snippet(choice: dict[str, Any], hub_id: str, max_length: int, measured: str, device: torch.device) -> str:
     """The chosen combination as code a learner can paste (it calls exactly the function that was measured)."""
     variant = choice["variant"]
     load_args = f'"{hub_id}", attn_implementation="{choice["attention"]}"'
-    lines = [f"# measured here: {speedup:.1f}x faster than fp32 / batch 1 / grad on / pad to max_length, "
-             f"worst cosine {cosine:.4f}", "import torch", "from transformers import AutoModel, AutoTokenizer"]
+    lines = [f"# measured here: {measured}", "import torch", "from transformers import AutoModel, AutoTokenizer"]
+    dtype = str(LOW_PRECISION.get(variant.split("-")[0]))  # e.g. "torch.bfloat16"
     if variant.startswith("bnb"):
         lines[-1] += ", BitsAndBytesConfig"
-        config = ("BitsAndBytesConfig(load_in_8bit=True)" if variant == "bnb-8bit" else
-                  'BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")')
-        load_args += f", quantization_config={config}"
-    load_args += f', device_map="{device.type}"'
+        config = ("BitsAndBytesConfig(load_in_8bit=True)" if variant == "bnb-8bit" else 'BitsAndBytesConfig('
+                  f'load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype={bnb_compute_dtype(device)})')
+        load_args += f", dtype=torch.float32, quantization_config={config}"
+    else:
+        load_args += f", dtype={dtype if variant.endswith('-weights') else 'torch.float32'}"
     lines += ["", f"torch.set_num_threads({choice['threads']})",
               f'tokenizer = AutoTokenizer.from_pretrained("{hub_id}")',
-              f"model = AutoModel.from_pretrained({load_args}).eval()"]
-    dtype = str(LOW_PRECISION.get(variant.split("-")[0]))  # e.g. "torch.bfloat16"
+              f'model = AutoModel.from_pretrained({load_args}, device_map="{device.type}")']
     if variant == "int8-dynamic":
         lines.append("model = torch.ao.quantization.quantize_dynamic(\n    model, {torch.nn.Linear: "
                      "torch.ao.quantization.per_channel_dynamic_qconfig}, dtype=torch.qint8)")
-    elif variant.endswith("-weights"):
-        lines.append(f"model = model.to({dtype})")
+    if choice["compile"]:
+        lines.append("model = torch.compile(model)  # the first calls compile; later shapes reuse a dynamic graph")
     call = f"embeddings = embed_sorted(model, tokenizer, texts, batch_size={choice['batch']}, max_length={max_length})"
     if variant.endswith("-autocast"):
         call = f'with torch.autocast("{device.type}", dtype={dtype}):\n    {call}'
     return "\n".join(lines) + "\n\n\n" + inspect.getsource(embed_sorted) + "\n\ntexts = [...]  # your texts\n" + call
 
 
-def recipe_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
-    """Best combination vs the naive baseline, end to end (tokenising included) on the mixed corpus."""
-    choice, choice_rows = choose_recipe(ctx, results)
-    print_table(choice_rows, title="the recipe's choices")
-    naive = shared_model(ctx, ENCODER_ROLE)
-    best_model, autocast = make_variant(ctx, ENCODER_ROLE, choice["variant"], ctx.device,
-                                        attn_implementation=choice["attention"])
-    texts_ = corpus(ctx)
-    max_length = pick(ctx, MAX_LENGTH, QUICK_MAX_LENGTH)
-    outputs: dict[str, torch.Tensor] = {}
-
-    def naive_pass() -> None:
-        outputs["naive"] = embed_naive(naive.model, naive.tokenizer, texts_, max_length)  # grad stays on
-
-    def best_pass() -> None:
-        original = torch.get_num_threads()
-        torch.set_num_threads(choice["threads"])
-        try:
-            with torch.autocast(ctx.device.type, dtype=autocast) if autocast else nullcontext():
-                outputs["best"] = embed_sorted(best_model, naive.tokenizer, texts_, choice["batch"], max_length)
-        finally:
-            torch.set_num_threads(original)  # the naive pass keeps torch's default, as a learner's first try would
-
-    best_pass()  # the freshly loaded model's first call, outside the timing (the naive model is already warm)
-    timings = interleaved({"naive": naive_pass, "recipe": best_pass}, pick(ctx, RECIPE_RUNS, QUICK_RECIPE_RUNS),
-                          ctx.device)
-    speedup = timings["naive"].median / timings["recipe"].median
-    fidelity = cosine_fidelity(outputs["naive"], outputs["best"])
-    rows = [{"pipeline": label, "p50_s": stats.median, "iqr_s": stats.iqr, "runs": stats.count,
-             "texts_per_s": len(texts_) / stats.median}
-            for label, stats in (("naive: fp32, batch 1, grad on, pad to max_length", timings["naive"]),
-                                 ("recipe", timings["recipe"]))]
-    print_table(rows, title=f"{len(texts_)} mixed-length texts end to end (tokenising included), {naive.info.label}; "
-                            "runs taken round-robin")
-    print(f"\nspeed-up {speedup:.2f}x, embedding cosine vs naive: mean {fidelity['cosine_mean']:.5f}, worst "
-          f"{fidelity['cosine_min']:.5f}")
-    entry = models.CATALOG.get(naive.info.name)
-    snippet = recipe_snippet(choice, entry.hub_id if entry else naive.info.name, max_length, speedup,
-                             fidelity["cosine_min"], ctx.device)
-    print("\nready to paste:\n" + "-" * 78 + f"\n{snippet}\n" + "-" * 78)
-    ctx.report.add_rows("recipe", rows)
-    return {"choices": choice_rows, "rows": rows, "speedup": speedup, **fidelity, "snippet": snippet}
-
-
-# ------------------------------------------------------------------------------------------- bars, main
+# ------------------------------------------------------------------------------------------- bars
 
 
 def bars_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
-    """Every performance bar in one table; a bar whose section did not run says so."""
+    """What this lesson set out to show, target vs measured;
+    a bar whose section did not run says so."""
     measured = {b["bar"]: b for result in results.values() if result for b in result.get("bars", [])}
     bars = [measured.get(name, {"bar": name, "target": "-", "measured": "not measured (its section did not run "
                                 "or failed)", "value": None, "status": "NOT RUN"}) for name in BAR_NAMES]
@@ -1173,62 +1077,128 @@ def bars_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
             "miss": sum(b["status"] == "MISS" for b in bars)}
 
 
+# ------------------------------------------------------------------------------------------- charts
+
+
+def threads_chart(rows: list[dict], out_dir: Any) -> Any:
+    """Speed-up over 1 thread by thread count, one line per batch size, with the paired-ratio intervals."""
+    batched = max((r for r in rows if r["batch"] > 1), key=lambda r: r["speedup"])
+    fig, ax = plots.figure(f"Threads: {batched['threads']} is fastest for batch {batched['batch']} "
+                           f"({batched['speedup']:.2f}x vs 1 thread)", "torch threads", "speed-up vs 1 thread (x)")
+    for size in sorted({r["batch"] for r in rows}):
+        points = [r for r in rows if r["batch"] == size]
+        ax.errorbar([r["threads"] for r in points], [r["speedup"] for r in points], marker="o", capsize=3,
+                    yerr=[[r["speedup"] - r["speedup_low"] for r in points],
+                          [r["speedup_high"] - r["speedup"] for r in points]], label=f"batch {size}")
+    ax.axvline(os.cpu_count() or 1, color="grey", linestyle=":", label="logical cores")
+    ax.set_xscale("log", base=2)
+    counts = sorted({r["threads"] for r in rows})
+    ax.set_xticks(counts, [str(n) for n in counts])
+    ax.minorticks_off()
+    ax.legend()
+    return plots.save(fig, out_dir, "threads")
+
+
+def precision_chart(rows: list[dict], out_dir: Any) -> Any:
+    """Throughput per precision variant, annotated with speed-up and worst cosine."""
+    fig, ax = plots.figure("Lower precision: speed vs fp32, with fidelity", "variant", "throughput (texts/s)")
+    patches = ax.bar([r["variant"] for r in rows], [r["items_per_s"] for r in rows], color="tab:blue")
+    for patch, row in zip(patches, rows):
+        ax.annotate(f"{row['speedup']:.2f}x ({row['verdict']})\ncos {row['cosine_min']:.4f}",
+                    (patch.get_x() + patch.get_width() / 2, patch.get_height()), ha="center", va="bottom", fontsize=8)
+    ax.margins(y=0.2)
+    return plots.save(fig, out_dir, "precision")
+
+
+def quantization_chart(encoder_rows: list[dict], decoder_rows: list[dict], out_dir: Any) -> Any:
+    """Speed-up vs size for each quantised variant, labelled with its fidelity."""
+    fig, ax = plots.figure("Quantisation: smaller and faster, at what fidelity?", "weights in memory (% of fp32)",
+                           "speed-up vs fp32 (x)")
+    for rows, marker, key, short in ((encoder_rows, "o", "cosine_mean", "cos"),
+                                     (decoder_rows, "s", "token_agreement", "tokens")):
+        if rows:
+            ax.scatter([r["size_pct"] for r in rows], [r["speedup"] for r in rows], marker=marker, s=60,
+                       label=rows[0]["model"])
+        for r in rows[1:]:  # rows[0] is fp32 itself: (100%, 1x), labelled once below
+            ax.annotate(f"{r['variant']}\n{short} {r[key]:.3f}", (r["size_pct"], r["speedup"]),
+                        textcoords="offset points", xytext=(6, 4), fontsize=7)
+    ax.annotate("fp32 (the reference)", (100, 1), textcoords="offset points", xytext=(-10, 8), ha="right", fontsize=7)
+    ax.axhline(1.0, color="grey", linestyle=":")
+    ax.legend()
+    return plots.save(fig, out_dir, "quantization")
+
+
+def batching_chart(rows: list[dict], comparison: Comparison, out_dir: Any) -> Any:
+    """Texts/s by batch size for each padding strategy, with each strategy's waste at its largest batch."""
+    best = {strategy: max((r for r in rows if r["strategy"] == strategy), key=lambda r: r["items_per_s"])
+            for strategy in ("dynamic + sorted", "pad to max_length")}
+    ratio = comparison.ratio(best["dynamic + sorted"]["workload"], best["pad to max_length"]["workload"])[0]
+    fig, ax = plots.figure(f"Sorted dynamic padding: {ratio:.1f}x the texts/s of pad-to-max (each at its best)",
+                           "batch size (texts)", "throughput (texts/s)")
+    for strategy in dict.fromkeys(r["strategy"] for r in rows):
+        points = [r for r in rows if r["strategy"] == strategy]
+        ax.plot([r["batch"] for r in points], [r["items_per_s"] for r in points], marker="o",
+                label=f"{strategy} (waste {points[-1]['waste_pct']:.0f}% at batch {points[-1]['batch']})")
+    ax.set_xscale("log", base=2)
+    sizes = sorted({r["batch"] for r in rows})
+    ax.set_xticks(sizes, [str(size) for size in sizes])
+    ax.minorticks_off()
+    ax.legend()
+    return plots.save(fig, out_dir, "batching")
+
+
+def memory_chart(loads: list[dict], streams: list[dict], offload: list[dict], out_dir: Any) -> Any:
+    """One horizontal bar per technique: MiB above the start."""
+    bars_ = [(f"load: {r['technique']}", r["mem_after_first_call_mib"]) for r in loads]
+    bars_ += [(f"embed list: {r['technique'].split(' (')[0]}", r["peak_rss_delta_mib"]) for r in streams]
+    bars_ += [(f"offload: {'cap ' + OFFLOAD_CAP if 'max_memory' in r['technique'] else 'none'}",
+               r["peak_rss_delta_mib"]) for r in offload]
+    fig, ax = plots.figure("What each technique costs in memory", "MiB above the start (loads: after the first "
+                           "call; others: peak)", "", size=(8, 5.2))
+    ax.barh([label for label, _ in bars_][::-1], [value for _, value in bars_][::-1], color="tab:purple")
+    return plots.save(fig, out_dir, "memory")
+
+
+# ------------------------------------------------------------------------------------------- main
+
+# --only name -> (title, section). Each section takes the context and the results so far; its docstring is the why.
+SECTIONS: dict[str, tuple[str, Callable[[cli.Context, dict[str, Any]], dict]]] = {
+    "device": ("1. Device selection", device_section),
+    "threads": ("2. CPU threads", threads_section),
+    "grad": ("3. Gradients off", grad_section),
+    "precision": ("4. Precision", precision_section),
+    "quantization": ("5. Quantization", quantization_section),
+    "batching": ("6. Batching and padding", batching_section),
+    "attention": ("7. Attention implementation and compilation", attention_section),
+    "memory": ("8. Memory-lean inference", memory_section),
+    "recipe": ("9. Recipe for this machine", recipe_section),
+}
+
+
 def section_list(text: str) -> list[str]:
     """--only's comma-separated section names, checked against the known ones."""
     names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in SECTION_NAMES]
+    unknown = [name for name in names if name not in SECTIONS]
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown section(s) {', '.join(unknown) or '(none given)'}; "
-                                         f"choose from {', '.join(SECTION_NAMES)}")
+                                         f"choose from {', '.join(SECTIONS)}")
     return names
-
-
-def run_if_wanted(ctx: cli.Context, name: str, title: str, why: str, fn: Callable[..., dict], *args: Any) -> Any:
-    """Run one section when --only allows it; None when it was left out."""
-    if name not in ctx.args.only:
-        return None
-    return ctx.report.run_section(title, why, fn, ctx, *args)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = cli.base_parser(__doc__)
-    parser.add_argument("--only", type=section_list, default=list(SECTION_NAMES), metavar="SECTION[,SECTION]",
-                        help=f"run a subset of: {', '.join(SECTION_NAMES)}")
+    parser.add_argument("--only", type=section_list, default=list(SECTIONS), metavar="SECTION[,SECTION]",
+                        help=f"run a subset of: {', '.join(SECTIONS)}")
     args = parser.parse_args(argv)
     hf_logging.disable_progress_bar()
     ctx = cli.start(__file__, args)
-    if len(args.only) < len(SECTION_NAMES):
+    if len(args.only) < len(SECTIONS):
         print(f"--only: running {', '.join(args.only)}")
-    _SHARED.clear()
-    results = {
-        "device": run_if_wanted(ctx, "device", "1. Device selection", "Code must run wherever the learner is: pick "
-                                "the best device that exists, and fail clearly when asked for one that does not.",
-                                device_section),
-        "threads": run_if_wanted(ctx, "threads", "2. CPU threads", "PyTorch splits each operation over threads; "
-                                 "more help until the cores run out, and oversubscribing them costs.", threads_section),
-        "grad": run_if_wanted(ctx, "grad", "3. Gradients off", "Inference needs no backward pass; keeping autograd's "
-                              "bookkeeping costs time and memory for nothing.", grad_section),
-        "precision": run_if_wanted(ctx, "precision", "4. Precision", "Half-size numbers halve memory traffic, but "
-                                   "only hardware with native support turns that into speed.", precision_section),
-        "quantization": run_if_wanted(ctx, "quantization", "5. Quantization", "8- and 4-bit weights shrink the "
-                                      "model; whether they are faster, and how much the output moves, is measured.",
-                                      quantization_section),
-        "batching": run_if_wanted(ctx, "batching", "6. Batching and padding", "Batches keep the cores busy, but "
-                                  "padding is computed too: sorting texts by length removes most of it.",
-                                  batching_section),
-        "attention": run_if_wanted(ctx, "attention", "7. Attention implementation and compilation", "Fused "
-                                   "attention kernels and compiled graphs do the same maths with fewer trips to "
-                                   "memory; compiling costs time up front.", attention_section),
-        "memory": run_if_wanted(ctx, "memory", "8. Memory-lean inference", "Peak memory decides whether a model "
-                                "fits at all: how it is loaded, what is kept alive, and what cleanup really frees.",
-                                memory_section),
-    }
-    results["recipe"] = run_if_wanted(ctx, "recipe", "9. Recipe for this machine", "The winners above, combined "
-                                      "and measured end to end against the naive baseline in this same run.",
-                                      recipe_section, results)
-    ctx.report.run_section("Performance bars", "What this lesson set out to show, target vs measured.",
-                           bars_section, ctx, results)
-    _SHARED.clear()
+    results: dict[str, Any] = {}
+    for name, (title, section) in SECTIONS.items():
+        if name in args.only:
+            results[name] = ctx.report.run_section(title, inspect.cleandoc(section.__doc__), section, ctx, results)
+    ctx.report.run_section("Performance bars", inspect.cleandoc(bars_section.__doc__), bars_section, ctx, results)
     memory.cleanup()
     return ctx.report.finish()
 

@@ -1,0 +1,35 @@
+"""Batching arithmetic: grouping texts into batches, what padding wastes, and what an encoder forward costs."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+def make_batches(lengths: Sequence[int], batch_size: int, sort_by_length: bool) -> list[list[int]]:
+    """Text indices grouped into batches, in corpus order or shortest-first (so neighbours have similar lengths)."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i]) if sort_by_length else list(range(len(lengths)))
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def padding_waste(batches: Sequence[Sequence[int]], pad_to: int | None = None) -> dict[str, float]:
+    """Token slots computed vs real tokens for batches of sequence lengths.
+
+    pad_to=None is dynamic padding (each batch pads to its own longest text); an int pads every text to it.
+    """
+    real = sum(sum(batch) for batch in batches)
+    slots = sum(len(batch) * (pad_to if pad_to is not None else max(batch)) for batch in batches if batch)
+    return {"real_tokens": real, "padded_slots": slots, "waste_pct": 100.0 * (slots - real) / slots if slots else 0.0}
+
+
+def batch_shapes(lengths: Sequence[int], batches: Sequence[Sequence[int]], pad_to: int | None = None) -> set[tuple[int, int]]:
+    """The distinct (texts, padded length) shapes these batches give the model: what a shape-specialising compiler sees."""
+    return {(len(batch), pad_to if pad_to is not None else max(lengths[i] for i in batch)) for batch in batches if batch}
+
+
+def encoder_forward_flops(config: Any, batch_size: int, seq_len: int) -> float:
+    """Matmul FLOPs of one encoder forward on a padded batch: Q/K/V/O projections, feed-forward, attention scores."""
+    hidden, ffn, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    projections = 2 * seq_len * (4 * hidden * hidden + 2 * hidden * ffn)
+    attention = 2 * 2 * seq_len * seq_len * hidden  # QK^T and attention-weighted V
+    return float(batch_size * layers * (projections + attention))

@@ -1,0 +1,49 @@
+"""Tests for common/batching.py on hand-made lengths, where every count can be done by hand."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from common.batching import batch_shapes, encoder_forward_flops, make_batches, padding_waste
+
+
+def test_make_batches_sorted_and_in_order():
+    lengths = [5, 1, 4, 2, 3]
+    assert make_batches(lengths, 2, sort_by_length=False) == [[0, 1], [2, 3], [4]]
+    assert make_batches(lengths, 2, sort_by_length=True) == [[1, 3], [4, 2], [0]]
+    assert make_batches([], 4, sort_by_length=True) == []
+    with pytest.raises(ValueError):
+        make_batches(lengths, 0, sort_by_length=False)
+
+
+def test_padding_waste_on_a_hand_made_batch():
+    batches = [[3, 5], [2]]  # token lengths: 10 real tokens
+    dynamic = padding_waste(batches)
+    assert (dynamic["real_tokens"], dynamic["padded_slots"]) == (10, 2 * 5 + 1 * 2)
+    assert dynamic["waste_pct"] == pytest.approx(100 * 2 / 12)
+    padded = padding_waste(batches, pad_to=8)
+    assert padded["padded_slots"] == 24 and padded["waste_pct"] == pytest.approx(100 * 14 / 24)
+    assert padding_waste([])["waste_pct"] == 0.0
+
+
+def test_sorting_by_length_wastes_less_padding():
+    lengths = [5, 1, 4, 2, 3]
+    waste = {sort: padding_waste([[lengths[i] for i in batch] for batch in make_batches(lengths, 2, sort)])
+             for sort in (False, True)}
+    assert waste[True]["waste_pct"] < waste[False]["waste_pct"]
+    assert waste[True]["real_tokens"] == waste[False]["real_tokens"] == sum(lengths)
+
+
+def test_batch_shapes_dynamic_and_padded():
+    lengths = [5, 1, 4, 2, 3]
+    batches = make_batches(lengths, 2, sort_by_length=True)  # [[1, 3], [4, 2], [0]] -> longest 2, 4, 5
+    assert batch_shapes(lengths, batches) == {(2, 2), (2, 4), (1, 5)}
+    assert batch_shapes(lengths, batches, pad_to=8) == {(2, 8), (1, 8)}
+
+
+def test_encoder_forward_flops_by_hand():
+    config = SimpleNamespace(hidden_size=4, intermediate_size=8, num_hidden_layers=2)
+    projections = 2 * 5 * (4 * 4 * 4 + 2 * 4 * 8)  # 1280
+    attention = 2 * 2 * 5 * 5 * 4  # 400
+    assert encoder_forward_flops(config, batch_size=3, seq_len=5) == 3 * 2 * (projections + attention)
