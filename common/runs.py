@@ -1,0 +1,303 @@
+"""Comparing two runs of a lesson: was the machine the same, what changed in the environment, what got slower.
+
+Each shared measurement gets a verdict from both runs' raw samples. The interval for now/before is the Moses
+(Hodges-Lehmann) interval: order statistics of all pairwise ratios now_j / before_i, with ranks from the exact
+Mann-Whitney distribution (a normal approximation above MW_EXACT_MAX samples a side). It is exact and assumes
+only that the two runs' times differ by a scale factor, so it is an interval for the ratio of their medians.
+Below about 5 samples a side no 95% interval exists; the real coverage is then kept and shown. The machine check
+applies the same interval to the calibration timings (common.calibration) of the two runs.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import plots
+from common.calibration import MATMUL_SIZE
+from common.errors import UserError
+from common.meter import SAME_BAND
+from common.report import print_table
+
+MACHINE_BAND = 0.10  # calibration differing by less than 10% is machine noise, not a different machine state
+MIN_COVERAGE = 0.80  # an interval covering less than this is no basis for a verdict ("too few samples")
+MW_EXACT_MAX = 25  # exact Mann-Whitney counts up to this many samples a side
+Z95 = 1.959963984540054
+ROW_KEY = ("section", "measurement", "model", "device", "batch", "workload")
+TABLE_COLUMNS = ["measurement", "model", "device", "batch", "before_ms", "now_ms", "runs", "raw_x", "raw_interval",
+                 "normalised_x", "normalised_interval", "coverage", "verdict", "verdict_on"]
+ENVIRONMENT = {"python": "python", "torch": "torch", "transformers": "transformers", "bitsandbytes": "bitsandbytes",
+               "device": "device", "torch_threads": "torch threads", "cpu": "CPU", "cpu_flags": "CPU flags",
+               "source": "--source", "quick": "--quick"}
+
+
+def load_report(path: Path, script: str, version: int) -> dict[str, Any]:
+    """A previous run's report.json of this script and report version, or a UserError saying what is wrong."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"--compare {path}: no such file (give a report.json written by {script}.py)") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"--compare {path}: cannot read it ({error})") from None
+    except json.JSONDecodeError as error:
+        raise UserError(f"--compare {path}: not JSON ({error.msg} at line {error.lineno})") from None
+    rows = data.get("rows") if isinstance(data, dict) else None
+    if not isinstance(rows, list) or data.get("script") != script or not all(isinstance(r, dict) for r in rows):
+        raise UserError(f"--compare {path}: not a report.json written by {script}.py")
+    if data.get("report_version") != version:
+        raise UserError(f"--compare {path}: report version {data.get('report_version')!r} is incompatible with "
+                        f"this script's version {version}; re-run the previous version to compare")
+    return data
+
+
+@cache
+def mann_whitney_counts(m: int, n: int) -> tuple[int, ...]:
+    """How many of the C(m+n, m) orderings of two samples give U = 0, 1, ..., m*n (U: pairs with a > b)."""
+    if m == 0 or n == 0:
+        return (1,)
+    counts = [0] * (m * n + 1)
+    # The largest value is an a (beating all n b's: U grows by n) or a b (U unchanged).
+    for u, ways in enumerate(mann_whitney_counts(m - 1, n)):
+        counts[u + n] += ways
+    for u, ways in enumerate(mann_whitney_counts(m, n - 1)):
+        counts[u] += ways
+    return tuple(counts)
+
+
+def moses_rank(m: int, n: int) -> tuple[int, float]:
+    """Rank k of the 95% interval [d_(k), d_(mn+1-k)] of the m*n pairwise ratios, and its real coverage."""
+    if max(m, n) > MW_EXACT_MAX:  # normal approximation of U with continuity correction
+        sigma = math.sqrt(m * n * (m + n + 1) / 12)
+        k = max(1, math.floor(m * n / 2 - Z95 * sigma + 0.5))
+        below = 0.5 * math.erfc(-((k - 0.5 - m * n / 2) / sigma) / math.sqrt(2))
+        return k, 1 - 2 * below
+    counts, total = mann_whitney_counts(m, n), math.comb(m + n, m)
+    best_k, below = 1, counts[0]
+    best_coverage = 1 - 2 * below / total
+    for k in range(2, m * n // 2 + 1):
+        below += counts[k - 1]
+        coverage = 1 - 2 * below / total
+        if coverage < 0.95:
+            break
+        best_k, best_coverage = k, coverage
+    return best_k, best_coverage
+
+
+def ratio_interval(before: list[float], now: list[float]) -> tuple[float, float, float, float]:
+    """now / before: (ratio of the medians, 95% interval low and high, the interval's real coverage)."""
+    a, b = np.asarray(before, dtype=float), np.asarray(now, dtype=float)
+    if a.size == 0 or b.size == 0 or (a <= 0).any() or (b <= 0).any():
+        raise ValueError("need positive samples on both sides")
+    pairwise = np.sort((b[None, :] / a[:, None]).ravel())
+    k, coverage = moses_rank(a.size, b.size)
+    estimate = float(np.median(b) / np.median(a))
+    return estimate, float(pairwise[k - 1]), float(pairwise[pairwise.size - k]), coverage
+
+
+def verdict(low: float, high: float, coverage: float) -> str:
+    """"slower" / "faster" (now against before) when the interval clears the 3% band, else no difference."""
+    if coverage < MIN_COVERAGE:
+        return "too few samples"
+    if low > 1 + SAME_BAND:
+        return "slower"
+    if high < 1 / (1 + SAME_BAND):
+        return "faster"
+    return "no measurable difference"
+
+
+def _calibration_samples(calibration: dict[str, Any], when: str) -> list[float]:
+    """Matmul seconds of one calibration point; reports without raw timings give their median as one sample."""
+    point = calibration.get(when) or {}
+    if point.get("matmul_samples_s"):
+        return list(point["matmul_samples_s"])
+    gflops = point.get("matmul_gflops")
+    return [1.0 / gflops] if gflops else []
+
+
+@dataclass
+class MachineCheck:
+    """How much slower the machine was now than before (calibration matmul time ratio), and drift within runs."""
+
+    factor: float | None  # > 1: the machine was slower now; None: a report has no calibration
+    low: float | None = None
+    high: float | None = None
+    coverage: float | None = None
+    differs: bool = False
+    lines: list[str] = field(default_factory=list)
+
+
+def _beyond_band(low: float, high: float, band: float) -> bool:
+    return low > 1 + band or high < 1 / (1 + band)
+
+
+def _gflops(samples: list[float]) -> float:
+    return 2 * MATMUL_SIZE**3 / float(np.median(samples)) / 1e9
+
+
+def machine_check(before: dict[str, Any], now: dict[str, Any]) -> MachineCheck:
+    """Compare the two runs' calibration (start and end pooled) and each run's start against its end."""
+    pooled = [_calibration_samples(c, "start") + _calibration_samples(c, "end") for c in (before, now)]
+    if not pooled[0] or not pooled[1]:
+        return MachineCheck(None, lines=["a report has no calibration: machine state cannot be checked, so the "
+                                         "verdicts below compare raw times"])
+    factor, low, high, coverage = ratio_interval(pooled[0], pooled[1])
+    check = MachineCheck(factor, low, high, coverage, _beyond_band(low, high, MACHINE_BAND))
+    if check.differs:
+        slower, how = ("this run", factor) if factor > 1 else ("the earlier run", 1 / factor)
+        check.lines.append(
+            f"the machine ran {how:.1f}x slower during {slower} (calibration matmul {_gflops(pooled[0]):.1f} GFLOP/s "
+            f"before, {_gflops(pooled[1]):.1f} now; time ratio now/before {factor:.2f}, interval {low:.2f}-{high:.2f})"
+            f": code changes cannot be told apart from machine state, so the verdicts below use times "
+            f"normalised by {factor:.2f}")
+    for name, calibration in (("the earlier run", before), ("this run", now)):
+        start, end = _calibration_samples(calibration, "start"), _calibration_samples(calibration, "end")
+        if start and end:
+            _, drift_low, drift_high, _ = ratio_interval(start, end)
+            if _beyond_band(drift_low, drift_high, MACHINE_BAND):
+                check.lines.append(
+                    f"the machine changed during {name}: calibration matmul went from {_gflops(start):.1f} to "
+                    f"{_gflops(end):.1f} GFLOP/s between its start and end, so one normalisation factor describes "
+                    "it only roughly")
+    return check
+
+
+def _model_sources(report: dict[str, Any]) -> dict[str, set[str]]:
+    sources: dict[str, set[str]] = {}
+    for model in report.get("models", []):
+        sources.setdefault(model.get("role") or model.get("name"), set()).add(f"{model.get('name')} "
+                                                                               f"({model.get('source')})")
+    return sources
+
+
+def environment_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Each environment difference between two reports, as "what: before -> now" (versions, device, CPU, models)."""
+    old, new = before.get("environment", {}), now.get("environment", {})
+    changes = [f"{label}: {old.get(key)} -> {new.get(key)}" for key, label in ENVIRONMENT.items()
+               if old.get(key) != new.get(key)]
+    old_models, new_models = _model_sources(before), _model_sources(now)
+    for role in sorted(set(old_models) & set(new_models)):
+        if old_models[role] != new_models[role]:
+            changes.append(f"model for {role}: {', '.join(sorted(old_models[role]))} -> "
+                           f"{', '.join(sorted(new_models[role]))}")
+    return changes
+
+
+def row_key(row: dict[str, Any]) -> tuple:
+    """What identifies a measurement across runs: its section and labels."""
+    return tuple(row.get(name) for name in ROW_KEY)
+
+
+@dataclass
+class RowChange:
+    """One shared measurement: medians before and now, the raw and normalised now/before ratios, the verdict."""
+
+    key: dict[str, Any]
+    before_ms: float
+    now_ms: float
+    runs: str
+    ratio: float
+    low: float
+    high: float
+    coverage: float
+    normalised_ratio: float
+    normalised_low: float
+    normalised_high: float
+    verdict: str
+    basis: str  # "raw" or "normalised": which ratio the verdict is on
+
+
+def row_change(before: dict[str, Any], now: dict[str, Any], factor: float | None, normalise: bool) -> RowChange:
+    """The change of one measurement from both runs' samples (CPU rows normalised by the machine factor)."""
+    old, new = before["samples_ms"], now["samples_ms"]
+    ratio, low, high, coverage = ratio_interval(old, new)
+    scale = factor if factor and str(now.get("device", "cpu")).startswith("cpu") else 1.0
+    basis = "normalised" if normalise else "raw"
+    chosen = (low / scale, high / scale) if normalise else (low, high)
+    return RowChange({name: now.get(name) for name in ROW_KEY if now.get(name) is not None},
+                     float(np.median(old)), float(np.median(new)), f"{len(old)}/{len(new)}", ratio, low, high,
+                     coverage, ratio / scale, low / scale, high / scale, verdict(*chosen, coverage), basis)
+
+
+@dataclass
+class RunComparison:
+    """Everything --compare found: machine, environment, per-measurement changes, unmatched measurements."""
+
+    machine: MachineCheck
+    environment: list[str]
+    changes: list[RowChange]
+    only_before: int
+    only_now: int
+
+    def counts(self) -> dict[str, int]:
+        """How many rows got each verdict."""
+        counts: dict[str, int] = {}
+        for change in self.changes:
+            counts[change.verdict] = counts.get(change.verdict, 0) + 1
+        return counts
+
+    def table(self) -> list[dict[str, Any]]:
+        """Printable rows: labels, medians, raw and normalised now/before with intervals, coverage, verdict."""
+        return [{**c.key, "before_ms": c.before_ms, "now_ms": c.now_ms, "runs": c.runs, "raw_x": c.ratio,
+                 "raw_interval": f"{c.low:.2f}-{c.high:.2f}", "normalised_x": c.normalised_ratio,
+                 "normalised_interval": f"{c.normalised_low:.2f}-{c.normalised_high:.2f}",
+                 "coverage": c.coverage, "verdict": c.verdict, "verdict_on": c.basis} for c in self.changes]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary for report.json."""
+        return {"machine": asdict(self.machine), "environment_changes": self.environment, "counts": self.counts(),
+                "only_before": self.only_before, "only_now": self.only_now, "comparison": self.table()}
+
+
+def compare_reports(before: dict[str, Any], now: dict[str, Any]) -> RunComparison:
+    """Compare every measurement with samples in both reports, after checking the machine and the environment."""
+    machine = machine_check(before.get("calibration", {}), now.get("calibration", {}))
+    old_rows = {row_key(row): row for row in before.get("rows", []) if row.get("samples_ms")}
+    new_rows = {row_key(row): row for row in now.get("rows", []) if row.get("samples_ms")}
+    shared = [key for key in new_rows if key in old_rows]
+    changes = [row_change(old_rows[key], new_rows[key], machine.factor, machine.differs) for key in shared]
+    return RunComparison(machine, environment_changes(before, now), changes,
+                         len(old_rows) - len(shared), len(new_rows) - len(shared))
+
+
+def print_comparison(comparison: RunComparison, title: str) -> None:
+    """What a reader sees first: the machine and environment lines, then every shared measurement and the tally."""
+    for line in comparison.machine.lines:
+        print(f"[machine] {line}")
+    print("[environment] " + ("changed since the earlier run, a likely cause of any difference below: " +
+                              "; ".join(comparison.environment) if comparison.environment else
+                              "same versions, device, threads, CPU, model sources and --quick as the earlier run"))
+    print_table(comparison.table(), TABLE_COLUMNS, title=f"{title}: x = median now / median before; interval: "
+                "Moses (95% where the samples allow, else the coverage shown), from both runs' raw samples")
+    basis = "normalised by the calibration" if comparison.machine.differs else "raw"
+    print(f"{len(comparison.changes)} shared measurements, verdicts on {basis} times: " +
+          ", ".join(f"{count} {verdict}" for verdict, count in sorted(comparison.counts().items())) +
+          f"; {comparison.only_before} only in the earlier run, {comparison.only_now} only in this one")
+
+
+def draw_comparison(comparison: RunComparison, out_dir: Path) -> Path:
+    """compare.png: now/before per measurement with its interval, raw and normalised, the biggest change on top."""
+    changes = sorted(comparison.changes, key=lambda c: abs(math.log(
+        c.normalised_ratio if c.basis == "normalised" else c.ratio)))
+    fig, ax = plots.figure("What changed since the earlier run (sorted by size of change)",
+                           "median now / median before (log scale; right of 1 = slower now)", "measurement",
+                           size=(11, 1.8 + 0.32 * len(changes)))
+    y = np.arange(len(changes))
+    for offset, marker, kind, values in (
+            (-0.17, "o", "raw", [(c.ratio, c.low, c.high) for c in changes]),
+            (0.17, "s", "normalised by the calibration",
+             [(c.normalised_ratio, c.normalised_low, c.normalised_high) for c in changes])):
+        v = np.asarray(values)
+        used = ", the verdicts" if (kind == "raw") != comparison.machine.differs else ""
+        ax.errorbar(v[:, 0], y + offset, xerr=[v[:, 0] - v[:, 1], v[:, 2] - v[:, 0]], fmt=marker, capsize=3,
+                    label=f"{kind} with interval{used}")
+    ax.axvline(1, color="grey", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_yticks(y, [f"{c.key.get('measurement')} [{c.key.get('batch') or c.key.get('device')}]: {c.verdict}"[:80]
+                      for c in changes], fontsize=7)
+    ax.legend(fontsize=8, loc="lower right")
+    return plots.save(fig, out_dir, "compare")

@@ -1,0 +1,206 @@
+"""common.runs: the --compare logic on synthetic reports (machine check, environment diff, per-row verdicts)."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+
+from common import runs
+from common.errors import UserError
+
+ENVIRONMENT = {"python": "3.11.7", "torch": "2.13.0+cpu", "transformers": "5.24.0", "bitsandbytes": "0.50.2",
+               "device": "cpu", "torch_threads": 2, "cpu": "AMD EPYC", "cpu_flags": ["avx2", "fma"],
+               "source": "bundled", "quick": True}
+MODELS = [{"role": "encoder", "name": "all-MiniLM-L6-v2", "source": "bundled"},
+          {"role": "decoder", "name": "SmolLM2-135M-Instruct", "source": "bundled"}]
+
+
+def samples(median_ms: float, n: int, seed: int) -> list[float]:
+    """n positive timings around a median with a 5% log-normal spread (fixed seed: the same every run)."""
+    return list(median_ms * np.random.default_rng(seed).lognormal(0.0, 0.05, n))
+
+
+def calibration(scale: float = 1.0, end_scale: float = 1.0) -> dict:
+    """Start and end calibration points whose matmul timings are multiplied by scale (and end_scale at the end)."""
+    return {"start": {"matmul_samples_s": [0.03 * scale * x for x in samples(1, 7, 1)]},
+            "end": {"matmul_samples_s": [0.03 * scale * end_scale * x for x in samples(1, 7, 2)]}}
+
+
+def report(rows_scale: dict[int, float] | None = None, calibration_scale: float = 1.0) -> dict:
+    """A report with four measurements (the last with one sample), some rows' samples scaled."""
+    rows_scale = rows_scale or {}
+    rows = [{"section": "3. Tasks", "measurement": name, "model": "m", "device": "cpu", "batch": batch,
+             "samples_ms": [x * rows_scale.get(i, 1.0) for x in samples(median, n, seed=10 + i)]}
+            for i, (name, batch, median, n) in enumerate([("encode", 8, 40.0, 12), ("generate", None, 900.0, 5),
+                                                           ("sweep", 4, 120.0, 8), ("cold load", None, 300.0, 1)])]
+    return {"environment": dict(ENVIRONMENT), "models": copy.deepcopy(MODELS), "rows": rows,
+            "calibration": calibration(calibration_scale)}
+
+
+def verdicts(comparison: runs.RunComparison) -> dict[str, str]:
+    return {change.key["measurement"]: change.verdict for change in comparison.changes}
+
+
+def test_identical_reports_show_no_difference_anywhere():
+    comparison = runs.compare_reports(report(), report())
+    assert verdicts(comparison) == {"encode": "no measurable difference", "generate": "no measurable difference",
+                                    "sweep": "no measurable difference", "cold load": "too few samples"}
+    assert not comparison.machine.differs and comparison.machine.lines == []
+    assert comparison.machine.factor == pytest.approx(1.0)
+    assert comparison.environment == []
+    assert (comparison.only_before, comparison.only_now) == (0, 0)
+    assert all(change.ratio == pytest.approx(1.0) and change.basis == "raw" for change in comparison.changes)
+
+
+def test_machine_three_times_slower_is_flagged_and_normalised_rows_show_no_difference():
+    now = report(rows_scale={0: 3.0, 1: 3.0, 2: 3.0, 3: 3.0}, calibration_scale=3.0)
+    comparison = runs.compare_reports(report(), now)
+    machine = comparison.machine
+    assert machine.differs and machine.factor == pytest.approx(3.0)
+    assert machine.low <= 3.0 <= machine.high
+    assert "the machine ran 3.0x slower during this run" in machine.lines[0]
+    assert "cannot be told apart from machine state" in machine.lines[0]
+    for change in comparison.changes:
+        assert change.ratio == pytest.approx(3.0)  # raw: everything three times slower ...
+        assert change.normalised_ratio == pytest.approx(1.0)  # ... which the calibration explains
+        assert change.basis == "normalised"
+    assert set(verdicts(comparison).values()) == {"no measurable difference", "too few samples"}
+    assert comparison.to_dict()["machine"]["differs"] is True
+
+
+def test_earlier_run_on_a_slower_machine_is_named_the_other_way_round():
+    comparison = runs.compare_reports(report(calibration_scale=2.5), report())
+    assert "the machine ran 2.5x slower during the earlier run" in comparison.machine.lines[0]
+
+
+def test_only_samples_scaled_gives_slower_on_exactly_those_rows():
+    comparison = runs.compare_reports(report(), report(rows_scale={0: 3.0, 2: 3.0}))
+    assert not comparison.machine.differs
+    assert verdicts(comparison) == {"encode": "slower", "generate": "no measurable difference", "sweep": "slower",
+                                    "cold load": "too few samples"}
+    assert comparison.counts() == {"slower": 2, "no measurable difference": 1, "too few samples": 1}
+
+
+def test_faster_rows_and_rows_in_one_run_only():
+    now = report(rows_scale={1: 1 / 3})
+    now["rows"].append({"section": "3. Tasks", "measurement": "new", "device": "cpu", "samples_ms": [1.0, 2.0]})
+    before = report()
+    before["rows"][0]["measurement"] = "renamed"
+    comparison = runs.compare_reports(before, now)
+    assert verdicts(comparison)["generate"] == "faster"
+    assert "encode" not in verdicts(comparison) and (comparison.only_before, comparison.only_now) == (1, 2)
+
+
+def test_a_gpu_row_is_not_normalised_by_a_cpu_calibration():
+    before, now = report(), report(calibration_scale=3.0)
+    for rows in (before["rows"], now["rows"]):
+        rows[0]["device"] = "cuda"
+    change = next(c for c in runs.compare_reports(before, now).changes if c.key["measurement"] == "encode")
+    assert change.normalised_ratio == pytest.approx(change.ratio) == pytest.approx(1.0)
+
+
+def test_environment_differences_are_named():
+    now = report()
+    now["environment"].update(torch="2.14.0", quick=False, torch_threads=1)
+    now["models"][1] = {"role": "decoder", "name": "gpt2", "source": "hub"}
+    changes = runs.environment_changes(report(), now)
+    assert "torch: 2.13.0+cpu -> 2.14.0" in changes
+    assert "--quick: True -> False" in changes
+    assert "torch threads: 2 -> 1" in changes
+    assert "model for decoder: SmolLM2-135M-Instruct (bundled) -> gpt2 (hub)" in changes
+    assert len(changes) == 4
+
+
+def test_drift_within_a_run_is_reported():
+    now = report()
+    now["calibration"] = calibration(end_scale=2.0)
+    lines = runs.machine_check(report()["calibration"], now["calibration"]).lines
+    assert lines == [line for line in lines if "changed during this run" in line] and len(lines) == 1
+
+
+def test_missing_calibration_says_the_machine_cannot_be_checked():
+    before = report()
+    before["calibration"] = {}
+    comparison = runs.compare_reports(before, report())
+    assert comparison.machine.factor is None and not comparison.machine.differs
+    assert "cannot be checked" in comparison.machine.lines[0]
+    assert all(change.basis == "raw" for change in comparison.changes)
+
+
+def test_mann_whitney_counts_are_a_distribution():
+    for m, n in [(1, 1), (2, 3), (3, 3), (5, 7)]:
+        counts = runs.mann_whitney_counts(m, n)
+        assert sum(counts) == math.comb(m + n, m)
+        assert counts == counts[::-1]  # U is symmetric about mn/2
+    assert runs.mann_whitney_counts(2, 2) == (1, 1, 2, 1, 1)
+
+
+@pytest.mark.parametrize("m, n, k, coverage", [
+    (3, 3, 1, 0.9),  # no 95% interval exists: the widest one covers 90%
+    (5, 5, 3, 1 - 2 * (1 + 1 + 2) / 252),  # published critical value U = 2: P(U <= 2) = 4/252
+    (10, 10, 24, None),  # published critical value U = 23
+])
+def test_moses_rank_matches_the_tables(m, n, k, coverage):
+    got_k, got_coverage = runs.moses_rank(m, n)
+    assert got_k == k
+    assert got_coverage >= 0.95 or (m, n) == (3, 3)
+    if coverage is not None:
+        assert got_coverage == pytest.approx(coverage)
+
+
+def test_normal_approximation_agrees_with_the_exact_rank_at_the_boundary():
+    exact_k, _ = runs.moses_rank(25, 25)
+    sigma = math.sqrt(25 * 25 * 51 / 12)
+    approximate_k = math.floor(25 * 25 / 2 - runs.Z95 * sigma + 0.5)
+    assert abs(exact_k - approximate_k) <= 1
+    k, coverage = runs.moses_rank(30, 30)
+    assert coverage == pytest.approx(0.95, abs=0.01) and 1 <= k < 450
+
+
+def test_ratio_interval_of_a_doubled_sample():
+    before = samples(10.0, 9, seed=3)
+    estimate, low, high, coverage = runs.ratio_interval(before, [2 * x for x in before])
+    assert estimate == pytest.approx(2.0) and low < 2.0 < high and coverage >= 0.95
+    with pytest.raises(ValueError):
+        runs.ratio_interval([], [1.0])
+
+
+def test_print_comparison_puts_the_machine_line_before_the_table(capsys):
+    comparison = runs.compare_reports(report(), report(rows_scale={0: 3.0, 1: 3.0, 2: 3.0}, calibration_scale=3.0))
+    runs.print_comparison(comparison, "Now vs before")
+    out = capsys.readouterr().out
+    assert out.index("[machine] the machine ran 3.0x slower") < out.index("Now vs before")
+    assert "verdicts on normalised by the calibration times" in out
+
+
+def test_compare_chart_is_a_png(tmp_path, png_ok):
+    comparison = runs.compare_reports(report(), report(rows_scale={0: 3.0}))
+    path = runs.draw_comparison(comparison, tmp_path)
+    assert path.name == "compare.png" and png_ok(path)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"),
+    ("{not json", "not JSON"),
+    (json.dumps({"script": "other", "rows": [], "report_version": 1}), "not a report.json"),
+    (json.dumps({"script": "lesson", "rows": [], "report_version": 0}), "incompatible"),
+])
+def test_load_report_refuses_what_it_cannot_compare(tmp_path, content, message):
+    path = tmp_path / "report.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(UserError, match=message):
+        runs.load_report(path, "lesson", 1)
+
+
+def test_calibration_keeps_its_raw_timings_for_the_comparison():
+    from common.calibration import COPY_MIB, MATMUL_SIZE, ROUNDS, calibrate
+
+    point = calibrate()
+    assert len(point["matmul_samples_s"]) == len(point["copy_samples_s"]) == ROUNDS
+    assert point["matmul_gflops"] == pytest.approx(2 * MATMUL_SIZE**3 / np.median(point["matmul_samples_s"]) / 1e9)
+    assert point["copy_gb_s"] == pytest.approx(2 * COPY_MIB * 2**20 / np.median(point["copy_samples_s"]) / 1e9)
+    assert runs.machine_check({"start": point}, {"start": point}).factor == pytest.approx(1.0)
