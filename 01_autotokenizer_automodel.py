@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 from transformers import AutoModel, AutoTokenizer, pipeline, set_seed
@@ -17,7 +18,7 @@ from transformers.pipelines.base import pad_collate_fn
 
 from common import cli, memory, models, pipelines, plots, texts
 from common.errors import UserError
-from common.meter import Comparison, PerformanceMeter
+from common.meter import Comparison, PerformanceMeter, median_ci
 from common.report import print_table
 
 
@@ -195,7 +196,8 @@ def tokenisation_throughput(ctx: cli.Context, s: Settings, tokenizer: Any) -> di
     """The same texts as single calls, one batched call, and one batched call padded into a tensor, round-robin."""
     corpus = texts.mixed_length_corpus(THROUGHPUT_TEXTS, seed=ctx.args.seed)
     lengths = [len(ids) for ids in tokenizer(corpus, truncation=True)["input_ids"]]
-    single, batched, padded = f"{THROUGHPUT_TEXTS:,} single calls", "one batched call", "one batched call, padded tensor"
+    single, batched = f"{THROUGHPUT_TEXTS:,} single calls", "one batched call"
+    padded = "one batched call, padded tensor"
     comparison = ctx.meter(warmup=s.warmup).compare({
         single: lambda: [tokenizer(text, truncation=True) for text in corpus],
         batched: lambda: tokenizer(corpus, truncation=True),
@@ -368,9 +370,9 @@ def manual_vs_pipeline_section(ctx: cli.Context, s: Settings, user_texts: list[s
     manual = {row["batch"]: row for row in timings if row["workload"] == "manual"}  # speedup = pipeline / manual time
     small, large = manual[min(BATCH_SIZES)], manual[max(BATCH_SIZES)]
     if small["verdict"] == "faster" and small["speedup_low"] > large["speedup_high"]:
-        print(f"The pipeline's relative cost is larger at batch {small['batch']} ({small['speedup']:.2f}x) than at batch "
-              f"{large['batch']} ({large['speedup']:.2f}x): a fixed per-call cost weighs most when the forward pass "
-              "is short.")
+        print(f"The pipeline's relative cost is larger at batch {small['batch']} ({small['speedup']:.2f}x) than at "
+              f"batch {large['batch']} ({large['speedup']:.2f}x): a fixed per-call cost weighs most when the forward "
+              "pass is short.")
     else:
         print(f"This run does not show the pipeline's relative cost shrinking from batch {small['batch']} to "
               f"{large['batch']} (that takes a measurable cost at batch {small['batch']} and intervals apart).")
@@ -463,7 +465,8 @@ def overhead_breakdown(ctx: cli.Context, s: Settings, encoder: models.LoadedMode
                                  "identical padded input_ids on both paths)")
     print("The pipeline calls the tokenizer once per text, pads the items itself (collate), then runs a DataLoader "
           "loop that unbatches the output and postprocesses each text.")
-    print(f"tokenising: {parts.sentence('tokenise batched', 'tokenise per text')}; collate adds {padding:.2f} ms")
+    tokenising = parts.sentence("tokenise batched", "tokenise per text")
+    print(f"tokenising: {tokenising}; collate adds {padding:.2f} ms")
     rest = breakdown[3]["extra_ms"]
     if whole.verdict("manual", "pipeline") == "same":
         print(f"The whole calls at batch {largest} show no measurable difference, so the rest's {rest:+.1f} ms is "
@@ -471,7 +474,8 @@ def overhead_breakdown(ctx: cli.Context, s: Settings, encoder: models.LoadedMode
     else:
         print(f"The whole calls at batch {largest} differ measurably; after tokenising and collating, the rest of "
               f"the difference is {rest:+.1f} ms.")
-    return {"overhead_breakdown": breakdown, "overhead_parts": parts.rows(baseline="tokenise per text")}
+    return {"overhead_breakdown": breakdown, "overhead_parts": parts.rows(), "tokenising_sentence": tokenising,
+            "tokenising_verdict": parts.verdict("tokenise batched", "tokenise per text")}
 
 
 # -------------------------------------------------------------------------------------- 5. custom pipelines
@@ -510,30 +514,25 @@ def custom_pipelines_section(ctx: cli.Context, s: Settings) -> dict:
         print("(twin: random weights, its text is noise and is not shown; the call proves the plumbing and timing)")
 
     meter = ctx.meter(warmup=s.warmup)
-    stages = (time_stages(meter, similarity, "sentence-similarity",
-                          {"text": SIMILARITY_TEXTS[0], "text_pair": SIMILARITY_TEXTS[1]})
-              + time_stages(meter, text_to_text, "text-to-text", TEXT_TO_TEXT_INPUT, **t2t_kwargs))
-    print_table(stages, ["pipeline", "stage", "p50_ms", "iqr_ms", "share_pct", "runs", "noisy"],
+    similarity_stages, similarity_glue = time_stages(meter, similarity, "sentence-similarity",
+                                                     {"text": SIMILARITY_TEXTS[0], "text_pair": SIMILARITY_TEXTS[1]})
+    t2t_stages, t2t_glue = time_stages(meter, text_to_text, "text-to-text", TEXT_TO_TEXT_INPUT, **t2t_kwargs)
+    print_table(similarity_stages + t2t_stages, ["pipeline", "stage", "p50_ms", "iqr_ms", "share_pct", "runs", "noisy"],
                 title="Where a pipeline call spends its time: preprocess (tokenise) -> _forward (model) "
                       "-> postprocess (tensors to Python)")
-    ctx.report.add_rows("custom_pipeline_stages", stages)
-    for name in ("sentence-similarity", "text-to-text"):
-        ms = {row["stage"]: row["p50_ms"] for row in stages if row["pipeline"] == name}
-        whole = ms.pop("whole call")
-        glue = whole - sum(ms.values())
-        print(f"{name}: _forward's median is {ms['_forward'] / whole:.0%} of the whole call's; " + (
-            f"the whole call minus its three stages (the pipeline's own glue) is {glue:.2f} ms" if glue > 0 else
-            f"the stages add up to {-glue:.2f} ms more than the whole call, so the glue is below this run's noise"))
+    ctx.report.add_rows("custom_pipeline_stages", similarity_stages + t2t_stages)
+    print(f"{similarity_glue}\n{t2t_glue}")
     print("preprocess and postprocess run in Python on the CPU; _forward is the step that runs on the model's "
           "device, which is why the split exists: pipelines can batch or overlap the model step on its own.")
     return {"similarity_scores": scores, "ordering_ok": ordering_ok, "max_diff_vs_manual": agreement,
             "text_to_text": {"model": where.label, "source": where.source, "meaningful": where.meaningful,
                              "output_tokens": output["output_tokens"]},
-            "stages": stages}
+            "stages": similarity_stages + t2t_stages, "glue": [similarity_glue, t2t_glue]}
 
 
-def time_stages(meter: PerformanceMeter, pipe: Any, name: str, item: Any, **call_kwargs: Any) -> list[dict]:
-    """Time preprocess, forward (_forward with device moves and no_grad), postprocess and the whole call round-robin."""
+def time_stages(meter: PerformanceMeter, pipe: Any, name: str, item: Any, **call_kwargs: Any) -> tuple[list[dict], str]:
+    """Time preprocess, forward (_forward with device moves and no_grad), postprocess and the whole call round-robin;
+    the rows, and what the call adds around its stages (the glue), judged round by round."""
     pre_params, forward_params, post_params = pipe._sanitize_parameters(**call_kwargs)  # routes each kwarg
     model_inputs = pipe.preprocess(item, **pre_params)
     model_outputs = pipe.forward(model_inputs, **forward_params)
@@ -544,8 +543,15 @@ def time_stages(meter: PerformanceMeter, pipe: Any, name: str, item: Any, **call
         "whole call": lambda: pipe(item, **call_kwargs),
     }, progress=f"{name} stages").measurements
     whole = stages["whole call"].stats.median
-    return [{**m.row(pipeline=name, stage=stage), "share_pct": 100 * m.stats.median / whole}
+    rows = [{**m.row(pipeline=name, stage=stage), "share_pct": 100 * m.stats.median / whole}
             for stage, m in stages.items()]
+    seconds = {stage: np.asarray(m.samples_s) for stage, m in stages.items()}  # one sample per round each
+    glue = np.sort(seconds.pop("whole call") - sum(seconds.values())) * 1e3
+    low, high, coverage = median_ci(glue)
+    interval = f"interval {low:.2f} to {high:.2f} ms" + (f", {coverage:.0%} coverage" if coverage < 0.95 else "")
+    if low > 0:
+        return rows, f"{name}: its own glue (whole call minus its stages) is {np.median(glue):.2f} ms, {interval}"
+    return rows, f"{name}: no glue measurable above this run's noise (whole call minus its stages: {interval})"
 
 
 # ------------------------------------------------------------------------------------------------ charts
@@ -563,7 +569,8 @@ def plot_tokenisation_throughput(ctx: cli.Context, rows: list[dict]) -> None:
     ctx.report.add_chart(plots.save(fig, ctx.out_dir, "tokenisation_throughput"))
 
 
-def plot_similarity_heatmap(ctx: cli.Context, similarity: torch.Tensor, labels: list[str], sentences: list[str]) -> None:
+def plot_similarity_heatmap(ctx: cli.Context, similarity: torch.Tensor, labels: list[str],
+                            sentences: list[str]) -> None:
     """The cosine-similarity matrix as a heat-map with the values written in."""
     fig, ax = plots.figure("Related sentences score higher (cosine similarity)", "sentence", "sentence",
                            size=(6.5 + 0.4 * len(sentences), 5 + 0.3 * len(sentences)))
@@ -632,8 +639,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"your texts: {len(user_texts)}" + (f" (the lesson uses the first {MAX_USER_TEXTS_SHOWN})"
                                                   if len(user_texts) > MAX_USER_TEXTS_SHOWN else ""))
     report = ctx.report
-    for title, section in [("1. Tokenizer encode/decode", tokenizer_section), ("2. AutoModel by hand", automodel_section),
-                           ("3. pipeline()", pipeline_section), ("4. Manual vs pipeline", manual_vs_pipeline_section)]:
+    for title, section in [("1. Tokenizer encode/decode", tokenizer_section),
+                           ("2. AutoModel by hand", automodel_section), ("3. pipeline()", pipeline_section),
+                           ("4. Manual vs pipeline", manual_vs_pipeline_section)]:
         report.run_section(title, section.__doc__, section, ctx, s, user_texts)
     report.run_section("5. Custom pipelines", custom_pipelines_section.__doc__, custom_pipelines_section, ctx, s)
     memory.cleanup()
