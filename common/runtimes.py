@@ -104,16 +104,22 @@ def export_onnx(model: nn.Module, tokenizer: Any, folder: Path, name: str = "enc
     example = tokenizer(["a short text", "a somewhat longer example text for the export"], padding=True,
                         return_tensors="pt")
     axes = {input_name: {0: "batch", 1: "sequence"} for input_name in input_names}
+    # The exporter puts the module it is given back into that module's own mode afterwards, recursively: a fresh
+    # wrapper is in training mode, which would switch the caller's model to dropout. So the wrapper starts in eval
+    # and the model's own mode is restored after.
+    was_training = model.training
+    wrapper = KeywordEncoder(model, input_names).eval()
     with torch.no_grad(), warnings.catch_warnings():
         # The tracer warns about the shape checks it freezes (the mask's padding length, SDPA's is_causal) and about
         # negative indices: none of them varies between inputs of a bidirectional encoder, and the tests compare
         # the exported outputs with PyTorch's on texts of mixed lengths.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message="Exporting aten::index")
-        torch.onnx.export(KeywordEncoder(model.eval(), input_names), tuple(example[n] for n in input_names), path,
+        torch.onnx.export(wrapper, tuple(example[n] for n in input_names), path,
                           input_names=input_names, output_names=["last_hidden_state"],
                           dynamic_axes={**axes, "last_hidden_state": {0: "batch", 1: "sequence"}},
                           opset_version=OPSET, dynamo=False)
+    model.train(was_training)
     onnx.checker.check_model(str(path))
     stamp.write_text(json.dumps({"fingerprint": fingerprint}))
     return path

@@ -44,6 +44,13 @@ def test_onnx_export_matches_pytorch_on_mixed_lengths(minilm, reference, exporte
     assert cosine_fidelity(reference, onnx_fp32)["cosine_min"] >= 0.9999
 
 
+def test_export_leaves_the_pytorch_model_as_it_was(minilm, reference, exported):
+    _, model, tokenizer = minilm
+    assert not model.training  # the exporter restores modes recursively; dropout must stay off
+    after = runtimes.torch_embedder(model, tokenizer)(texts.FIDELITY_TEXTS)
+    torch.testing.assert_close(after, reference)
+
+
 def test_export_is_reused_while_the_model_is_the_same(minilm, exported):
     _, model, tokenizer = minilm
     written = exported.stat().st_mtime_ns
