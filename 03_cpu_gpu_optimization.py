@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from torch._dynamo.utils import counters as dynamo_counters
 from tqdm import tqdm
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.utils import logging as hf_logging
@@ -49,16 +48,16 @@ class Settings:
     greedy_tokens: int  # decoder fidelity: greedy tokens compared with fp32's
     matmul_size: int  # the peak-FLOP/s reference: one square fp32 matmul
     stream_texts: int  # the "long list" for streaming vs materialising
-    compile: bool  # torch.compile spends about a minute compiling on a small CPU
+    torch_compile: bool  # torch.compile spends about a minute compiling on a small CPU
     decoder_bnb: bool  # bitsandbytes generation on a CPU takes seconds per call
 
 
 FULL = Settings(speed_role="bert-base-uncased", speed_batch=16, corpus_size=64, max_length=128,
                 batch_sizes=(1, 2, 4, 8, 16, 32, 64), rounds=5, greedy_tokens=32, matmul_size=2048,
-                stream_texts=512, compile=True, decoder_bnb=True)
-QUICK = Settings(speed_role="encoder", speed_batch=4, corpus_size=16, max_length=32,
+                stream_texts=512, torch_compile=True, decoder_bnb=True)
+QUICK = Settings(speed_role="encoder", speed_batch=4, corpus_size=12, max_length=32,
                  batch_sizes=(1, 4, 8), rounds=3, greedy_tokens=4, matmul_size=1024,
-                 stream_texts=64, compile=False, decoder_bnb=False)
+                 stream_texts=64, torch_compile=False, decoder_bnb=False)
 
 ENCODER_ROLE = "encoder"  # real weights (all-MiniLM-L6-v2): fidelity, batching, compile, the recipe
 DECODER_ROLE = "decoder"  # real weights (SmolLM2-135M offline): greedy-token fidelity
@@ -254,18 +253,18 @@ def threads_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
     s = ctx.pick(FULL, QUICK)
     cpu = torch.device("cpu")
     loaded = ctx.load(s.speed_role, cpu)  # threads only matter for CPU work
-    default = torch.get_num_threads()
+    default, counts = torch.get_num_threads(), thread_counts()
     rows, lines, recommended, decisions = [], [], {}, {}
     try:
         for size in (1, s.speed_batch):
             run = forward(loaded.model, sentence_batch(loaded.tokenizer, size, cpu))
-            comparison = ctx.meter(cpu).compare({thread_label(n): with_threads(n, run) for n in thread_counts()},
+            comparison = ctx.meter(cpu).compare({thread_label(n): with_threads(n, run) for n in counts},
                                                 items=size, min_rounds=s.rounds, progress=f"threads, batch {size}")
-            rows += [{**row, "threads": n} for n, row in
-                     zip(thread_counts(), comparison.rows(baseline=thread_label(1), batch=size))]
+            rows += [{**row, "threads": n} for n, row in zip(counts, comparison.rows(baseline=thread_label(1),
+                                                                                    batch=size))]
             print(f"\nbatch {size}, against 1 thread:")
             lines += verdicts(comparison, thread_label(1))
-            fastest = max(thread_counts(), key=lambda n: comparison.measurements[thread_label(n)].items_per_s)
+            fastest = max(counts, key=lambda n: comparison.measurements[thread_label(n)].items_per_s)
             verdict = comparison.verdict(thread_label(fastest), thread_label(default))
             recommended[str(size)] = fastest if verdict == "faster" else default
             decisions[str(size)] = f"use {thread_label(recommended[str(size)])}: " + (
@@ -479,7 +478,7 @@ def quantized_encoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], list[
     batch = sentence_batch(fp32.tokenizer, s.speed_batch, ctx.device)
     comparison = ctx.meter().compare({VARIANT_LABELS[key]: forward(variant["model"], batch)
                                       for key, variant in built.items()},
-                                     items=s.speed_batch, min_rounds=s.rounds, progress="encoder variants")
+                                     items=s.speed_batch, warmup=1, min_rounds=s.rounds, progress="encoder variants")
     rows = variant_rows(comparison, built, "encoder", lambda out: cosine_fidelity(built["fp32"]["output"], out))
     print_table(rows, ["variant", "size_mib", "size_pct", "p50_ms", "iqr_ms", "items_per_s", "speedup", "verdict",
                        "cosine_mean", "cosine_min", "noisy"],
@@ -568,9 +567,10 @@ def batching_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
     corpus = mixed_corpus(ctx, s)
     encoded = tokenizer(corpus, truncation=True, max_length=s.max_length)  # once up front: the passes time the model
     lengths = [len(ids) for ids in encoded["input_ids"]]
-    print(f"corpus: {len(corpus)} texts, {min(lengths)}-{max(lengths)} tokens (median {sorted(lengths)[len(lengths) // 2]}"
-          f", max_length {s.max_length}); model {loaded.info.label}")
-    strategies = {"pad to max_length": (False, s.max_length), "dynamic": (False, None), "dynamic + sorted": (True, None)}
+    print(f"corpus: {len(corpus)} texts, {min(lengths)}-{max(lengths)} tokens (median "
+          f"{sorted(lengths)[len(lengths) // 2]}, max_length {s.max_length}); model {loaded.info.label}")
+    strategies = {"pad to max_length": (False, s.max_length), "dynamic": (False, None),
+                  "dynamic + sorted": (True, None)}  # (sort by length?, pad to)
     passes, work, outputs = {}, {}, {}
     for batch_size in s.batch_sizes:
         for strategy, (by_length, pad_to) in strategies.items():
@@ -589,8 +589,9 @@ def batching_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
     peak = max(peak_before, matmul_peak_flops(meter, s.matmul_size, ctx.device))  # before and after: load drifts
     rows = [{**work[row["workload"]], **row, "gflop_per_s": work[row["workload"]]["flops"] / row["p50_ms"] / 1e6}
             for row in comparison.rows(baseline="dynamic, batch 1")]
-    print_table(rows, ["strategy", "batch", "p50_ms", "iqr_ms", "items_per_s", "speedup", "waste_pct", "gflop_per_s",
-                       "noisy"], title="one pass over the corpus per row; speedup vs dynamic batch 1 (which never pads)")
+    print_table(rows, ["strategy", "batch", "p50_ms", "iqr_ms", "items_per_s", "speedup", "waste_pct",
+                       "gflop_per_s", "noisy"],
+                title="one pass over the corpus per row; speedup vs dynamic batch 1 (which never pads)")
     print(f"fp32 matmul peak here: {peak / 1e9:.1f} GFLOP/s ({s.matmul_size}x{s.matmul_size}, best of before and "
           "after the sweep)")
     reference = outputs["dynamic, batch 1"].float().cpu()
@@ -674,8 +675,8 @@ def attention_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
     lines = verdicts(comparison, "eager")
     verdict = comparison.verdict("sdpa", "eager")
     choice = "eager" if verdict == "slower" else "sdpa"  # a tie keeps transformers' default
-    problem = None if s.compile else "--quick (compiling takes about a minute on a small CPU; the full run has it)"
-    problem = problem or compile_problem(ctx.device)
+    problem = compile_problem(ctx.device) if s.torch_compile else ("--quick (compiling takes about a minute on a "
+                                                                   "small CPU; the full run has it)")
     compiled = None
     if problem:
         ctx.report.skip("torch.compile", problem)
@@ -693,6 +694,8 @@ def attention_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
 def compile_on_corpus(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dict:
     """torch.compile on the recipe's workload, length-sorted dynamic padding, whose batches come in many shapes:
     time to the first answer, recompiles (dynamo's graph counter), then steady state vs eager, round-robin."""
+    from torch._dynamo.utils import counters  # here, not at the top: importing dynamo takes seconds
+
     loaded = ctx.load(ENCODER_ROLE)
     batch_size = (results.get("batching") or {}).get("best_sorted_batch", RECIPE_DEFAULT_BATCH)
     corpus = mixed_corpus(ctx, s)
@@ -705,14 +708,14 @@ def compile_on_corpus(ctx: cli.Context, s: Settings, results: dict[str, Any]) ->
     graphs, seconds = [], []
     with torch.inference_mode():
         for group, batch in zip(groups, batches):  # the first pass: each call compiles if dynamo needs a new graph
-            before = dynamo_counters["stats"]["unique_graphs"]
+            before = counters["stats"]["unique_graphs"]
             devices.synchronize(ctx.device)
             started = time.perf_counter()
             compiled(**batch)
             devices.synchronize(ctx.device)
             seconds.append(time.perf_counter() - started)
-            graphs.append(dynamo_counters["stats"]["unique_graphs"] - before)
-    before = dynamo_counters["stats"]["unique_graphs"]
+            graphs.append(counters["stats"]["unique_graphs"] - before)
+    before = counters["stats"]["unique_graphs"]
     comparison = ctx.meter().compare({"eager": corpus_pass(loaded.model, groups, batches, out),
                                       "torch.compile": corpus_pass(compiled, groups, batches, out)},
                                      items=len(corpus), min_rounds=s.rounds, progress="compile vs eager")
@@ -722,7 +725,7 @@ def compile_on_corpus(ctx: cli.Context, s: Settings, results: dict[str, Any]) ->
     result = {"batch": batch_size, "shapes": len(batch_shapes(lengths, groups)), "first_call_s": seconds[0],
               "graphs_first_call": graphs[0], "recompiles": sum(graphs[1:]),
               "recompile_s": sum(t for t, new in zip(seconds[1:], graphs[1:]) if new),
-              "graphs_during_timing": dynamo_counters["stats"]["unique_graphs"] - before,
+              "graphs_during_timing": counters["stats"]["unique_graphs"] - before,
               "overhead_s": overhead_s, "verdict": comparison.verdict("torch.compile", "eager"),
               "verdict_line": comparison.sentence("torch.compile", "eager"),
               "break_even_passes": overhead_s / gain_s if gain_s > 0 else None,

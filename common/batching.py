@@ -22,9 +22,11 @@ def padding_waste(batches: Sequence[Sequence[int]], pad_to: int | None = None) -
     return {"real_tokens": real, "padded_slots": slots, "waste_pct": 100.0 * (slots - real) / slots if slots else 0.0}
 
 
-def batch_shapes(lengths: Sequence[int], batches: Sequence[Sequence[int]], pad_to: int | None = None) -> set[tuple[int, int]]:
-    """The distinct (texts, padded length) shapes these batches give the model: what a shape-specialising compiler sees."""
-    return {(len(batch), pad_to if pad_to is not None else max(lengths[i] for i in batch)) for batch in batches if batch}
+def batch_shapes(lengths: Sequence[int], batches: Sequence[Sequence[int]],
+                 pad_to: int | None = None) -> set[tuple[int, int]]:
+    """The distinct (texts, padded length) shapes batches of text indices give a model: what a compiler sees."""
+    return {(len(batch), pad_to if pad_to is not None else max(lengths[i] for i in batch))
+            for batch in batches if batch}
 
 
 def encoder_forward_flops(config: Any, batch_size: int, seq_len: int) -> float:
