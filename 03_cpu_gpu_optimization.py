@@ -121,51 +121,6 @@ def bar(name: str, target: str, measured: str, value: float, passed: bool | None
     return {"bar": name, "target": target, "measured": measured, "value": value, "status": status}
 
 
-def ratio_text(comparison: Comparison, a: str, b: str) -> str:
-    """A ratio with its interval and round count, for bars."""
-    estimate, low, high = comparison.ratio(a, b)
-    return f"{estimate:.2f}x [{low:.2f}-{high:.2f}, {comparison.rounds} rounds]"
-
-
-def mixed_corpus(ctx: cli.Context, s: Settings) -> list[str]:
-    """The deterministic mixed-length corpus: mostly short texts, one in five long."""
-    return texts.mixed_length_corpus(s.corpus_size, seed=ctx.args.seed, long=LONG_TEXT_WORDS)
-
-
-def padded_batches(tokenizer: Any, encoded: Any, groups: list[list[int]], pad_to: int | None,
-                   device: torch.device) -> list[Any]:
-    """Pre-tokenised texts grouped into batches, each padded to `pad_to` or (None) to its own longest text."""
-    return [tokenizer.pad({key: [encoded[key][i] for i in group] for key in encoded}, return_tensors="pt",
-                          padding="max_length" if pad_to else "longest", max_length=pad_to).to(device)
-            for group in groups]
-
-
-def corpus_pass(model: Any, groups: list[list[int]], batches: list[Any], out: torch.Tensor) -> Callable[[], None]:
-    """One pass of the model over prepared batches, writing each text's mean-pooled embedding into `out`."""
-    def run() -> None:
-        with torch.inference_mode():
-            for group, batch in zip(groups, batches):
-                out[group] = mean_pool(model(**batch).last_hidden_state, batch["attention_mask"]).to(out.dtype)
-    return run
-
-
-def peak_while_held(run: Callable[[], Any], device: torch.device) -> int:
-    """Peak memory above the start while `run` executes and its output is held: CUDA allocator on a GPU, RSS else."""
-    memory.cleanup()
-    with memory.PeakRSSSampler() as rss, memory.CudaPeak(device) as cuda:
-        output = run()
-    del output
-    return cuda.delta_bytes if device.type == "cuda" else rss.peak_delta_bytes
-
-
-def with_threads(count: int, run: Callable[[], Any]) -> Callable[[], Any]:
-    """`run` under `count` torch threads (set on every call, so round-robin rounds can alternate counts)."""
-    def call() -> Any:
-        torch.set_num_threads(count)
-        return run()
-    return call
-
-
 # ------------------------------------------------------------------------------------------ 1. device
 
 
@@ -235,6 +190,14 @@ def device_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
 # ------------------------------------------------------------------------------------------ 2. threads
 
 
+def with_threads(count: int, run: Callable[[], Any]) -> Callable[[], Any]:
+    """`run` under `count` torch threads (set on every call, so round-robin rounds can alternate counts)."""
+    def call() -> Any:
+        torch.set_num_threads(count)
+        return run()
+    return call
+
+
 def thread_counts() -> list[int]:
     """1, powers of two up to the core count, the core count, torch's setting, and 2x cores (oversubscribed)."""
     cores = os.cpu_count() or 1
@@ -284,6 +247,15 @@ def threads_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- 3. grad
+
+
+def peak_while_held(run: Callable[[], Any], device: torch.device) -> int:
+    """Peak memory above the start while `run` executes and its output is held: CUDA allocator on a GPU, RSS else."""
+    memory.cleanup()
+    with memory.PeakRSSSampler() as rss, memory.CudaPeak(device) as cuda:
+        output = run()
+    del output
+    return cuda.delta_bytes if device.type == "cuda" else rss.peak_delta_bytes
 
 
 def saved_for_backward_bytes(model: Any, run: Callable[[], Any]) -> int:
@@ -558,6 +530,28 @@ def quantization_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
 # ---------------------------------------------------------------------------------------- 6. batching
 
 
+def mixed_corpus(ctx: cli.Context, s: Settings) -> list[str]:
+    """The deterministic mixed-length corpus: mostly short texts, one in five long."""
+    return texts.mixed_length_corpus(s.corpus_size, seed=ctx.args.seed, long=LONG_TEXT_WORDS)
+
+
+def padded_batches(tokenizer: Any, encoded: Any, groups: list[list[int]], pad_to: int | None,
+                   device: torch.device) -> list[Any]:
+    """Pre-tokenised texts grouped into batches, each padded to `pad_to` or (None) to its own longest text."""
+    return [tokenizer.pad({key: [encoded[key][i] for i in group] for key in encoded}, return_tensors="pt",
+                          padding="max_length" if pad_to else "longest", max_length=pad_to).to(device)
+            for group in groups]
+
+
+def corpus_pass(model: Any, groups: list[list[int]], batches: list[Any], out: torch.Tensor) -> Callable[[], None]:
+    """One pass of the model over prepared batches, writing each text's mean-pooled embedding into `out`."""
+    def run() -> None:
+        with torch.inference_mode():
+            for group, batch in zip(groups, batches):
+                out[group] = mean_pool(model(**batch).last_hidden_state, batch["attention_mask"]).to(out.dtype)
+    return run
+
+
 def batching_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
     """Batches keep the cores busy, but padding is computed too: sorting texts by length removes most of it.
     Every (padding strategy, batch size) pass over the same corpus is timed round-robin."""
@@ -610,6 +604,12 @@ def matmul_peak_flops(meter: Any, size: int, device: torch.device) -> float:
     """This machine's fp32 matmul FLOP/s: the best the hardware does on an ideal dense workload."""
     a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     return 2 * size**3 / meter.measure(f"fp32 matmul {size}x{size}", lambda: a @ b).stats.median
+
+
+def ratio_text(comparison: Comparison, a: str, b: str) -> str:
+    """A ratio with its interval and round count, for bars."""
+    estimate, low, high = comparison.ratio(a, b)
+    return f"{estimate:.2f}x [{low:.2f}-{high:.2f}, {comparison.rounds} rounds]"
 
 
 def batching_bars(comparison: Comparison, rows: list[dict], peak: float) -> tuple[list[dict], list[str], dict]:
