@@ -24,7 +24,9 @@ from common.errors import UserError
 from common.meter import SAME_BAND
 from common.report import print_table
 
-MACHINE_BAND = 0.10  # calibration differing by less than 10% is machine noise, not a different machine state
+# The machine "differs" when the calibration interval excludes 1 (a real difference) and the estimate is more than
+# 10% away from it (a difference big enough to matter): then rows are judged on normalised times.
+MACHINE_BAND = 0.10
 MIN_COVERAGE = 0.80  # an interval covering less than this is no basis for a verdict ("too few samples")
 MW_EXACT_MAX = 25  # exact Mann-Whitney counts up to this many samples a side
 Z95 = 1.959963984540054
@@ -128,11 +130,12 @@ class MachineCheck:
     high: float | None = None
     coverage: float | None = None
     differs: bool = False
+    drifted: bool = False  # the calibration moved between the start and end of a run
     lines: list[str] = field(default_factory=list)
 
 
-def _beyond_band(low: float, high: float, band: float) -> bool:
-    return low > 1 + band or high < 1 / (1 + band)
+def _differs(estimate: float, low: float, high: float) -> bool:
+    return (low > 1 or high < 1) and abs(math.log(estimate)) > math.log(1 + MACHINE_BAND)
 
 
 def _gflops(samples: list[float]) -> float:
@@ -146,7 +149,7 @@ def machine_check(before: dict[str, Any], now: dict[str, Any]) -> MachineCheck:
         return MachineCheck(None, lines=["a report has no calibration: machine state cannot be checked, so the "
                                          "verdicts below compare raw times"])
     factor, low, high, coverage = ratio_interval(pooled[0], pooled[1])
-    check = MachineCheck(factor, low, high, coverage, _beyond_band(low, high, MACHINE_BAND))
+    check = MachineCheck(factor, low, high, coverage, _differs(factor, low, high))
     if check.differs:
         slower, how = ("this run", factor) if factor > 1 else ("the earlier run", 1 / factor)
         check.lines.append(
@@ -157,8 +160,8 @@ def machine_check(before: dict[str, Any], now: dict[str, Any]) -> MachineCheck:
     for name, calibration in (("the earlier run", before), ("this run", now)):
         start, end = _calibration_samples(calibration, "start"), _calibration_samples(calibration, "end")
         if start and end:
-            _, drift_low, drift_high, _ = ratio_interval(start, end)
-            if _beyond_band(drift_low, drift_high, MACHINE_BAND):
+            if _differs(*ratio_interval(start, end)[:3]):
+                check.drifted = True
                 check.lines.append(
                     f"the machine changed during {name}: calibration matmul went from {_gflops(start):.1f} to "
                     f"{_gflops(end):.1f} GFLOP/s between its start and end, so one normalisation factor describes "
@@ -277,6 +280,9 @@ def print_comparison(comparison: RunComparison, title: str) -> None:
     print(f"{len(comparison.changes)} shared measurements, verdicts on {basis} times: " +
           ", ".join(f"{count} {verdict}" for verdict, count in sorted(comparison.counts().items())) +
           f"; {comparison.only_before} only in the earlier run, {comparison.only_now} only in this one")
+    if comparison.machine.drifted:
+        print("the machine changed within a run, so part of any difference above is machine state the calibration "
+              "did not see: rerun both on a quiet machine before acting on one row")
 
 
 def draw_comparison(comparison: RunComparison, out_dir: Path) -> Path:
@@ -297,6 +303,7 @@ def draw_comparison(comparison: RunComparison, out_dir: Path) -> Path:
                     label=f"{kind} with interval{used}")
     ax.axvline(1, color="grey", linewidth=1)
     ax.set_xscale("log")
+    ax.set_ylim(-1.6, len(changes) - 0.4)  # room below the rows for the legend
     ax.set_yticks(y, [f"{c.key.get('measurement')} [{c.key.get('batch') or c.key.get('device')}]: {c.verdict}"[:80]
                       for c in changes], fontsize=7)
     ax.legend(fontsize=8, loc="lower right")
