@@ -2,24 +2,34 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
+import os
 import random
+import shutil
+import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import IO, Any, Callable, TypeVar
 
 import numpy as np
 import torch
 
 from common.device import DEVICE_CHOICES, describe_environment, pick_device
-from common.errors import UserError
+from common.errors import Terminated, UserError
 from common import models
 from common.calibration import calibrate
+from common.memory import MIB
 from common.meter import PerformanceMeter
 from common.models import SOURCES
 from common.report import Report
 
 T = TypeVar("T")
+THREADS_PER_CORE_LIMIT = 4  # more torch threads than this per core only thrash (and 100000 crashes the process)
+SEED_LIMIT = 2**32 - 1  # numpy's seed range
+MIN_FREE_BYTES = 16 * MIB  # one run's charts and reports take a few MiB
+LOCK_NAME = ".run.lock"  # held in the output folder for the whole run, so two runs never mix their files
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,6 +37,21 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+def int_in_range(low: int, high: int, why: str = "") -> Callable[[str], int]:
+    """An argparse type: a whole number from low to high, else a one-line error naming the allowed range."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number from {low} to {high}{why}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}{why}, got {value}")
+        return value
+
+    return parse
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -39,8 +64,11 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="a fast, smaller run (what the tests use)")
     parser.add_argument("--output-dir", type=Path, default=None, help="where charts and reports go "
                         "(default: outputs/<script name>/)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for torch, numpy and random")
+    cores = os.cpu_count() or 1
+    parser.add_argument("--threads", default=None, help="torch CPU threads (default: torch's choice)",
+                        type=int_in_range(1, THREADS_PER_CORE_LIMIT * cores,
+                                          f" ({THREADS_PER_CORE_LIMIT}x this machine's {cores} logical cores)"))
+    parser.add_argument("--seed", type=int_in_range(0, SEED_LIMIT), default=0, help="seed for torch, numpy and random")
     return parser
 
 
@@ -53,6 +81,13 @@ class Context:
     out_dir: Path
     report: Report
     _loaded: dict[tuple, models.LoadedModel] = field(default_factory=dict, repr=False)
+    _lock: IO[str] | None = field(default=None, repr=False)
+
+    def close(self) -> None:
+        """Release the output folder for the next run."""
+        if self._lock is not None:
+            self._lock.close()  # closing the file drops the flock
+            self._lock = None
 
     @property
     def quick(self) -> bool:
@@ -94,16 +129,55 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def claim_output_dir(out_dir: Path, script: str) -> IO[str]:
+    """Create the output folder, prove a file can be written there, check free space, and lock it for this run."""
+    where = f"output folder {out_dir}"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{where} is a file, not a folder; pass --output-dir a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"probe")
+        probe.unlink()
+        lock = open(out_dir / LOCK_NAME, "a+", encoding="utf-8")
+    except OSError as error:
+        raise UserError(f"{where} cannot be created or written to ({error.strerror or error}); "
+                        "pass --output-dir a folder you can write to") from None
+    free = shutil.disk_usage(out_dir).free
+    if free < MIN_FREE_BYTES:
+        lock.close()
+        raise UserError(f"{where} has {free / MIB:.1f} MiB free; a run needs {MIN_FREE_BYTES // MIB} MiB for its "
+                        "charts and reports")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise UserError(f"{where} is in use by another run ({holder}); wait for it to finish or pass another "
+                        "--output-dir") from None
+    lock.truncate(0)
+    lock.write(f"{script}, pid {os.getpid()}, started {time.strftime('%H:%M:%S')}")
+    lock.flush()
+    return lock
+
+
+_current: Context | None = None  # this process's run: one at a time, so a new start() ends the previous one
+
+
 def start(script_file: str, args: argparse.Namespace) -> Context:
-    """Apply threads and seed, choose the device, print the environment banner, open the report."""
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
+    """Claim the output folder, apply threads and seed, choose the device, print the banner, open the report."""
+    global _current
+    if _current is not None:
+        _current.close()
+        _current = None
     device = pick_device(args.device)
     stem = Path(script_file).stem
     out_dir = args.output_dir if args.output_dir is not None else Path(script_file).resolve().parent / "outputs" / stem
+    lock = claim_output_dir(out_dir, stem)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
     environment = describe_environment(device)
     environment["source"] = args.source
     environment["quick"] = bool(args.quick)
@@ -117,18 +191,43 @@ def start(script_file: str, args: argparse.Namespace) -> Context:
         print(f"GPU: {gpu['name']}  {gpu['memory_gib']} GiB  compute capability {gpu['capability']}")
     print(f"model source: {args.source}  |  outputs: {out_dir}")
     report = Report(stem, out_dir, environment)
+    _current = Context(args=args, device=device, out_dir=out_dir, report=report, _lock=lock)
     report.calibration["start"] = calibrate()
-    return Context(args=args, device=device, out_dir=out_dir, report=report)
+    return _current
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM handler: stop like Ctrl-C; a second SIGTERM must not cut the partial report's write short."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated
+
+
+def _stopped(stop: KeyboardInterrupt) -> int:
+    """Save the partial report (if a section's runner has not already) and return 130 (Ctrl-C) or 143 (SIGTERM)."""
+    report = _current.report if _current is not None else None
+    if report is None:
+        print("\nstopped before any measurement; no report written", file=sys.stderr)
+    else:
+        if not report.partial:  # stopped between sections, outside run_section
+            report.mark_interrupted(stop)
+            report.write_partial()
+        print(f"\n{report.interrupted}: the report written so far is marked partial: {report.out_dir / 'report.json'}",
+              file=sys.stderr)
+    return 143 if isinstance(stop, Terminated) else 130
 
 
 def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:
-    """Call main and exit with its code; a UserError becomes one line on stderr and exit 2, Ctrl-C exit 130."""
+    """Call main and exit with its code: a UserError is one line and exit 2; Ctrl-C exits 130, SIGTERM 143."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         code = main(argv)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         code = 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: the report written so far is marked partial", file=sys.stderr)
-        code = 130
+    except KeyboardInterrupt as stop:
+        code = _stopped(stop)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        if _current is not None:
+            _current.close()
     sys.exit(code)

@@ -1,6 +1,7 @@
 """The model catalog: roles to Hub checkpoints, bundled offline models and exact-size random-weight twins."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -9,10 +10,11 @@ import shutil
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 from urllib.parse import urlparse
 
 import torch
@@ -171,11 +173,25 @@ def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
     return bool(result and result[0])
 
 
-def hub_cached(hub_id: str) -> bool:
-    """True when the checkpoint's config is already in the local Hugging Face cache."""
+# One of these beside config.json means the weights were downloaded, not just the config.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def hub_snapshot(hub_id: str) -> Path | None:
+    """The cached snapshot folder holding the checkpoint's config and weights, or None (a file lookup, no network)."""
     from huggingface_hub import try_to_load_from_cache
 
-    return isinstance(try_to_load_from_cache(hub_id, "config.json"), str)
+    config = try_to_load_from_cache(hub_id, "config.json")
+    if not isinstance(config, str):
+        return None
+    if not any(isinstance(try_to_load_from_cache(hub_id, name), str) for name in WEIGHT_FILES):
+        return None
+    return Path(config).parent
+
+
+def hub_cached(hub_id: str) -> bool:
+    """True when the checkpoint's config and weights are already in the local Hugging Face cache."""
+    return hub_snapshot(hub_id) is not None
 
 
 def use_hub(hub_id: str, source: str) -> bool:
@@ -190,11 +206,13 @@ def use_hub(hub_id: str, source: str) -> bool:
 
 
 def hub_location(hub_id: str) -> str:
-    """The cached snapshot folder when the Hub cannot be reached (no network wait later), else the Hub id."""
-    if hub_cached(hub_id) and not hub_reachable():
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(hub_id, local_files_only=True)
+    """The cached snapshot folder when there is one (no network wait, no probe), else the Hub id to download."""
+    snapshot = hub_snapshot(hub_id)
+    if snapshot is not None:
+        return str(snapshot)
+    if not hub_reachable():
+        raise UserError(f"{hub_id} is not in the local Hugging Face cache and the Hub cannot be reached; "
+                        "use --source bundled (or auto) to run offline")
     return hub_id
 
 
@@ -250,29 +268,45 @@ def _verified_key(folder: Path, fingerprint: dict[str, Any]) -> tuple:
     return str(folder), json.dumps(fingerprint, sort_keys=True), files
 
 
+@contextmanager
+def _build_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `.<name>.lock` beside the cache folder; another process builds, so wait for it."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(f".{folder.name}.lock"), "a") as handle:  # closing the file drops the lock
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[cache] another process is building {folder}; waiting for it...")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def ensure_cached(name: str, fingerprint: dict[str, Any], build: Callable[[Path], None]) -> Path:
-    """Return a verified cache folder, building it (into a temp folder, then an atomic rename) when needed."""
+    """Return a verified cache folder, building it once (locked, into a temp folder, then an atomic rename)."""
     folder = cache_root() / name
     key = _verified_key(folder, fingerprint)
     if key in _VERIFIED:
         return folder
-    problem = cache_problem(folder, fingerprint)
-    if problem is None:
-        _VERIFIED.add(key)
-        return folder
-    if folder.exists():
-        print(f"[cache] {folder}: {problem}; rebuilding")
-        shutil.rmtree(folder)
-    temp = folder.with_name(f".{name}.tmp-{os.getpid()}")
-    shutil.rmtree(temp, ignore_errors=True)
-    temp.mkdir(parents=True)
-    try:
-        build(temp)
-        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(temp.iterdir()) if p.is_file()}
-        (temp / "manifest.json").write_text(json.dumps({"fingerprint": fingerprint, "files": files}, indent=2))
-        os.replace(temp, folder)
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
+    with _build_lock(folder):  # a concurrent run waits here, then finds the folder sound and uses it
+        problem = cache_problem(folder, fingerprint)
+        if problem is None:
+            _VERIFIED.add(_verified_key(folder, fingerprint))  # it may have been built while we waited
+            return folder
+        if folder.exists():
+            print(f"[cache] {folder}: {problem}; rebuilding")
+            shutil.rmtree(folder)
+        for leftover in folder.parent.glob(f".{name}.tmp-*"):  # builds killed mid-way; nobody else builds now
+            shutil.rmtree(leftover, ignore_errors=True)
+        temp = folder.with_name(f".{name}.tmp-{os.getpid()}")
+        temp.mkdir(parents=True)
+        try:
+            build(temp)
+            files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+                     for p in sorted(temp.iterdir()) if p.is_file()}
+            (temp / "manifest.json").write_text(json.dumps({"fingerprint": fingerprint, "files": files}, indent=2))
+            os.replace(temp, folder)
+        finally:
+            shutil.rmtree(temp, ignore_errors=True)
     _VERIFIED.add(_verified_key(folder, fingerprint))
     return folder
 

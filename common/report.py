@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import inspect
 import io
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 import traceback
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 
 from common.calibration import calibrate
-from common.errors import UserError
+from common.errors import Terminated, UserError
 
 REPORT_VERSION = 1
 
@@ -132,18 +134,18 @@ class Report:
         self.section_seconds: dict[str, float] = {}
         self.calibration: dict[str, dict[str, Any]] = {}  # "start" and "end": see common.calibration
         self.partial = False
+        self.interrupted: str | None = None  # why the run stopped early: Ctrl-C or SIGTERM
         self.started = time.perf_counter()
 
     def run_section(self, title: str, why: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Print the heading and why, run the section, keep its result; a failure is recorded, not raised."""
-        print(f"\n{'=' * 78}\n{title}\n{'=' * 78}\n{why}\n")
+        """Print the heading and why (a docstring is fine), run the section, keep its result; failures are recorded."""
+        print(f"\n{'=' * 78}\n{title}\n{'=' * 78}\n{inspect.cleandoc(why)}\n")
         started = time.perf_counter()
         try:
             result = fn(*args, **kwargs)
-        except KeyboardInterrupt:
-            self.partial = True
-            self.failures[title] = "interrupted by the user (Ctrl-C)"
-            self.write()
+        except KeyboardInterrupt as stop:
+            self.failures[title] = self.mark_interrupted(stop)
+            self.write_partial()
             raise
         except UserError as error:
             self.failures[title] = str(error)
@@ -159,6 +161,19 @@ class Report:
         self.sections[title] = result
         print(f"[{title}: {self.section_seconds[title]:.1f} s]")
         return result
+
+    def mark_interrupted(self, stop: KeyboardInterrupt) -> str:
+        """Mark the report partial and remember why: Ctrl-C or SIGTERM."""
+        self.partial = True
+        self.interrupted = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted by the user (Ctrl-C)"
+        return self.interrupted
+
+    def write_partial(self) -> None:
+        """Write what was measured before the interruption; a write error is printed, never raised over it."""
+        try:
+            self.write()
+        except OSError as error:
+            print(f"[report] could not write the partial report: {error}", file=sys.stderr)
 
     def skip(self, what: str, reason: str) -> None:
         """Record and print that something was not run, and why."""
@@ -186,6 +201,7 @@ class Report:
             "script": self.script,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "partial": self.partial,
+            "interrupted": self.interrupted,
             "wall_s": time.perf_counter() - self.started,
             "environment": self.environment,
             "calibration": self.calibration,
@@ -202,7 +218,8 @@ class Report:
         """A paste-able Markdown rendering: environment, models, each section's tables and scalars."""
         lines = [f"# {self.script}", ""]
         if data["partial"]:
-            lines += ["**Partial report: the run was interrupted before every section finished.**", ""]
+            lines += [f"**Partial report: the run was {data['interrupted'] or 'interrupted'} before every section "
+                      "finished.**", ""]
         lines += ["## Environment", "", markdown_table([{"key": k, "value": v} for k, v in data["environment"].items()]), ""]
         if data["models"]:
             lines += ["## Models", "", markdown_table(data["models"]), ""]
@@ -218,15 +235,19 @@ class Report:
         return "\n".join(lines)
 
     def write(self) -> list[Path]:
-        """Write report.json, report.md and (when there are rows) results.csv atomically."""
+        """Write report.json, report.md and (with rows) results.csv; if the folder fails, into a fresh temp folder."""
         data = self.to_dict()
-        written = [
-            atomic_write(self.out_dir / "report.json", json.dumps(data, indent=2, allow_nan=False)),
-            atomic_write(self.out_dir / "report.md", self.markdown(data)),
-        ]
+        texts = {"report.json": json.dumps(data, indent=2, allow_nan=False), "report.md": self.markdown(data)}
         if data["rows"]:
-            written.append(atomic_write(self.out_dir / "results.csv", rows_to_csv(data["rows"])))
-        return written
+            texts["results.csv"] = rows_to_csv(data["rows"])
+        try:
+            return [atomic_write(self.out_dir / name, text) for name, text in texts.items()]
+        except OSError as error:  # e.g. the disk filled during the run: the measurements must survive it
+            fallback = Path(tempfile.mkdtemp(prefix=f"{self.script}-report-"))
+            print(f"[report] could not write to {self.out_dir} ({error.strerror or error}); "
+                  f"the report goes to {fallback} instead", file=sys.stderr)
+            self.out_dir = fallback  # a later write (partial, then final) lands beside it
+            return [atomic_write(fallback / name, text) for name, text in texts.items()]
 
     def finish(self) -> int:
         """Write the reports, print where they are and the wall time; exit code 1 if any section failed."""

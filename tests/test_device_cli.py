@@ -10,6 +10,7 @@ import torch
 from common import cli, device
 from common.errors import UserError
 from tests.conftest import ROOT
+from tests.test_robustness import one_line_error
 
 
 @pytest.mark.parametrize(
@@ -53,15 +54,16 @@ def test_parser_turns_bad_options_into_user_errors():
         parser.parse_args(["--source", "internet"])
 
 
-def test_start_applies_threads_and_rejects_zero(tmp_path):
+def test_start_applies_threads_and_the_parser_rejects_zero(tmp_path):
     parser = cli.base_parser("test")
     before = torch.get_num_threads()
     try:
         ctx = cli.start("/x/05_example.py", parser.parse_args(["--threads", "1", "--output-dir", str(tmp_path)]))
         assert torch.get_num_threads() == 1
         assert ctx.out_dir == tmp_path and ctx.report.script == "05_example"
-        with pytest.raises(UserError, match="at least 1"):
-            cli.start("/x/05_example.py", parser.parse_args(["--threads", "0"]))
+        ctx.close()
+        with pytest.raises(UserError, match="argument --threads: must be from 1 to"):
+            parser.parse_args(["--threads", "0"])
     finally:
         torch.set_num_threads(before)
 
@@ -82,6 +84,4 @@ def test_script_with_missing_cuda_exits_2_with_one_line_and_no_traceback():
     done = subprocess.run([sys.executable, "01_autotokenizer_automodel.py", "--device", "cuda"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
-    assert "CUDA" in done.stderr
+    assert "CUDA" in one_line_error(done.stderr)

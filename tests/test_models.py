@@ -20,7 +20,7 @@ def offline_hub(monkeypatch):
     """A Hub that cannot be reached, with the reachability memo cleared before and after."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")  # .invalid never resolves (RFC 2606)
-    monkeypatch.setattr(models, "hub_cached", lambda hub_id: False)
+    monkeypatch.setattr(models, "hub_snapshot", lambda hub_id: None)
     models.hub_reachable.cache_clear()
     yield
     models.hub_reachable.cache_clear()
@@ -133,7 +133,7 @@ def test_cache_build_failure_leaves_no_folder(tmp_path, monkeypatch):
 
     with pytest.raises(RuntimeError):
         models.ensure_cached("thing", {"v": 1}, broken_build)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [".thing.lock"]  # the build lock stays; no folder, no temp
 
 
 def test_gguf_cache_round_trip_then_corrupt_and_partial_caches_are_rebuilt(tmp_path, monkeypatch):
