@@ -201,10 +201,11 @@ SAME_BAND = 0.03  # a ratio interval inside [1/1.03, 1.03] is a difference too s
 
 @dataclass
 class Comparison:
-    """Workloads timed round-robin; ratios of medians with an exact interval from the paired rounds, and verdicts.
+    """Workloads timed round-robin; speed ratios with an exact interval from the paired rounds, and verdicts.
 
-    The interval of ratio(a, b) is the distribution-free interval of the median of the per-round ratios
-    t_b / t_a (order statistics of paired rounds, as for Stats); its real coverage is kept beside it.
+    ratio(a, b) is the median of the per-round ratios t_b / t_a, and its interval the distribution-free interval of
+    that median (order statistics, as for Stats), so estimate and interval always agree. Pairing by round cancels
+    what the machine did during that round; the interval's real coverage is kept beside it.
     """
 
     measurements: dict[str, Measurement]
@@ -216,11 +217,11 @@ class Comparison:
         return min(m.stats.count for m in self.measurements.values())
 
     def ratio(self, a: str, b: str) -> tuple[float, float, float]:
-        """How many times faster a is than b: (median_b / median_a, interval low, interval high)."""
+        """How many times faster a is than b: (median of the per-round t_b / t_a, interval low, interval high)."""
         ta, tb = np.asarray(self.measurements[a].samples_s), np.asarray(self.measurements[b].samples_s)
         per_round = np.sort(tb / ta)
         low, high, _ = median_ci(per_round)
-        return float(np.median(tb) / np.median(ta)), low, high
+        return float(np.median(per_round)), low, high
 
     def coverage(self) -> float:
         """Real coverage of the ratio intervals at this number of rounds."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ def load_script(stem: str):
     """Import a lesson script (its name starts with a digit, so `import` cannot)."""
     spec = importlib.util.spec_from_file_location(f"lesson_{stem}", ROOT / f"{stem}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
     spec.loader.exec_module(module)
     return module
 

@@ -137,7 +137,7 @@ def test_compare_finds_a_three_times_slower_workload():
     assert comparison.verdict("1 ms", "3 ms") == "faster"
     assert comparison.verdict("3 ms", "1 ms") == "slower"
     inverse = comparison.ratio("3 ms", "1 ms")
-    assert inverse[0] == pytest.approx(1 / estimate)
+    assert inverse[0] == pytest.approx(1 / estimate, rel=0.05)  # median of reciprocals, up to even-n averaging
 
 
 def test_compare_runs_round_robin_with_a_rotating_start():
