@@ -120,7 +120,7 @@ def spin(seconds: float) -> None:
 
 
 def test_compare_calls_two_identical_workloads_the_same():
-    meter = PerformanceMeter(warmup=1, min_runs=15, budget_s=0.0)
+    meter = PerformanceMeter(warmup=1, min_runs=30, budget_s=0.0)
     comparison = meter.compare({"a": lambda: spin(0.001), "b": lambda: spin(0.001)})
     estimate, low, high = comparison.ratio("a", "b")
     assert low <= estimate <= high
@@ -129,7 +129,7 @@ def test_compare_calls_two_identical_workloads_the_same():
 
 
 def test_compare_finds_a_three_times_slower_workload():
-    meter = PerformanceMeter(warmup=1, min_runs=6, budget_s=0.0)
+    meter = PerformanceMeter(warmup=1, min_runs=30, budget_s=0.0)  # 30 rounds: a few preempted sleeps cannot move it
     comparison = meter.compare({"1 ms": lambda: time.sleep(0.001), "3 ms": lambda: time.sleep(0.003)})
     estimate, low, high = comparison.ratio("1 ms", "3 ms")
     assert 2.0 < estimate < 3.5
