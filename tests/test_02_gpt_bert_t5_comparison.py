@@ -1,38 +1,32 @@
-"""End-to-end --quick run of 02_gpt_bert_t5_comparison plus checks of its architecture facts against known values."""
+"""End-to-end --quick run of 02_gpt_bert_t5_comparison plus checks of its facts, verdicts and claims against known values."""
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
-from pathlib import Path
+import subprocess
+import sys
 
 import pytest
+import torch
 
-from common.errors import UserError
+from tests.conftest import ROOT, is_png
 
-SCRIPT = Path(__file__).resolve().parents[1] / "02_gpt_bert_t5_comparison.py"
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CHARTS = ["params_stacked", "latency_vs_seq_length", "generation_tokens_per_s", "peak_memory"]
 MODELS = ["SmolLM2-135M-Instruct", "all-MiniLM-L6-v2", "gpt2 (twin)", "bert-base-uncased (twin)", "t5-small (twin)"]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("lesson02", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+VERDICTS = {"faster", "slower", "same"}
 
 
 @pytest.fixture(scope="module")
 def lesson():
-    return load_script()
+    return importlib.import_module("02_gpt_bert_t5_comparison")  # registered in sys.modules, as dataclasses need
 
 
 @pytest.fixture(scope="module")
 def run(lesson, tmp_path_factory):
-    """One quick offline run with the default models plus one unknown name, which must be skipped, not fatal."""
+    """One quick offline run of the default offline models, named both comma- and space-separated."""
     out = tmp_path_factory.mktemp("lesson02")
     code = lesson.main(["--quick", "--source", "bundled", "--output-dir", str(out),
-                        "--models", *lesson.OFFLINE_MODELS, "no-such-model"])
+                        "--models", "decoder,encoder", "gpt2", "bert-base-uncased,t5-small"])
     return code, out, json.loads((out / "report.json").read_text(encoding="utf-8"))
 
 
@@ -45,7 +39,7 @@ def test_run_completes_with_every_chart_and_one_summary_row_per_model(run):
     assert code == 0, report["failures"]
     assert report["failures"] == {}
     for name in CHARTS:
-        assert (out / f"{name}.png").read_bytes()[:8] == PNG_SIGNATURE
+        assert is_png(out / f"{name}.png")
     assert [row["model"] for row in report["sections"]["5. Summary"]["models"]] == MODELS
     summary = {row["model"]: row for row in report["sections"]["5. Summary"]["models"]}
     assert summary["gpt2 (twin)"]["tokens_per_s"] > 0 and summary["t5-small (twin)"]["tokens_per_s"] > 0
@@ -53,13 +47,31 @@ def test_run_completes_with_every_chart_and_one_summary_row_per_model(run):
     assert all(row["fwd_ms@128"] > 0 and row["peak_mib"] > 0 for row in summary.values())
     assert len(report["sections"]["5. Summary"]["when_to_use"]) == 3
     assert (out / "report.md").is_file() and (out / "results.csv").is_file()
+    assert {model["source"] for model in report["models"]} == {"bundled", "twin"}
 
 
-def test_unknown_model_and_impossible_generation_are_skipped_with_reasons(run):
-    _, _, report = run
-    assert "unknown model 'no-such-model'" in report["skipped"]["model no-such-model"]
-    assert "cannot generate" in report["skipped"]["generation: bert-base-uncased (twin)"]
-    assert "no masked-LM head" in report["skipped"]["fill-mask: all-MiniLM-L6-v2"]
+def test_impossible_generation_and_fill_mask_are_skipped_with_reasons(run):
+    skipped = run[2]["skipped"]
+    assert "cannot generate" in skipped["generation: bert-base-uncased (twin)"]
+    assert "no masked-LM head" in skipped["fill-mask: all-MiniLM-L6-v2"]
+
+
+def test_unknown_name_stops_the_run_with_one_line_before_any_work(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "02_gpt_bert_t5_comparison.py"), "--quick", "--source",
+                             "bundled", "--output-dir", str(tmp_path / "out"), "--models", "gpt2,no-such-model"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "unknown model 'no-such-model'" in result.stderr
+    assert "1. Architectures" not in result.stdout and not (tmp_path / "out").exists()
+
+
+def test_models_may_be_comma_or_space_separated(lesson):
+    comma = [c.label for c in lesson.plan_models("bundled", ["gpt2,t5-small"])]
+    assert comma == [c.label for c in lesson.plan_models("bundled", ["gpt2", "t5-small"])]
+    assert comma == ["gpt2 (twin)", "t5-small (twin)"]
+    assert [c.label for c in lesson.plan_models("bundled", ["gpt2,gpt2", "gpt2"])] == ["gpt2 (twin)"]
+    assert [c.kind for c in lesson.plan_models("bundled", ["decoder,encoder,t5-small"])] == [
+        "decoder", "encoder", "seq2seq"]
 
 
 def test_masking_is_shown_causal_or_bidirectional_by_the_probe(run):
@@ -70,6 +82,14 @@ def test_masking_is_shown_causal_or_bidirectional_by_the_probe(run):
     assert facts["all-MiniLM-L6-v2"]["masking"] == "bidirectional"
     assert facts["t5-small (twin)"]["masking"] == "encoder bidirectional, decoder causal"
     assert facts["gpt2 (twin)"]["earlier_change"] < 1e-5 < facts["bert-base-uncased (twin)"]["earlier_change"]
+
+
+def test_each_architecture_is_loaded_with_its_auto_class(run):
+    facts = facts_by_model(run[2])
+    assert facts["SmolLM2-135M-Instruct"]["class"] == "LlamaForCausalLM"
+    assert facts["gpt2 (twin)"]["class"] == "GPT2LMHeadModel"
+    assert facts["bert-base-uncased (twin)"]["class"] == "BertModel"
+    assert facts["t5-small (twin)"]["class"] == "T5ForConditionalGeneration"
 
 
 def test_parameter_split_matches_the_published_architectures(run):
@@ -86,15 +106,45 @@ def test_parameter_split_matches_the_published_architectures(run):
     assert bert["fp32_mib"] == pytest.approx(109_482_240 * 4 / 2**20)
     assert bert["int8_mib"] == pytest.approx(bert["fp32_mib"] / 4)
     assert bert["disk_mib"] == pytest.approx(bert["fp32_mib"], rel=0.01)
+    # as loaded (fp32): the parameters (the tied GPT-2 head once) plus at most a few small saved buffers
+    for row in (bert, gpt2, t5):
+        assert row["fp32_mib"] <= row["weights_mib"] < row["fp32_mib"] * 1.001
     assert (gpt2["layers"], gpt2["hidden"], gpt2["heads"], gpt2["max_positions"]) == ("12", 768, 12, 1024)
     assert t5["layers"] == "6 + 6"
 
 
-def test_kv_cache_on_and_off_give_identical_greedy_tokens(run):
-    kv_rows = {row["model"]: row for row in run[2]["sections"]["3. Speed"]["kv_cache"]}
-    assert set(kv_rows) == {"SmolLM2-135M-Instruct", "gpt2 (twin)"}  # the decoders; T5 runs with the cache only
+def test_generation_is_timed_at_the_fixed_prompt_length_for_every_model(run, lesson):
+    rows = run[2]["sections"]["3. Speed"]["generation"]
+    assert {row["model"] for row in rows} == {"SmolLM2-135M-Instruct", "gpt2 (twin)", "t5-small (twin)"}
+    assert all(row["prompt_tokens"] == lesson.QUICK.prompt_tokens and row["new_tokens"] == lesson.QUICK.new_tokens
+               for row in rows)
+    assert all(row["runs"] >= 3 and row["tokens_per_s"] > 0 and row["ttft_ms"] > 0 for row in rows)
+
+
+def test_kv_cache_on_vs_off_is_a_verdict_and_the_advice_follows_it(run):
+    sections = run[2]["sections"]
+    kv_rows = {row["model"]: row for row in sections["3. Speed"]["kv_cache"]}
+    assert set(kv_rows) == {"SmolLM2-135M-Instruct", "gpt2 (twin)", "t5-small (twin)"}
     assert kv_rows["SmolLM2-135M-Instruct"]["same_greedy_tokens"] is True
-    assert all(row["tokens_per_s_cache_off"] > 0 for row in kv_rows.values())
+    advice = " ".join(sections["5. Summary"]["when_to_use"])
+    for label, row in kv_rows.items():
+        assert row["verdict"] in VERDICTS and row["rounds"] >= 3
+        assert row["speedup_low"] <= row["speedup_high"] and row["tokens_per_s_cache_off"] > 0
+        if row["verdict"] == "same":
+            assert "no measurable difference here" in row["sentence"]
+            assert f"KV cache on vs off for {label}: no measurable difference" in advice
+        else:
+            assert f": {row['verdict']} (interval" in row["sentence"]
+            assert f"KV cache on vs off for {label}: {row['speedup']:.2f}x, {row['verdict']}" in advice
+
+
+def test_same_size_encoder_and_decoder_are_compared_round_robin(run):
+    speed = run[2]["sections"]["3. Speed"]
+    # bert-base (109.5 M) pairs with gpt2 (124.4 M, 14% away), not SmolLM2 (134.5 M); MiniLM (22.7 M) has no partner
+    (pair,) = speed["same_size"]
+    assert (pair["encoder"], pair["decoder"], pair["seq_len"]) == ("bert-base-uncased (twin)", "gpt2 (twin)", 128)
+    assert pair["verdict"] in VERDICTS and pair["rounds"] >= 3
+    assert pair["sentence"] in " ".join(run[2]["sections"]["5. Summary"]["when_to_use"])
 
 
 def test_twin_text_is_never_shown_as_language(run, lesson):
@@ -106,10 +156,29 @@ def test_twin_text_is_never_shown_as_language(run, lesson):
     assert real["pipeline"] == "text-generation" and real["output"] != lesson.TWIN_NOTE and real["output"]
 
 
+def test_pipeline_rows_count_each_tokenizers_tokens(run):
+    rows = {row["model"]: row for row in run[2]["sections"]["2. One input, one line each"]}
+    assert rows["SmolLM2-135M-Instruct"]["input_tokens"] == 9  # 'The best way to learn a new language is'
+    assert rows["all-MiniLM-L6-v2"]["input_tokens"] == 11  # the same 9 words plus [CLS] and [SEP]
+    assert rows["gpt2 (twin)"]["input_tokens"] == 9  # the twin borrows SmolLM2's tokenizer
+    twins = run[2]["sections"]["5. Summary"]["twins"]
+    assert "fixed token counts" in twins and "64-token prompt" in twins and "speed and memory are" not in twins
+
+
 def test_memory_is_given_back_after_each_release(run):
     for row in run[2]["sections"]["4. Memory"]:
         assert row["peak_mib@32"] > row["after_release_mib"]
         assert row["after_release_mib"] < 50  # MiB left above the pre-load RSS once the model is released
+        assert row["forward_peak_mib"] == max(row["peak_mib@32"], row["peak_mib@128"])
+
+
+def test_memory_mapping_is_only_claimed_where_the_numbers_show_it(lesson):
+    row = {"model": "m", "weights_mib": 500.0, "forward_peak_mib": 520.0, "load_cuda_peak_mib": 505.0}
+    assert "memory-mapped" in lesson.memory_note({**row, "load_peak_mib": 60.0}, torch.device("cpu"))
+    read_in = lesson.memory_note({**row, "load_peak_mib": 510.0}, torch.device("cpu"))  # e.g. a dtype conversion
+    assert "memory-mapped" not in read_in and "read into memory during the load" in read_in
+    on_gpu = lesson.memory_note({**row, "load_peak_mib": 60.0}, torch.device("cuda:1"))
+    assert "memory-mapped" not in on_gpu and "505 MiB of cuda:1 memory" in on_gpu
 
 
 def test_length_above_max_positions_is_skipped_with_a_reason(lesson):
@@ -122,6 +191,7 @@ def test_defaults_offline_are_the_bundled_models_plus_the_twins(lesson):
     assert lesson.default_models("bundled") == ["decoder", "encoder", "gpt2", "bert-base-uncased", "t5-small"]
 
 
-def test_only_unknown_models_is_a_clear_user_error(lesson, tmp_path):
-    with pytest.raises(UserError, match="none of the requested models"):
-        lesson.main(["--quick", "--source", "bundled", "--output-dir", str(tmp_path), "--models", "nope", "gpt5"])
+def test_settings_keep_quick_and_full_side_by_side(lesson):
+    assert lesson.QUICK.prompt_tokens < lesson.FULL.prompt_tokens and lesson.FULL.prompt_tokens >= 256
+    assert lesson.SUMMARY_LENGTH in lesson.QUICK.seq_lengths and lesson.SUMMARY_LENGTH in lesson.FULL.seq_lengths
+    assert lesson.QUICK.warmup >= 1 and lesson.FULL.warmup >= 1
