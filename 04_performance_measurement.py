@@ -44,7 +44,7 @@ QUICK = Settings(("seq2seq", "distilbert-base-uncased"), 8, (1, 2, 4, 8), 6, 0.1
 
 OVERHEAD_RUNS = 2000  # empty calls timed to measure the meter's own cost
 OVERHEAD_TARGET_S = 50e-6
-INSTRUMENT_TOLERANCE = 0.05  # meter and Timer "disagree" when their ratio's interval clears 5%
+INSTRUMENT_TOLERANCE = 0.05  # meter and Timer agree when their ratio's interval lies within 5% of 1
 TASK_TEXTS = 8  # texts per call for the encoder-style tasks
 PROMPT = "The best way to measure the speed of a language model is"
 MEMORY_FRACTION = 0.5  # stop the sweep before a batch is predicted to need more than this share of free memory
@@ -176,16 +176,20 @@ def instrument_check(ctx: cli.Context, meter: PerformanceMeter, call, workload: 
         timer_samples += block.times
         per_block.add(block.number_per_run)
     ratio, low, high, coverage = runs.ratio_interval(timer_samples, meter_samples)  # meter / Timer
-    agree = not (low > 1 + INSTRUMENT_TOLERANCE or high < 1 / (1 + INSTRUMENT_TOLERANCE))
+    band = 1 + INSTRUMENT_TOLERANCE
+    verdict = ("agree" if 1 / band <= low and high <= band else "disagree" if (low > 1 or high < 1) and
+               max(ratio, 1 / ratio) > band else "inconclusive")
     meter_ms, timer_ms = float(np.median(meter_samples)) * 1e3, float(np.median(timer_samples)) * 1e3
     print(f"\ninstrument check, {s.instrument_rounds} alternating rounds: PerformanceMeter.measure median {meter_ms:.3g} "
           f"ms of {len(meter_samples)} calls; torch Timer.blocked_autorange median {timer_ms:.3g} ms of "
           f"{len(timer_samples)} blocks of {'/'.join(map(str, sorted(per_block)))} call(s) (a block's mean)")
-    print(f"meter / Timer median: {ratio:.3f} (interval {low:.3f}-{high:.3f}, {coverage:.0%} coverage) -> " +
-          ("no measurable disagreement beyond 5%" if agree else
-           "DISAGREE by more than 5%: this machine is too busy to trust small differences; --compare will say so"))
+    print(f"meter / Timer median: {ratio:.3f} (interval {low:.3f}-{high:.3f}, {coverage:.0%} coverage) -> " + {
+        "agree": "they agree within 5%",
+        "disagree": "DISAGREE by more than 5%: do not trust small differences from this run; --compare repeats this",
+        "inconclusive": "inconclusive: the interval is wider than 5% either side, the machine is too busy to check "
+                        "the instrument; --compare repeats this"}[verdict])
     return {"meter_median_ms": meter_ms, "timer_median_ms": timer_ms, "meter_over_timer": ratio,
-            "meter_over_timer_interval": [low, high], "instrument_agree": agree}
+            "meter_over_timer_interval": [low, high], "instrument_check": verdict}
 
 
 def load_time_section(ctx: cli.Context) -> list[dict]:
@@ -506,9 +510,9 @@ def report_section(ctx: cli.Context, results: dict, previous: dict | None) -> di
     comparison = runs.compare_reports(previous, current)
     for name, report in (("the earlier run", previous), ("this run", current)):
         check = report.get("sections", {}).get("1. Meet the meter") or {}
-        if check.get("instrument_agree") is False:
-            print(f"[instrument] in {name} the meter and torch's Timer disagreed ({check['meter_over_timer']:.3f}x): "
-                  "its times are less trustworthy than their intervals say")
+        if check.get("instrument_check", "agree") != "agree":
+            print(f"[instrument] in {name} the meter-vs-Timer check said '{check['instrument_check']}' "
+                  f"({check['meter_over_timer']:.3f}x): its times are less trustworthy than their intervals say")
     runs.print_comparison(comparison, f"Now vs {ctx.args.compare}")
     if comparison.changes:
         ctx.report.add_chart(runs.draw_comparison(comparison, ctx.out_dir))

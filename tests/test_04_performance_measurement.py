@@ -37,7 +37,7 @@ CRAFTED_PREVIOUS = {
     "report_version": REPORT_VERSION, "script": "04_performance_measurement", "created": "earlier",
     "environment": {"torch": "1.0.0"}, "models": [],
     "calibration": {"start": {"matmul_samples_s": [1e-4] * 7}, "end": {"matmul_samples_s": [1e-4] * 7}},
-    "sections": {"1. Meet the meter": {"instrument_agree": False, "meter_over_timer": 1.5}},
+    "sections": {"1. Meet the meter": {"instrument_check": "disagree", "meter_over_timer": 1.5}},
     "rows": [{**SHARED_KEY, "samples_ms": [1e6] * 5},
              {**SHARED_KEY, "measurement": "a measurement this run does not make", "samples_ms": [1.0, 2.0]}],
 }
@@ -88,7 +88,9 @@ def test_meter_section_reports_overhead_and_the_instrument_check(run):
     assert 0 < meter["meter_overhead_us"] and meter["overhead_ok"] == (meter["meter_overhead_us"] < 50)
     low, high = meter["meter_over_timer_interval"]
     assert low <= meter["meter_over_timer"] <= high
-    assert meter["instrument_agree"] == (not (low > 1.05 or high < 1 / 1.05))
+    assert (meter["instrument_check"] == "agree") == (1 / 1.05 <= low and high <= 1.05)
+    if meter["instrument_check"] == "disagree":
+        assert (low > 1 or high < 1) and abs(meter["meter_over_timer"] - 1) > 0.04
 
 
 def test_rows_keep_samples_ordered_statistics_and_p99_only_from_100_samples(run):
@@ -180,7 +182,7 @@ def test_compare_checks_machine_environment_and_instrument_before_the_table(run)
     stdout = done.stdout
     assert "[machine] the machine ran" in stdout and "slower during this run" in stdout
     assert "torch: 1.0.0 -> " in stdout
-    assert "[instrument] in the earlier run the meter and torch's Timer disagreed" in stdout
+    assert "[instrument] in the earlier run the meter-vs-Timer check said 'disagree'" in stdout
     assert stdout.index("[machine]") < stdout.index("Now vs ")
     result = report["sections"]["7. Report and comparison"]
     assert result["machine"]["differs"] is True and result["machine"]["factor"] > 1
