@@ -46,7 +46,8 @@ def int_in_range(low: int, high: int, why: str = "") -> Callable[[str], int]:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a whole number from {low} to {high}{why}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"must be a whole number from {low} to {high}{why}, got {text!r}") from None
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"must be from {low} to {high}{why}, got {value}")
         return value
@@ -81,13 +82,10 @@ class Context:
     out_dir: Path
     report: Report
     _loaded: dict[tuple, models.LoadedModel] = field(default_factory=dict, repr=False)
-    _lock: IO[str] | None = field(default=None, repr=False)
 
     def close(self) -> None:
-        """Release the output folder for the next run."""
-        if self._lock is not None:
-            self._lock.close()  # closing the file drops the flock
-            self._lock = None
+        """Release the output folder for the next run (report.finish does it too)."""
+        self.report.release_output()
 
     @property
     def quick(self) -> bool:
@@ -190,8 +188,8 @@ def start(script_file: str, args: argparse.Namespace) -> Context:
         gpu = environment["gpu"]
         print(f"GPU: {gpu['name']}  {gpu['memory_gib']} GiB  compute capability {gpu['capability']}")
     print(f"model source: {args.source}  |  outputs: {out_dir}")
-    report = Report(stem, out_dir, environment)
-    _current = Context(args=args, device=device, out_dir=out_dir, report=report, _lock=lock)
+    report = Report(stem, out_dir, environment, output_lock=lock)
+    _current = Context(args=args, device=device, out_dir=out_dir, report=report)
     report.calibration["start"] = calibrate()
     return _current
 

@@ -13,7 +13,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any, Callable
 
 import numpy as np
 import torch
@@ -121,9 +121,11 @@ def _is_table(value: Any) -> bool:
 class Report:
     """Results of one script run, section by section; writes report.json, report.md and results.csv."""
 
-    def __init__(self, script: str, out_dir: Path, environment: dict[str, Any]) -> None:
+    def __init__(self, script: str, out_dir: Path, environment: dict[str, Any],
+                 output_lock: IO[str] | None = None) -> None:
         self.script = script
         self.out_dir = Path(out_dir)
+        self.output_lock = output_lock  # held from cli.start until finish: no other run writes into out_dir meanwhile
         self.environment = environment
         self.sections: dict[str, Any] = {}
         self.failures: dict[str, str] = {}
@@ -165,7 +167,8 @@ class Report:
     def mark_interrupted(self, stop: KeyboardInterrupt) -> str:
         """Mark the report partial and remember why: Ctrl-C or SIGTERM."""
         self.partial = True
-        self.interrupted = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted by the user (Ctrl-C)"
+        self.interrupted = ("terminated (SIGTERM)" if isinstance(stop, Terminated)
+                            else "interrupted by the user (Ctrl-C)")
         return self.interrupted
 
     def write_partial(self) -> None:
@@ -259,7 +262,14 @@ class Report:
         if self.failures:
             print(f"{len(self.failures)} section(s) failed: {', '.join(self.failures)}")
         print(f"total wall time: {time.perf_counter() - self.started:.1f} s")
+        self.release_output()
         return 1 if self.failures else 0
+
+    def release_output(self) -> None:
+        """Let the next run use the output folder (closing the lock file drops its flock)."""
+        if self.output_lock is not None:
+            self.output_lock.close()
+            self.output_lock = None
 
 
 def _markdown_block(result: Any) -> list[str]:

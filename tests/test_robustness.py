@@ -93,16 +93,17 @@ def test_output_dir_that_cannot_be_created_is_one_line_and_exit_2(tmp_path, caps
 
 
 def test_output_dir_without_free_space_is_refused_up_front(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli.shutil, "disk_usage", lambda path: SimpleNamespace(total=10**9, used=10**9, free=3 * cli.MIB))
+    monkeypatch.setattr(cli.shutil, "disk_usage", lambda path: SimpleNamespace(free=3 * cli.MIB))
     assert exit_code(tiny_main(), ["--output-dir", str(tmp_path)]) == 2
     assert one_line_error(capsys.readouterr().err) == (f"error: output folder {tmp_path} has 3.0 MiB free; a run needs "
                                                        "16 MiB for its charts and reports")
 
 
-def test_probe_file_is_removed_and_a_good_folder_is_created(tmp_path):
+def test_a_good_folder_is_created_probed_and_freed_once_the_report_is_final(tmp_path):
     out = tmp_path / "new" / "nested"
-    assert exit_code(tiny_main(), ["--output-dir", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == [cli.LOCK_NAME, "report.json", "report.md"]
+    assert tiny_main()(["--output-dir", str(out)]) == 0  # as the lesson tests call main: finish() frees the folder
+    assert sorted(p.name for p in out.iterdir()) == [cli.LOCK_NAME, "report.json", "report.md"]  # probe removed
+    cli.claim_output_dir(out, "the next run").close()
 
 
 def test_disk_full_at_the_end_writes_the_report_to_a_temp_folder(tmp_path, monkeypatch, capsys):
@@ -299,7 +300,7 @@ def test_leftovers_of_a_killed_build_are_cleared_under_the_lock(tmp_path, monkey
     assert models.cache_problem(folder, {"v": 1}) is None
 
 
-# ------------------------------------------------------------------------------------ 6. one output folder, two runs
+# ------------------------------------------------------------------------------------ 6. a file or a busy folder
 
 
 def test_real_lessons_refuse_a_file_or_a_busy_folder_before_any_work(tmp_path):
@@ -317,7 +318,8 @@ def test_real_lessons_refuse_a_file_or_a_busy_folder_before_any_work(tmp_path):
     finally:
         ctx.close()
     assert [process.returncode for process in processes] == [2, 2]
-    assert one_line_error(file_err) == f"error: output folder {taken} is a file, not a folder; pass --output-dir a folder"
+    assert one_line_error(file_err) == (f"error: output folder {taken} is a file, not a folder; "
+                                        "pass --output-dir a folder")
     assert taken.read_text() == "not a folder"
     line = one_line_error(busy_err)
     assert line.startswith(f"error: output folder {busy} is in use by another run (05_example, pid {os.getpid()},")
