@@ -1067,7 +1067,7 @@ def recipe_snippet(choice: dict[str, Any], hub_id: str, max_length: int, measure
         lines.append("model = torch.ao.quantization.quantize_dynamic(\n    model, {torch.nn.Linear: "
                      "torch.ao.quantization.per_channel_dynamic_qconfig}, dtype=torch.qint8)")
     if choice["compile"]:
-        lines.append("model = torch.compile(model)  # the first calls compile; later shapes reuse a dynamic graph")
+        lines.append("model = torch.compile(model)  # the first calls compile (section 7 timed them)")
     call = f"embeddings = embed_sorted(model, tokenizer, texts, batch_size={choice['batch']}, max_length={max_length})"
     if variant.endswith("-autocast"):
         call = f'with torch.autocast("{device.type}", dtype={dtype}):\n    {call}'
