@@ -78,7 +78,7 @@ def linear_names(model: nn.Module) -> list[str]:
 
 def quantize_dynamic_int8(model: nn.Module, reduce_range: bool, layers: Collection[str] | None = None,
                           per_channel: bool = True) -> nn.Module:
-    """A dynamic-int8 copy of the model: the named Linears (all by default) get int8 weights and 7- or 8-bit activations."""
+    """A dynamic-int8 copy: the named Linears (all by default) get int8 weights and 7- or 8-bit activations."""
     from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
 
     qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
