@@ -134,8 +134,12 @@ class MachineCheck:
     lines: list[str] = field(default_factory=list)
 
 
+def _material(estimate: float) -> bool:
+    return abs(math.log(estimate)) > math.log(1 + MACHINE_BAND)
+
+
 def _differs(estimate: float, low: float, high: float) -> bool:
-    return (low > 1 or high < 1) and abs(math.log(estimate)) > math.log(1 + MACHINE_BAND)
+    return (low > 1 or high < 1) and _material(estimate)
 
 
 def _gflops(samples: list[float]) -> float:
@@ -149,23 +153,24 @@ def machine_check(before: dict[str, Any], now: dict[str, Any]) -> MachineCheck:
         return MachineCheck(None, lines=["a report has no calibration: machine state cannot be checked, so the "
                                          "verdicts below compare raw times"])
     factor, low, high, coverage = ratio_interval(pooled[0], pooled[1])
-    check = MachineCheck(factor, low, high, coverage, _differs(factor, low, high))
+    check = MachineCheck(factor, low, high, coverage)
+    for name, calibration in (("the earlier run", before), ("this run", now)):
+        start, end = _calibration_samples(calibration, "start"), _calibration_samples(calibration, "end")
+        if start and end and _differs(*ratio_interval(start, end)[:3]):
+            check.drifted = True
+            check.lines.append(
+                f"the machine changed during {name}: calibration matmul went from {_gflops(start):.1f} to "
+                f"{_gflops(end):.1f} GFLOP/s between its start and end, so one normalisation factor describes it "
+                "only roughly")
+    # A drifting run widens the interval without making the machines alike: then the estimate alone decides.
+    check.differs = _differs(factor, low, high) or (check.drifted and _material(factor))
     if check.differs:
         slower, how = ("this run", factor) if factor > 1 else ("the earlier run", 1 / factor)
-        check.lines.append(
+        check.lines.insert(0, (
             f"the machine ran {how:.1f}x slower during {slower} (calibration matmul {_gflops(pooled[0]):.1f} GFLOP/s "
             f"before, {_gflops(pooled[1]):.1f} now; time ratio now/before {factor:.2f}, interval {low:.2f}-{high:.2f})"
             f": code changes cannot be told apart from machine state, so the verdicts below use times "
-            f"normalised by {factor:.2f}")
-    for name, calibration in (("the earlier run", before), ("this run", now)):
-        start, end = _calibration_samples(calibration, "start"), _calibration_samples(calibration, "end")
-        if start and end:
-            if _differs(*ratio_interval(start, end)[:3]):
-                check.drifted = True
-                check.lines.append(
-                    f"the machine changed during {name}: calibration matmul went from {_gflops(start):.1f} to "
-                    f"{_gflops(end):.1f} GFLOP/s between its start and end, so one normalisation factor describes "
-                    "it only roughly")
+            f"normalised by {factor:.2f}"))
     return check
 
 

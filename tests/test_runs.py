@@ -130,6 +130,15 @@ def test_drift_within_a_run_is_reported():
     assert not runs.machine_check(report()["calibration"], report()["calibration"]).drifted
 
 
+def test_a_drifting_run_with_a_big_difference_is_flagged_even_with_a_wide_interval():
+    before = report()
+    before["calibration"] = {"start": {"matmul_samples_s": [0.09] * 7}, "end": {"matmul_samples_s": [0.03] * 7}}
+    check = runs.machine_check(before["calibration"], report()["calibration"])
+    assert check.low < 1 < check.high  # pooled start and end: an interval too wide to exclude 1 ...
+    assert check.drifted and check.differs  # ... yet the earlier run was unsteady and far slower at its median
+    assert check.lines[0].startswith("the machine ran") and "changed during the earlier run" in check.lines[1]
+
+
 def test_missing_calibration_says_the_machine_cannot_be_checked():
     before = report()
     before["calibration"] = {}
