@@ -24,10 +24,10 @@ from tqdm import tqdm
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.utils import logging as hf_logging
 
-from common import cli, device as devices, memory, models, plots, texts
+from common import cli, device as devices, memory, models, plots, quantize, runtimes, texts
 from common.batching import batch_shapes, encoder_forward_flops, make_batches, padding_waste
 from common.errors import UserError
-from common.fidelity import cosine_fidelity, first_divergence, token_agreement
+from common.fidelity import cosine_fidelity, embedding_fidelity, first_divergence, token_agreement
 from common.meter import Comparison
 from common.pipelines import embed, mean_pool
 from common.report import print_table
@@ -48,37 +48,57 @@ class Settings:
     greedy_tokens: int  # decoder fidelity: greedy tokens compared with fp32's
     matmul_size: int  # the peak-FLOP/s reference: one square fp32 matmul
     stream_texts: int  # the "long list" for streaming vs materialising
+    sensitivity: bool  # rank every Linear by what int8 alone costs it: about a minute on this model
+    peer_texts: int  # real-text paragraphs the peer runtimes (sentence-transformers, ONNX Runtime) embed
     torch_compile: bool  # torch.compile spends about a minute compiling on a small CPU
     decoder_bnb: bool  # bitsandbytes generation on a CPU takes seconds per call
 
 
 FULL = Settings(speed_role="bert-base-uncased", speed_batch=16, corpus_size=64, max_length=128,
                 batch_sizes=(1, 2, 4, 8, 16, 32, 64), rounds=5, greedy_tokens=32, matmul_size=2048,
-                stream_texts=512, torch_compile=True, decoder_bnb=True)
+                stream_texts=512, sensitivity=True, peer_texts=128, torch_compile=True, decoder_bnb=True)
 QUICK = Settings(speed_role="encoder", speed_batch=4, corpus_size=12, max_length=32,
                  batch_sizes=(1, 4, 8), rounds=3, greedy_tokens=4, matmul_size=1024,
-                 stream_texts=64, torch_compile=False, decoder_bnb=False)
+                 stream_texts=64, sensitivity=False, peer_texts=16, torch_compile=False, decoder_bnb=False)
 
 ENCODER_ROLE = "encoder"  # real weights (all-MiniLM-L6-v2): fidelity, batching, compile, the recipe
 DECODER_ROLE = "decoder"  # real weights (SmolLM2-135M offline): greedy-token fidelity
 OFFLOAD_ROLE = "distilbert-base-uncased"  # squeezed under a deliberately small memory cap
-FIDELITY_TEXTS = texts.SENTENCES  # what every "cosine vs fp32" is computed on
+FIDELITY_TEXTS = texts.FIDELITY_TEXTS  # 74 varied texts: what every "cosine vs fp32" is computed on
 LONG_TEXT_WORDS = (40, 100)  # one corpus text in five is this long; the rest are 4-16 words
 DECODER_PROMPT = "The three most useful tips for making Python code run faster are"
 STREAM_BATCH = 32
 OFFLOAD_CAP = "100MiB"  # max_memory for the main device: far below the 265 MB model
 RECIPE_DEFAULT_BATCH = 32  # used when section 6 did not run
 DECODER_ROUNDS = 3  # bitsandbytes generation on a CPU takes seconds a call, and no bar or recipe rests on these
+SELECTIVE_KEEP_FP32 = 6  # Linears left in fp32 by the sensitivity ranking (MiniLM has 36)
 FIDELITY_FLOOR = 0.99  # a faster variant is recommended only at or above this cosine
 FLOPS_FRACTION_TARGET = 0.7
 INT8_SPEEDUP_TARGET = 1.8
 INT8_COSINE_TARGET = 0.99
+INT8_COSINE_MIN_TARGET = 0.98
 SORTED_SPEEDUP_TARGET = 2.0
 BAR_NAMES = ("batched vs batch-1 throughput", "fp32 encoder FLOP/s vs matmul peak", "dynamic int8 vs fp32",
-             "length-sorted dynamic vs pad-to-max")
+             "length-sorted dynamic vs pad-to-max", "recipe vs best peer runtime")
+PEER_BASELINE = "sentence-transformers fp32"
+PEERS = (PEER_BASELINE, "ONNX Runtime fp32", "ONNX Runtime int8")  # what a learner would reach for instead
+PEER_SNIPPETS = {  # the calls each row times (common/runtimes.py wraps them with sorted batching and pooling)
+    PEER_BASELINE: 'model = SentenceTransformer(str(path))  # 6.2.0 wants a str\n'
+                   'embeddings = model.encode(texts, batch_size=32, normalize_embeddings=True)',
+    "ONNX Runtime fp32": 'torch.onnx.export(KeywordEncoder(model), example_inputs, "encoder.onnx", dynamo=False,\n'
+                         '                  input_names=[...], dynamic_axes={...})\n'
+                         'session = ort.InferenceSession("encoder.onnx")\n'
+                         '(hidden,) = session.run(["last_hidden_state"], dict(tokenizer(batch, return_tensors="np")))',
+    "ONNX Runtime int8": 'onnxruntime.quantization.quantize_dynamic("encoder.onnx", "encoder.int8.onnx",\n'
+                         '    per_channel=True, reduce_range=..., weight_type=QuantType.QInt8)\n'
+                         'session = ort.InferenceSession("encoder.int8.onnx")',
+}
 VARIANT_LABELS = {"fp32": "fp32", "bf16-autocast": "bf16 autocast", "bf16-weights": "bf16 weights",
                   "fp16-autocast": "fp16 autocast", "fp16-weights": "fp16 weights",
-                  "int8-dynamic": "dynamic int8 per-channel", "bnb-8bit": "bitsandbytes 8-bit",
+                  "int8-dynamic": "dynamic int8 per-channel", "int8-dynamic-8bit": "dynamic int8, 8-bit activations",
+                  "torchao-int8": "torchao int8 dyn-act/int8-weight",
+                  "int8-selective": f"int8, {SELECTIVE_KEEP_FP32} most sensitive Linears fp32",
+                  "bnb-8bit": "bitsandbytes 8-bit",
                   "bnb-4bit": "bitsandbytes 4-bit nf4"}
 LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -367,15 +387,14 @@ def precision_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
 # ------------------------------------------------------------------------------------ 5. quantization
 
 
-def int8_dynamic(model: Any, per_channel: bool = True) -> Any:
-    """PyTorch's dynamic int8 of every nn.Linear: int8 weights (a scale per output row, or one per matrix),
-    activations quantised on the fly at each call."""
-    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
-
-    qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
-    with warnings.catch_warnings():  # torch.ao.quantization warns that torchao replaces it; the section says so
-        warnings.simplefilter("ignore")
-        return quantize_dynamic(model, {torch.nn.Linear: qconfig}, dtype=torch.qint8)
+def int8_dynamic(model: Any, reduce_range: bool | None = None, per_channel: bool = True) -> Any:
+    """A dynamic-int8 copy of every nn.Linear: int8 weights (a scale per output row, or one per matrix), activations
+    quantised on the fly to 8 bits where the CPU accumulates in int32 (VNNI/AMX), else 7 (quantize.ActivationRange)."""
+    model = copy.deepcopy(model)
+    quantize.conv1d_to_linear(model)  # GPT-2's Conv1D is a Linear in disguise: without this it stays fp32
+    if reduce_range is None:
+        reduce_range = quantize.choose_activation_range().reduce_range
+    return quantize.quantize_dynamic_int8(model, reduce_range=reduce_range, per_channel=per_channel)
 
 
 def bnb_compute_dtype(device: torch.device) -> torch.dtype:
@@ -389,8 +408,13 @@ def quantization_recipes(where: models.Checkpoint, fp32_model: Any, device: torc
     auto = AutoModelForCausalLM if where.kind == "decoder" else AutoModel
     four_bit = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                   bnb_4bit_compute_dtype=bnb_compute_dtype(device))
+    recipes = {"int8-dynamic": lambda: int8_dynamic(fp32_model)}
+    if quantize.choose_activation_range().measure_both:  # AVX2 only: show what 8-bit activations' saturation costs
+        recipes["int8-dynamic-8bit"] = lambda: int8_dynamic(fp32_model, reduce_range=False)
+    if quantize.torchao_unavailable() is None:
+        recipes["torchao-int8"] = lambda: quantize.quantize_torchao_int8(fp32_model)
     return {
-        "int8-dynamic": lambda: int8_dynamic(copy.deepcopy(fp32_model)),
+        **recipes,
         "bnb-8bit": lambda: auto.from_pretrained(where.path, dtype=torch.float32, device_map=device,
                                                  quantization_config=BitsAndBytesConfig(load_in_8bit=True), **load),
         "bnb-4bit": lambda: auto.from_pretrained(where.path, dtype=torch.float32, device_map=device,
@@ -400,7 +424,7 @@ def quantization_recipes(where: models.Checkpoint, fp32_model: Any, device: torc
 
 def variant_unavailable(variant: str, device: torch.device) -> str | None:
     """Why a quantisation variant cannot run here, or None."""
-    if variant == "int8-dynamic":
+    if variant.startswith("int8-"):
         if device.type != "cpu":
             return "PyTorch's dynamic int8 kernels are CPU-only"
         if importlib.util.find_spec("torch.ao.quantization") is None:
@@ -438,8 +462,23 @@ def variant_rows(comparison: Comparison, built: dict[str, dict[str, Any]], what:
     for row, (key, variant) in zip(rows, built.items()):
         size = memory.weights_bytes(variant["model"])
         row.update(variant=row["workload"], key=key, size_mib=size / MIB, size_pct=100 * size / fp32_bytes,
-                   prepare_s=variant["prepare_s"], **fidelity(key))
+                   int8_share=quantize.quantized_share(variant["model"]).of_matmul, prepare_s=variant["prepare_s"],
+                   **fidelity(key))
     return rows
+
+
+def selective_int8(ctx: cli.Context, fp32: models.LoadedModel) -> Any:
+    """Quantise one Linear at a time, rank them by the cosine each costs alone, print the worst, keep those in fp32."""
+    reduce_range = quantize.choose_activation_range().reduce_range
+    subset = FIDELITY_TEXTS[::6]  # a dozen varied texts: one pass per Linear is the whole cost
+    ranking = quantize.rank_sensitivity(fp32.model, lambda model: embed(model, fp32.tokenizer, subset), reduce_range,
+                                        progress="sensitivity")
+    rows = [{"layer": layer.name, "cosine_drop": layer.drop, "cosine_min": layer.cosine_min} for layer in ranking]
+    print_table(rows[:8], title=f"where int8 hurts: each Linear quantised alone, cosine drop on {len(subset)} texts "
+                                f"(the top {SELECTIVE_KEEP_FP32} stay fp32)")
+    ctx.report.add_rows("sensitivity", rows)
+    model, _ = quantize.quantize_selective(fp32.model, ranking, SELECTIVE_KEEP_FP32, reduce_range)
+    return model
 
 
 def quantized_encoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], list[str]]:
@@ -447,16 +486,22 @@ def quantized_encoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], list[
     where = models.checkpoint(ENCODER_ROLE, ctx.source)
     fp32 = ctx.load(ENCODER_ROLE)
     builders = {"fp32": lambda: fp32.model, **quantization_recipes(where, fp32.model, ctx.device)}
+    if s.sensitivity:
+        builders["int8-selective"] = lambda: selective_int8(ctx, fp32)
+    else:
+        ctx.report.skip(f"encoder {VARIANT_LABELS['int8-selective']}", "takes ~1 min: full run only")
     built = build_variants(ctx, where, builders, lambda model: embed(model, fp32.tokenizer, FIDELITY_TEXTS), "encoder")
     batch = sentence_batch(fp32.tokenizer, s.speed_batch, ctx.device)
     comparison = ctx.meter().compare({VARIANT_LABELS[key]: forward(variant["model"], batch)
                                       for key, variant in built.items()},
                                      items=s.speed_batch, warmup=1, min_rounds=s.rounds, progress="encoder variants")
     rows = variant_rows(comparison, built, "encoder",
-                        lambda key: cosine_fidelity(built["fp32"]["output"], built[key]["output"]))
-    print_table(rows, ["variant", "size_mib", "size_pct", "p50_ms", "iqr_ms", "items_per_s", "speedup", "verdict",
-                       "cosine_mean", "cosine_min", "noisy"],
-                title=f"encoder {fp32.info.label}, batch {s.speed_batch}; fidelity = embedding cosine vs fp32")
+                        lambda key: embedding_fidelity(built["fp32"]["output"], built[key]["output"]))
+    print_table(rows, ["variant", "size_mib", "int8_share", "p50_ms", "iqr_ms", "items_per_s", "speedup", "verdict",
+                       "cosine_mean", "cosine_min", "similarity_spearman", "noisy"],
+                title=f"encoder {fp32.info.label}, batch {s.speed_batch}; fidelity on {len(FIDELITY_TEXTS)} texts = "
+                      "embedding cosine vs fp32 and Spearman of all pairwise similarities; int8_share = share of "
+                      "matmul weights stored int8")
     return rows, verdicts(comparison, "fp32")
 
 
@@ -491,7 +536,7 @@ def quantized_decoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], list[
     rows = variant_rows(comparison, built, "decoder", lambda key: {
         "token_agreement": token_agreement(tokens["fp32"], tokens[key]),
         "first_divergence": first_divergence(tokens["fp32"], tokens[key])})
-    print_table(rows, ["variant", "size_mib", "size_pct", "p50_ms", "tokens_per_s", "speedup", "verdict",
+    print_table(rows, ["variant", "size_mib", "int8_share", "p50_ms", "tokens_per_s", "speedup", "verdict",
                        "token_agreement", "first_divergence", "noisy"],
                 title=f"decoder {fp32.info.label}, {s.greedy_tokens} greedy tokens, {DECODER_ROUNDS} rounds (these "
                       "ratios decide no bar or recipe); fidelity = same token at the same position as fp32")
@@ -507,28 +552,31 @@ def quantization_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
     is measured on real weights: the encoder's embeddings and the decoder's greedy tokens."""
     s = ctx.pick(FULL, QUICK)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its notice on every CPU call
+    activation = quantize.choose_activation_range()
     print(f"dynamic int8: torch.ao.quantization.quantize_dynamic (torch {torch.__version__} deprecates it for "
-          f"torchao, {'installed' if importlib.util.find_spec('torchao') else 'not installed'} here). bitsandbytes "
-          f"{devices.package_version('bitsandbytes') or 'missing'}: BitsAndBytesConfig as quantization_config.")
+          f"torchao: {quantize.torchao_unavailable() or 'installed, measured below'}). bitsandbytes "
+          f"{devices.package_version('bitsandbytes') or 'missing'}: BitsAndBytesConfig as quantization_config.\n"
+          f"activations: {activation.bits}-bit (reduce_range={activation.reduce_range}) because {activation.reason}")
+    if quantize.torchao_unavailable():
+        ctx.report.skip("encoder/decoder torchao int8", quantize.torchao_unavailable())
     encoder_rows, encoder_lines = quantized_encoders(ctx, s)
     decoder_rows, decoder_lines = quantized_decoders(ctx, s)
     per_tensor_cosine = None
     if not variant_unavailable("int8-dynamic", ctx.device):
         fp32 = ctx.load(ENCODER_ROLE)
-        per_tensor = int8_dynamic(copy.deepcopy(fp32.model), per_channel=False)
+        per_tensor = int8_dynamic(fp32.model, per_channel=False)
         per_tensor_cosine = cosine_fidelity(embed(fp32.model, fp32.tokenizer, FIDELITY_TEXTS),
                                             embed(per_tensor, fp32.tokenizer, FIDELITY_TEXTS))["cosine_mean"]
-        reduced = {module.version >= 4 for module in per_tensor.modules()  # v4 kernels call with reduce_range=True
-                   if isinstance(module, torch.ao.nn.quantized.dynamic.Linear)}
         print(f"\ndynamic int8 above: one weight scale per output row (per-channel); one scale per matrix gives "
-              f"encoder cosine {per_tensor_cosine:.4f}. Activations: " + ("7-bit (reduce_range=True)" if reduced ==
-              {True} else "8-bit") + " in this torch's DynamicQuantizedLinear.")
+              f"encoder cosine {per_tensor_cosine:.4f}.")
     int8 = next((row for row in encoder_rows if row["key"] == "int8-dynamic"), None)
     bars = [] if int8 is None else [bar(
-        BAR_NAMES[2], f">= {INT8_SPEEDUP_TARGET}x throughput at cosine >= {INT8_COSINE_TARGET}",
-        f"{int8['speedup']:.2f}x [{int8['speedup_low']:.2f}-{int8['speedup_high']:.2f}] at cosine "
-        f"{int8['cosine_mean']:.4f} (min {int8['cosine_min']:.4f})", int8["speedup"],
-        int8["speedup"] >= INT8_SPEEDUP_TARGET and int8["cosine_mean"] >= INT8_COSINE_TARGET)]
+        BAR_NAMES[2], f">= {INT8_SPEEDUP_TARGET}x fp32 throughput at cosine mean >= {INT8_COSINE_TARGET} and min >= "
+        f"{INT8_COSINE_MIN_TARGET}",
+        f"{int8['speedup']:.2f}x [{int8['speedup_low']:.2f}-{int8['speedup_high']:.2f}] ({int8['verdict']}) at cosine "
+        f"mean {int8['cosine_mean']:.4f}, min {int8['cosine_min']:.4f} ({activation.bits}-bit activations)",
+        int8["speedup"], int8["speedup"] >= INT8_SPEEDUP_TARGET and int8["cosine_mean"] >= INT8_COSINE_TARGET
+        and int8["cosine_min"] >= INT8_COSINE_MIN_TARGET)]
     ctx.report.add_chart(quantization_chart(encoder_rows, decoder_rows, ctx.out_dir))
     ctx.report.add_rows("quantization", encoder_rows + decoder_rows)
     return {"encoder": encoder_rows, "decoder": decoder_rows, "verdicts": encoder_lines + decoder_lines,
@@ -911,6 +959,99 @@ def memory_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
             "verdicts": [offload_line] if offload_line else []}
 
 
+# ------------------------------------------------------------------------------------------ 9. peers
+
+
+def peer_embedders(ctx: cli.Context, s: Settings) -> dict[str, Callable[[list[str]], torch.Tensor]]:
+    """Each runtime a learner could use instead, and our PyTorch path (fp32, int8, bf16), as `embed(texts)`;
+    a runtime that cannot run here is skipped with why."""
+    where = models.checkpoint(ENCODER_ROLE, ctx.source)
+    fp32 = ctx.load(ENCODER_ROLE)
+    activation = quantize.choose_activation_range()
+    tokenizer, size = fp32.tokenizer, dict(batch_size=RECIPE_DEFAULT_BATCH, max_length=s.max_length)
+    folder = ctx.out_dir / "onnx"  # the exported graphs stay with this run's outputs
+    builders: dict[str, Callable[[], Callable[[list[str]], torch.Tensor]]] = {
+        PEER_BASELINE: lambda: runtimes.sentence_transformers_embedder(where.path, ctx.device, **size),
+        "ONNX Runtime fp32": lambda: runtimes.onnx_embedder(runtimes.export_onnx(fp32.model, tokenizer, folder),
+                                                            tokenizer, **size),
+        "ONNX Runtime int8": lambda: runtimes.onnx_embedder(runtimes.quantize_onnx_int8(
+            runtimes.export_onnx(fp32.model, tokenizer, folder), activation.reduce_range), tokenizer, **size),
+        "PyTorch fp32": lambda: runtimes.torch_embedder(fp32.model, tokenizer, **size),
+        "PyTorch int8": lambda: runtimes.torch_embedder(int8_dynamic(fp32.model), tokenizer, **size),
+        "PyTorch bf16 weights": lambda: runtimes.torch_embedder(copy.deepcopy(fp32.model).to(torch.bfloat16),
+                                                                tokenizer, **size),
+    }
+    problems = {PEER_BASELINE: runtimes.sentence_transformers_unavailable() or (
+                    None if os.path.isfile(os.path.join(str(where.path), "modules.json")) else
+                    f"{where.label} has no modules.json, so sentence-transformers would guess its pooling"),
+                "ONNX Runtime fp32": runtimes.onnx_unavailable(), "ONNX Runtime int8": runtimes.onnx_unavailable(),
+                "PyTorch int8": variant_unavailable("int8-dynamic", ctx.device)}
+    embedders = {}
+    for name, build in tqdm(builders.items(), desc="peer runtimes", disable=None, leave=False):
+        try:
+            if problems.get(name):
+                raise RuntimeError(problems[name])
+            embedders[name] = build()
+        except Exception as error:  # a missing package or a failed export skips this row only
+            ctx.report.skip(f"peers {name}", problems.get(name) or first_line(error))
+    return embedders
+
+
+def peer_decision(comparison: Comparison, rows: list[dict]) -> dict[str, Any]:
+    """Fastest of ours and of the peers at cosine mean >= FIDELITY_FLOOR, and the bar between them (from the rounds)."""
+    def fastest(names: list[str]) -> str | None:
+        good = [r for r in rows if r["workload"] in names and r["cosine_mean"] >= FIDELITY_FLOOR]
+        return max(good, key=lambda r: r["items_per_s"])["workload"] if good else None
+
+    ours = fastest([r["workload"] for r in rows if r["workload"].startswith("PyTorch")])
+    peer = fastest(list(PEERS))
+    if not ours or not peer:
+        return {"ours": ours, "peer": peer, "winner": ours or peer, "bars": []}
+    ratio, low, high = comparison.ratio(ours, peer)
+    verdict = comparison.verdict(ours, peer)
+    cosine = next(r["cosine_mean"] for r in rows if r["workload"] == ours)
+    winner = peer if verdict == "slower" else ours
+    print(f"\nfastest at cosine mean >= {FIDELITY_FLOOR}: ours = {ours}, peer = {peer}. "
+          f"{comparison.sentence(ours, peer)}" + (f"\n  so the recipe recommends {peer} here:\n    "
+          + PEER_SNIPPETS[peer].replace("\n", "\n    ") if winner == peer else ""))
+    bars = [bar(BAR_NAMES[4], f">= 1.0x the fastest peer runtime at cosine mean >= {FIDELITY_FLOOR}",
+                f"{ours} {ratio:.2f}x [{low:.2f}-{high:.2f}] {peer} ({verdict}) at cosine mean {cosine:.4f}",
+                ratio, ratio >= 1.0 and cosine >= FIDELITY_FLOOR)]
+    return {"ours": ours, "peer": peer, "winner": winner, "ratio": ratio, "verdict": verdict, "bars": bars,
+            "sentence": comparison.sentence(ours, peer)}
+
+
+def peers_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
+    """A learner could just call sentence-transformers' encode, or export to ONNX Runtime: the same real texts
+    go through each and through our PyTorch path, timed round-robin, with fidelity against sentence-transformers."""
+    s = ctx.pick(FULL, QUICK)
+    corpus = texts.realistic_corpus(s.peer_texts, seed=ctx.args.seed)
+    embedders = peer_embedders(ctx, s)
+    outputs: dict[str, torch.Tensor] = {}
+
+    def timed(name: str) -> Callable[[], None]:
+        def run() -> None:
+            outputs[name] = embedders[name](corpus)
+        return run
+
+    comparison = ctx.meter().compare({name: timed(name) for name in embedders}, items=len(corpus), warmup=1,
+                                     min_rounds=s.rounds, progress="peer runtimes")
+    baseline = PEER_BASELINE if PEER_BASELINE in outputs else next(iter(outputs))
+    rows = comparison.rows(baseline=baseline)
+    for row in rows:
+        row.update(embedding_fidelity(outputs[baseline], outputs[row["workload"]]))
+    print_table(rows, ["workload", "p50_ms", "items_per_s", "speedup", "speedup_low", "speedup_high", "verdict",
+                       "cosine_mean", "cosine_min", "similarity_spearman", "noisy"],
+                title=f"{len(corpus)} real-text paragraphs, max_length {s.max_length}, sorted batches of "
+                      f"{RECIPE_DEFAULT_BATCH}; speedup and fidelity vs {baseline}")
+    for name in embedders:
+        print(f"  {name}: {PEER_SNIPPETS.get(name, 'runtimes.torch_embedder(model, tokenizer): embed_sorted below')}"
+              .replace("\n", "\n      "))
+    lines = verdicts(comparison, baseline)
+    ctx.report.add_rows("peers", rows)
+    return {"rows": rows, "baseline": baseline, "verdicts": lines, **peer_decision(comparison, rows)}
+
+
 # ------------------------------------------------------------------------------------------ 9. recipe
 
 
@@ -954,7 +1095,7 @@ def choose_recipe(results: dict[str, Any], device: torch.device) -> tuple[dict[s
                                       ("section 5", (found.get("quantization") or {}).get("encoder", [])))
                   for row in rows if row["key"] != "fp32"]
     good = [c[:4] for c in candidates if c[4] == "faster" and c[3] >= FIDELITY_FLOOR
-            and not variant_unavailable(c[1], device)]
+            and c[1] != "int8-selective" and not variant_unavailable(c[1], device)]  # its ranking lives in section 5
     if good:
         speedup, choice["variant"], where, cosine = max(good)
         evidence["variant"] = f"{where}: {speedup:.2f}x faster than fp32 (verdict: faster) at worst cosine {cosine:.4f}"
@@ -981,6 +1122,10 @@ def choose_recipe(results: dict[str, Any], device: torch.device) -> tuple[dict[s
     rows.append({"knob": "gradients", "choice": "torch.inference_mode()", "evidence": (
         f"section 3: {grad['inference_mode_verdict']}; grad enabled kept {grad['kept_by_grad_mib']:.1f} MiB for a "
         "backward pass") if grad else "default: inference never needs autograd"})
+    peers = found.get("peers") or {}
+    if peers.get("winner"):  # int8, bf16 and ONNX Runtime, all timed on the same texts in one round-robin
+        rows.append({"knob": "runtime", "choice": peers["winner"], "evidence": f"section 9, fastest at cosine mean >= "
+                     f"{FIDELITY_FLOOR}: " + (peers.get("sentence") or f"only {peers['winner']} qualified")})
     return choice, rows
 
 
@@ -997,8 +1142,10 @@ def recipe_model(ctx: cli.Context, choice: dict[str, Any]) -> tuple[Any, torch.d
         model = AutoModel.from_pretrained(where.path, attn_implementation=choice["attention"], device_map=ctx.device,
                                           dtype=precision if variant.endswith("-weights") else torch.float32)
     ctx.record(where.info(model, time.perf_counter() - started))
-    if variant == "int8-dynamic":
-        model = int8_dynamic(model)
+    if variant.startswith("int8-dynamic"):
+        model = int8_dynamic(model, reduce_range=False if variant == "int8-dynamic-8bit" else None)
+    if variant == "torchao-int8":
+        model = quantize.quantize_torchao_int8(model)
     if choice["compile"]:
         model = torch.compile(model)
     return model, precision if variant.endswith("-autocast") else None
@@ -1042,6 +1189,11 @@ def recipe_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
                 f"{low:.1f}-{high:.1f} over {comparison.rounds} rounds), worst cosine {fidelity['cosine_min']:.4f}")
     snippet = recipe_snippet(choice, entry.hub_id if entry else naive.info.name, s.max_length, measured, ctx.device)
     print("\nready to paste:\n" + "-" * 78 + f"\n{snippet}\n" + "-" * 78)
+    peers = results.get("peers") or {}
+    if peers.get("winner") in PEERS:  # honest: a peer runtime beat every PyTorch path in section 9
+        why = peers.get("sentence") or "no PyTorch path reached the fidelity floor"
+        print(f"\nbut on this machine {peers['winner']} beat our best PyTorch path ({why}); use it instead:\n"
+              + PEER_SNIPPETS[peers["winner"]])
     ctx.report.add_rows("recipe", rows)
     return {"choices": choice_rows, "choice": choice, "rows": rows, "speedup": speedup,
             "verdict": comparison.verdict("recipe", "naive"), "verdicts": [line], **fidelity, "snippet": snippet}
@@ -1063,9 +1215,13 @@ def recipe_snippet(choice: dict[str, Any], hub_id: str, max_length: int, measure
     lines += ["", f"torch.set_num_threads({choice['threads']})",
               f'tokenizer = AutoTokenizer.from_pretrained("{hub_id}")',
               f'model = AutoModel.from_pretrained({load_args}, device_map="{device.type}")']
-    if variant == "int8-dynamic":
-        lines.append("model = torch.ao.quantization.quantize_dynamic(\n    model, {torch.nn.Linear: "
-                     "torch.ao.quantization.per_channel_dynamic_qconfig}, dtype=torch.qint8)")
+    if variant.startswith("int8-dynamic"):
+        full = variant.endswith("8bit") or not quantize.choose_activation_range().reduce_range
+        lines.append(("# 8-bit activations, as measured: common/quantize.py's FullRangeDynamicLinear calls\n"
+                      "# torch.ops.quantized.linear_dynamic(..., reduce_range=False)\n" if full else "")
+                     + "model = torch.ao.quantization.quantize_dynamic(\n    model, {torch.nn.Linear: "
+                     "torch.ao.quantization.per_channel_dynamic_qconfig}, dtype=torch.qint8"
+                     + (", mapping={torch.nn.Linear: FullRangeDynamicLinear})" if full else ")"))
     if choice["compile"]:
         lines.append("model = torch.compile(model)  # the first calls compile (section 7 timed them)")
     call = f"embeddings = embed_sorted(model, tokenizer, texts, batch_size={choice['batch']}, max_length={max_length})"
@@ -1182,7 +1338,8 @@ SECTIONS: dict[str, tuple[str, Callable[[cli.Context, dict[str, Any]], dict]]] =
     "batching": ("6. Batching and padding", batching_section),
     "attention": ("7. Attention implementation and compilation", attention_section),
     "memory": ("8. Memory-lean inference", memory_section),
-    "recipe": ("9. Recipe for this machine", recipe_section),
+    "peers": ("9. What else you could use", peers_section),
+    "recipe": ("10. Recipe for this machine", recipe_section),
 }
 
 

@@ -20,7 +20,7 @@ from common.meter import SAME_BAND
 lesson = importlib.import_module("03_cpu_gpu_optimization")  # registered in sys.modules, as dataclasses need
 TITLES = ["1. Device selection", "2. CPU threads", "3. Gradients off", "4. Precision", "5. Quantization",
           "6. Batching and padding", "7. Attention implementation and compilation", "8. Memory-lean inference",
-          "9. Recipe for this machine", "Performance bars"]
+          "9. What else you could use", "10. Recipe for this machine", "Performance bars"]
 no_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here: the GPU paths cannot run")
 
 
@@ -100,6 +100,10 @@ def test_report_has_every_performance_bar_with_its_rounds(quick_run):
     assert statuses["batched vs batch-1 throughput"]["status"] == "REPORTED"  # the issue sets no target for it
     for name in ("batched vs batch-1 throughput", "length-sorted dynamic vs pad-to-max"):
         assert f", {lesson.QUICK.rounds} rounds]" in statuses[name]["measured"]  # decided on >= 3 rounds
+    assert statuses["dynamic int8 vs fp32"]["target"] == ">= 1.8x fp32 throughput at cosine mean >= 0.99 and min >= 0.98"
+    peer_bar = statuses["recipe vs best peer runtime"]
+    assert peer_bar["target"] == ">= 1.0x the fastest peer runtime at cosine mean >= 0.99"
+    assert peer_bar["status"] == ("PASS" if peer_bar["value"] >= 1.0 else "MISS")
     sorted_bar = statuses["length-sorted dynamic vs pad-to-max"]
     assert sorted_bar["status"] == ("PASS" if sorted_bar["value"] >= lesson.SORTED_SPEEDUP_TARGET else "MISS")
 
@@ -116,7 +120,8 @@ def test_every_printed_comparison_follows_its_verdict(quick_run):
     check_compared_rows(sections["5. Quantization"]["decoder"], printed)
     check_compared_rows(sections["7. Attention implementation and compilation"]["rows"], printed)
     check_compared_rows(sections["8. Memory-lean inference"]["offload"], printed)
-    check_compared_rows(sections["9. Recipe for this machine"]["rows"], printed)
+    check_compared_rows(sections["9. What else you could use"]["rows"], printed)
+    check_compared_rows(sections["10. Recipe for this machine"]["rows"], printed)
     for title in TITLES[:-1]:
         for line in sections[title].get("verdicts", []):
             assert line in printed, line
@@ -178,6 +183,41 @@ def test_quantization_rows_or_skip_reasons(quick_run):
     assert all(row["runs"] >= lesson.DECODER_ROUNDS for row in quant["decoder"])  # decoders warmed, then timed
 
 
+def test_int8_is_judged_on_the_fidelity_set_with_the_chosen_activation_range(quick_run):
+    _, report, _, printed = quick_run
+    assert len(lesson.FIDELITY_TEXTS) >= 64
+    activation = lesson.quantize.choose_activation_range()
+    assert f"activations: {activation.bits}-bit (reduce_range={activation.reduce_range})" in printed
+    encoder = {row["key"]: row for row in report["sections"]["5. Quantization"]["encoder"]}
+    assert encoder["fp32"]["similarity_spearman"] == pytest.approx(1.0) and encoder["fp32"]["int8_share"] == 0
+    if "int8-dynamic" in encoder:
+        int8 = encoder["int8-dynamic"]
+        assert int8["int8_share"] == pytest.approx(1.0)  # every Linear of the encoder is int8
+        assert 0.9 < int8["cosine_min"] <= int8["cosine_mean"] < 1 and 0.9 < int8["similarity_spearman"] < 1
+    assert ("torchao-int8" in encoder) == (lesson.quantize.torchao_unavailable() is None)
+    assert "torchao-int8" in encoder or report["skipped"]["encoder/decoder torchao int8"]
+
+
+def test_peer_runtimes_rows_carry_fidelity_or_a_skip_reason(quick_run):
+    _, report, _, printed = quick_run
+    peers = report["sections"]["9. What else you could use"]
+    rows = {row["workload"]: row for row in peers["rows"]}
+    for name in (*lesson.PEERS, "PyTorch fp32", "PyTorch int8", "PyTorch bf16 weights"):
+        assert name in rows or report["skipped"].get(f"peers {name}"), f"{name}: neither measured nor skipped"
+    for row in rows.values():
+        assert {"items_per_s", "speedup", "verdict", "cosine_mean", "cosine_min", "similarity_spearman"} <= row.keys()
+        assert row["runs"] >= lesson.QUICK.rounds
+    assert rows[peers["baseline"]]["cosine_min"] == pytest.approx(1.0, abs=1e-5)
+    if "ONNX Runtime fp32" in rows and peers["baseline"] == lesson.PEER_BASELINE:
+        assert rows["ONNX Runtime fp32"]["cosine_min"] >= 0.9999  # the export computes what PyTorch computes
+        assert rows["PyTorch fp32"]["cosine_min"] >= 0.9999  # same pooling and truncation as encode
+    qualified = [r for r in rows.values() if r["cosine_mean"] >= lesson.FIDELITY_FLOOR]
+    assert peers["winner"] in {r["workload"] for r in qualified}
+    if peers["winner"] in lesson.PEERS:  # a peer won: the recipe says so and shows its code
+        assert lesson.PEER_SNIPPETS[peers["winner"]] in printed
+    assert "ort.InferenceSession(" in printed and "SentenceTransformer(str(path))" in printed
+
+
 def test_batching_waste_and_outputs(quick_run):
     _, report, _, _ = quick_run
     batching = report["sections"]["6. Batching and padding"]
@@ -202,7 +242,7 @@ def test_compile_is_skipped_with_its_reason_under_quick(quick_run):
 
 def test_recipe_follows_the_verdicts_and_its_snippet_is_the_measured_code(quick_run):
     _, report, _, printed = quick_run
-    recipe = report["sections"]["9. Recipe for this machine"]
+    recipe = report["sections"]["10. Recipe for this machine"]
     sections = report["sections"]
     choice = recipe["choice"]
     assert choice["attention"] == sections["7. Attention implementation and compilation"]["attention_choice"]
