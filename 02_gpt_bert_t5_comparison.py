@@ -46,9 +46,9 @@ class Settings:
 
 FULL = Settings(seq_lengths=(32, 128, 512), batch_sizes=(1, 8), prompt_tokens=256, new_tokens=16,
                 pipeline_new_tokens=20, budget_s=0.5)
-QUICK = Settings(seq_lengths=(32, 128), batch_sizes=(1,), prompt_tokens=64, new_tokens=8,
+QUICK = Settings(seq_lengths=(32, 128), batch_sizes=(1,), prompt_tokens=32, new_tokens=4,
                  pipeline_new_tokens=8, budget_s=0.1)
-SUMMARY_LENGTH = 128  # the forward length of the summary and the same-size comparison (in both settings)
+SUMMARY_LENGTH = 128  # the forward length of the summary and the same-shape comparison (in both settings)
 HUB_MODELS = ["gpt2", "bert-base-uncased", "t5-small"]
 OFFLINE_MODELS = ["decoder", "encoder", *HUB_MODELS]  # real bundled weights first, then the exact-size twins
 PROMPT = "The best way to learn a new language is"
@@ -79,6 +79,7 @@ class Contender:
     request: str  # role, catalog name or Hub id, as typed
     where: models.Checkpoint
     architectures: tuple[str, ...]  # the classes the checkpoint was saved as (tells whether it has a masked-LM head)
+    shape: tuple[int, int]  # (layers, hidden size): an encoder and a decoder alike in both differ in architecture only
     label = property(lambda self: self.where.label)
     kind = property(lambda self: self.where.kind)
     family = property(lambda self: FAMILIES[self.where.kind])
@@ -115,8 +116,9 @@ def plan_models(source: str, values: list[str] | None) -> list[Contender]:
         if kind not in FAMILIES:
             raise UserError(f"{name} is a {kind}, not a language model to compare here; {models.available_names()}")
         where = models.checkpoint(name, source, kind)
-        contenders.setdefault(where.label, Contender(name, where, tuple(
-            AutoConfig.from_pretrained(where.path).architectures or ())))
+        config = AutoConfig.from_pretrained(where.path)
+        contenders.setdefault(where.label, Contender(name, where, tuple(config.architectures or ()),
+                                                     (config.num_hidden_layers, config.hidden_size)))
     return list(contenders.values())
 
 
@@ -341,7 +343,9 @@ def speed_section(ctx: cli.Context, contenders: list[Contender]) -> dict:
     print(f"Forward: batch {list(s.batch_sizes)} x length {list(s.seq_lengths)} (random token ids). Generation: a "
           f"{s.prompt_tokens}-token prompt (common.texts sentences cut to exactly {s.prompt_tokens} ids by each "
           f"model's own tokenizer), then {s.new_tokens} new greedy tokens. {s.warmup} warm-up call each.")
-    results = for_each_model(ctx, contenders, "speed", model_speed)
+    same_shape = same_shape_comparisons(ctx, contenders)
+    measured = {label: row for pair in same_shape for label, row in pair.pop("rows").items()}
+    results = for_each_model(ctx, contenders, "speed", lambda ctx, c: model_speed(ctx, c, measured.get(c.label)))
     forward = [row for result in results for row in result["forward"]]
     generation = [row for result in results for row in result["generation"]]
     kv_rows = [result["kv_cache"] for result in results if result["kv_cache"]]
@@ -361,22 +365,23 @@ def speed_section(ctx: cli.Context, contenders: list[Contender]) -> dict:
         print(f"  Why the cache won for {', '.join(faster)}: without it every step re-runs the whole sequence so far "
               f"(for a decoder-only model, the {s.prompt_tokens}-token prompt too); with it each step runs only the "
               "newest token against the stored keys and values.")
-    same_size = same_size_comparisons(ctx, [(result["contender"], result["params"]) for result in results])
+    for pair in same_shape:
+        print(f"\nSame depth and width, different architecture (forward, batch 1 x {SUMMARY_LENGTH} tokens, "
+              f"{pair['layers']} layers x {pair['hidden']}): {pair['sentence']}")
     ctx.report.add_rows("forward", forward)
     ctx.report.add_rows("generation", generation)
     if forward:
         latency_chart(ctx, forward)
     if generation:
         generation_chart(ctx, generation)
-    return {"settings": s, "forward": forward, "generation": generation, "kv_cache": kv_rows, "same_size": same_size}
+    return {"settings": s, "forward": forward, "generation": generation, "kv_cache": kv_rows, "same_shape": same_shape}
 
 
-def model_speed(ctx: cli.Context, contender: Contender) -> dict:
+def model_speed(ctx: cli.Context, contender: Contender, measured: dict | None) -> dict:
     """Forward grid for every model; generation (KV cache on and off) for the families that can generate."""
     loaded = load_by_architecture(ctx, contender)
     meter = ctx.meter(warmup=ctx.pick(FULL, QUICK).warmup)
-    result = {"contender": contender, "params": loaded.info.params, "generation": [], "kv_cache": None,
-              "forward": forward_latency(ctx, meter, loaded, contender)}
+    result = {"generation": [], "kv_cache": None, "forward": forward_latency(ctx, meter, loaded, contender, measured)}
     if contender.kind == "encoder":
         ctx.report.skip(f"generation: {contender.label}", "encoder-only: it has no decoder or LM head, so it cannot "
                         "generate tokens (it encodes its whole input in one forward)")
@@ -419,9 +424,11 @@ def forward_skip_reason(length: int, batch: int, limit: int | None, measured: tu
     return None
 
 
-def forward_latency(ctx: cli.Context, meter: PerformanceMeter, loaded: models.LoadedModel,
-                    contender: Contender) -> list[dict]:
-    """Median forward latency over the batch x length grid, smallest first so the cost of the next cell is known."""
+def forward_latency(ctx: cli.Context, meter: PerformanceMeter, loaded: models.LoadedModel, contender: Contender,
+                    measured: dict | None) -> list[dict]:
+    """Median forward latency over the batch x length grid, smallest first so the cost of the next cell is known.
+
+    `measured` is this model's batch-1 x SUMMARY_LENGTH row when the same-shape comparison already timed it."""
     s = ctx.pick(FULL, QUICK)
     cells = [(batch, length) for batch in s.batch_sizes for length in s.seq_lengths]
     rows, largest = [], None  # largest: (tokens, median seconds) of the biggest cell measured so far
@@ -430,13 +437,17 @@ def forward_latency(ctx: cli.Context, meter: PerformanceMeter, loaded: models.Lo
         if reason:
             ctx.report.skip(f"forward {contender.label} batch {batch} x {length}", reason)
             continue
-        inputs = forward_inputs(loaded, contender.kind, batch, length, ctx.args.seed)
-        with torch.inference_mode():  # no autograd bookkeeping: what inference should cost
-            measured = meter.measure(f"{contender.label} b{batch} L{length}", lambda: loaded.model(**inputs),
-                                     items=batch, tokens=batch * length, budget_s=s.budget_s)
+        if measured is not None and (batch, length) == (1, SUMMARY_LENGTH):
+            row = measured  # the same inputs, already timed round-robin against its same-shape partner
+        else:
+            inputs = forward_inputs(loaded, contender.kind, batch, length, ctx.args.seed)
+            with torch.inference_mode():  # no autograd bookkeeping: what inference should cost
+                row = meter.measure(f"{contender.label} b{batch} L{length}", lambda: loaded.model(**inputs),
+                                    items=batch, tokens=batch * length, budget_s=s.budget_s).row(
+                    model=contender.label, architecture=contender.family, batch=batch, seq_len=length)
         if largest is None or batch * length >= largest[0]:
-            largest = (batch * length, measured.stats.median)
-        rows.append(measured.row(model=contender.label, architecture=contender.family, batch=batch, seq_len=length))
+            largest = (batch * length, row["p50_ms"] / 1e3)
+        rows.append(row)
     return rows
 
 
@@ -486,40 +497,41 @@ def generation_speed(meter: PerformanceMeter, loaded: models.LoadedModel, conten
                   "sentence": comparison.sentence("cache on", "cache off")}
 
 
-def same_size_comparisons(ctx: cli.Context, sized: list[tuple[Contender, int]]) -> list[dict]:
-    """Each encoder vs the decoder nearest it in parameters (within 25%, so the architecture is what differs):
-    forward at batch 1 x SUMMARY_LENGTH, both loaded, timed round-robin."""
-    decoders = [(contender, params) for contender, params in sized if contender.kind == "decoder"]
+def same_shape_comparisons(ctx: cli.Context, contenders: list[Contender]) -> list[dict]:
+    """Each encoder vs each decoder of the same depth and width: forward at batch 1 x SUMMARY_LENGTH, both loaded and
+    timed round-robin, so only the architecture (bidirectional encoder vs causal decoder) differs."""
     rows = []
-    for encoder, params in (item for item in sized if item[0].kind == "encoder" and decoders):
-        decoder, decoder_params = min(decoders, key=lambda item: abs(item[1] - params))
-        if abs(decoder_params - params) >= 0.25 * params:
-            continue
-        try:
-            rows.append(same_size_comparison(ctx, encoder, decoder))
-            print(f"\nSame size, different architecture (forward, batch 1 x {SUMMARY_LENGTH}): {rows[-1]['sentence']}")
-        except Exception as error:  # the per-model numbers above stand on their own
-            ctx.report.skip(f"same size: {encoder.label} vs {decoder.label}", f"{type(error).__name__}: {error}")
-        finally:
-            memory.cleanup()
+    for encoder in (c for c in contenders if c.kind == "encoder"):
+        for decoder in (c for c in contenders if c.kind == "decoder" and c.shape == encoder.shape):
+            try:
+                rows.append(same_shape_comparison(ctx, encoder, decoder))
+            except Exception as error:  # the per-model numbers stand on their own
+                ctx.report.skip(f"same shape: {encoder.label} vs {decoder.label}", f"{type(error).__name__}: {error}")
+            finally:
+                memory.cleanup()
     return rows
 
 
-def same_size_comparison(ctx: cli.Context, encoder: Contender, decoder: Contender) -> dict:
-    """One encoder/decoder pair: ratio of forward medians with its interval and verdict."""
+def same_shape_comparison(ctx: cli.Context, encoder: Contender, decoder: Contender) -> dict:
+    """One encoder/decoder pair: ratio of forward medians with its interval and verdict, and each one's grid row."""
     calls = {}
     for contender in (encoder, decoder):
         loaded = load_by_architecture(ctx, contender)
         inputs = forward_inputs(loaded, contender.kind, 1, SUMMARY_LENGTH, ctx.args.seed)
         calls[contender.label] = lambda model=loaded.model, inputs=inputs: model(**inputs)
     with torch.inference_mode():
-        comparison = ctx.meter().compare(calls, tokens=SUMMARY_LENGTH, warmup=ctx.pick(FULL, QUICK).warmup,
-                                         progress="same size")
+        comparison = ctx.meter(warmup=ctx.pick(FULL, QUICK).warmup).compare(calls, tokens=SUMMARY_LENGTH,
+                                                                            progress="same shape")
     speedup, low, high = comparison.ratio(encoder.label, decoder.label)
-    return {"encoder": encoder.label, "decoder": decoder.label, "seq_len": SUMMARY_LENGTH, "speedup": speedup,
-            "speedup_low": low, "speedup_high": high, "rounds": comparison.rounds,
+    return {"encoder": encoder.label, "decoder": decoder.label, "layers": encoder.shape[0],
+            "hidden": encoder.shape[1], "seq_len": SUMMARY_LENGTH, "speedup": speedup, "speedup_low": low,
+            "speedup_high": high, "rounds": comparison.rounds,
             "verdict": comparison.verdict(encoder.label, decoder.label),
-            "sentence": comparison.sentence(encoder.label, decoder.label)}
+            "sentence": comparison.sentence(encoder.label, decoder.label),
+            "encoder_p50_ms": comparison.measurements[encoder.label].median_ms,
+            "decoder_p50_ms": comparison.measurements[decoder.label].median_ms,
+            "rows": {c.label: comparison.measurements[c.label].row(model=c.label, architecture=c.family, batch=1,
+                                                                   seq_len=SUMMARY_LENGTH) for c in (encoder, decoder)}}
 
 
 # ----------------------------------------------------------------------------------------------- 4. memory
@@ -537,10 +549,7 @@ def memory_section(ctx: cli.Context, contenders: list[Contender]) -> list[dict]:
     print_table(rows, columns, title="Memory (MiB above the RSS just before each load; forward = batch 1):")
     for row in rows:
         print(f"  {memory_note(row, ctx.device)}")
-    ctx.report.add_rows("memory", [
-        {"model": row["model"], "phase": phase, "peak_rss_delta_mib": row[rss], "peak_cuda_mib": row[cuda]}
-        for row in rows for phase, rss, cuda in [("load", "load_peak_mib", "load_cuda_peak_mib")] + [
-            (f"forward batch 1 x {n}", f"peak_mib@{n}", f"cuda_peak_mib@{n}") for n in lengths if f"peak_mib@{n}" in row]])
+    ctx.report.add_rows("memory", [phase for row in rows for phase in memory_phases(row)])
     if rows:
         memory_chart(ctx, rows)
     return rows
@@ -575,6 +584,15 @@ def model_memory(ctx: cli.Context, contender: Contender) -> dict:
     print(f"  released {contender.label}: RSS {row['rss_after_release_mib']:.0f} MiB, "
           f"{row['after_release_mib']:+.0f} MiB vs before its load")
     return row
+
+
+def memory_phases(row: dict) -> list[dict]:
+    """Tidy rows for results.csv: the load, then each forward length, with their RSS and CUDA peaks."""
+    phases = [("load", "load_peak_mib", "load_cuda_peak_mib")]
+    phases += [(f"forward batch 1 x {key.split('@')[1]}", key, f"cuda_{key}")
+               for key in row if key.startswith("peak_mib@")]
+    return [{"model": row["model"], "phase": phase, "peak_rss_delta_mib": row[rss], "peak_cuda_mib": row[cuda]}
+            for phase, rss, cuda in phases]
 
 
 def memory_note(row: dict, device: torch.device) -> str:
@@ -648,18 +666,18 @@ def family_advice(rows: list[dict], speed: dict, prompt: int) -> list[str]:
             "no measurable difference" if row["verdict"] == "same" else f"{row['speedup']:.2f}x, {row['verdict']}")
             for row in speed.get("kv_cache", []) if row["architecture"] == family) or "KV cache on vs off not measured"
 
-    same_size = "".join(f" (at about equal size: {row['sentence']}"
-                        f"{'; what differs is what the model can do' if row['verdict'] == 'same' else ''})"
-                        for row in speed.get("same_size", []))
+    same_shape = "".join(f" (same depth and width: {row['sentence']}"
+                         f"{'; what differs is what the model can do' if row['verdict'] == 'same' else ''})"
+                         for row in speed.get("same_shape", []))
     advice = {
         "encoder-only": f"Encoder-only ({probe('encoder-only')}): one pass gives every token a vector; forward "
                         f"@{SUMMARY_LENGTH} tokens: {numbers('encoder-only', f'fwd_ms@{SUMMARY_LENGTH}', 'ms')}"
-                        f"{same_size}; it has no LM head to generate with. Use it to classify, tag (NER), extract "
+                        f"{same_shape}; it has no LM head to generate with. Use it to classify, tag (NER), extract "
                         "answers or embed for search.",
         "decoder-only": f"Decoder-only ({probe('decoder-only')}), so it can write one token after another: "
-                        f"{numbers('decoder-only', 'tokens_per_s', 'tokens/s')} with the KV cache after a {prompt}-token "
-                        f"prompt ({cache('decoder-only')}). Use it for open-ended generation and chat; memory: "
-                        f"{numbers('decoder-only', 'peak_mib', 'MiB')}.",
+                        f"{numbers('decoder-only', 'tokens_per_s', 'tokens/s')} with the KV cache after a "
+                        f"{prompt}-token prompt ({cache('decoder-only')}). Use it for open-ended generation and chat; "
+                        f"memory: {numbers('decoder-only', 'peak_mib', 'MiB')}.",
         "encoder-decoder": f"Encoder-decoder ({probe('encoder-decoder')}): reads the input once, then writes: "
                            f"{numbers('encoder-decoder', 'tokens_per_s', 'tokens/s')} with the KV cache after a "
                            f"{prompt}-token input ({cache('encoder-decoder')}), memory "

@@ -1,4 +1,4 @@
-"""End-to-end --quick run of 02_gpt_bert_t5_comparison plus checks of its facts, verdicts and claims against known values."""
+"""End-to-end --quick run of lesson 02 plus checks of its facts, verdicts and claims against known values."""
 from __future__ import annotations
 
 import importlib
@@ -138,13 +138,20 @@ def test_kv_cache_on_vs_off_is_a_verdict_and_the_advice_follows_it(run):
             assert f"KV cache on vs off for {label}: {row['speedup']:.2f}x, {row['verdict']}" in advice
 
 
-def test_same_size_encoder_and_decoder_are_compared_round_robin(run):
+def test_same_shape_encoder_and_decoder_are_compared_round_robin(run):
     speed = run[2]["sections"]["3. Speed"]
-    # bert-base (109.5 M) pairs with gpt2 (124.4 M, 14% away), not SmolLM2 (134.5 M); MiniLM (22.7 M) has no partner
-    (pair,) = speed["same_size"]
-    assert (pair["encoder"], pair["decoder"], pair["seq_len"]) == ("bert-base-uncased (twin)", "gpt2 (twin)", 128)
-    assert pair["verdict"] in VERDICTS and pair["rounds"] >= 3
+    # bert-base and gpt2 are both 12 layers x 768; no other encoder/decoder pair shares a shape
+    (pair,) = speed["same_shape"]
+    assert (pair["encoder"], pair["decoder"], pair["layers"], pair["hidden"], pair["seq_len"]) == (
+        "bert-base-uncased (twin)", "gpt2 (twin)", 12, 768, 128)
+    assert pair["verdict"] in VERDICTS and pair["rounds"] >= 3 and "rows" not in pair
     assert pair["sentence"] in " ".join(run[2]["sections"]["5. Summary"]["when_to_use"])
+    # the pair's round-robin timings are the grid's batch-1 x 128 cells of both models, not a second measurement
+    cells = {row["model"]: row for row in speed["forward"] if row["batch"] == 1 and row["seq_len"] == 128}
+    encoder, decoder = cells["bert-base-uncased (twin)"], cells["gpt2 (twin)"]
+    assert encoder["runs"] == decoder["runs"] == pair["rounds"]
+    assert (encoder["p50_ms"], decoder["p50_ms"]) == (pair["encoder_p50_ms"], pair["decoder_p50_ms"])
+    assert pair["speedup_low"] <= pair["speedup"] <= pair["speedup_high"]
 
 
 def test_twin_text_is_never_shown_as_language(run, lesson):
@@ -156,13 +163,14 @@ def test_twin_text_is_never_shown_as_language(run, lesson):
     assert real["pipeline"] == "text-generation" and real["output"] != lesson.TWIN_NOTE and real["output"]
 
 
-def test_pipeline_rows_count_each_tokenizers_tokens(run):
+def test_pipeline_rows_count_each_tokenizers_tokens(run, lesson):
     rows = {row["model"]: row for row in run[2]["sections"]["2. One input, one line each"]}
     assert rows["SmolLM2-135M-Instruct"]["input_tokens"] == 9  # 'The best way to learn a new language is'
     assert rows["all-MiniLM-L6-v2"]["input_tokens"] == 11  # the same 9 words plus [CLS] and [SEP]
     assert rows["gpt2 (twin)"]["input_tokens"] == 9  # the twin borrows SmolLM2's tokenizer
     twins = run[2]["sections"]["5. Summary"]["twins"]
-    assert "fixed token counts" in twins and "64-token prompt" in twins and "speed and memory are" not in twins
+    assert "fixed token counts" in twins and f"{lesson.QUICK.prompt_tokens}-token prompt" in twins
+    assert "speed and memory are the real model's" not in twins
 
 
 def test_memory_is_given_back_after_each_release(run):
