@@ -1,6 +1,7 @@
 """Matplotlib on the Agg backend with one house style; `save` writes a titled chart into the output folder."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -30,11 +31,17 @@ def figure(title: str, xlabel: str, ylabel: str, size: tuple[float, float] | Non
     return fig, ax
 
 
-def save(fig, out_dir: Path, name: str) -> Path:
-    """Save as PNG at a readable DPI, close the figure, return the path."""
+def save(fig, out_dir: Path, name: str) -> Path | None:
+    """Save as PNG at a readable DPI and close the figure; None (said on stderr) when the file cannot be written."""
     path = Path(out_dir) / f"{name}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.tight_layout()
+        fig.savefig(path, dpi=DPI)
+    except OSError as error:  # a full disk must not cost the section its measured numbers
+        print(f"[chart] could not save {path} ({error.strerror or error}); the numbers are in the report",
+              file=sys.stderr)
+        return None
+    finally:
+        plt.close(fig)
     return path

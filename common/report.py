@@ -193,9 +193,10 @@ class Report:
         if all(tuple(m.get(k) for k in key) != tuple(model.get(k) for k in key) for m in self.models):
             self.models.append(to_jsonable(model))
 
-    def add_chart(self, path: Path) -> None:
-        """Remember a chart file so the report can list it."""
-        self.charts.append(str(path))
+    def add_chart(self, path: Path | None) -> None:
+        """Remember a chart file so the report can list it (None: the chart could not be saved, already said)."""
+        if path is not None:
+            self.charts.append(str(path))
 
     def to_dict(self) -> dict[str, Any]:
         """The whole run as JSON-ready data."""
@@ -254,7 +255,8 @@ class Report:
 
     def finish(self) -> int:
         """Write the reports, print where they are and the wall time; exit code 1 if any section failed."""
-        self.calibration["end"] = calibrate()
+        if "end" not in self.calibration:  # a lesson may have taken it already, right after its last section
+            self.calibration["end"] = calibrate()
         paths = self.write()
         print(f"\n{'=' * 78}")
         for path in paths + [Path(c) for c in self.charts]:
@@ -299,5 +301,12 @@ def rows_to_csv(rows: list[dict[str, Any]]) -> str:
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+        writer.writerow({k: _csv_cell(row.get(k)) for k in columns})
     return buffer.getvalue()
+
+
+def _csv_cell(value: Any) -> Any:
+    """A CSV cell: empty for None, JSON for lists and dicts (so raw samples parse back), the value otherwise."""
+    if value is None:
+        return ""
+    return json.dumps(value) if isinstance(value, (list, dict)) else value

@@ -48,15 +48,10 @@ def wait_for_first_section(process: subprocess.Popen, timeout_s: float = 180) ->
     return seen
 
 
-def import_noise(line: str) -> bool:
-    """torchao's warnings when transformers imports it (CUDA kernels missing from a CPU build): not ours to print."""
-    return (line.startswith("Failed to load ") and "/torchao/" in line) or "torch/utils/_pytree.py" in line
-
-
 def one_line_error(stderr: str) -> str:
     """The single stderr line of a refused run (asserting it is one line and no traceback)."""
     assert "Traceback" not in stderr
-    lines = [line for line in stderr.strip().splitlines() if not import_noise(line)]
+    lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
     return lines[0]
 
