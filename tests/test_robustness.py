@@ -161,7 +161,7 @@ def test_sigterm_and_ctrl_c_on_a_real_lesson_leave_a_partial_report(tmp_path):
             assert process.wait(timeout=120) == code
             data = json.loads((out / "report.json").read_text())
             assert data["partial"] is True and data["interrupted"] == reason
-            assert reason in data["failures"].values()
+            assert set(data["failures"].values()) <= {reason}  # empty when the signal fell between two sections
             assert f"Partial report: the run was {reason}" in (out / "report.md").read_text()
             stderr = process.stderr.read()
             assert f"{reason}: the report written so far is marked partial: {out / 'report.json'}" in stderr
