@@ -13,7 +13,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass

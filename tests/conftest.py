@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from common.meter import SAME_BAND
+
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -15,6 +17,15 @@ def is_png(path: Path) -> bool:
     """True when the file starts with the 8-byte PNG signature and has more than a header."""
     data = Path(path).read_bytes()
     return data[:8] == PNG_SIGNATURE and len(data) > 1000
+
+
+def verdict_of(low: float, high: float) -> str:
+    """The verdict a speed-up interval must give (the meter's rule, restated so a drift in either shows)."""
+    if low > 1 + SAME_BAND:
+        return "faster"
+    if high < 1 / (1 + SAME_BAND):
+        return "slower"
+    return "same"
 
 
 def load_script(stem: str):

@@ -10,25 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import is_png, load_script
+from conftest import is_png, load_script, verdict_of
 
 from common import cli
 from common.errors import UserError
-from common.meter import SAME_BAND
 
 USER_TEXT = "Ich trinke gern Tee am Morgen."
 S1, S2, S3, S4, S5 = ("1. Tokenizer encode/decode", "2. AutoModel by hand", "3. pipeline()", "4. Manual vs pipeline",
                       "5. Custom pipelines")
 ROW_KEYS = {"p50_ms", "iqr_ms", "runs", "items_per_s", "noisy"}
-
-
-def verdict_of(low: float, high: float) -> str:
-    """The verdict a speed-up interval must give (the meter's rule, restated so a drift in either shows)."""
-    if low > 1 + SAME_BAND:
-        return "faster"
-    if high < 1 / (1 + SAME_BAND):
-        return "slower"
-    return "same"
 
 
 def check_sentence(sentence: str, verdict: str) -> None:

@@ -12,25 +12,15 @@ import json
 
 import pytest
 import torch
-from conftest import is_png
+from conftest import is_png, verdict_of
 
 from common import cli
-from common.meter import SAME_BAND
 
 lesson = importlib.import_module("03_cpu_gpu_optimization")  # registered in sys.modules, as dataclasses need
 TITLES = ["1. Device selection", "2. CPU threads", "3. Gradients off", "4. Precision", "5. Quantization",
           "6. Batching and padding", "7. Attention implementation and compilation", "8. Memory-lean inference",
           "9. What else you could use", "10. Recipe for this machine", "Performance bars"]
 no_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here: the GPU paths cannot run")
-
-
-def verdict_of(low: float, high: float) -> str:
-    """The verdict a speed-up interval must give (the meter's rule, restated so a drift in either shows)."""
-    if low > 1 + SAME_BAND:
-        return "faster"
-    if high < 1 / (1 + SAME_BAND):
-        return "slower"
-    return "same"
 
 
 def expected_sentence(row: dict, baseline: str) -> str:

@@ -3,7 +3,6 @@ Ctrl-C. The comparison logic itself is tested on synthetic reports in test_runs.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,15 +12,7 @@ import torch
 
 from common import cli, texts
 from common.report import REPORT_VERSION
-from conftest import ROOT, is_png
-
-
-def load_script(stem: str):
-    """Import the lesson, registered in sys.modules: its frozen Settings dataclass looks its module up there."""
-    spec = importlib.util.spec_from_file_location(f"lesson_{stem}", ROOT / f"{stem}.py")
-    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import ROOT, is_png, load_script
 
 
 script = load_script("04_performance_measurement")
