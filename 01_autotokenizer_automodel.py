@@ -595,8 +595,7 @@ def plot_manual_vs_pipeline(ctx: cli.Context, timings: list[dict]) -> None:
         ax.errorbar([r["batch"] for r in rows], [r["ms_per_text"] for r in rows],
                     yerr=[r["iqr_ms_per_text"] / 2 for r in rows], marker="o", capsize=4, color=colour,
                     label=f"{path} (bars: IQR)")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(BATCH_SIZES, [str(b) for b in BATCH_SIZES])
+    plots.log2_x(ax, BATCH_SIZES)
     ax.set_ylim(bottom=0)
     ax.legend()
     ctx.report.add_chart(plots.save(fig, ctx.out_dir, "manual_vs_pipeline_latency"))

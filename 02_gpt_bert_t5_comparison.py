@@ -718,9 +718,7 @@ def latency_chart(ctx: cli.Context, forward: list[dict]) -> None:
                         if row["model"] == label and row["batch"] == batch)
         ax.plot(*zip(*points), marker="o", color=colours[label], linestyle=styles[batch],
                 label=f"{label}, batch {batch}")
-    lengths = sorted({row["seq_len"] for row in forward})
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(lengths, labels=lengths)
+    plots.log2_x(ax, [row["seq_len"] for row in forward])
     values = [row["p50_ms"] for row in forward]
     if max(values) / min(values) > 20:
         ax.set_yscale("log")

@@ -1257,10 +1257,7 @@ def threads_chart(rows: list[dict], out_dir: Any) -> Any:
                     yerr=[[r["speedup"] - r["speedup_low"] for r in points],
                           [r["speedup_high"] - r["speedup"] for r in points]], label=f"batch {size}")
     ax.axvline(os.cpu_count() or 1, color="grey", linestyle=":", label="logical cores")
-    ax.set_xscale("log", base=2)
-    counts = sorted({r["threads"] for r in rows})
-    ax.set_xticks(counts, [str(n) for n in counts])
-    ax.minorticks_off()
+    plots.log2_x(ax, [r["threads"] for r in rows])
     ax.legend()
     return plots.save(fig, out_dir, "threads")
 
@@ -1305,10 +1302,7 @@ def batching_chart(rows: list[dict], comparison: Comparison, out_dir: Any) -> An
         points = [r for r in rows if r["strategy"] == strategy]
         ax.plot([r["batch"] for r in points], [r["items_per_s"] for r in points], marker="o",
                 label=f"{strategy} (waste {points[-1]['waste_pct']:.0f}% at batch {points[-1]['batch']})")
-    ax.set_xscale("log", base=2)
-    sizes = sorted({r["batch"] for r in rows})
-    ax.set_xticks(sizes, [str(size) for size in sizes])
-    ax.minorticks_off()
+    plots.log2_x(ax, [r["batch"] for r in rows])
     ax.legend()
     return plots.save(fig, out_dir, "batching")
 

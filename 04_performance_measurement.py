@@ -564,10 +564,7 @@ def draw_sweep(ax, sweeps) -> None:
             knee = next(row for row in sweep["table"] if row["batch"] == sweep["knee_batch"])
             ax.plot([knee["batch"]], [knee["items_per_s"]], marker="*", markersize=16, color=line.get_color(),
                     linestyle="none", label=f"{sweep['role']} knee (batch {knee['batch']})")
-    ax.set_xscale("log", base=2)
-    batches = sorted({row["batch"] for sweep in sweeps for row in sweep["table"]})
-    ax.set_xticks(batches, [str(batch) for batch in batches])
-    ax.minorticks_off()
+    plots.log2_x(ax, [row["batch"] for sweep in sweeps for row in sweep["table"]])
     ax.set(title="Throughput vs batch size", xlabel="batch size (texts per call, log2 scale)",
            ylabel="throughput (texts/s, from the median call)")
     ax.legend(fontsize=8)

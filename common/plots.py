@@ -31,6 +31,14 @@ def figure(title: str, xlabel: str, ylabel: str, size: tuple[float, float] | Non
     return fig, ax
 
 
+def log2_x(ax, values) -> None:
+    """A log2 x axis ticked at exactly these values (batch sizes, thread counts, lengths), no minor ticks."""
+    ticks = sorted(set(values))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks, [str(value) for value in ticks])
+    ax.minorticks_off()
+
+
 def save(fig, out_dir: Path, name: str) -> Path | None:
     """Save as PNG at a readable DPI and close the figure; None (said on stderr) when the file cannot be written."""
     path = Path(out_dir) / f"{name}.png"
