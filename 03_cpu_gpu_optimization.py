@@ -25,11 +25,11 @@ from transformers.utils import logging as hf_logging
 
 from common import cli, device as devices, memory, models, plots, quantize, runtimes, texts
 from common.batching import batch_shapes, encoder_forward_flops, make_batches, padding_waste
-from common.errors import UserError
+from common.errors import UserError, first_line
 from common.fidelity import cosine_fidelity, embedding_fidelity, first_divergence, token_agreement
 from common.meter import Comparison
 from common.pipelines import embed, mean_pool
-from common.report import print_table
+from common.report import performance_bar, print_table
 
 MIB = memory.MIB
 
@@ -120,27 +120,6 @@ def forward(model: Any, batch: dict[str, torch.Tensor], autocast: torch.dtype | 
     return run
 
 
-def verdicts(comparison: Comparison, baseline: str) -> list[str]:
-    """Print each workload's verdict against the baseline, as computed from this run's rounds; return the lines."""
-    lines = [comparison.sentence(name, baseline) for name in comparison.measurements if name != baseline]
-    for line in lines:
-        print(f"  {line}")
-    return lines
-
-
-def first_line(error: BaseException) -> str:
-    """An exception as one short line for skip reasons."""
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
-
-
-def bar(name: str, target: str, measured: str, value: float, passed: bool | None) -> dict[str, Any]:
-    """One performance bar: target vs measured, PASS/MISS (or REPORTED when the issue sets no target)."""
-    status = "REPORTED" if passed is None else ("PASS" if passed else "MISS")
-    print(f"[{status}] {name}: measured {measured}  (target {target})")
-    return {"bar": name, "target": target, "measured": measured, "value": value, "status": status}
-
-
 # ------------------------------------------------------------------------------------------ 1. device
 
 
@@ -203,7 +182,7 @@ def device_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
         runs[str(device)] = forward(on_device.model, sentence_batch(on_device.tokenizer, s.speed_batch, device))
     comparison = ctx.meter().compare(runs, items=s.speed_batch, min_rounds=s.rounds, progress="cpu vs device")
     print_table(comparison.rows(baseline="cpu"), title=f"{loaded.info.label}, batch {s.speed_batch}")
-    result.update(devices=comparison.rows(baseline="cpu"), verdicts=verdicts(comparison, "cpu"))
+    result.update(devices=comparison.rows(baseline="cpu"), verdicts=comparison.print_verdicts("cpu"))
     return result
 
 
@@ -246,7 +225,7 @@ def threads_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
             rows += [{**row, "threads": n} for n, row in zip(counts, comparison.rows(baseline=thread_label(1),
                                                                                     batch=size))]
             print(f"\nbatch {size}, against 1 thread:")
-            lines += verdicts(comparison, thread_label(1))
+            lines += comparison.print_verdicts(thread_label(1))
             fastest = max(counts, key=lambda n: comparison.measurements[thread_label(n)].items_per_s)
             verdict = comparison.verdict(thread_label(fastest), thread_label(default))
             recommended[str(size)] = fastest if verdict == "faster" else default
@@ -327,7 +306,7 @@ def grad_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
     print("kept_for_backward: activations autograd stores for a backward pass nobody runs (exact, counted with "
           "saved_tensors_hooks);\npeak_mem_delta: high-water mark above the start while the output is held "
           f"({'CUDA allocator' if ctx.device.type == 'cuda' else 'process RSS'}).")
-    lines = verdicts(comparison, "grad enabled")
+    lines = comparison.print_verdicts("grad enabled")
     lines.append(comparison.sentence("torch.inference_mode()", "torch.no_grad()"))
     print(f"  {lines[-1]}")
     ctx.report.add_rows("grad", rows)
@@ -368,7 +347,7 @@ def precision_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
                        "cosine_mean", "cosine_min", "noisy"],
                 title=f"{fp32.info.label}: speed at batch {s.speed_batch}; fidelity = embeddings of "
                       f"{len(FIDELITY_TEXTS)} sentences vs fp32")
-    lines = verdicts(comparison, "fp32")
+    lines = comparison.print_verdicts("fp32")
     slower = [row["variant"] for row in rows if row["verdict"] == "slower"]
     note = None
     if ctx.device.type == "cpu" and slower:
@@ -501,7 +480,7 @@ def quantized_encoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], list[
                 title=f"encoder {fp32.info.label}, batch {s.speed_batch}; fidelity on {len(FIDELITY_TEXTS)} texts = "
                       "embedding cosine vs fp32 and Spearman of all pairwise similarities; int8_share = share of "
                       "matmul weights stored int8")
-    return rows, verdicts(comparison, "fp32")
+    return rows, comparison.print_verdicts("fp32")
 
 
 def quantized_decoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], list[str]]:
@@ -539,7 +518,7 @@ def quantized_decoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], list[
                        "token_agreement", "first_divergence", "noisy"],
                 title=f"decoder {fp32.info.label}, {s.greedy_tokens} greedy tokens, {DECODER_ROUNDS} rounds (these "
                       "ratios decide no bar or recipe); fidelity = same token at the same position as fp32")
-    lines = verdicts(comparison, "fp32")
+    lines = comparison.print_verdicts("fp32")
     for key in built if where.meaningful else ():  # a twin's text is noise
         text = fp32.tokenizer.decode(tokens[key], skip_special_tokens=True)
         print(f"  {VARIANT_LABELS[key]:>24}: {DECODER_PROMPT} ->{text[:90]!r}")
@@ -569,7 +548,7 @@ def quantization_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
         print(f"\ndynamic int8 above: one weight scale per output row (per-channel); one scale per matrix gives "
               f"encoder cosine {per_tensor_cosine:.4f}.")
     int8 = next((row for row in encoder_rows if row["key"] == "int8-dynamic"), None)
-    bars = [] if int8 is None else [bar(
+    bars = [] if int8 is None else [performance_bar(
         BAR_NAMES[2], f">= {INT8_SPEEDUP_TARGET}x fp32 throughput at cosine mean >= {INT8_COSINE_TARGET} and min >= "
         f"{INT8_COSINE_MIN_TARGET}",
         f"{int8['speedup']:.2f}x [{int8['speedup_low']:.2f}-{int8['speedup_high']:.2f}] ({int8['verdict']}) at cosine "
@@ -661,12 +640,6 @@ def matmul_peak_flops(meter: Any, size: int, device: torch.device) -> float:
     return 2 * size**3 / meter.measure(f"fp32 matmul {size}x{size}", lambda: a @ b).stats.median
 
 
-def ratio_text(comparison: Comparison, a: str, b: str) -> str:
-    """A ratio with its interval and round count, for bars."""
-    estimate, low, high = comparison.ratio(a, b)
-    return f"{estimate:.2f}x [{low:.2f}-{high:.2f}, {comparison.rounds} rounds]"
-
-
 def batching_bars(comparison: Comparison, rows: list[dict], peak: float) -> tuple[list[dict], list[str], dict]:
     """The three batching bars from the round-robin passes, each with its verdict line."""
     def fastest(strategy: str | None = None) -> dict:
@@ -681,12 +654,12 @@ def batching_bars(comparison: Comparison, rows: list[dict], peak: float) -> tupl
     print("\n".join(f"  {line}" for line in lines))
     sorted_ratio = comparison.ratio(best_sorted["workload"], best_padded["workload"])[0]
     bars = [
-        bar(BAR_NAMES[0], "a ratio (no target)", f"{ratio_text(comparison, best['workload'], 'dynamic, batch 1')} "
+        performance_bar(BAR_NAMES[0], "a ratio (no target)", f"{comparison.ratio_text(best['workload'], 'dynamic, batch 1')} "
             f"({best['workload']} vs dynamic, batch 1)", best["speedup"], None),
-        bar(BAR_NAMES[1], f">= {FLOPS_FRACTION_TARGET:.0%} of {peak / 1e9:.1f} GFLOP/s",
+        performance_bar(BAR_NAMES[1], f">= {FLOPS_FRACTION_TARGET:.0%} of {peak / 1e9:.1f} GFLOP/s",
             f"{fraction:.0%} ({densest['gflop_per_s']:.1f} GFLOP/s, {densest['workload']})",
             fraction, fraction >= FLOPS_FRACTION_TARGET),
-        bar(BAR_NAMES[3], f">= {SORTED_SPEEDUP_TARGET}x texts/s", ratio_text(comparison, best_sorted["workload"],
+        performance_bar(BAR_NAMES[3], f">= {SORTED_SPEEDUP_TARGET}x texts/s", comparison.ratio_text(best_sorted["workload"],
             best_padded["workload"]) + f" ({best_sorted['workload']} vs {best_padded['workload']}, each at its best)",
             sorted_ratio, sorted_ratio >= SORTED_SPEEDUP_TARGET),
     ]
@@ -727,7 +700,7 @@ def attention_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
                 title=f'attn_implementation= on {where.label}, batch {s.speed_batch}')
     agreement = cosine_fidelity(runs["eager"]().flatten(1).float().cpu(), runs["sdpa"]().flatten(1).float().cpu())
     print(f"worst output cosine sdpa vs eager: {agreement['cosine_min']:.6f} (same weights: equivalence, not quality)")
-    lines = verdicts(comparison, "eager")
+    lines = comparison.print_verdicts("eager")
     verdict = comparison.verdict("sdpa", "eager")
     choice = "eager" if verdict == "slower" else "sdpa"  # a tie keeps transformers' default
     problem = compile_problem(ctx.device) if s.torch_compile else ("--quick (compiling takes about a minute on a "
@@ -930,7 +903,7 @@ def offload_rows(ctx: cli.Context, s: Settings) -> tuple[list[dict], str]:
             for row in comparison.rows(baseline="whole model in memory")]
     print_table(rows, ["technique", "load_s", "peak_rss_delta_mib", "p50_ms", "speedup", "verdict", "placement"],
                 title=f"{where.label} under a {OFFLOAD_CAP} cap")
-    return rows, verdicts(comparison, "whole model in memory")[0]
+    return rows, comparison.print_verdicts("whole model in memory")[0]
 
 
 def memory_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
@@ -1013,7 +986,7 @@ def peer_decision(comparison: Comparison, rows: list[dict]) -> dict[str, Any]:
     print(f"\nfastest at cosine mean >= {FIDELITY_FLOOR}: ours = {ours}, peer = {peer}. "
           f"{comparison.sentence(ours, peer)}" + (f"\n  so the recipe recommends {peer} here:\n    "
           + PEER_SNIPPETS[peer].replace("\n", "\n    ") if winner == peer else ""))
-    bars = [bar(BAR_NAMES[4], f">= 1.0x the fastest peer runtime at cosine mean >= {FIDELITY_FLOOR}",
+    bars = [performance_bar(BAR_NAMES[4], f">= 1.0x the fastest peer runtime at cosine mean >= {FIDELITY_FLOOR}",
                 f"{ours} {ratio:.2f}x [{low:.2f}-{high:.2f}] {peer} ({verdict}) at cosine mean {cosine:.4f}",
                 ratio, ratio >= 1.0 and cosine >= FIDELITY_FLOOR)]
     return {"ours": ours, "peer": peer, "winner": winner, "ratio": ratio, "verdict": verdict, "bars": bars,
@@ -1046,7 +1019,7 @@ def peers_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
     for name in embedders:
         print(f"  {name}: {PEER_SNIPPETS.get(name, 'runtimes.torch_embedder(model, tokenizer): embed_sorted below')}"
               .replace("\n", "\n      "))
-    lines = verdicts(comparison, baseline)
+    lines = comparison.print_verdicts(baseline)
     ctx.report.add_rows("peers", rows)
     return {"rows": rows, "baseline": baseline, "verdicts": lines, **peer_decision(comparison, rows)}
 
@@ -1179,7 +1152,7 @@ def recipe_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
     print_table(rows, ["workload", "p50_ms", "iqr_ms", "runs", "items_per_s", "speedup", "verdict"],
                 title=f"{len(corpus)} mixed-length texts end to end (tokenising included), {naive.info.label}; "
                       "naive = fp32, batch 1, grad on, pad to max_length")
-    line = verdicts(comparison, "naive")[0]
+    line = comparison.print_verdicts("naive")[0]
     speedup, low, high = comparison.ratio("recipe", "naive")
     fidelity = cosine_fidelity(outputs["naive"], outputs["recipe"])
     print(f"embedding cosine vs naive: mean {fidelity['cosine_mean']:.5f}, worst {fidelity['cosine_min']:.5f}")

@@ -7,3 +7,9 @@ class UserError(Exception):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM arrived (timeout, docker stop, CI cancel): handled like Ctrl-C, a partial report, then exit 143."""
+
+
+def first_line(error: BaseException) -> str:
+    """An exception as one short line, for skip reasons and printed errors."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]

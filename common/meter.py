@@ -247,6 +247,18 @@ class Comparison:
             return f"{a} vs {b}: no measurable difference here ({estimate:.2f}x, interval {interval})"
         return f"{a} is {estimate:.2f}x as fast as {b}: {verdict} (interval {interval})"
 
+    def ratio_text(self, a: str, b: str) -> str:
+        """The ratio a over b with its interval and round count, as bars quote it."""
+        estimate, low, high = self.ratio(a, b)
+        return f"{estimate:.2f}x [{low:.2f}-{high:.2f}, {self.rounds} rounds]"
+
+    def print_verdicts(self, baseline: str) -> list[str]:
+        """Print every other workload's verdict against the baseline, one indented line each; return the lines."""
+        lines = [self.sentence(name, baseline) for name in self.measurements if name != baseline]
+        for line in lines:
+            print(f"  {line}")
+        return lines
+
     def rows(self, baseline: str | None = None, **labels: Any) -> list[dict[str, Any]]:
         """One row per workload; with a baseline, also its speed-up over it, interval and verdict."""
         rows = []

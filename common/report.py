@@ -114,6 +114,13 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None)
     return "\n".join(lines)
 
 
+def performance_bar(name: str, target: str, measured: str, value: float, passed: bool | None) -> dict[str, Any]:
+    """Print and return one performance bar: PASS/MISS against its target, REPORTED when it has none."""
+    status = "REPORTED" if passed is None else ("PASS" if passed else "MISS")
+    print(f"[{status}] {name}: measured {measured}  (target {target})")
+    return {"bar": name, "target": target, "measured": measured, "value": value, "status": status}
+
+
 def _is_table(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(item, dict) for item in value)
 

@@ -97,3 +97,16 @@ def test_successful_run_exits_zero(tmp_path):
     rep.run_section("1. fine", "why", lambda: {"x": 1})
     assert rep.finish() == 0
     assert not (tmp_path / "results.csv").exists()  # no rows, no CSV
+
+
+def test_performance_bar_status_follows_the_target(capsys):
+    assert report.performance_bar("x", ">= 2x", "2.5x", 2.5, True)["status"] == "PASS"
+    assert report.performance_bar("x", ">= 2x", "1.5x", 1.5, False)["status"] == "MISS"
+    assert report.performance_bar("x", "no target", "1.5x", 1.5, None)["status"] == "REPORTED"
+    assert "[MISS] x: measured 1.5x  (target >= 2x)" in capsys.readouterr().out
+
+
+def test_first_line_keeps_the_type_and_the_first_line_only():
+    from common.errors import first_line
+    assert first_line(RuntimeError("CUDA missing\nlong trace")) == "RuntimeError: CUDA missing"
+    assert first_line(ValueError()) == "ValueError: "
