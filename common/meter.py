@@ -437,7 +437,7 @@ class _Resources:
 
 @dataclass
 class GenerationMeasurement:
-    """Generation speed from two measured workloads: 1 new token (time to first token) and N new tokens."""
+    """Generation speed from two workloads timed round-robin: 1 new token (time to first token) and N new tokens."""
 
     name: str
     new_tokens: int
@@ -452,8 +452,9 @@ class GenerationMeasurement:
 
     @property
     def per_token_s(self) -> float:
-        """Median cost of each token after the first: (t(N) - t(1)) / (N - 1)."""
-        return (self.full.stats.median - self.first_token.stats.median) / max(self.new_tokens - 1, 1)
+        """Median over rounds of each token's cost after the first: (t(N) - t(1)) / (N - 1) within one round."""
+        per_round = np.asarray(self.full.samples_s) - np.asarray(self.first_token.samples_s)
+        return float(np.median(per_round)) / max(self.new_tokens - 1, 1)
 
     @property
     def tokens_per_s(self) -> float:
@@ -463,11 +464,13 @@ class GenerationMeasurement:
 
 def measure_generation(
     meter: PerformanceMeter, name: str, generate: Callable[[int], Any], new_tokens: int, batch_size: int = 1,
-    **measure_kwargs: Any,
 ) -> GenerationMeasurement:
-    """Time `generate(n)`, which must produce exactly n new tokens per sequence, for n = 1 and n = new_tokens."""
-    first = meter.measure(f"{name} (1 token)", lambda: generate(1), items=batch_size, tokens=batch_size,
-                          **measure_kwargs)
-    full = meter.measure(f"{name} ({new_tokens} tokens)", lambda: generate(new_tokens), items=batch_size,
-                         tokens=new_tokens * batch_size, **measure_kwargs)
-    return GenerationMeasurement(name, new_tokens, batch_size, first, full)
+    """Time `generate(n)`, which must produce exactly n new tokens per sequence, for n = 1 and n = new_tokens.
+
+    The two are timed round-robin, so each round's difference is the decode cost under one machine state.
+    """
+    first, full = f"{name} (1 token)", f"{name} ({new_tokens} tokens)"
+    comparison = meter.compare({first: lambda: generate(1), full: lambda: generate(new_tokens)}, items=batch_size,
+                               tokens={first: batch_size, full: new_tokens * batch_size})
+    return GenerationMeasurement(name, new_tokens, batch_size, comparison.measurements[first],
+                                 comparison.measurements[full])

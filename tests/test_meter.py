@@ -102,12 +102,14 @@ def test_overhead_per_call_is_positive_and_small_against_a_sleep():
 
 
 def test_generation_measurement_derives_per_token_latency():
-    meter = PerformanceMeter(warmup=0, min_runs=3, max_runs=3)
+    meter = PerformanceMeter(warmup=1, min_runs=3, budget_s=0.0)
     generation = measure_generation(meter, "fake", lambda n: time.sleep(0.002 + 0.001 * n), new_tokens=5, batch_size=2)
     assert isinstance(generation, GenerationMeasurement)
-    first, full = generation.first_token.stats.median, generation.full.stats.median
-    assert generation.time_to_first_token_s == first
-    assert generation.per_token_s == pytest.approx((full - first) / 4)
+    first, full = generation.first_token.samples_s, generation.full.samples_s
+    assert len(first) == len(full) == 3  # one of each per round-robin round
+    assert generation.time_to_first_token_s == generation.first_token.stats.median
+    assert generation.per_token_s == pytest.approx(float(np.median(np.subtract(full, first))) / 4)
+    full = generation.full.stats.median
     assert generation.tokens_per_s == pytest.approx(10 / full)
     assert generation.full.tokens_per_call == 10
 
