@@ -144,12 +144,14 @@ class Report:
         self.calibration: dict[str, dict[str, Any]] = {}  # "start" and "end": see common.calibration
         self.partial = False
         self.interrupted: str | None = None  # why the run stopped early: Ctrl-C or SIGTERM
+        self.finished = False  # until finish(), a report on disk is the last section's checkpoint
         self.started = time.perf_counter()
 
     def run_section(self, title: str, why: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Print the heading and why (a docstring is fine), run the section, keep its result; failures are recorded."""
         print(f"\n{'=' * 78}\n{title}\n{'=' * 78}\n{inspect.cleandoc(why)}\n")
         started = time.perf_counter()
+        result = None
         try:
             result = fn(*args, **kwargs)
         except KeyboardInterrupt as stop:
@@ -159,16 +161,17 @@ class Report:
         except UserError as error:
             self.failures[title] = str(error)
             print(f"[section failed] {error}")
-            return None
         except Exception as error:  # one broken section must not lose the others' numbers
             self.failures[title] = f"{type(error).__name__}: {error}"
             print(f"[section failed] {type(error).__name__}: {error}")
             traceback.print_exc(limit=3)
-            return None
+        else:
+            self.sections[title] = result
         finally:
             self.section_seconds[title] = time.perf_counter() - started
-        self.sections[title] = result
-        print(f"[{title}: {self.section_seconds[title]:.1f} s]")
+        if title not in self.failures:
+            print(f"[{title}: {self.section_seconds[title]:.1f} s]")
+        self.write_partial()  # a run killed later (OOM killer, SIGKILL) still leaves every finished section on disk
         return result
 
     def mark_interrupted(self, stop: KeyboardInterrupt) -> str:
@@ -211,8 +214,8 @@ class Report:
             "report_version": REPORT_VERSION,
             "script": self.script,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "partial": self.partial,
-            "interrupted": self.interrupted,
+            "partial": self.partial or not self.finished,
+            "interrupted": self.interrupted or (None if self.finished else "killed or still running"),
             "wall_s": time.perf_counter() - self.started,
             "environment": self.environment,
             "calibration": self.calibration,
@@ -264,6 +267,7 @@ class Report:
         """Write the reports, print where they are and the wall time; exit code 1 if any section failed."""
         if "end" not in self.calibration:  # a lesson may have taken it already, right after its last section
             self.calibration["end"] = calibrate()
+        self.finished = not self.partial
         paths = self.write()
         print(f"\n{'=' * 78}")
         for path in paths + [Path(c) for c in self.charts]:

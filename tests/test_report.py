@@ -92,6 +92,19 @@ def test_interrupted_section_writes_a_partial_report(tmp_path):
     assert "Partial report" in (tmp_path / "report.md").read_text()
 
 
+def test_each_section_leaves_a_checkpoint_that_finish_completes(tmp_path):
+    rep = Report("05_example", tmp_path, {})
+    rep.run_section("1. done", "why", lambda: {"value": 1})
+    rep.run_section("2. broken", "why", lambda: 1 / 0)
+    data = json.loads((tmp_path / "report.json").read_text())  # what a SIGKILL here would leave
+    assert data["partial"] is True and data["interrupted"] == "killed or still running"
+    assert data["sections"] == {"1. done": {"value": 1}}
+    assert data["failures"] == {"2. broken": "ZeroDivisionError: division by zero"}
+    assert rep.finish() == 1
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["partial"] is False and data["interrupted"] is None
+
+
 def test_successful_run_exits_zero(tmp_path):
     rep = Report("05_example", tmp_path, {})
     rep.run_section("1. fine", "why", lambda: {"x": 1})
