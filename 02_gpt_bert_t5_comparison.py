@@ -10,21 +10,18 @@ from __future__ import annotations
 import inspect
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM,
                           AutoTokenizer, pipeline)
-from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                    MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
 from common import cli, memory, models, plots, texts
 from common import pipelines as custom_pipelines  # registers the "text-to-text" pipeline
 from common.errors import UserError
 from common.memory import MIB
-from common.meter import PerformanceMeter
+from common.meter import Comparison, PerformanceMeter
 from common.report import format_value, print_table
 
 
@@ -59,14 +56,10 @@ CAUSAL_TOLERANCE = 1e-5  # relative change of earlier positions' hidden states b
 TWIN_NOTE = "(twin: random weights, text is noise; shown only to prove the plumbing)"
 FAMILIES = {"decoder": "decoder-only", "encoder": "encoder-only", "seq2seq": "encoder-decoder"}
 # The seed write-up's table, translated; sections 1-5 check it against measured facts.
-SEED_TABLE = [
-    {"model": "GPT", "architecture": "decoder-only", "strengths": "long text generation",
-     "typical uses": "creative writing, conversational AI"},
-    {"model": "BERT", "architecture": "encoder-only", "strengths": "bidirectional understanding",
-     "typical uses": "classification, NER, QA"},
-    {"model": "T5", "architecture": "encoder-decoder", "strengths": "text-to-text approach",
-     "typical uses": "translation, summarisation"},
-]
+SEED_TABLE = [dict(zip(("model", "architecture", "strengths", "typical uses"), row)) for row in (
+    ("GPT", "decoder-only", "long text generation", "creative writing, conversational AI"),
+    ("BERT", "encoder-only", "bidirectional understanding", "classification, NER, QA"),
+    ("T5", "encoder-decoder", "text-to-text approach", "translation, summarisation"))]
 
 
 # ------------------------------------------------------------------------------------ which models, how loaded
@@ -74,15 +67,18 @@ SEED_TABLE = [
 
 @dataclass(frozen=True)
 class Contender:
-    """One model in the comparison: what was asked for, where its weights are, and its checkpoint's classes."""
+    """One model in the comparison: what was asked for, where its weights are, and its checkpoint's config."""
 
     request: str  # role, catalog name or Hub id, as typed
     where: models.Checkpoint
-    architectures: tuple[str, ...]  # the classes the checkpoint was saved as (tells whether it has a masked-LM head)
-    shape: tuple[int, int]  # (layers, hidden size): an encoder and a decoder alike in both differ in architecture only
+    config: Any
     label = property(lambda self: self.where.label)
     kind = property(lambda self: self.where.kind)
     family = property(lambda self: FAMILIES[self.where.kind])
+    # (layers, hidden size): an encoder and a decoder alike in both differ in architecture only
+    shape = property(lambda self: (self.config.num_hidden_layers, self.config.hidden_size))
+    # the classes the checkpoint was saved as tell whether it has a masked-LM head
+    masked_lm = property(lambda self: any(a.endswith("ForMaskedLM") for a in self.config.architectures or ()))
 
 
 def default_models(source: str) -> list[str]:
@@ -91,34 +87,16 @@ def default_models(source: str) -> list[str]:
     return HUB_MODELS if online else OFFLINE_MODELS
 
 
-def kind_of(name: str, source: str) -> str:
-    """decoder / encoder / seq2seq (or another kind) from the catalog, else read from the Hub checkpoint's config."""
-    catalog_name = models.ROLES[name][0] if name in models.ROLES else name
-    if catalog_name in models.CATALOG:
-        return models.CATALOG[catalog_name].kind
-    try:  # an unknown name stops in models.resolve with its own UserError
-        config = AutoConfig.from_pretrained(models.resolve(name, source)[2])
-    except (OSError, ValueError) as error:
-        raise UserError(f"could not read the config of {name}: {str(error).strip().splitlines()[0]}") from error
-    if getattr(config, "is_encoder_decoder", False):
-        return "seq2seq"
-    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
-        return "encoder"
-    return "decoder" if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else config.model_type
-
-
 def plan_models(source: str, values: list[str] | None) -> list[Contender]:
     """--models, space- or comma-separated (else the defaults), resolved before any work: a bad name stops the run."""
     names = [name.strip() for value in values or [] for name in value.split(",") if name.strip()]
     contenders: dict[str, Contender] = {}
     for name in names or default_models(source):
-        kind = kind_of(name, source)
+        kind = models.kind_of(name, source)
         if kind not in FAMILIES:
             raise UserError(f"{name} is a {kind}, not a language model to compare here; {models.available_names()}")
         where = models.checkpoint(name, source, kind)
-        config = AutoConfig.from_pretrained(where.path)
-        contenders.setdefault(where.label, Contender(name, where, tuple(config.architectures or ()),
-                                                     (config.num_hidden_layers, config.hidden_size)))
+        contenders.setdefault(where.label, Contender(name, where, AutoConfig.from_pretrained(where.path)))
     return list(contenders.values())
 
 
@@ -145,15 +123,15 @@ def load_by_architecture(ctx: cli.Context, contender: Contender, masked_lm: bool
     return models.LoadedModel(model, tokenizer, info)
 
 
-def for_each_model(ctx: cli.Context, contenders: list[Contender], what: str,
-                   work: Callable[[cli.Context, Contender], Any]) -> list[Any]:
-    """work(ctx, contender) one model at a time; a model that fails is skipped with its reason, not fatal."""
+def for_each_model(ctx: cli.Context, groups: list, what: str, work: Callable[..., Any]) -> list[Any]:
+    """work(ctx, *group) one model (or pair of models) at a time; one that fails is skipped with its reason."""
     results = []
-    for contender in contenders:
+    for group in groups:
+        group = group if isinstance(group, tuple) else (group,)
         try:
-            results.append(work(ctx, contender))
+            results.append(work(ctx, *group))
         except Exception as error:  # one odd checkpoint must not cost the other models their numbers
-            ctx.report.skip(f"{what}: {contender.label}", f"{type(error).__name__}: {error}")
+            ctx.report.skip(f"{what}: {' vs '.join(c.label for c in group)}", f"{type(error).__name__}: {error}")
         finally:
             memory.cleanup()  # the model lived only in work's frame (and the traceback, gone by now)
     return results
@@ -186,16 +164,15 @@ def architecture_facts(ctx: cli.Context, contender: Contender) -> dict:
     """One row of facts read from the loaded model: structure, masking probe, parameter split, sizes."""
     loaded = load_by_architecture(ctx, contender)
     model, config = loaded.model, loaded.model.config
-    embeddings, rest = parameter_split(model)
+    embeddings, rest = models.parameter_split(model)
     params = embeddings + rest
     masking, changes = attention_masking(loaded, contender.kind)
-    disk = weights_on_disk_bytes(model.name_or_path)
+    disk = models.weights_on_disk_bytes(model.name_or_path)
     return {
         "model": contender.label, "architecture": contender.family, "class": type(model).__name__,
-        "layers": layer_count(config, contender.kind), "hidden": config.hidden_size,
-        "heads": config.num_attention_heads,
+        "layers": models.layer_count(config), "hidden": config.hidden_size, "heads": config.num_attention_heads,
         "kv_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-        "vocab": config.vocab_size, "max_positions": max_positions(config), "masking": masking,
+        "vocab": config.vocab_size, "max_positions": models.max_positions(config), "masking": masking,
         "earlier_change": changes.get("model", changes.get("encoder")),
         "decoder_earlier_change": changes.get("decoder"),
         "params": params, "embedding_params": embeddings, "other_params": rest,
@@ -238,45 +215,6 @@ def last_token_probe(hidden: Callable[[torch.Tensor], torch.Tensor], ids: torch.
     return earlier_change / max(original[:, :-1].abs().max().item(), 1e-12)
 
 
-def parameter_split(model: torch.nn.Module) -> tuple[int, int]:
-    """(embedding parameters, all other parameters); tied weights such as a shared LM head are counted once.
-
-    Embeddings are the embedding tables (token, position, token-type) and modules named `embeddings`, which adds
-    BERT's embedding LayerNorm; T5's relative-position bias tables count as embeddings."""
-    embedding_ids = {id(parameter) for name, module in model.named_modules()
-                     if isinstance(module, torch.nn.Embedding) or name.rsplit(".", 1)[-1] == "embeddings"
-                     for parameter in module.parameters()}
-    embeddings = sum(p.numel() for p in model.parameters() if id(p) in embedding_ids)
-    return embeddings, sum(p.numel() for p in model.parameters()) - embeddings
-
-
-def max_positions(config: Any) -> int | None:
-    """The longest input the checkpoint was built for (absolute position table or the trained length)."""
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-
-
-def layer_count(config: Any, kind: str) -> str:
-    """Transformer blocks; encoder + decoder for an encoder-decoder."""
-    if kind != "seq2seq":
-        return str(config.num_hidden_layers)
-    encoder = getattr(config, "encoder_layers", None) or config.num_hidden_layers
-    return f"{encoder} + {getattr(config, 'num_decoder_layers', None) or getattr(config, 'decoder_layers', encoder)}"
-
-
-def weights_on_disk_bytes(location: str) -> int | None:
-    """Bytes of the weight files (safetensors, else .bin) in a local folder or the Hub cache's snapshot of a Hub id."""
-    folder = Path(location)
-    if not folder.is_dir():
-        from huggingface_hub import snapshot_download
-
-        try:
-            folder = Path(snapshot_download(location, local_files_only=True))
-        except Exception:  # not cached as a full snapshot: the disk size is simply unknown
-            return None
-    files = list(folder.glob("*.safetensors")) or list(folder.glob("*.bin"))
-    return sum(path.stat().st_size for path in files) or None
-
-
 # ------------------------------------------------------------------------------------- 2. one-line pipelines
 
 
@@ -284,50 +222,40 @@ def pipelines_section(ctx: cli.Context, contenders: list[Contender]) -> list[dic
     """Each architecture's natural pipeline: an encoder turns text into vectors (or fills a blank), a decoder
     continues a prompt, an encoder-decoder rewrites text into new text."""
     rows = for_each_model(ctx, contenders, "pipeline", pipeline_demo)
-    fill_mask = []
-    for contender in (c for c in contenders if c.kind == "encoder"):
-        if any(architecture.endswith("ForMaskedLM") for architecture in contender.architectures):
-            fill_mask.append(contender)
-        else:
-            ctx.report.skip(f"fill-mask: {contender.label}", "its checkpoint has no masked-LM head (saved as "
-                            f"{', '.join(contender.architectures) or 'a bare encoder'}), so it cannot fill a [MASK]")
-    return rows + for_each_model(ctx, fill_mask, "fill-mask", fill_mask_demo)
+    for contender in (c for c in contenders if c.kind == "encoder" and not c.masked_lm):
+        ctx.report.skip(f"fill-mask: {contender.label}", "its checkpoint has no masked-LM head (saved as "
+                        f"{', '.join(contender.config.architectures or ()) or 'a bare encoder'}), so it cannot fill "
+                        "a [MASK]")
+    fill_mask = [c for c in contenders if c.kind == "encoder" and c.masked_lm]
+    return rows + for_each_model(ctx, fill_mask, "fill-mask", lambda ctx, c: pipeline_demo(ctx, c, fill_mask=True))
 
 
-def pipeline_demo(ctx: cli.Context, contender: Contender) -> dict:
-    """The one line each architecture is made for: features (encoder), continuation (decoder), text-to-text."""
-    loaded = load_by_architecture(ctx, contender)
+def pipeline_demo(ctx: cli.Context, contender: Contender, fill_mask: bool = False) -> dict:
+    """The one line each architecture is made for: features (encoder), continuation (decoder), text-to-text; and
+    an encoder with its masked-LM head filling a blank from the words on BOTH sides of it."""
+    loaded = load_by_architecture(ctx, contender, masked_lm=fill_mask)
     model, tokenizer = loaded.model, loaded.tokenizer
     new_tokens = ctx.pick(FULL, QUICK).pipeline_new_tokens
-    if contender.kind == "encoder":
-        features = pipeline("feature-extraction", model=model, tokenizer=tokenizer)(PROMPT, return_tensors=True)
+    if fill_mask:
+        task, given = "fill-mask", FILL_MASK_TEXT.format(mask=tokenizer.mask_token)
+        guesses = pipeline(task, model=model, tokenizer=tokenizer)(given, top_k=3)
+        output = ", ".join(f"{guess['token_str']} ({guess['score']:.2f})" for guess in guesses)
+    elif contender.kind == "encoder":
         task, given = "feature-extraction", PROMPT
+        features = pipeline(task, model=model, tokenizer=tokenizer)(given, return_tensors=True)
         output = f"one {features.shape[-1]}-number vector per token, shape {tuple(features.shape)}"
     elif contender.kind == "decoder":
-        generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
-        result = generator(PROMPT, max_new_tokens=new_tokens, do_sample=False, return_full_text=False)
-        task, given, output = "text-generation", PROMPT, result[0]["generated_text"].strip()
+        task, given = "text-generation", PROMPT
+        generator = pipeline(task, model=model, tokenizer=tokenizer)
+        output = generator(given, max_new_tokens=new_tokens, do_sample=False,
+                           return_full_text=False)[0]["generated_text"].strip()
     else:
-        text_to_text = pipeline(custom_pipelines.TEXT_TO_TEXT, model=model, tokenizer=tokenizer)
-        result = text_to_text(TEXT_TO_TEXT_INPUT, max_new_tokens=new_tokens, do_sample=False)
-        task, given, output = custom_pipelines.TEXT_TO_TEXT, TEXT_TO_TEXT_INPUT, result["generated_text"]
-    # a twin's words are noise: only its vectors' shape (encoder) is a real result
-    return demo_row(contender, task, given, texts.count_tokens(tokenizer, [given]),
-                    output if contender.where.meaningful or contender.kind == "encoder" else TWIN_NOTE)
-
-
-def fill_mask_demo(ctx: cli.Context, contender: Contender) -> dict:
-    """An encoder with its masked-LM head fills a blank using words on BOTH sides of it."""
-    loaded = load_by_architecture(ctx, contender, masked_lm=True)
-    text = FILL_MASK_TEXT.format(mask=loaded.tokenizer.mask_token)
-    guesses = pipeline("fill-mask", model=loaded.model, tokenizer=loaded.tokenizer)(text, top_k=3)
-    output = ", ".join(f"{guess['token_str']} ({guess['score']:.2f})" for guess in guesses)
-    return demo_row(contender, "fill-mask", text, texts.count_tokens(loaded.tokenizer, [text]),
-                    output if contender.where.meaningful else TWIN_NOTE)
-
-
-def demo_row(contender: Contender, task: str, given: str, tokens: int, output: str) -> dict:
-    """Print one pipeline call, with how many tokens this model's tokenizer made of the input, and keep it."""
+        task, given = custom_pipelines.TEXT_TO_TEXT, TEXT_TO_TEXT_INPUT
+        text_to_text = pipeline(task, model=model, tokenizer=tokenizer)
+        output = text_to_text(given, max_new_tokens=new_tokens, do_sample=False)["generated_text"]
+    if not contender.where.meaningful and task != "feature-extraction":  # a twin's words are noise, its shapes real
+        output = TWIN_NOTE
+    tokens = texts.count_tokens(tokenizer, [given])  # how many tokens this model's tokenizer made of the input
     print(f"{contender.label:<32} {task:<18} {given!r} ({tokens} tokens)\n{'':<32} -> {output}")
     return {"model": contender.label, "architecture": contender.family, "pipeline": task, "input": given,
             "input_tokens": tokens, "output": output, "meaningful": contender.where.meaningful}
@@ -343,7 +271,9 @@ def speed_section(ctx: cli.Context, contenders: list[Contender]) -> dict:
     print(f"Forward: batch {list(s.batch_sizes)} x length {list(s.seq_lengths)} (random token ids). Generation: a "
           f"{s.prompt_tokens}-token prompt (common.texts sentences cut to exactly {s.prompt_tokens} ids by each "
           f"model's own tokenizer), then {s.new_tokens} new greedy tokens. {s.warmup} warm-up call each.")
-    same_shape = same_shape_comparisons(ctx, contenders)
+    pairs = [(encoder, decoder) for encoder in contenders if encoder.kind == "encoder"
+             for decoder in contenders if decoder.kind == "decoder" and decoder.shape == encoder.shape]
+    same_shape = for_each_model(ctx, pairs, "same shape", same_shape_comparison)
     measured = {label: row for pair in same_shape for label, row in pair.pop("rows").items()}
     results = for_each_model(ctx, contenders, "speed", lambda ctx, c: model_speed(ctx, c, measured.get(c.label)))
     forward = [row for result in results for row in result["forward"]]
@@ -431,9 +361,10 @@ def forward_latency(ctx: cli.Context, meter: PerformanceMeter, loaded: models.Lo
     `measured` is this model's batch-1 x SUMMARY_LENGTH row when the same-shape comparison already timed it."""
     s = ctx.pick(FULL, QUICK)
     cells = [(batch, length) for batch in s.batch_sizes for length in s.seq_lengths]
-    rows, largest = [], None  # largest: (tokens, median seconds) of the biggest cell measured so far
+    rows: list[dict] = []
     for batch, length in tqdm(cells, desc=contender.label, disable=None, leave=False):
-        reason = forward_skip_reason(length, batch, max_positions(loaded.model.config), largest, s.max_call_s)
+        largest = max(((row["batch"] * row["seq_len"], row["p50_ms"] / 1e3) for row in rows), default=None)
+        reason = forward_skip_reason(length, batch, models.max_positions(loaded.model.config), largest, s.max_call_s)
         if reason:
             ctx.report.skip(f"forward {contender.label} batch {batch} x {length}", reason)
             continue
@@ -445,8 +376,6 @@ def forward_latency(ctx: cli.Context, meter: PerformanceMeter, loaded: models.Lo
                 row = meter.measure(f"{contender.label} b{batch} L{length}", lambda: loaded.model(**inputs),
                                     items=batch, tokens=batch * length, budget_s=s.budget_s).row(
                     model=contender.label, architecture=contender.family, batch=batch, seq_len=length)
-        if largest is None or batch * length >= largest[0]:
-            largest = (batch * length, row["p50_ms"] / 1e3)
         rows.append(row)
     return rows
 
@@ -481,39 +410,26 @@ def generation_speed(meter: PerformanceMeter, loaded: models.LoadedModel, conten
     if produced != n:
         raise RuntimeError(f"generate made {produced} tokens instead of {n}; timings would not compare")
     same_tokens = torch.equal(last["on"], last["off"])
-    ttft_s = comparison.measurements["first token"].stats.median
-    rows = [{**comparison.measurements[name].row(model=contender.label, architecture=contender.family,
-                                                 kv_cache=name == "cache on", prompt_tokens=s.prompt_tokens,
-                                                 new_tokens=n),
-             "ttft_ms": ttft_s * 1e3, "same_tokens_as_cache_off": same_tokens,
-             "per_token_ms": (comparison.measurements[name].stats.median - ttft_s) / max(n - 1, 1) * 1e3}
-            for name in ("cache on", "cache off")]
-    speedup, low, high = comparison.ratio("cache on", "cache off")
-    return rows, {"model": contender.label, "architecture": contender.family, "prompt_tokens": s.prompt_tokens,
-                  "new_tokens": n, "tokens_per_s_cache_on": rows[0]["tokens_per_s"],
-                  "tokens_per_s_cache_off": rows[1]["tokens_per_s"], "speedup": speedup, "speedup_low": low,
-                  "speedup_high": high, "rounds": comparison.rounds, "same_greedy_tokens": same_tokens,
-                  "verdict": comparison.verdict("cache on", "cache off"),
-                  "sentence": comparison.sentence("cache on", "cache off")}
+    timed, ttft_ms = comparison.measurements, comparison.measurements["first token"].median_ms
+    labels = {"model": contender.label, "architecture": contender.family}
+    rows = [{**timed[name].row(**labels, kv_cache=name == "cache on", prompt_tokens=s.prompt_tokens, new_tokens=n),
+             "ttft_ms": ttft_ms, "same_tokens_as_cache_off": same_tokens,
+             "per_token_ms": (timed[name].median_ms - ttft_ms) / max(n - 1, 1)} for name in ("cache on", "cache off")]
+    return rows, {**labels, "prompt_tokens": s.prompt_tokens, "new_tokens": n,
+                  "tokens_per_s_cache_on": rows[0]["tokens_per_s"], "tokens_per_s_cache_off": rows[1]["tokens_per_s"],
+                  **verdict_fields(comparison, "cache on", "cache off"), "same_greedy_tokens": same_tokens}
 
 
-def same_shape_comparisons(ctx: cli.Context, contenders: list[Contender]) -> list[dict]:
-    """Each encoder vs each decoder of the same depth and width: forward at batch 1 x SUMMARY_LENGTH, both loaded and
-    timed round-robin, so only the architecture (bidirectional encoder vs causal decoder) differs."""
-    rows = []
-    for encoder in (c for c in contenders if c.kind == "encoder"):
-        for decoder in (c for c in contenders if c.kind == "decoder" and c.shape == encoder.shape):
-            try:
-                rows.append(same_shape_comparison(ctx, encoder, decoder))
-            except Exception as error:  # the per-model numbers stand on their own
-                ctx.report.skip(f"same shape: {encoder.label} vs {decoder.label}", f"{type(error).__name__}: {error}")
-            finally:
-                memory.cleanup()
-    return rows
+def verdict_fields(comparison: Comparison, a: str, b: str) -> dict:
+    """How many times faster a is than b, with its interval, rounds, verdict and sentence (the tables' keys)."""
+    speedup, low, high = comparison.ratio(a, b)
+    return {"speedup": speedup, "speedup_low": low, "speedup_high": high, "rounds": comparison.rounds,
+            "verdict": comparison.verdict(a, b), "sentence": comparison.sentence(a, b)}
 
 
 def same_shape_comparison(ctx: cli.Context, encoder: Contender, decoder: Contender) -> dict:
-    """One encoder/decoder pair: ratio of forward medians with its interval and verdict, and each one's grid row."""
+    """An encoder vs a decoder of the same depth and width: forward at batch 1 x SUMMARY_LENGTH, both loaded and
+    timed round-robin, so only the architecture (bidirectional encoder vs causal decoder) differs."""
     calls = {}
     for contender in (encoder, decoder):
         loaded = load_by_architecture(ctx, contender)
@@ -522,16 +438,13 @@ def same_shape_comparison(ctx: cli.Context, encoder: Contender, decoder: Contend
     with torch.inference_mode():
         comparison = ctx.meter(warmup=ctx.pick(FULL, QUICK).warmup).compare(calls, tokens=SUMMARY_LENGTH,
                                                                             progress="same shape")
-    speedup, low, high = comparison.ratio(encoder.label, decoder.label)
-    return {"encoder": encoder.label, "decoder": decoder.label, "layers": encoder.shape[0],
-            "hidden": encoder.shape[1], "seq_len": SUMMARY_LENGTH, "speedup": speedup, "speedup_low": low,
-            "speedup_high": high, "rounds": comparison.rounds,
-            "verdict": comparison.verdict(encoder.label, decoder.label),
-            "sentence": comparison.sentence(encoder.label, decoder.label),
-            "encoder_p50_ms": comparison.measurements[encoder.label].median_ms,
-            "decoder_p50_ms": comparison.measurements[decoder.label].median_ms,
-            "rows": {c.label: comparison.measurements[c.label].row(model=c.label, architecture=c.family, batch=1,
-                                                                   seq_len=SUMMARY_LENGTH) for c in (encoder, decoder)}}
+    timed = comparison.measurements
+    return {"encoder": encoder.label, "decoder": decoder.label, "layers": encoder.shape[0], "hidden": encoder.shape[1],
+            "seq_len": SUMMARY_LENGTH, **verdict_fields(comparison, encoder.label, decoder.label),
+            "encoder_p50_ms": timed[encoder.label].median_ms, "decoder_p50_ms": timed[decoder.label].median_ms,
+            # the grid's batch-1 x SUMMARY_LENGTH cells of both models: these same round-robin timings
+            "rows": {c.label: timed[c.label].row(model=c.label, architecture=c.family, batch=1, seq_len=SUMMARY_LENGTH)
+                     for c in (encoder, decoder)}}
 
 
 # ----------------------------------------------------------------------------------------------- 4. memory
@@ -566,7 +479,7 @@ def model_memory(ctx: cli.Context, contender: Contender) -> dict:
            "load_s": loaded.info.load_s, "weights_mib": memory.weights_bytes(loaded.model) / MIB,
            "load_peak_mib": (rss.peak_bytes - before) / MIB, "after_load_mib": (memory.rss_bytes() - before) / MIB,
            "load_cuda_peak_mib": cuda_peak.allocated_bytes / MIB if cuda else None}
-    limit = max_positions(loaded.model.config)
+    limit = models.max_positions(loaded.model.config)
     for length in ctx.pick(FULL, QUICK).seq_lengths:
         if limit is not None and length > limit:
             ctx.report.skip(f"memory {contender.label} length {length}", f"above the model's {limit} positions")
@@ -661,10 +574,12 @@ def family_advice(rows: list[dict], speed: dict, prompt: int) -> list[str]:
         found = dict.fromkeys(row["masking"] for row in rows if row["architecture"] == family and row["masking"])
         return f"masking probe: {' / '.join(found) or 'not run'}"
 
-    def cache(family: str) -> str:
-        return "; ".join(f"KV cache on vs off for {row['model']}: " + (
+    def generates(family: str, given: str) -> str:
+        cache = "; ".join(f"KV cache on vs off for {row['model']}: " + (
             "no measurable difference" if row["verdict"] == "same" else f"{row['speedup']:.2f}x, {row['verdict']}")
             for row in speed.get("kv_cache", []) if row["architecture"] == family) or "KV cache on vs off not measured"
+        return (f"{numbers(family, 'tokens_per_s', 'tokens/s')} with the KV cache after a {prompt}-token {given} "
+                f"({cache}), memory {numbers(family, 'peak_mib', 'MiB')}")
 
     same_shape = "".join(f" (same depth and width: {row['sentence']}"
                          f"{'; what differs is what the model can do' if row['verdict'] == 'same' else ''})"
@@ -675,13 +590,9 @@ def family_advice(rows: list[dict], speed: dict, prompt: int) -> list[str]:
                         f"{same_shape}; it has no LM head to generate with. Use it to classify, tag (NER), extract "
                         "answers or embed for search.",
         "decoder-only": f"Decoder-only ({probe('decoder-only')}), so it can write one token after another: "
-                        f"{numbers('decoder-only', 'tokens_per_s', 'tokens/s')} with the KV cache after a "
-                        f"{prompt}-token prompt ({cache('decoder-only')}). Use it for open-ended generation and chat; "
-                        f"memory: {numbers('decoder-only', 'peak_mib', 'MiB')}.",
+                        f"{generates('decoder-only', 'prompt')}. Use it for open-ended generation and chat.",
         "encoder-decoder": f"Encoder-decoder ({probe('encoder-decoder')}): reads the input once, then writes: "
-                           f"{numbers('encoder-decoder', 'tokens_per_s', 'tokens/s')} with the KV cache after a "
-                           f"{prompt}-token input ({cache('encoder-decoder')}), memory "
-                           f"{numbers('encoder-decoder', 'peak_mib', 'MiB')}. Use it when an input maps to a new text: "
+                           f"{generates('encoder-decoder', 'input')}. Use it when an input maps to a new text: "
                            "translation, summarisation, any task phrased as text-to-text.",
     }
     return [advice[family] for family in dict.fromkeys(row["architecture"] for row in rows)]
@@ -698,10 +609,10 @@ def parameters_chart(ctx: cli.Context, facts: list[dict]) -> None:
     embeddings = [row["embedding_params"] / 1e6 for row in facts]
     rest = [row["other_params"] / 1e6 for row in facts]
     ax.bar(labels, embeddings, label="embeddings (token/position tables)", color="#f28e2b")
-    ax.bar(labels, rest, bottom=embeddings, label="everything else (attention, MLP, norms, heads)", color="#4e79a7")
-    for x, (low, high, row) in enumerate(zip(embeddings, rest, facts)):
-        ax.annotate(f"{row['embedding_pct']:.0f}% emb.", (x, low + high), ha="center", va="bottom", fontsize=8)
-    ax.set_ylim(0, 1.35 * max(low + high for low, high in zip(embeddings, rest)))
+    tops = ax.bar(labels, rest, bottom=embeddings, label="everything else (attention, MLP, norms, heads)",
+                  color="#4e79a7")
+    ax.bar_label(tops, labels=[f"{row['embedding_pct']:.0f}% emb." for row in facts], fontsize=8)
+    ax.set_ylim(0, 1.35 * max(row["params"] / 1e6 for row in facts))
     ax.tick_params(axis="x", labelrotation=20)
     ax.legend(loc="upper right", fontsize=8)
     ctx.report.add_chart(plots.save(fig, ctx.out_dir, "params_stacked"))
@@ -758,11 +669,6 @@ def memory_chart(ctx: cli.Context, rows: list[dict]) -> None:
     ctx.report.add_chart(plots.save(fig, ctx.out_dir, "peak_memory"))
 
 
-def run_section(ctx: cli.Context, title: str, section: Callable[..., Any], *args: Any) -> Any:
-    """Run one section under its title; its docstring is the why the runner prints."""
-    return ctx.report.run_section(title, inspect.getdoc(section), section, ctx, *args)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = cli.base_parser(__doc__)
     parser.add_argument("--models", nargs="+", metavar="NAME",
@@ -772,11 +678,12 @@ def main(argv: list[str] | None = None) -> int:
     contenders = plan_models(args.source, args.models)  # a bad name stops here, before any output or measurement
     ctx = cli.start(__file__, args)
     print("Comparing: " + ", ".join(f"{c.label} [{c.family}]" for c in contenders))
-    facts = run_section(ctx, "1. Architectures", architectures_section, contenders)
-    run_section(ctx, "2. One input, one line each", pipelines_section, contenders)
-    speed = run_section(ctx, "3. Speed", speed_section, contenders)
-    memory_rows = run_section(ctx, "4. Memory", memory_section, contenders)
-    run_section(ctx, "5. Summary", summary_section, contenders, facts, speed, memory_rows)
+    run = ctx.report.run_section  # each section's docstring is the why it prints under the title
+    facts = run("1. Architectures", architectures_section.__doc__, architectures_section, ctx, contenders)
+    run("2. One input, one line each", pipelines_section.__doc__, pipelines_section, ctx, contenders)
+    speed = run("3. Speed", speed_section.__doc__, speed_section, ctx, contenders)
+    memory_rows = run("4. Memory", memory_section.__doc__, memory_section, ctx, contenders)
+    run("5. Summary", summary_section.__doc__, summary_section, ctx, contenders, facts, speed, memory_rows)
     return ctx.report.finish()
 
 

@@ -487,6 +487,58 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def kind_of(name_or_role: str, source: str = "auto") -> str:
+    """decoder / encoder / seq2seq (or another kind) from the catalog, else from the checkpoint's own config."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    catalog_name = ROLES[name_or_role][0] if name_or_role in ROLES else name_or_role
+    if catalog_name in CATALOG:
+        return CATALOG[catalog_name].kind
+    try:  # an unknown name stops in resolve with its own UserError
+        config = AutoConfig.from_pretrained(resolve(name_or_role, source)[2])
+    except (OSError, ValueError) as error:
+        raise UserError(f"could not read the config of {name_or_role}: {_first_line(error)}") from error
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "encoder"
+    return "decoder" if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else config.model_type
+
+
+def max_positions(config: Any) -> int | None:
+    """The longest input a config was built for (its absolute position table or trained length); None if unbounded."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def layer_count(config: Any) -> str:
+    """Transformer blocks as text: "12", or "encoder + decoder" blocks for an encoder-decoder."""
+    if not getattr(config, "is_encoder_decoder", False):
+        return str(config.num_hidden_layers)
+    encoder = getattr(config, "encoder_layers", None) or config.num_hidden_layers
+    return f"{encoder} + {getattr(config, 'num_decoder_layers', None) or getattr(config, 'decoder_layers', encoder)}"
+
+
+def parameter_split(model: torch.nn.Module) -> tuple[int, int]:
+    """(embedding parameters, all other parameters), tied weights such as a shared LM head counted once.
+
+    Embeddings are the embedding tables (token, position, token-type) and modules named `embeddings`, which adds
+    BERT's embedding LayerNorm; T5's relative-position bias tables count as embeddings."""
+    embedding_ids = {id(parameter) for name, module in model.named_modules()
+                     if isinstance(module, torch.nn.Embedding) or name.rsplit(".", 1)[-1] == "embeddings"
+                     for parameter in module.parameters()}
+    embeddings = sum(p.numel() for p in model.parameters() if id(p) in embedding_ids)
+    return embeddings, sum(p.numel() for p in model.parameters()) - embeddings
+
+
+def weights_on_disk_bytes(location: str) -> int | None:
+    """Bytes of the weight files (safetensors, else .bin) in a local folder or the cached snapshot of a Hub id."""
+    folder = Path(location) if Path(location).is_dir() else hub_snapshot(location)
+    files = (list(folder.glob("*.safetensors")) or list(folder.glob("*.bin"))) if folder else []
+    return sum(path.stat().st_size for path in files) or None
+
+
 def prepare_tokenizer(tokenizer: Any, model: Any) -> None:
     """Give a decoder's tokenizer a pad token (they ship without one; batching needs it) and tell generate()."""
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import shutil
 import socket
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -172,3 +173,59 @@ def test_gguf_cache_round_trip_then_corrupt_and_partial_caches_are_rebuilt(tmp_p
     models.bundled_folder("SmolLM2-135M-Instruct")
     assert len(rebuilt) == 2 and models.cache_problem(folder, fingerprint) is None
     assert shutil.disk_usage(tmp_path)  # folder still usable after the rebuilds
+
+
+@pytest.mark.parametrize(("name", "kind"), [("decoder", "decoder"), ("gpt2", "decoder"), ("encoder", "encoder"),
+                                            ("bert-base-uncased", "encoder"), ("t5-small", "seq2seq")])
+def test_kind_of_a_role_or_catalog_name_comes_from_the_catalog(name, kind):
+    assert models.kind_of(name, "bundled") == kind
+
+
+@pytest.mark.parametrize(("twin", "kind"), [("gpt2", "decoder"), ("bert-base-uncased", "encoder"),
+                                            ("t5-small", "seq2seq")])
+def test_kind_of_a_hub_id_is_read_from_its_config(twin, kind, monkeypatch):
+    folder = str(models.twin_folder(twin))
+    monkeypatch.setattr(models, "resolve", lambda name, source: (None, None, folder, "hub"))
+    assert models.kind_of("someone/unknown-model", "auto") == kind
+
+
+def test_kind_of_an_unreadable_checkpoint_is_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "resolve", lambda name, source: (None, None, str(tmp_path), "hub"))
+    with pytest.raises(UserError, match="could not read the config of someone/empty"):
+        models.kind_of("someone/empty", "auto")
+
+
+def test_config_lookups_read_positions_and_layers():
+    gpt2, bert, t5 = (models.twin_config(name) for name in ("gpt2", "bert-base-uncased", "t5-small"))
+    assert (models.max_positions(gpt2), models.max_positions(bert)) == (1024, 512)
+    assert models.max_positions(t5) == 512  # relative positions, no table: n_positions is the trained length
+    assert models.max_positions(SimpleNamespace(max_position_embeddings=None, n_positions=None)) is None
+    assert (models.layer_count(gpt2), models.layer_count(bert), models.layer_count(t5)) == ("12", "12", "6 + 6")
+
+
+@pytest.mark.parametrize(("name", "embeddings"), [
+    # word + position + token-type tables + the embedding LayerNorm (weight and bias)
+    ("bert-base-uncased", 30522 * 768 + 512 * 768 + 2 * 768 + 2 * 768),
+    # wte + wpe; the LM head is tied to wte and counted once
+    ("gpt2", 50257 * 768 + 1024 * 768),
+    # one shared table plus the two relative-position bias tables (32 buckets x 8 heads)
+    ("t5-small", 32128 * 512 + 2 * 32 * 8),
+])
+def test_parameter_split_finds_the_embedding_tables(name, embeddings):
+    with torch.device("meta"):
+        model = models.auto_class(models.CATALOG[name].kind).from_config(models.twin_config(name))
+    assert models.parameter_split(model) == (embeddings, TWIN_PARAMS[name] - embeddings)
+
+
+def test_weights_on_disk_counts_safetensors_else_bin_in_a_folder_or_a_cached_hub_id(tmp_path, monkeypatch):
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 300)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x" * 50)
+    (tmp_path / "config.json").write_text("{}")
+    assert models.weights_on_disk_bytes(str(tmp_path)) == 300  # the .bin is the same weights in another format
+    (tmp_path / "model.safetensors").unlink()
+    assert models.weights_on_disk_bytes(str(tmp_path)) == 50
+    monkeypatch.setattr(models, "hub_snapshot", lambda hub_id: tmp_path if hub_id == "org/cached" else None)
+    assert models.weights_on_disk_bytes("org/cached") == 50
+    assert models.weights_on_disk_bytes("org/not-cached") is None
+    (tmp_path / "pytorch_model.bin").unlink()
+    assert models.weights_on_disk_bytes(str(tmp_path)) is None
