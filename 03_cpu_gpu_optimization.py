@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import inspect
 import logging
 import os
-import shutil
 import tempfile
 import time
 from collections import Counter
@@ -24,14 +22,15 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BitsAnd
 from transformers.utils import logging as hf_logging
 
 from common import cli, device as devices, memory, models, plots, quantize, runtimes, texts
-from common.batching import batch_shapes, encoder_forward_flops, make_batches, padding_waste
+from common.batching import batch_shapes, encoder_forward_flops, make_batches, padded_batches, padding_waste
 from common.errors import UserError, first_line
 from common.fidelity import cosine_fidelity, embedding_fidelity, first_divergence, token_agreement
+from common.memory import MIB, peak_while_held, saved_for_backward_bytes
 from common.meter import Comparison
 from common.pipelines import embed, mean_pool
+from common.quantize import bnb_compute_dtype, int8_dynamic, variant_unavailable
 from common.report import performance_bar, print_table
-
-MIB = memory.MIB
+from common.runtimes import PEER_SNIPPETS, PEERS, SENTENCE_TRANSFORMERS as PEER_BASELINE
 
 
 @dataclass(frozen=True)
@@ -79,19 +78,6 @@ INT8_COSINE_MIN_TARGET = 0.98
 SORTED_SPEEDUP_TARGET = 2.0
 BAR_NAMES = ("batched vs batch-1 throughput", "fp32 encoder FLOP/s vs matmul peak", "dynamic int8 vs fp32",
              "length-sorted dynamic vs pad-to-max", "recipe vs best peer runtime")
-PEER_BASELINE = "sentence-transformers fp32"
-PEERS = (PEER_BASELINE, "ONNX Runtime fp32", "ONNX Runtime int8")  # what a learner would reach for instead
-PEER_SNIPPETS = {  # the calls each row times (common/runtimes.py wraps them with sorted batching and pooling)
-    PEER_BASELINE: 'model = SentenceTransformer(str(path))  # 6.2.0 wants a str\n'
-                   'embeddings = model.encode(texts, batch_size=32, normalize_embeddings=True)',
-    "ONNX Runtime fp32": 'torch.onnx.export(KeywordEncoder(model), example_inputs, "encoder.onnx", dynamo=False,\n'
-                         '                  input_names=[...], dynamic_axes={...})\n'
-                         'session = ort.InferenceSession("encoder.onnx")\n'
-                         '(hidden,) = session.run(["last_hidden_state"], dict(tokenizer(batch, return_tensors="np")))',
-    "ONNX Runtime int8": 'onnxruntime.quantization.quantize_dynamic("encoder.onnx", "encoder.int8.onnx",\n'
-                         '    per_channel=True, reduce_range=..., weight_type=QuantType.QInt8)\n'
-                         'session = ort.InferenceSession("encoder.int8.onnx")',
-}
 VARIANT_LABELS = {"fp32": "fp32", "bf16-autocast": "bf16 autocast", "bf16-weights": "bf16 weights",
                   "fp16-autocast": "fp16 autocast", "fp16-weights": "fp16 weights",
                   "int8-dynamic": "dynamic int8 per-channel", "int8-dynamic-8bit": "dynamic int8, 8-bit activations",
@@ -100,6 +86,7 @@ VARIANT_LABELS = {"fp32": "fp32", "bf16-autocast": "bf16 autocast", "bf16-weight
                   "bnb-8bit": "bitsandbytes 8-bit",
                   "bnb-4bit": "bitsandbytes 4-bit nf4"}
 LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+SPEED = ["p50_ms", "iqr_ms", "items_per_s", "speedup", "verdict"]  # the timing columns of every compared table
 
 
 # ------------------------------------------------------------------------------------------- shared helpers
@@ -120,29 +107,34 @@ def forward(model: Any, batch: dict[str, torch.Tensor], autocast: torch.dtype | 
     return run
 
 
+def build_each(ctx: cli.Context, what: str, builders: dict[str, Callable[[], Any]],
+               problem: Callable[[str], str | None], check: Callable[[Any], Any] = lambda built: None,
+               where: models.Checkpoint | None = None) -> dict[str, dict[str, Any]]:
+    """Build each variant that can run here, timed, with `check(built)`'s output (and recorded as a model of this run
+    when it has a checkpoint); the others skipped with why."""
+    built = {}
+    for key, build in tqdm(builders.items(), desc=f"{what} variants", disable=None, leave=False):
+        try:
+            if problem(key):
+                raise RuntimeError(problem(key))
+            started = time.perf_counter()
+            model = build()
+            built[key] = {"model": model, "prepare_s": time.perf_counter() - started, "output": check(model)}
+            if where:
+                ctx.record(where.info(model, built[key]["prepare_s"], verbose=False))
+        except Exception as error:  # a missing package, a failed export, a bitsandbytes build without this backend
+            ctx.report.skip(f"{what} {VARIANT_LABELS.get(key, key)}", problem(key) or first_line(error))
+    return built
+
+
 # ------------------------------------------------------------------------------------------ 1. device
-
-
-def device_offers() -> list[dict[str, Any]]:
-    """What this machine offers: CUDA, MPS and the CPU, each with why or why not."""
-    cuda = torch.cuda.is_available()
-    return [
-        {"backend": "cuda", "available": cuda,
-         "detail": f"{torch.cuda.device_count()} GPU(s), first: {torch.cuda.get_device_name(0)}" if cuda else
-         (f"torch {torch.__version__} has CUDA {torch.version.cuda} but sees no GPU" if torch.version.cuda else
-          f"torch {torch.__version__} is a CPU-only build")},
-        {"backend": "mps", "available": devices.mps_available(),
-         "detail": "Apple GPU via Metal" if devices.mps_available() else "not an Apple-silicon Mac"},
-        {"backend": "cpu", "available": True,
-         "detail": f"{os.cpu_count()} logical cores; flags {', '.join(devices.cpu_flags()) or 'unknown'}"},
-    ]
 
 
 def device_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
     """Code must run wherever the learner is: pick the best device that exists,
     and fail clearly when asked for one that does not."""
     s = ctx.pick(FULL, QUICK)
-    offers = device_offers()
+    offers = devices.device_offers()
     print_table(offers, title="What this machine offers")
     auto = devices.pick_device("auto")
     reason = {"cuda": "a CUDA GPU is visible", "mps": "no CUDA, but Apple's MPS is available",
@@ -159,8 +151,7 @@ def device_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
         ours = "no error: CUDA is present"
     except UserError as error:
         ours = f"UserError (exit 2, one line): {error}"
-    print(f"\n  bad  : model.to('cuda')            -> {raw}")
-    print(f"  ours : pick_device('cuda')         -> {ours}")
+    print(f"\n  bad  : model.to('cuda')            -> {raw}\n  ours : pick_device('cuda')         -> {ours}")
     loaded = ctx.load(ENCODER_ROLE)
     output = forward(loaded.model, sentence_batch(loaded.tokenizer, 2, ctx.device))()  # inputs follow the model
     print(f"  good : device = pick_device('auto'); model.to(device); inputs moved too -> output on {output.device}")
@@ -169,17 +160,15 @@ def device_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
     if ctx.device.type == "cpu":
         print("\nonly the CPU is in use in this run: there is no accelerator to time against it")
         return result
-    cpu_inputs = sentence_batch(loaded.tokenizer, 2, torch.device("cpu"))
     try:  # the other classic: model on the GPU, inputs left on the CPU
-        forward(loaded.model, cpu_inputs)()
+        forward(loaded.model, sentence_batch(loaded.tokenizer, 2, torch.device("cpu")))()
         result["mixed_devices_error"] = "no error"
     except RuntimeError as error:
         result["mixed_devices_error"] = first_line(error)
     print(f"  bad  : inputs left on the CPU      -> {result['mixed_devices_error']}")
-    runs = {}
-    for device in (torch.device("cpu"), ctx.device):
-        on_device = ctx.load(ENCODER_ROLE, device)
-        runs[str(device)] = forward(on_device.model, sentence_batch(on_device.tokenizer, s.speed_batch, device))
+    runs = {str(device): forward(ctx.load(ENCODER_ROLE, device).model,
+                                 sentence_batch(loaded.tokenizer, s.speed_batch, device))
+            for device in (torch.device("cpu"), ctx.device)}
     comparison = ctx.meter().compare(runs, items=s.speed_batch, min_rounds=s.rounds, progress="cpu vs device")
     print_table(comparison.rows(baseline="cpu"), title=f"{loaded.info.label}, batch {s.speed_batch}")
     result.update(devices=comparison.rows(baseline="cpu"), verdicts=comparison.print_verdicts("cpu"))
@@ -189,53 +178,32 @@ def device_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
 # ------------------------------------------------------------------------------------------ 2. threads
 
 
-def with_threads(count: int, run: Callable[[], Any]) -> Callable[[], Any]:
-    """`run` under `count` torch threads (set on every call, so round-robin rounds can alternate counts)."""
-    def call() -> Any:
-        torch.set_num_threads(count)
-        return run()
-    return call
-
-
-def thread_counts() -> list[int]:
-    """1, powers of two up to the core count, the core count, torch's setting, and 2x cores (oversubscribed)."""
-    cores = os.cpu_count() or 1
-    powers = (2**i for i in range(cores.bit_length()) if 2**i <= cores)
-    return sorted({1, cores, 2 * cores, torch.get_num_threads(), *powers})
-
-
-def thread_label(count: int) -> str:
-    """"1 thread", "4 threads": the workload names in the threads comparisons."""
-    return f"{count} thread{'s' if count > 1 else ''}"
-
-
 def threads_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
     """PyTorch splits each operation over threads; more help until the cores run out,
     and oversubscribing them costs. All counts are timed round-robin, single texts and batched."""
     s = ctx.pick(FULL, QUICK)
-    cpu = torch.device("cpu")
+    cpu, label = torch.device("cpu"), devices.thread_label
     loaded = ctx.load(s.speed_role, cpu)  # threads only matter for CPU work
-    default, counts = torch.get_num_threads(), thread_counts()
+    default, counts = torch.get_num_threads(), devices.thread_counts()
     rows, lines, recommended, decisions = [], [], {}, {}
     try:
         for size in (1, s.speed_batch):
             run = forward(loaded.model, sentence_batch(loaded.tokenizer, size, cpu))
-            comparison = ctx.meter(cpu).compare({thread_label(n): with_threads(n, run) for n in counts},
-                                                items=size, min_rounds=s.rounds, progress=f"threads, batch {size}")
-            rows += [{**row, "threads": n} for n, row in zip(counts, comparison.rows(baseline=thread_label(1),
-                                                                                    batch=size))]
+            comparison = ctx.meter(cpu).compare({label(n): devices.with_threads(n, run) for n in counts}, items=size,
+                                                min_rounds=s.rounds, progress=f"threads, batch {size}")
+            rows += [{**row, "threads": n} for n, row in zip(counts, comparison.rows(baseline=label(1), batch=size))]
             print(f"\nbatch {size}, against 1 thread:")
-            lines += comparison.print_verdicts(thread_label(1))
-            fastest = max(counts, key=lambda n: comparison.measurements[thread_label(n)].items_per_s)
-            verdict = comparison.verdict(thread_label(fastest), thread_label(default))
-            recommended[str(size)] = fastest if verdict == "faster" else default
-            decisions[str(size)] = f"use {thread_label(recommended[str(size)])}: " + (
-                comparison.sentence(thread_label(fastest), thread_label(default)) if fastest != default
+            lines += comparison.print_verdicts(label(1))
+            fastest = max(counts, key=lambda n: comparison.measurements[label(n)].items_per_s)
+            faster = comparison.verdict(label(fastest), label(default)) == "faster"
+            recommended[str(size)] = fastest if faster else default
+            decisions[str(size)] = f"use {label(recommended[str(size)])}: " + (
+                comparison.sentence(label(fastest), label(default)) if fastest != default
                 else f"torch's default of {default} was the fastest")
             print(f"batch {size}: {decisions[str(size)]}")
     finally:
         torch.set_num_threads(default)  # later sections (and the learner's next line) get the default back
-    print_table(rows, ["threads", "batch", "p50_ms", "iqr_ms", "items_per_s", "speedup", "verdict", "noisy"],
+    print_table(rows, ["threads", "batch", *SPEED, "noisy"],
                 title=f"torch.set_num_threads on {loaded.info.label} ({os.cpu_count()} logical cores; "
                       f"{2 * (os.cpu_count() or 1)} is oversubscribed); speedup vs 1 thread")
     print(f"threads restored to {torch.get_num_threads()}")
@@ -246,33 +214,6 @@ def threads_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- 3. grad
-
-
-def peak_while_held(run: Callable[[], Any], device: torch.device) -> int:
-    """Peak memory above the start while `run` executes and its output is held: CUDA allocator on a GPU, RSS else."""
-    memory.cleanup()
-    with memory.PeakRSSSampler() as rss, memory.CudaPeak(device) as cuda:
-        output = run()
-    del output
-    return cuda.delta_bytes if device.type == "cuda" else rss.peak_delta_bytes
-
-
-def saved_for_backward_bytes(model: Any, run: Callable[[], Any]) -> int:
-    """Exact bytes of activations autograd keeps for a backward pass during `run` (parameters not counted)."""
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        output = run()  # held until we have counted, so no saved storage can be freed and its address reused
-    total = sum(saved.values())
-    del output
-    return total
 
 
 def grad_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
@@ -301,8 +242,8 @@ def grad_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
     comparison = ctx.meter().compare(runs, items=s.speed_batch, min_rounds=s.rounds, progress="gradient modes")
     rows = [{"mode": row["workload"], **row, **held[row["workload"]]}
             for row in comparison.rows(baseline="grad enabled")]
-    print_table(rows, ["mode", "p50_ms", "iqr_ms", "speedup", "verdict", "kept_for_backward_mib",
-                       "peak_mem_delta_mib", "noisy"], title=f"{loaded.info.label}, batch {s.speed_batch}")
+    print_table(rows, ["mode", *SPEED, "kept_for_backward_mib", "peak_mem_delta_mib", "noisy"],
+                title=f"{loaded.info.label}, batch {s.speed_batch}")
     print("kept_for_backward: activations autograd stores for a backward pass nobody runs (exact, counted with "
           "saved_tensors_hooks);\npeak_mem_delta: high-water mark above the start while the output is held "
           f"({'CUDA allocator' if ctx.device.type == 'cuda' else 'process RSS'}).")
@@ -343,41 +284,24 @@ def precision_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
             embeddings = embed(model, fp32.tokenizer, FIDELITY_TEXTS)
         row.update(variant=row["workload"], key=key, weights_mib=memory.weights_bytes(model) / MIB,
                    **cosine_fidelity(reference, embeddings))
-    print_table(rows, ["variant", "p50_ms", "iqr_ms", "items_per_s", "speedup", "verdict", "weights_mib",
-                       "cosine_mean", "cosine_min", "noisy"],
+    print_table(rows, ["variant", *SPEED, "weights_mib", "cosine_mean", "cosine_min", "noisy"],
                 title=f"{fp32.info.label}: speed at batch {s.speed_batch}; fidelity = embeddings of "
                       f"{len(FIDELITY_TEXTS)} sentences vs fp32")
     lines = comparison.print_verdicts("fp32")
-    slower = [row["variant"] for row in rows if row["verdict"] == "slower"]
-    note = None
-    if ctx.device.type == "cpu" and slower:
-        flags = devices.cpu_flags()
-        native = [flag for flag in flags if flag in ("avx512_bf16", "amx_bf16")]
-        note = (f"{', '.join(slower)} measured slower than fp32 here. This CPU reports {', '.join(flags) or 'no flags'}"
-                + (f": it has {', '.join(native)}, yet these kernels did not win on this workload." if native else
-                   ": no avx512_bf16 or amx_bf16, so bf16 matmuls run on fallback kernels; only the memory halves."))
+    slower, flags = [row["variant"] for row in rows if row["verdict"] == "slower"], devices.cpu_flags()
+    native = [flag for flag in flags if flag in ("avx512_bf16", "amx_bf16")]
+    note = None if ctx.device.type != "cpu" or not slower else (
+        f"{', '.join(slower)} measured slower than fp32 here. This CPU reports {', '.join(flags) or 'no flags'}"
+        + (f": it has {', '.join(native)}, yet these kernels did not win on this workload." if native else
+           ": no avx512_bf16 or amx_bf16, so bf16 matmuls run on fallback kernels; only the memory halves."))
+    if note:
         print(f"\nnote: {note}")
     ctx.report.add_chart(precision_chart(rows, ctx.out_dir))
     ctx.report.add_rows("precision", rows)
-    return {"model": fp32.info.label, "rows": rows, "verdicts": lines, "cpu_flags": devices.cpu_flags(), "note": note}
+    return {"model": fp32.info.label, "rows": rows, "verdicts": lines, "cpu_flags": flags, "note": note}
 
 
 # ------------------------------------------------------------------------------------ 5. quantization
-
-
-def int8_dynamic(model: Any, reduce_range: bool | None = None, per_channel: bool = True) -> Any:
-    """A dynamic-int8 copy of every nn.Linear: int8 weights (a scale per output row, or one per matrix), activations
-    quantised on the fly to 8 bits where the CPU accumulates in int32 (VNNI/AMX), else 7 (quantize.ActivationRange)."""
-    model = copy.deepcopy(model)
-    quantize.conv1d_to_linear(model)  # GPT-2's Conv1D is a Linear in disguise: without this it stays fp32
-    if reduce_range is None:
-        reduce_range = quantize.choose_activation_range().reduce_range
-    return quantize.quantize_dynamic_int8(model, reduce_range=reduce_range, per_channel=per_channel)
-
-
-def bnb_compute_dtype(device: torch.device) -> torch.dtype:
-    """What bitsandbytes 4-bit computes in: fp16 on a GPU (its fast path), fp32 on a CPU."""
-    return torch.float16 if device.type == "cuda" else torch.float32
 
 
 def quantization_recipes(where: models.Checkpoint, fp32_model: Any, device: torch.device,
@@ -400,48 +324,14 @@ def quantization_recipes(where: models.Checkpoint, fp32_model: Any, device: torc
     }
 
 
-def variant_unavailable(variant: str, device: torch.device) -> str | None:
-    """Why a quantisation variant cannot run here, or None."""
-    if variant.startswith("int8-"):
-        if device.type != "cpu":
-            return "PyTorch's dynamic int8 kernels are CPU-only"
-        if importlib.util.find_spec("torch.ao.quantization") is None:
-            return f"torch {torch.__version__} no longer ships torch.ao.quantization (torchao replaces it)"
-    if variant.startswith("bnb") and importlib.util.find_spec("bitsandbytes") is None:
-        return "bitsandbytes is not installed (pip install bitsandbytes)"
-    if variant.startswith("bnb") and device.type == "mps":
-        return "bitsandbytes has no Apple MPS backend"
-    return None
-
-
-def build_variants(ctx: cli.Context, where: models.Checkpoint, builders: dict[str, Callable[[], Any]],
-                   output: Callable[[Any], Any], what: str) -> dict[str, dict[str, Any]]:
-    """Each variant that runs here, built once with its output for the fidelity check; the others skipped with why."""
-    built = {}
-    for key, build in tqdm(builders.items(), desc=f"{what} variants", disable=None, leave=False):
-        problem = variant_unavailable(key, ctx.device)
-        try:
-            if problem:
-                raise RuntimeError(problem)
-            started = time.perf_counter()
-            model = build()
-            built[key] = {"model": model, "prepare_s": time.perf_counter() - started, "output": output(model)}
-            ctx.record(where.info(model, built[key]["prepare_s"], verbose=False))
-        except Exception as error:  # e.g. a bitsandbytes build without this device's backend
-            ctx.report.skip(f"{what} {VARIANT_LABELS[key]}", problem or first_line(error))
-    return built
-
-
 def variant_rows(comparison: Comparison, built: dict[str, dict[str, Any]], what: str,
                  fidelity: Callable[[str], dict[str, float]]) -> list[dict[str, Any]]:
-    """Table rows: the comparison against fp32 with each variant's size and fidelity (given its key)."""
+    """Table rows: the comparison against fp32 with each variant's size, quantised share and fidelity (by key)."""
     fp32_bytes = memory.weights_bytes(built["fp32"]["model"])
     rows = comparison.rows(baseline="fp32", model=what)
     for row, (key, variant) in zip(rows, built.items()):
-        size = memory.weights_bytes(variant["model"])
-        row.update(variant=row["workload"], key=key, size_mib=size / MIB, size_pct=100 * size / fp32_bytes,
-                   int8_share=quantize.quantized_share(variant["model"]).of_matmul, prepare_s=variant["prepare_s"],
-                   **fidelity(key))
+        row.update(variant=row["workload"], key=key, **quantize.storage_columns(variant["model"], fp32_bytes),
+                   prepare_s=variant["prepare_s"], **fidelity(key))
     return rows
 
 
@@ -455,8 +345,7 @@ def selective_int8(ctx: cli.Context, fp32: models.LoadedModel) -> Any:
     print_table(rows[:8], title=f"where int8 hurts: each Linear quantised alone, cosine drop on {len(subset)} texts "
                                 f"(the top {SELECTIVE_KEEP_FP32} stay fp32)")
     ctx.report.add_rows("sensitivity", rows)
-    model, _ = quantize.quantize_selective(fp32.model, ranking, SELECTIVE_KEEP_FP32, reduce_range)
-    return model
+    return quantize.quantize_selective(fp32.model, ranking, SELECTIVE_KEEP_FP32, reduce_range)[0]
 
 
 def quantized_encoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], list[str]]:
@@ -468,18 +357,19 @@ def quantized_encoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], list[
         builders["int8-selective"] = lambda: selective_int8(ctx, fp32)
     else:
         ctx.report.skip(f"encoder {VARIANT_LABELS['int8-selective']}", "takes ~1 min: full run only")
-    built = build_variants(ctx, where, builders, lambda model: embed(model, fp32.tokenizer, FIDELITY_TEXTS), "encoder")
+    built = build_each(ctx, "encoder", builders, lambda key: variant_unavailable(key, ctx.device),
+                       lambda model: embed(model, fp32.tokenizer, FIDELITY_TEXTS), where)
     batch = sentence_batch(fp32.tokenizer, s.speed_batch, ctx.device)
     comparison = ctx.meter().compare({VARIANT_LABELS[key]: forward(variant["model"], batch)
                                       for key, variant in built.items()},
                                      items=s.speed_batch, warmup=1, min_rounds=s.rounds, progress="encoder variants")
     rows = variant_rows(comparison, built, "encoder",
                         lambda key: embedding_fidelity(built["fp32"]["output"], built[key]["output"]))
-    print_table(rows, ["variant", "size_mib", "int8_share", "p50_ms", "iqr_ms", "items_per_s", "speedup", "verdict",
-                       "cosine_mean", "cosine_min", "similarity_spearman", "noisy"],
+    print_table(rows, ["variant", "size_mib", "quantized_share", *SPEED, "cosine_mean", "cosine_min",
+                       "similarity_spearman", "noisy"],
                 title=f"encoder {fp32.info.label}, batch {s.speed_batch}; fidelity on {len(FIDELITY_TEXTS)} texts = "
-                      "embedding cosine vs fp32 and Spearman of all pairwise similarities; int8_share = share of "
-                      "matmul weights stored int8")
+                      "embedding cosine vs fp32 and Spearman of all pairwise similarities; quantized_share = share of "
+                      "matmul weights stored quantised (int8 or 4-bit)")
     return rows, comparison.print_verdicts("fp32")
 
 
@@ -488,13 +378,12 @@ def quantized_decoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], list[
     where = models.checkpoint(DECODER_ROLE, ctx.source)
     fp32 = ctx.load(DECODER_ROLE)
     prompt = fp32.tokenizer(DECODER_PROMPT, return_tensors="pt").to(ctx.device)
+    tokens: dict[str, list[int]] = {}
 
     def greedy(model: Any, new_tokens: int) -> list[int]:
         with torch.inference_mode():  # exactly new_tokens tokens: no sampling, no early stop
             output = model.generate(**prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
         return output[0, prompt["input_ids"].shape[1]:].tolist()
-
-    tokens: dict[str, list[int]] = {}
 
     def generate(key: str, model: Any) -> Callable[[], None]:
         def run() -> None:
@@ -502,19 +391,19 @@ def quantized_decoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], list[
         return run
 
     builders = {"fp32": lambda: fp32.model, **quantization_recipes(where, fp32.model, ctx.device)}
-    if not s.decoder_bnb and ctx.device.type == "cpu":
-        for key in ("bnb-8bit", "bnb-4bit"):
-            del builders[key]
-            ctx.report.skip(f"decoder {VARIANT_LABELS[key]}", "--quick (bitsandbytes generation on a CPU takes "
-                            "seconds per call; the full run has it)")
-    built = build_variants(ctx, where, builders, lambda model: greedy(model, 1), "decoder")  # 1 token: it runs
+    for key in ("bnb-8bit", "bnb-4bit") if not s.decoder_bnb and ctx.device.type == "cpu" else ():
+        del builders[key]
+        ctx.report.skip(f"decoder {VARIANT_LABELS[key]}", "--quick (bitsandbytes generation on a CPU takes "
+                        "seconds per call; the full run has it)")
+    built = build_each(ctx, "decoder", builders, lambda key: variant_unavailable(key, ctx.device),
+                       lambda model: greedy(model, 1), where)  # 1 token: it runs
     comparison = ctx.meter().compare({VARIANT_LABELS[key]: generate(key, variant["model"])
                                       for key, variant in built.items()}, tokens=s.greedy_tokens, warmup=1,
                                      min_rounds=DECODER_ROUNDS, progress="decoder variants")
     rows = variant_rows(comparison, built, "decoder", lambda key: {
         "token_agreement": token_agreement(tokens["fp32"], tokens[key]),
         "first_divergence": first_divergence(tokens["fp32"], tokens[key])})
-    print_table(rows, ["variant", "size_mib", "int8_share", "p50_ms", "tokens_per_s", "speedup", "verdict",
+    print_table(rows, ["variant", "size_mib", "quantized_share", "p50_ms", "tokens_per_s", "speedup", "verdict",
                        "token_agreement", "first_divergence", "noisy"],
                 title=f"decoder {fp32.info.label}, {s.greedy_tokens} greedy tokens, {DECODER_ROUNDS} rounds (these "
                       "ratios decide no bar or recipe); fidelity = same token at the same position as fp32")
@@ -530,13 +419,13 @@ def quantization_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
     is measured on real weights: the encoder's embeddings and the decoder's greedy tokens."""
     s = ctx.pick(FULL, QUICK)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its notice on every CPU call
-    activation = quantize.choose_activation_range()
+    activation, torchao_problem = quantize.choose_activation_range(), quantize.torchao_unavailable()
     print(f"dynamic int8: torch.ao.quantization.quantize_dynamic (torch {torch.__version__} deprecates it for "
-          f"torchao: {quantize.torchao_unavailable() or 'installed, measured below'}). bitsandbytes "
+          f"torchao: {torchao_problem or 'installed, measured below'}). bitsandbytes "
           f"{devices.package_version('bitsandbytes') or 'missing'}: BitsAndBytesConfig as quantization_config.\n"
           f"activations: {activation.bits}-bit (reduce_range={activation.reduce_range}) because {activation.reason}")
-    if quantize.torchao_unavailable():
-        ctx.report.skip("encoder/decoder torchao int8", quantize.torchao_unavailable())
+    if torchao_problem:
+        ctx.report.skip("encoder/decoder torchao int8", torchao_problem)
     encoder_rows, encoder_lines = quantized_encoders(ctx, s)
     decoder_rows, decoder_lines = quantized_decoders(ctx, s)
     per_tensor_cosine = None
@@ -569,14 +458,6 @@ def mixed_corpus(ctx: cli.Context, s: Settings) -> list[str]:
     return texts.mixed_length_corpus(s.corpus_size, seed=ctx.args.seed, long=LONG_TEXT_WORDS)
 
 
-def padded_batches(tokenizer: Any, encoded: Any, groups: list[list[int]], pad_to: int | None,
-                   device: torch.device) -> list[Any]:
-    """Pre-tokenised texts grouped into batches, each padded to `pad_to` or (None) to its own longest text."""
-    return [tokenizer.pad({key: [encoded[key][i] for i in group] for key in encoded}, return_tensors="pt",
-                          padding="max_length" if pad_to else "longest", max_length=pad_to).to(device)
-            for group in groups]
-
-
 def corpus_pass(model: Any, groups: list[list[int]], batches: list[Any], out: torch.Tensor) -> Callable[[], None]:
     """One pass of the model over prepared batches, writing each text's mean-pooled embedding into `out`."""
     def run() -> None:
@@ -591,8 +472,7 @@ def batching_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
     Every (padding strategy, batch size) pass over the same corpus is timed round-robin."""
     s = ctx.pick(FULL, QUICK)
     loaded = ctx.load(ENCODER_ROLE)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    corpus = mixed_corpus(ctx, s)
+    model, tokenizer, corpus = loaded.model, loaded.tokenizer, mixed_corpus(ctx, s)
     encoded = tokenizer(corpus, truncation=True, max_length=s.max_length)  # once up front: the passes time the model
     lengths = [len(ids) for ids in encoded["input_ids"]]
     print(f"corpus: {len(corpus)} texts, {min(lengths)}-{max(lengths)} tokens (median "
@@ -611,14 +491,13 @@ def batching_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
                           "flops": sum(encoder_forward_flops(model.config, *b["input_ids"].shape) for b in batches),
                           **padding_waste([[lengths[i] for i in group] for group in groups], pad_to)}
     meter = ctx.meter()
-    peak_before = matmul_peak_flops(meter, s.matmul_size, ctx.device)
+    peak_before = devices.matmul_peak_flops(meter, s.matmul_size, ctx.device)
     comparison = meter.compare(passes, items=len(corpus), warmup=1, min_rounds=s.rounds, budget_s=0,
                                progress="batching passes")
-    peak = max(peak_before, matmul_peak_flops(meter, s.matmul_size, ctx.device))  # before and after: load drifts
+    peak = max(peak_before, devices.matmul_peak_flops(meter, s.matmul_size, ctx.device))  # load drifts: best of two
     rows = [{**work[row["workload"]], **row, "gflop_per_s": work[row["workload"]]["flops"] / row["p50_ms"] / 1e6}
             for row in comparison.rows(baseline="dynamic, batch 1")]
-    print_table(rows, ["strategy", "batch", "p50_ms", "iqr_ms", "items_per_s", "speedup", "waste_pct",
-                       "gflop_per_s", "noisy"],
+    print_table(rows, ["strategy", "batch", *SPEED, "waste_pct", "gflop_per_s", "noisy"],
                 title="one pass over the corpus per row; speedup vs dynamic batch 1 (which never pads)")
     print(f"fp32 matmul peak here: {peak / 1e9:.1f} GFLOP/s ({s.matmul_size}x{s.matmul_size}, best of before and "
           "after the sweep)")
@@ -634,12 +513,6 @@ def batching_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
             "best_sorted_batch": best_sorted["batch"], "bars": bars}
 
 
-def matmul_peak_flops(meter: Any, size: int, device: torch.device) -> float:
-    """This machine's fp32 matmul FLOP/s: the best the hardware does on an ideal dense workload."""
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-    return 2 * size**3 / meter.measure(f"fp32 matmul {size}x{size}", lambda: a @ b).stats.median
-
-
 def batching_bars(comparison: Comparison, rows: list[dict], peak: float) -> tuple[list[dict], list[str], dict]:
     """The three batching bars from the round-robin passes, each with its verdict line."""
     def fastest(strategy: str | None = None) -> dict:
@@ -647,37 +520,27 @@ def batching_bars(comparison: Comparison, rows: list[dict], peak: float) -> tupl
                    key=lambda r: r["items_per_s"])
 
     best, best_sorted, best_padded = fastest(), fastest("dynamic + sorted"), fastest("pad to max_length")
-    densest = max(rows, key=lambda r: r["gflop_per_s"])
+    densest, batch1 = max(rows, key=lambda r: r["gflop_per_s"]), "dynamic, batch 1"
     fraction = densest["gflop_per_s"] * 1e9 / peak
-    lines = [comparison.sentence(best["workload"], "dynamic, batch 1"),
+    lines = [comparison.sentence(best["workload"], batch1),
              comparison.sentence(best_sorted["workload"], best_padded["workload"])]
     print("\n".join(f"  {line}" for line in lines))
     sorted_ratio = comparison.ratio(best_sorted["workload"], best_padded["workload"])[0]
     bars = [
-        performance_bar(BAR_NAMES[0], "a ratio (no target)", f"{comparison.ratio_text(best['workload'], 'dynamic, batch 1')} "
-            f"({best['workload']} vs dynamic, batch 1)", best["speedup"], None),
+        performance_bar(BAR_NAMES[0], "a ratio (no target)", f"{comparison.ratio_text(best['workload'], batch1)} "
+                        f"({best['workload']} vs {batch1})", best["speedup"], None),
         performance_bar(BAR_NAMES[1], f">= {FLOPS_FRACTION_TARGET:.0%} of {peak / 1e9:.1f} GFLOP/s",
-            f"{fraction:.0%} ({densest['gflop_per_s']:.1f} GFLOP/s, {densest['workload']})",
-            fraction, fraction >= FLOPS_FRACTION_TARGET),
-        performance_bar(BAR_NAMES[3], f">= {SORTED_SPEEDUP_TARGET}x texts/s", comparison.ratio_text(best_sorted["workload"],
-            best_padded["workload"]) + f" ({best_sorted['workload']} vs {best_padded['workload']}, each at its best)",
-            sorted_ratio, sorted_ratio >= SORTED_SPEEDUP_TARGET),
+                        f"{fraction:.0%} ({densest['gflop_per_s']:.1f} GFLOP/s, {densest['workload']})",
+                        fraction, fraction >= FLOPS_FRACTION_TARGET),
+        performance_bar(BAR_NAMES[3], f">= {SORTED_SPEEDUP_TARGET}x texts/s",
+                        f"{comparison.ratio_text(best_sorted['workload'], best_padded['workload'])} "
+                        f"({best_sorted['workload']} vs {best_padded['workload']}, each at its best)",
+                        sorted_ratio, sorted_ratio >= SORTED_SPEEDUP_TARGET),
     ]
     return bars, lines, best_sorted
 
 
 # ------------------------------------------------------------------------------- 7. attention, compile
-
-
-def compile_problem(device: torch.device) -> str | None:
-    """Why torch.compile cannot run here, or None."""
-    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++") if c):
-        return "no C++ compiler on PATH (inductor needs g++ or clang++ for CPU kernels)"
-    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
-        return "triton is not installed (inductor's GPU kernels need it)"
-    if device.type == "mps":
-        return "inductor's MPS backend is experimental; not measured"
-    return None
 
 
 def attention_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
@@ -696,34 +559,31 @@ def attention_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
         runs[implementation] = forward(model, batch)
     comparison = ctx.meter().compare(runs, items=s.speed_batch, min_rounds=s.rounds, progress="attention")
     rows = comparison.rows(baseline="eager", model=where.label)
-    print_table(rows, ["workload", "p50_ms", "iqr_ms", "items_per_s", "speedup", "verdict", "noisy"],
-                title=f'attn_implementation= on {where.label}, batch {s.speed_batch}')
+    print_table(rows, ["workload", *SPEED, "noisy"],
+                title=f"attn_implementation= on {where.label}, batch {s.speed_batch}")
     agreement = cosine_fidelity(runs["eager"]().flatten(1).float().cpu(), runs["sdpa"]().flatten(1).float().cpu())
     print(f"worst output cosine sdpa vs eager: {agreement['cosine_min']:.6f} (same weights: equivalence, not quality)")
     lines = comparison.print_verdicts("eager")
     verdict = comparison.verdict("sdpa", "eager")
-    choice = "eager" if verdict == "slower" else "sdpa"  # a tie keeps transformers' default
-    problem = compile_problem(ctx.device) if s.torch_compile else ("--quick (compiling takes about a minute on a "
-                                                                   "small CPU; the full run has it)")
+    problem = devices.compile_problem(ctx.device) if s.torch_compile else (
+        "--quick (compiling takes about a minute on a small CPU; the full run has it)")
     compiled = None
-    if problem:
-        ctx.report.skip("torch.compile", problem)
-    else:
-        try:
-            compiled = compile_on_corpus(ctx, s, results)
-            lines.append(compiled["verdict_line"])
-        except Exception as error:  # a broken toolchain shows up only when inductor builds its first kernel
-            ctx.report.skip("torch.compile", first_line(error))
+    try:
+        if problem:
+            raise RuntimeError(problem)
+        compiled = compile_on_corpus(ctx, s, results)
+        lines.append(compiled["verdict_line"])
+    except Exception as error:  # a broken toolchain shows up only when inductor builds its first kernel
+        ctx.report.skip("torch.compile", problem or first_line(error))
     ctx.report.add_rows("attention", rows + (compiled or {}).get("rows", []))
-    return {"rows": rows, "verdicts": lines, "attention_verdict": verdict, "attention_choice": choice,
+    return {"rows": rows, "verdicts": lines, "attention_verdict": verdict,
+            "attention_choice": "eager" if verdict == "slower" else "sdpa",  # a tie keeps transformers' default
             "cosine_min_between_variants": agreement["cosine_min"], "compile": compiled, "compile_skipped": problem}
 
 
 def compile_on_corpus(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dict:
     """torch.compile on the recipe's workload, length-sorted dynamic padding, whose batches come in many shapes:
     time to the first answer, recompiles (dynamo's graph counter), then steady state vs eager, round-robin."""
-    from torch._dynamo.utils import counters  # here, not at the top: importing dynamo takes seconds
-
     loaded = ctx.load(ENCODER_ROLE)
     batch_size = (results.get("batching") or {}).get("best_sorted_batch", RECIPE_DEFAULT_BATCH)
     corpus = mixed_corpus(ctx, s)
@@ -732,28 +592,18 @@ def compile_on_corpus(ctx: cli.Context, s: Settings, results: dict[str, Any]) ->
     groups = make_batches(lengths, batch_size, sort_by_length=True)
     batches = padded_batches(loaded.tokenizer, encoded, groups, None, ctx.device)
     compiled = torch.compile(loaded.model)
+    seconds, graphs = devices.first_calls(compiled, batches, ctx.device)  # a call compiles when it needs a new graph
+    before = devices.compiled_graphs()
     out = torch.empty(len(corpus), loaded.model.config.hidden_size, device=ctx.device)
-    graphs, seconds = [], []
-    with torch.inference_mode():
-        for group, batch in zip(groups, batches):  # the first pass: each call compiles if dynamo needs a new graph
-            before = counters["stats"]["unique_graphs"]
-            devices.synchronize(ctx.device)
-            started = time.perf_counter()
-            compiled(**batch)
-            devices.synchronize(ctx.device)
-            seconds.append(time.perf_counter() - started)
-            graphs.append(counters["stats"]["unique_graphs"] - before)
-    before = counters["stats"]["unique_graphs"]
     comparison = ctx.meter().compare({"eager": corpus_pass(loaded.model, groups, batches, out),
                                       "torch.compile": corpus_pass(compiled, groups, batches, out)},
                                      items=len(corpus), min_rounds=s.rounds, progress="compile vs eager")
     steady = comparison.measurements["torch.compile"].stats.median
-    gain_s = comparison.measurements["eager"].stats.median - steady
-    overhead_s = sum(seconds) - steady
+    gain_s, overhead_s = comparison.measurements["eager"].stats.median - steady, sum(seconds) - steady
     result = {"batch": batch_size, "shapes": len(batch_shapes(lengths, groups)), "first_call_s": seconds[0],
               "graphs_first_call": graphs[0], "recompiles": sum(graphs[1:]),
               "recompile_s": sum(t for t, new in zip(seconds[1:], graphs[1:]) if new),
-              "graphs_during_timing": counters["stats"]["unique_graphs"] - before,
+              "graphs_during_timing": devices.compiled_graphs() - before,
               "overhead_s": overhead_s, "verdict": comparison.verdict("torch.compile", "eager"),
               "verdict_line": comparison.sentence("torch.compile", "eager"),
               "break_even_passes": overhead_s / gain_s if gain_s > 0 else None,
@@ -762,18 +612,13 @@ def compile_on_corpus(ctx: cli.Context, s: Settings, results: dict[str, Any]) ->
           f"distinct batch shapes): first call {seconds[0]:.1f} s ({graphs[0]} graph(s)); {result['recompiles']} "
           f"recompile(s) over the other shapes, {result['recompile_s']:.1f} s; {result['graphs_during_timing']} "
           "during the timed passes")
-    print_table(result["rows"], ["workload", "p50_ms", "iqr_ms", "items_per_s", "speedup", "verdict", "noisy"])
+    print_table(result["rows"], ["workload", *SPEED, "noisy"])
     print(f"  {result['verdict_line']}" + (f"; compiling pays back after ~{result['break_even_passes']:,.0f} passes "
           "of this corpus" if result["verdict"] == "faster" else ": the compile time never pays back here"))
     return result
 
 
 # ------------------------------------------------------------------------------------------ 8. memory
-
-
-def resident_bytes(device: torch.device) -> int:
-    """Memory the model lives in: the CUDA allocator's bytes on a GPU, the process RSS otherwise."""
-    return torch.cuda.memory_allocated(device) if device.type == "cuda" else memory.rss_bytes()
 
 
 def load_rows(ctx: cli.Context, s: Settings) -> list[dict]:
@@ -791,14 +636,14 @@ def load_rows(ctx: cli.Context, s: Settings) -> list[dict]:
     rows = []
     for label, kwargs in variants.items():
         memory.cleanup()
-        start = resident_bytes(ctx.device)
+        start = memory.resident_bytes(ctx.device)
         model, load = ctx.meter().time_load(label, lambda: AutoModel.from_pretrained(where.path, **kwargs))
         model = model if "device_map" in kwargs else model.to(ctx.device)
-        after_load = resident_bytes(ctx.device)
+        after_load = memory.resident_bytes(ctx.device)
         forward(model, sentence_batch(tokenizer, 1, ctx.device))()
         rows.append({"technique": label, "load_s": load.seconds, "peak_rss_delta_mib": load.peak_rss_delta_bytes / MIB,
                      "mem_after_load_mib": (after_load - start) / MIB,
-                     "mem_after_first_call_mib": (resident_bytes(ctx.device) - start) / MIB,
+                     "mem_after_first_call_mib": (memory.resident_bytes(ctx.device) - start) / MIB,
                      "weights_mib": memory.weights_bytes(model) / MIB})
         del model
     return rows
@@ -823,22 +668,19 @@ def load_findings(rows: list[dict], device: torch.device) -> list[str]:
 def streaming_rows(ctx: cli.Context, s: Settings) -> list[dict]:
     """Embedding a long list: materialising every input and output vs streaming batches through a generator."""
     loaded = ctx.load(ENCODER_ROLE)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    long_list = texts.repeated_sentences(s.stream_texts)
-    starts = range(0, len(long_list), STREAM_BATCH)
+    model, tokenizer, long_list = loaded.model, loaded.tokenizer, texts.repeated_sentences(s.stream_texts)
     held: dict[str, int] = {}
 
+    def batches():  # a generator: each batch is tokenised when the loop asks for it
+        for i in range(0, len(long_list), STREAM_BATCH):
+            yield tokenizer(long_list[i:i + STREAM_BATCH], padding=True, return_tensors="pt").to(ctx.device)
+
     def materialised() -> torch.Tensor:
-        inputs = [tokenizer(long_list[i:i + STREAM_BATCH], padding=True, return_tensors="pt").to(ctx.device)
-                  for i in starts]
+        inputs = list(batches())  # every input tokenised up front
         with torch.inference_mode():
             outputs = [model(**batch) for batch in inputs]  # every full output kept until the end
         held["materialised"] = sum(o.last_hidden_state.nbytes for o in outputs)
         return torch.cat([mean_pool(o.last_hidden_state, b["attention_mask"]) for o, b in zip(outputs, inputs)])
-
-    def batches():
-        for i in starts:
-            yield tokenizer(long_list[i:i + STREAM_BATCH], padding=True, return_tensors="pt").to(ctx.device)
 
     def streamed() -> torch.Tensor:
         with torch.inference_mode():
@@ -872,21 +714,17 @@ def cleanup_rows(ctx: cli.Context, s: Settings) -> list[dict]:
     print(f"cleanup(): gc.collect() + empty_cache() freed {freed['rss_freed_bytes'] / MIB:.1f} MiB RSS, "
           f"{freed['cuda_reserved_freed_bytes'] / MIB:.1f} MiB CUDA reserved; malloc_trim then returned a further "
           f"{(steps[3][1].rss_bytes - steps[-1][1].rss_bytes) / MIB:.1f} MiB the C allocator had kept for reuse")
-    base = steps[0][1]
-    return [{"step": step, "rss_mib": snap.rss_bytes / MIB, "rss_vs_start_mib": (snap.rss_bytes - base.rss_bytes) / MIB,
-             "cuda_allocated_mib": snap.cuda_allocated_bytes / MIB, "cuda_reserved_mib": snap.cuda_reserved_bytes / MIB}
-            for step, snap in steps]
+    return memory.snapshot_rows(steps)
 
 
 def offload_rows(ctx: cli.Context, s: Settings) -> tuple[list[dict], str]:
     """device_map="auto" with a small max_memory: what lands where, and what it costs per call, round-robin."""
     where = models.checkpoint(OFFLOAD_ROLE, ctx.source)
-    tokenizer = AutoTokenizer.from_pretrained(where.path)
+    batch = sentence_batch(AutoTokenizer.from_pretrained(where.path), 4, ctx.device)
     cap = {"cpu": OFFLOAD_CAP}
     if ctx.device.type == "cuda":  # accelerate names GPUs by index: this run's GPU, which need not be GPU 0
-        gpu = ctx.device.index if ctx.device.index is not None else torch.cuda.current_device()
-        cap = {gpu: OFFLOAD_CAP, "cpu": "64GiB"}
-    batch = sentence_batch(tokenizer, 4, ctx.device)
+        cap = {ctx.device.index if ctx.device.index is not None else torch.cuda.current_device(): OFFLOAD_CAP,
+               "cpu": "64GiB"}
     runs, loads, placement = {}, {}, {}
     with tempfile.TemporaryDirectory() as folder:
         for label, kwargs in (("whole model in memory", dict(device_map=ctx.device)),
@@ -939,34 +777,17 @@ def peer_embedders(ctx: cli.Context, s: Settings) -> dict[str, Callable[[list[st
     a runtime that cannot run here is skipped with why."""
     where = models.checkpoint(ENCODER_ROLE, ctx.source)
     fp32 = ctx.load(ENCODER_ROLE)
-    activation = quantize.choose_activation_range()
     tokenizer, size = fp32.tokenizer, dict(batch_size=RECIPE_DEFAULT_BATCH, max_length=s.max_length)
-    folder = ctx.out_dir / "onnx"  # the exported graphs stay with this run's outputs
-    builders: dict[str, Callable[[], Callable[[list[str]], torch.Tensor]]] = {
-        PEER_BASELINE: lambda: runtimes.sentence_transformers_embedder(where.path, ctx.device, **size),
-        "ONNX Runtime fp32": lambda: runtimes.onnx_embedder(runtimes.export_onnx(fp32.model, tokenizer, folder),
-                                                            tokenizer, **size),
-        "ONNX Runtime int8": lambda: runtimes.onnx_embedder(runtimes.quantize_onnx_int8(
-            runtimes.export_onnx(fp32.model, tokenizer, folder), activation.reduce_range), tokenizer, **size),
+    builders = {  # the ONNX exports stay with this run's outputs
+        **runtimes.peer_builders(where.path, fp32.model, tokenizer, ctx.device, ctx.out_dir / "onnx",
+                                 quantize.choose_activation_range().reduce_range, **size),
         "PyTorch fp32": lambda: runtimes.torch_embedder(fp32.model, tokenizer, **size),
         "PyTorch int8": lambda: runtimes.torch_embedder(int8_dynamic(fp32.model), tokenizer, **size),
         "PyTorch bf16 weights": lambda: runtimes.torch_embedder(copy.deepcopy(fp32.model).to(torch.bfloat16),
                                                                 tokenizer, **size),
     }
-    problems = {PEER_BASELINE: runtimes.sentence_transformers_unavailable() or (
-                    None if os.path.isfile(os.path.join(str(where.path), "modules.json")) else
-                    f"{where.label} has no modules.json, so sentence-transformers would guess its pooling"),
-                "ONNX Runtime fp32": runtimes.onnx_unavailable(), "ONNX Runtime int8": runtimes.onnx_unavailable(),
-                "PyTorch int8": variant_unavailable("int8-dynamic", ctx.device)}
-    embedders = {}
-    for name, build in tqdm(builders.items(), desc="peer runtimes", disable=None, leave=False):
-        try:
-            if problems.get(name):
-                raise RuntimeError(problems[name])
-            embedders[name] = build()
-        except Exception as error:  # a missing package or a failed export skips this row only
-            ctx.report.skip(f"peers {name}", problems.get(name) or first_line(error))
-    return embedders
+    problems = {**runtimes.peer_problems(where.path), "PyTorch int8": variant_unavailable("int8-dynamic", ctx.device)}
+    return {name: built["model"] for name, built in build_each(ctx, "peers", builders, problems.get).items()}
 
 
 def peer_decision(comparison: Comparison, rows: list[dict]) -> dict[str, Any]:
@@ -987,8 +808,8 @@ def peer_decision(comparison: Comparison, rows: list[dict]) -> dict[str, Any]:
           f"{comparison.sentence(ours, peer)}" + (f"\n  so the recipe recommends {peer} here:\n    "
           + PEER_SNIPPETS[peer].replace("\n", "\n    ") if winner == peer else ""))
     bars = [performance_bar(BAR_NAMES[4], f">= 1.0x the fastest peer runtime at cosine mean >= {FIDELITY_FLOOR}",
-                f"{ours} {ratio:.2f}x [{low:.2f}-{high:.2f}] {peer} ({verdict}) at cosine mean {cosine:.4f}",
-                ratio, ratio >= 1.0 and cosine >= FIDELITY_FLOOR)]
+                            f"{ours} {ratio:.2f}x [{low:.2f}-{high:.2f}] {peer} ({verdict}) at cosine mean "
+                            f"{cosine:.4f}", ratio, ratio >= 1.0 and cosine >= FIDELITY_FLOOR)]
     return {"ours": ours, "peer": peer, "winner": winner, "ratio": ratio, "verdict": verdict, "bars": bars,
             "sentence": comparison.sentence(ours, peer)}
 
@@ -1009,9 +830,8 @@ def peers_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
     comparison = ctx.meter().compare({name: timed(name) for name in embedders}, items=len(corpus), warmup=1,
                                      min_rounds=s.rounds, progress="peer runtimes")
     baseline = PEER_BASELINE if PEER_BASELINE in outputs else next(iter(outputs))
-    rows = comparison.rows(baseline=baseline)
-    for row in rows:
-        row.update(embedding_fidelity(outputs[baseline], outputs[row["workload"]]))
+    rows = [{**row, **embedding_fidelity(outputs[baseline], outputs[row["workload"]])}
+            for row in comparison.rows(baseline=baseline)]
     print_table(rows, ["workload", "p50_ms", "items_per_s", "speedup", "speedup_low", "speedup_high", "verdict",
                        "cosine_mean", "cosine_min", "similarity_spearman", "noisy"],
                 title=f"{len(corpus)} real-text paragraphs, max_length {s.max_length}, sorted batches of "
@@ -1024,7 +844,7 @@ def peers_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
     return {"rows": rows, "baseline": baseline, "verdicts": lines, **peer_decision(comparison, rows)}
 
 
-# ------------------------------------------------------------------------------------------ 9. recipe
+# ----------------------------------------------------------------------------------------- 10. recipe
 
 
 def embed_sorted(model, tokenizer, texts: list[str], batch_size: int = 32, max_length: int = 128) -> torch.Tensor:
@@ -1048,23 +868,23 @@ def embed_naive(model: Any, tokenizer: Any, texts: list[str], max_length: int) -
     rows = []
     for text in texts:
         batch = tokenizer(text, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-        batch = batch.to(model.device)
-        rows.append(mean_pool(model(**batch).last_hidden_state, batch["attention_mask"]))
+        rows.append(mean_pool(model(**batch.to(model.device)).last_hidden_state, batch["attention_mask"]))
     return torch.cat(rows).detach().float().cpu()
 
 
 def choose_recipe(results: dict[str, Any], device: torch.device) -> tuple[dict[str, Any], list[dict]]:
     """Each knob set by its section's verdict (a safe default, said so, where a section did not run)."""
     found = {name: result for name, result in results.items() if result}
+    threads, attention, batching, grad = (found.get(name) for name in ("threads", "attention", "batching", "grad"))
     choice: dict[str, Any] = {"threads": torch.get_num_threads(), "variant": "fp32", "attention": "sdpa",
                               "batch": RECIPE_DEFAULT_BATCH, "compile": False}
     evidence = {knob: "default (its section did not run)" for knob in choice}
-    if "threads" in found:
-        size, choice["threads"] = max(found["threads"]["best_threads"].items(), key=lambda item: int(item[0]))
-        evidence["threads"] = f"section 2, batch {size}: " + found["threads"]["decisions"][size]
+    if threads:
+        size, choice["threads"] = max(threads["best_threads"].items(), key=lambda item: int(item[0]))
+        evidence["threads"] = f"section 2, batch {size}: " + threads["decisions"][size]
     candidates = [(row["speedup"], row["key"], where, row["cosine_min"], row["verdict"])
-                  for where, rows in (("section 4", (found.get("precision") or {}).get("rows", [])),
-                                      ("section 5", (found.get("quantization") or {}).get("encoder", [])))
+                  for where, rows in (("section 4", found.get("precision", {}).get("rows", [])),
+                                      ("section 5", found.get("quantization", {}).get("encoder", [])))
                   for row in rows if row["key"] != "fp32"]
     good = [c[:4] for c in candidates if c[4] == "faster" and c[3] >= FIDELITY_FLOOR
             and c[1] != "int8-selective" and not variant_unavailable(c[1], device)]  # its ranking lives in section 5
@@ -1073,31 +893,28 @@ def choose_recipe(results: dict[str, Any], device: torch.device) -> tuple[dict[s
         evidence["variant"] = f"{where}: {speedup:.2f}x faster than fp32 (verdict: faster) at worst cosine {cosine:.4f}"
     elif candidates:
         evidence["variant"] = f"sections 4-5: no variant was measurably faster at cosine >= {FIDELITY_FLOOR}"
-    if "attention" in found:
-        choice["attention"] = found["attention"]["attention_choice"]
-        evidence["attention"] = f"section 7: sdpa vs eager verdict '{found['attention']['attention_verdict']}'" + (
-            " (a tie keeps the default)" if found["attention"]["attention_verdict"] == "same" else "")
-        compiled = found["attention"].get("compile")
-        if compiled:
-            choice["compile"] = compiled["verdict"] == "faster" and choice["variant"] == "fp32"
-            evidence["compile"] = f"section 7: {compiled['verdict_line']}" + (
-                "" if choice["variant"] == "fp32" or compiled["verdict"] != "faster"
-                else f"; measured on fp32 only, so not combined with {VARIANT_LABELS[choice['variant']]}")
-        else:
-            evidence["compile"] = f"section 7 did not measure it ({found['attention']['compile_skipped']})"
-    if "batching" in found:
-        choice["batch"] = found["batching"]["best_sorted_batch"]
+    if attention:
+        choice["attention"], compiled = attention["attention_choice"], attention.get("compile")
+        evidence["attention"] = f"section 7: sdpa vs eager verdict '{attention['attention_verdict']}'" + (
+            " (a tie keeps the default)" if attention["attention_verdict"] == "same" else "")
+        faster = bool(compiled) and compiled["verdict"] == "faster"
+        choice["compile"] = faster and choice["variant"] == "fp32"  # compile was measured on fp32 only
+        evidence["compile"] = (f"section 7: {compiled['verdict_line']}" if compiled else
+                               f"section 7 did not measure it ({attention['compile_skipped']})") + (
+            f"; measured on fp32 only, so not combined with {VARIANT_LABELS[choice['variant']]}"
+            if faster and not choice["compile"] else "")
+    if batching:
+        choice["batch"] = batching["best_sorted_batch"]
         evidence["batch"] = "section 6: fastest batch for length-sorted dynamic padding"
     rows = [{"knob": knob, "choice": VARIANT_LABELS.get(str(value), value), "evidence": evidence[knob]}
             for knob, value in choice.items()]
-    grad = found.get("grad")
     rows.append({"knob": "gradients", "choice": "torch.inference_mode()", "evidence": (
         f"section 3: {grad['inference_mode_verdict']}; grad enabled kept {grad['kept_by_grad_mib']:.1f} MiB for a "
         "backward pass") if grad else "default: inference never needs autograd"})
-    peers = found.get("peers") or {}
-    if peers.get("winner"):  # int8, bf16 and ONNX Runtime, all timed on the same texts in one round-robin
-        rows.append({"knob": "runtime", "choice": peers["winner"], "evidence": f"section 9, fastest at cosine mean >= "
-                     f"{FIDELITY_FLOOR}: " + (peers.get("sentence") or f"only {peers['winner']} qualified")})
+    winner = found.get("peers", {}).get("winner")
+    if winner:  # int8, bf16 and ONNX Runtime, all timed on the same texts in one round-robin
+        rows.append({"knob": "runtime", "choice": winner, "evidence": f"section 9, fastest at cosine mean >= "
+                     f"{FIDELITY_FLOOR}: " + (found["peers"].get("sentence") or f"only {winner} qualified")})
     return choice, rows
 
 
@@ -1225,10 +1042,10 @@ def threads_chart(rows: list[dict], out_dir: Any) -> Any:
     fig, ax = plots.figure(f"Threads: {batched['threads']} is fastest for batch {batched['batch']} "
                            f"({batched['speedup']:.2f}x vs 1 thread)", "torch threads", "speed-up vs 1 thread (x)")
     for size in sorted({r["batch"] for r in rows}):
-        points = [r for r in rows if r["batch"] == size]
-        ax.errorbar([r["threads"] for r in points], [r["speedup"] for r in points], marker="o", capsize=3,
-                    yerr=[[r["speedup"] - r["speedup_low"] for r in points],
-                          [r["speedup_high"] - r["speedup"] for r in points]], label=f"batch {size}")
+        x, y, low, high = zip(*((r["threads"], r["speedup"], r["speedup_low"], r["speedup_high"])
+                                for r in rows if r["batch"] == size))
+        ax.errorbar(x, y, yerr=[[a - b for a, b in zip(y, low)], [b - a for a, b in zip(y, high)]], marker="o",
+                    capsize=3, label=f"batch {size}")
     ax.axvline(os.cpu_count() or 1, color="grey", linestyle=":", label="logical cores")
     plots.log2_x(ax, [r["threads"] for r in rows])
     ax.legend()
@@ -1252,9 +1069,8 @@ def quantization_chart(encoder_rows: list[dict], decoder_rows: list[dict], out_d
                            "speed-up vs fp32 (x)")
     for rows, marker, key, short in ((encoder_rows, "o", "cosine_mean", "cos"),
                                      (decoder_rows, "s", "token_agreement", "tokens")):
-        if rows:
-            ax.scatter([r["size_pct"] for r in rows], [r["speedup"] for r in rows], marker=marker, s=60,
-                       label=rows[0]["model"])
+        ax.scatter([r["size_pct"] for r in rows], [r["speedup"] for r in rows], marker=marker, s=60,
+                   label=rows[0]["model"] if rows else None)
         for r in rows[1:]:  # rows[0] is fp32 itself: (100%, 1x), labelled once below
             ax.annotate(f"{r['variant']}\n{short} {r[key]:.3f}", (r["size_pct"], r["speedup"]),
                         textcoords="offset points", xytext=(6, 4), fontsize=7)
@@ -1282,13 +1098,13 @@ def batching_chart(rows: list[dict], comparison: Comparison, out_dir: Any) -> An
 
 def memory_chart(loads: list[dict], streams: list[dict], offload: list[dict], out_dir: Any) -> Any:
     """One horizontal bar per technique: MiB above the start."""
-    bars_ = [(f"load: {r['technique']}", r["mem_after_first_call_mib"]) for r in loads]
-    bars_ += [(f"embed list: {r['technique'].split(' (')[0]}", r["peak_rss_delta_mib"]) for r in streams]
-    bars_ += [(f"offload: {'cap ' + OFFLOAD_CAP if 'max_memory' in r['technique'] else 'none'}",
-               r["peak_rss_delta_mib"]) for r in offload]
+    bars = [(f"load: {r['technique']}", r["mem_after_first_call_mib"]) for r in loads]
+    bars += [(f"embed list: {r['technique'].split(' (')[0]}", r["peak_rss_delta_mib"]) for r in streams]
+    bars += [(f"offload: {'cap ' + OFFLOAD_CAP if 'max_memory' in r['technique'] else 'none'}",
+              r["peak_rss_delta_mib"]) for r in offload]
     fig, ax = plots.figure("What each technique costs in memory", "MiB above the start (loads: after the first "
                            "call; others: peak)", "", size=(8, 5.2))
-    ax.barh([label for label, _ in bars_][::-1], [value for _, value in bars_][::-1], color="tab:purple")
+    ax.barh(*zip(*bars[::-1]), color="tab:purple")
     return plots.save(fig, out_dir, "memory")
 
 

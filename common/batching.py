@@ -1,7 +1,9 @@
-"""Batching arithmetic: grouping texts into batches, what padding wastes, and what an encoder forward costs."""
+"""Batching: grouping texts into padded batches, what padding wastes, and what an encoder forward costs."""
 from __future__ import annotations
 
 from typing import Any, Sequence
+
+import torch
 
 
 def make_batches(lengths: Sequence[int], batch_size: int, sort_by_length: bool) -> list[list[int]]:
@@ -35,3 +37,12 @@ def encoder_forward_flops(config: Any, batch_size: int, seq_len: int) -> float:
     projections = 2 * seq_len * (4 * hidden * hidden + 2 * hidden * ffn)
     attention = 2 * 2 * seq_len * seq_len * hidden  # QK^T and attention-weighted V
     return float(batch_size * layers * (projections + attention))
+
+
+def padded_batches(tokenizer: Any, encoded: Any, groups: list[list[int]], pad_to: int | None,
+                   device: torch.device) -> list[Any]:
+    """Pre-tokenised texts grouped into batches, each padded to `pad_to` or (None) to its own longest text."""
+    return [tokenizer.pad({key: [encoded[key][i] for i in group] for key in encoded}, return_tensors="pt",
+                          padding="max_length" if pad_to else "longest", max_length=pad_to).to(device)
+            for group in groups]
+

@@ -1,9 +1,13 @@
 """Device choice (cuda > mps > cpu) and a description of the machine the numbers came from."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
+import shutil
+import time
 from importlib import metadata
+from typing import Any, Callable, TypeVar
 
 import psutil
 import torch
@@ -11,6 +15,7 @@ import torch
 from common.errors import UserError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+T = TypeVar("T")
 
 
 def mps_available() -> bool:
@@ -113,3 +118,79 @@ def describe_environment(device: torch.device) -> dict:
         "accelerate": package_version("accelerate"),
         "hf_hub_offline": os.environ.get("HF_HUB_OFFLINE", "0"),
     }
+
+
+def device_offers() -> list[dict[str, Any]]:
+    """What this machine offers: CUDA, MPS and the CPU, each with why or why not."""
+    cuda = torch.cuda.is_available()
+    return [
+        {"backend": "cuda", "available": cuda,
+         "detail": f"{torch.cuda.device_count()} GPU(s), first: {torch.cuda.get_device_name(0)}" if cuda else
+         (f"torch {torch.__version__} has CUDA {torch.version.cuda} but sees no GPU" if torch.version.cuda else
+          f"torch {torch.__version__} is a CPU-only build")},
+        {"backend": "mps", "available": mps_available(),
+         "detail": "Apple GPU via Metal" if mps_available() else "not an Apple-silicon Mac"},
+        {"backend": "cpu", "available": True,
+         "detail": f"{os.cpu_count()} logical cores; flags {', '.join(cpu_flags()) or 'unknown'}"},
+    ]
+
+
+def thread_counts() -> list[int]:
+    """1, powers of two up to the core count, the core count, torch's setting, and 2x cores (oversubscribed)."""
+    cores = os.cpu_count() or 1
+    powers = (2**i for i in range(cores.bit_length()) if 2**i <= cores)
+    return sorted({1, cores, 2 * cores, torch.get_num_threads(), *powers})
+
+
+def thread_label(count: int) -> str:
+    """"1 thread", "4 threads": how a thread count is named in tables and verdicts."""
+    return f"{count} thread{'s' if count > 1 else ''}"
+
+
+def with_threads(count: int, run: Callable[[], T]) -> Callable[[], T]:
+    """`run` under `count` torch threads (set on every call, so round-robin rounds can alternate counts)."""
+    def call() -> T:
+        torch.set_num_threads(count)
+        return run()
+    return call
+
+
+def compile_problem(device: torch.device) -> str | None:
+    """Why torch.compile (inductor) cannot run on this device here, or None."""
+    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++") if c):
+        return "no C++ compiler on PATH (inductor needs g++ or clang++ for CPU kernels)"
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        return "triton is not installed (inductor's GPU kernels need it)"
+    if device.type == "mps":
+        return "inductor's MPS backend is experimental; not measured"
+    return None
+
+
+def matmul_peak_flops(meter: Any, size: int, device: torch.device) -> float:
+    """This machine's fp32 FLOP/s on one square matmul (median of `meter.measure`): the dense-workload ceiling."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    return 2 * size**3 / meter.measure(f"fp32 matmul {size}x{size}", lambda: a @ b).stats.median
+
+
+def first_calls(model: Callable[..., Any], batches: list[Any], device: torch.device) -> tuple[list[float], list[int]]:
+    """Each batch through `model` once under inference_mode: seconds per call and graphs dynamo compiled for it."""
+    from torch._dynamo.utils import counters  # here, not at the top: importing dynamo takes seconds
+
+    seconds, graphs = [], []
+    with torch.inference_mode():
+        for batch in batches:
+            before = counters["stats"]["unique_graphs"]
+            synchronize(device)
+            started = time.perf_counter()
+            model(**batch)
+            synchronize(device)
+            seconds.append(time.perf_counter() - started)
+            graphs.append(counters["stats"]["unique_graphs"] - before)
+    return seconds, graphs
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far (its own counter)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]

@@ -6,6 +6,7 @@ import gc
 import os
 import threading
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import psutil
 import torch
@@ -44,6 +45,14 @@ def snapshot() -> MemorySnapshot:
             torch.cuda.max_memory_allocated(),
         )
     return MemorySnapshot(rss_bytes())
+
+
+def snapshot_rows(steps: list[tuple[str, MemorySnapshot]]) -> list[dict[str, object]]:
+    """Table rows for named snapshots, in MiB: RSS (also against the first step) and the CUDA allocator's counters."""
+    base = steps[0][1].rss_bytes if steps else 0
+    return [{"step": step, "rss_mib": snap.rss_bytes / MIB, "rss_vs_start_mib": (snap.rss_bytes - base) / MIB,
+             "cuda_allocated_mib": snap.cuda_allocated_bytes / MIB, "cuda_reserved_mib": snap.cuda_reserved_bytes / MIB}
+            for step, snap in steps]
 
 
 def trim_heap() -> bool:
@@ -199,4 +208,36 @@ def weights_bytes(model: torch.nn.Module) -> int:
 
     for value in model.state_dict().values():
         add(value)
+    return total
+
+
+def resident_bytes(device: torch.device) -> int:
+    """Memory a model lives in: the CUDA allocator's bytes on a GPU, the process RSS otherwise."""
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else rss_bytes()
+
+
+def peak_while_held(run: Callable[[], Any], device: torch.device) -> int:
+    """Peak memory above the start while `run` executes and its output is held: CUDA allocator on a GPU, RSS else."""
+    cleanup()
+    with PeakRSSSampler() as rss, CudaPeak(device) as cuda:
+        output = run()
+    del output
+    return cuda.delta_bytes if device.type == "cuda" else rss.peak_delta_bytes
+
+
+def saved_for_backward_bytes(model: torch.nn.Module, run: Callable[[], Any]) -> int:
+    """Exact bytes of activations autograd keeps for a backward pass during `run` (parameters not counted)."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = run()  # held until we have counted, so no saved storage can be freed and its address reused
+    total = sum(saved.values())
+    del output
     return total

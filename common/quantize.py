@@ -23,6 +23,7 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 
 from common.device import cpu_flags
 from common.fidelity import cosine_fidelity
+from common.memory import MIB, weights_bytes
 
 # Any one of these accumulates uint8 x int8 products in int32 (AVX-512 VNNI, AVX-VNNI, AMX), so 8-bit activations
 # cannot saturate an intermediate sum.
@@ -113,47 +114,60 @@ def conv1d_to_linear(model: nn.Module) -> int:
 
 @dataclass(frozen=True)
 class QuantizedShare:
-    """How much of a model is stored as int8: element counts and the two shares worth printing."""
+    """How much of a model is stored quantised (int8 or 4-bit): element counts and the two shares worth printing."""
 
-    int8_elements: int
-    matmul_elements: int  # weights of Linear, Conv1D and quantised Linear layers: what int8 could reach
+    quantized_elements: int  # weight elements stored as int8 (torch.ao, torchao, bitsandbytes 8-bit) or 4-bit (nf4/fp4)
+    matmul_elements: int  # weights of Linear, Conv1D and quantised Linear layers: what quantisation could reach
     all_elements: int  # every stored parameter, buffer-free, tied weights once (a quantised copy counts apart)
 
     @property
     def of_matmul(self) -> float:
-        """Share of the matrix-multiply weights that are int8."""
-        return self.int8_elements / self.matmul_elements if self.matmul_elements else 0.0
+        """Share of the matrix-multiply weights that are stored quantised."""
+        return self.quantized_elements / self.matmul_elements if self.matmul_elements else 0.0
 
     @property
     def of_all(self) -> float:
-        """Share of all stored weight elements that are int8 (embeddings stay float)."""
-        return self.int8_elements / self.all_elements if self.all_elements else 0.0
+        """Share of all stored weight elements that are quantised (embeddings stay float)."""
+        return self.quantized_elements / self.all_elements if self.all_elements else 0.0
 
 
 def quantized_share(model: nn.Module) -> QuantizedShare:
-    """Count int8 weight elements (torch.ao dynamic modules or torchao int8 tensors) against all weights."""
+    """Count quantised weight elements (torch.ao dynamic, torchao int8, bitsandbytes 8/4-bit) against all weights."""
     from transformers.pytorch_utils import Conv1D
 
-    int8 = matmul = 0
+    quantized = matmul = 0
     for module in model.modules():
         if isinstance(module, DynamicQuantizedLinear):
             weight = module.weight()
-            int8 += weight.numel() if weight.dtype == torch.qint8 else 0
+            quantized += weight.numel() if weight.dtype == torch.qint8 else 0
             matmul += weight.numel()
-        elif isinstance(module, (nn.Linear, Conv1D)):
-            matmul += module.weight.numel()
-            int8 += module.weight.numel() if _is_int8(module.weight) else 0
-    stored = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
+        elif isinstance(module, (nn.Linear, Conv1D)):  # bitsandbytes' Linear8bitLt and Linear4bit are nn.Linears
+            matmul += _logical_numel(module.weight)
+            quantized += _logical_numel(module.weight) if _is_quantized(module.weight) else 0
+    stored = sum(_logical_numel(p) for p in model.parameters())  # parameters() yields a tied weight once
     for module in model.modules():
         if isinstance(module, DynamicQuantizedLinear):  # packed weights and biases are not parameters
             bias = module.bias()
             stored += module.weight().numel() + (bias.numel() if bias is not None else 0)
-    return QuantizedShare(int8, matmul, stored)
+    return QuantizedShare(quantized, matmul, stored)
 
 
-def _is_int8(weight: torch.Tensor) -> bool:
-    """True for a weight whose storage is int8, including torchao's tensor subclasses that report a float dtype."""
-    if weight.dtype in (torch.int8, torch.qint8):
+def storage_columns(model: nn.Module, reference_bytes: int) -> dict[str, float]:
+    """How a variant is stored, as table columns: size_mib, size_pct of the reference's bytes, quantized_share."""
+    size = weights_bytes(model)
+    return {"size_mib": size / MIB, "size_pct": 100 * size / reference_bytes,
+            "quantized_share": quantized_share(model).of_matmul}
+
+
+def _logical_numel(weight: torch.Tensor) -> int:
+    """Elements of the matrix a weight stands for: bitsandbytes packs two 4-bit values a byte and keeps the shape."""
+    state = getattr(weight, "quant_state", None)
+    return int(torch.Size(state.shape).numel()) if state is not None else weight.numel()
+
+
+def _is_quantized(weight: torch.Tensor) -> bool:
+    """True for int8 storage (torchao's subclasses included, which report a float dtype) or packed 4-bit."""
+    if weight.dtype in (torch.int8, torch.qint8) or getattr(weight, "quant_state", None) is not None:
         return True
     inner = getattr(weight, "qdata", None)  # torchao's Int8Tensor keeps its int8 data here
     return isinstance(inner, torch.Tensor) and inner.dtype == torch.int8
@@ -214,6 +228,34 @@ def quantize_selective(model: nn.Module, ranking: Sequence[LayerSensitivity], ke
     kept = [layer.name for layer in ranking[:keep_fp32]]
     quantised = [name for name in linear_names(model) if name not in kept]
     return quantize_dynamic_int8(model, reduce_range, layers=quantised), kept
+
+
+def int8_dynamic(model: nn.Module, reduce_range: bool | None = None, per_channel: bool = True) -> nn.Module:
+    """A dynamic-int8 copy of every Linear (GPT-2's Conv1D included), activations 8- or 7-bit as this CPU allows."""
+    model = copy.deepcopy(model)
+    conv1d_to_linear(model)  # GPT-2's Conv1D is a Linear in disguise: without this it stays fp32
+    if reduce_range is None:
+        reduce_range = choose_activation_range().reduce_range
+    return quantize_dynamic_int8(model, reduce_range=reduce_range, per_channel=per_channel)
+
+
+def bnb_compute_dtype(device: torch.device) -> torch.dtype:
+    """What bitsandbytes 4-bit computes in: fp16 on a GPU (its fast path), fp32 on a CPU."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def variant_unavailable(variant: str, device: torch.device) -> str | None:
+    """Why a quantisation variant ("int8-...", "bnb-...") cannot run on this device here, or None."""
+    if variant.startswith("int8-"):
+        if device.type != "cpu":
+            return "PyTorch's dynamic int8 kernels are CPU-only"
+        if importlib.util.find_spec("torch.ao.quantization") is None:
+            return f"torch {torch.__version__} no longer ships torch.ao.quantization (torchao replaces it)"
+    if variant.startswith("bnb") and importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed (pip install bitsandbytes)"
+    if variant.startswith("bnb") and device.type == "mps":
+        return "bitsandbytes has no Apple MPS backend"
+    return None
 
 
 def torchao_unavailable() -> str | None:

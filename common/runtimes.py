@@ -17,6 +17,19 @@ from common.pipelines import mean_pool
 
 Embedder = Callable[[list[str]], torch.Tensor]
 OPSET = 17  # ONNX Runtime 1.32 runs it; the TorchScript exporter's well-trodden opset for BERT-style encoders
+SENTENCE_TRANSFORMERS, ONNX_FP32, ONNX_INT8 = "sentence-transformers fp32", "ONNX Runtime fp32", "ONNX Runtime int8"
+PEERS = (SENTENCE_TRANSFORMERS, ONNX_FP32, ONNX_INT8)  # what a learner would reach for instead of tuned PyTorch
+PEER_SNIPPETS = {  # the calls each peer's embedder makes (wrapped below with sorted batching and pooling)
+    SENTENCE_TRANSFORMERS: 'model = SentenceTransformer(str(path))  # 6.2.0 wants a str\n'
+                           'embeddings = model.encode(texts, batch_size=32, normalize_embeddings=True)',
+    ONNX_FP32: 'torch.onnx.export(KeywordEncoder(model), example_inputs, "encoder.onnx", dynamo=False,\n'
+               '                  input_names=[...], dynamic_axes={...})\n'
+               'session = ort.InferenceSession("encoder.onnx")\n'
+               '(hidden,) = session.run(["last_hidden_state"], dict(tokenizer(batch, return_tensors="np")))',
+    ONNX_INT8: 'onnxruntime.quantization.quantize_dynamic("encoder.onnx", "encoder.int8.onnx",\n'
+               '    per_channel=True, reduce_range=..., weight_type=QuantType.QInt8)\n'
+               'session = ort.InferenceSession("encoder.int8.onnx")',
+}
 
 
 def _missing(*modules: str) -> str | None:
@@ -38,6 +51,26 @@ def onnx_unavailable() -> str | None:
 def sentence_transformers_unavailable() -> str | None:
     """Why sentence-transformers cannot run here, or None when it can."""
     return _missing("sentence_transformers")
+
+
+def peer_problems(path: Path | str) -> dict[str, str | None]:
+    """Why each peer runtime cannot embed with the model at `path` here (None where it can)."""
+    pooling = (None if (Path(path) / "modules.json").is_file() else
+               f"{Path(path).name} has no modules.json, so sentence-transformers would guess its pooling")
+    return {SENTENCE_TRANSFORMERS: sentence_transformers_unavailable() or pooling,
+            ONNX_FP32: onnx_unavailable(), ONNX_INT8: onnx_unavailable()}
+
+
+def peer_builders(path: Path | str, model: nn.Module, tokenizer: Any, device: torch.device, folder: Path,
+                  reduce_range: bool, batch_size: int = 32, max_length: int = 128) -> dict[str, Callable[[], Embedder]]:
+    """Each peer's `embed(texts)`, built only when called (exports land in `folder`), on the same batching."""
+    size = dict(batch_size=batch_size, max_length=max_length)
+    return {
+        SENTENCE_TRANSFORMERS: lambda: sentence_transformers_embedder(path, device, **size),
+        ONNX_FP32: lambda: onnx_embedder(export_onnx(model, tokenizer, folder), tokenizer, **size),
+        ONNX_INT8: lambda: onnx_embedder(quantize_onnx_int8(export_onnx(model, tokenizer, folder), reduce_range),
+                                         tokenizer, **size),
+    }
 
 
 def embed_sorted_batches(forward: Callable[[dict[str, torch.Tensor]], torch.Tensor], tokenizer: Any,

@@ -142,10 +142,10 @@ def test_threads_are_restored_and_the_advice_follows_the_verdict(quick_run):
     threads = report["sections"]["2. CPU threads"]
     assert threads["restored_threads"] == 1  # what --threads 1 set before the section changed it
     measured = {(row["threads"], row["batch"]) for row in threads["rows"]}
-    assert measured == {(n, b) for n in lesson.thread_counts() for b in (1, lesson.QUICK.speed_batch)}
+    assert measured == {(n, b) for n in lesson.devices.thread_counts() for b in (1, lesson.QUICK.speed_batch)}
     for size, count in threads["best_threads"].items():
         decision = threads["decisions"][size]
-        assert decision.startswith(f"use {lesson.thread_label(count)}")
+        assert decision.startswith(f"use {lesson.devices.thread_label(count)}")
         assert ": faster (" in decision or "default" in decision or "no measurable difference" in decision
 
 
@@ -179,10 +179,12 @@ def test_int8_is_judged_on_the_fidelity_set_with_the_chosen_activation_range(qui
     activation = lesson.quantize.choose_activation_range()
     assert f"activations: {activation.bits}-bit (reduce_range={activation.reduce_range})" in printed
     encoder = {row["key"]: row for row in report["sections"]["5. Quantization"]["encoder"]}
-    assert encoder["fp32"]["similarity_spearman"] == pytest.approx(1.0) and encoder["fp32"]["int8_share"] == 0
+    assert encoder["fp32"]["similarity_spearman"] == pytest.approx(1.0) and encoder["fp32"]["quantized_share"] == 0
+    for key in ("bnb-8bit", "bnb-4bit"):  # 4-bit weights count as quantised too, not as "0% int8"
+        assert encoder.get(key, {"quantized_share": 1.0})["quantized_share"] == pytest.approx(1.0), key
     if "int8-dynamic" in encoder:
         int8 = encoder["int8-dynamic"]
-        assert int8["int8_share"] == pytest.approx(1.0)  # every Linear of the encoder is int8
+        assert int8["quantized_share"] == pytest.approx(1.0)  # every Linear of the encoder is int8
         assert 0.9 < int8["cosine_min"] <= int8["cosine_mean"] < 1 and 0.9 < int8["similarity_spearman"] < 1
     assert ("torchao-int8" in encoder) == (lesson.quantize.torchao_unavailable() is None)
     assert "torchao-int8" in encoder or report["skipped"]["encoder/decoder torchao int8"]
@@ -341,15 +343,6 @@ def test_token_agreement_and_first_divergence():
     assert lesson.first_divergence([1, 2, 3], [1, 2]) == 2
     with pytest.raises(ValueError):
         lesson.token_agreement([], [1])
-
-
-def test_saved_for_backward_counts_activations_only_with_grad():
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-    inputs = torch.randn(3, 4)
-    with_grad = lesson.saved_for_backward_bytes(model, lambda: model(inputs))
-    assert with_grad >= inputs.nbytes + 3 * 8 * 4  # at least the input and the hidden activation, never weights
-    with torch.no_grad():
-        assert lesson.saved_for_backward_bytes(model, lambda: model(inputs)) == 0
 
 
 def test_settings_side_by_side_and_quick_is_smaller():

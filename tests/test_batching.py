@@ -5,7 +5,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from common.batching import batch_shapes, encoder_forward_flops, make_batches, padding_waste
+import torch
+from transformers import AutoTokenizer
+
+from common import models
+from common.batching import batch_shapes, encoder_forward_flops, make_batches, padded_batches, padding_waste
 
 
 def test_make_batches_sorted_and_in_order():
@@ -47,3 +51,16 @@ def test_encoder_forward_flops_by_hand():
     projections = 2 * 5 * (4 * 4 * 4 + 2 * 4 * 8)  # 1280
     attention = 2 * 2 * 5 * 5 * 4  # 400
     assert encoder_forward_flops(config, batch_size=3, seq_len=5) == 3 * 2 * (projections + attention)
+
+
+def test_padded_batches_pad_to_the_cap_or_to_each_batch_longest():
+    tokenizer = AutoTokenizer.from_pretrained(models.bundled_folder("all-MiniLM-L6-v2"))
+    texts = ["a b c d e f g", "hi", "one two three", "x"]
+    encoded = tokenizer(texts, truncation=True, max_length=16)
+    lengths = [len(ids) for ids in encoded["input_ids"]]
+    groups = make_batches(lengths, 2, sort_by_length=True)  # [[3, 1], [2, 0]]
+    dynamic = padded_batches(tokenizer, encoded, groups, None, torch.device("cpu"))
+    assert [tuple(b["input_ids"].shape) for b in dynamic] == [(2, max(lengths[i] for i in g)) for g in groups]
+    assert [b["attention_mask"].sum().item() for b in dynamic] == [sum(lengths[i] for i in g) for g in groups]
+    capped = padded_batches(tokenizer, encoded, groups, 16, torch.device("cpu"))
+    assert {tuple(b["input_ids"].shape) for b in capped} == {(2, 16)}

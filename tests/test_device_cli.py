@@ -85,3 +85,55 @@ def test_script_with_missing_cuda_exits_2_with_one_line_and_no_traceback():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "CUDA" in one_line_error(done.stderr)
+
+
+def test_thread_counts_cover_one_the_cores_and_oversubscription(monkeypatch):
+    monkeypatch.setattr(device.os, "cpu_count", lambda: 6)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert device.thread_counts() == [1, 2, 3, 4, 6, 12]
+    assert (device.thread_label(1), device.thread_label(4)) == ("1 thread", "4 threads")
+
+
+def test_with_threads_sets_the_count_on_every_call():
+    before = torch.get_num_threads()
+    try:
+        seen = device.with_threads(1, torch.get_num_threads)()
+        assert seen == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_device_offers_always_list_the_cpu_and_say_why_not_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    offers = {offer["backend"]: offer for offer in device.device_offers()}
+    assert list(offers) == ["cuda", "mps", "cpu"]
+    assert offers["cpu"]["available"] is True and offers["cuda"]["available"] is False
+    assert "torch" in offers["cuda"]["detail"]  # a CPU-only build or no visible GPU, said either way
+
+
+def test_compile_problem_names_the_missing_toolchain(monkeypatch):
+    monkeypatch.setattr(device.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    assert "no C++ compiler" in device.compile_problem(torch.device("cpu"))
+    assert "experimental" in device.compile_problem(torch.device("mps"))
+    monkeypatch.setattr(device.shutil, "which", lambda name: "/usr/bin/g++")
+    assert device.compile_problem(torch.device("cpu")) is None
+
+
+def test_matmul_peak_flops_is_two_n_cubed_over_the_median():
+    class Meter:  # a fixed median, so the arithmetic (2 n^3 multiply-adds counted as FLOPs) is what is checked
+        def measure(self, name, fn):
+            fn()
+            return type("M", (), {"stats": type("S", (), {"median": 0.5})})()
+
+    assert device.matmul_peak_flops(Meter(), 64, torch.device("cpu")) == 2 * 64**3 / 0.5
+
+
+def test_first_calls_time_every_batch_and_count_dynamo_graphs():
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: (x * 2).sum(), backend="eager")
+    batches = [{"x": torch.ones(2, 3)}, {"x": torch.ones(2, 3)}]  # the same shape twice: one graph, then reuse
+    seconds, graphs = device.first_calls(compiled, batches, torch.device("cpu"))
+    assert len(seconds) == 2 and all(s > 0 for s in seconds)
+    assert graphs == [1, 0] and device.compiled_graphs() >= 1
+    torch._dynamo.reset()

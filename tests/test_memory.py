@@ -42,3 +42,37 @@ def test_cleanup_frees_memory_held_only_by_a_reference_cycle():
     freed = cleanup()
     assert freed["rss_freed_bytes"] > 100 * MIB
     assert freed["cuda_reserved_freed_bytes"] == 0
+
+
+def test_saved_for_backward_counts_activations_only_with_grad():
+    import torch
+
+    from common.memory import saved_for_backward_bytes
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    inputs = torch.randn(3, 4)
+    with_grad = saved_for_backward_bytes(model, lambda: model(inputs))
+    assert with_grad >= inputs.nbytes + 3 * 8 * 4  # at least the input and the hidden activation, never weights
+    with torch.no_grad():
+        assert saved_for_backward_bytes(model, lambda: model(inputs)) == 0
+
+
+def test_peak_while_held_sees_an_output_that_is_gone_afterwards():
+    import torch
+
+    from common.memory import peak_while_held, resident_bytes
+
+    def hold() -> np.ndarray:
+        return np.ones(120 * MIB, dtype=np.uint8)  # 120 MiB, touched, alive only while held
+
+    assert peak_while_held(hold, torch.device("cpu")) > 100 * MIB
+    assert peak_while_held(lambda: None, torch.device("cpu")) < 20 * MIB
+    assert abs(resident_bytes(torch.device("cpu")) - rss_bytes()) < 20 * MIB  # off CUDA it is the process RSS
+
+
+def test_snapshot_rows_are_mib_against_the_first_step():
+    from common.memory import MemorySnapshot, snapshot_rows
+
+    rows = snapshot_rows([("start", MemorySnapshot(100 * MIB)), ("held", MemorySnapshot(160 * MIB, 2 * MIB, 4 * MIB))])
+    assert [row["rss_vs_start_mib"] for row in rows] == [0, 60]
+    assert (rows[1]["rss_mib"], rows[1]["cuda_allocated_mib"], rows[1]["cuda_reserved_mib"]) == (160, 2, 4)

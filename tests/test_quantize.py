@@ -73,7 +73,7 @@ def test_conv1d_to_linear_keeps_outputs_and_lets_int8_reach_every_matmul():
     with torch.inference_mode():
         before = model(ids).logits
     only_head = quantize.quantized_share(quantize.quantize_dynamic_int8(model, reduce_range=True))
-    assert only_head.int8_elements == 64 * 32  # lm_head alone: Conv1D is not an nn.Linear
+    assert only_head.quantized_elements == 64 * 32  # lm_head alone: Conv1D is not an nn.Linear
     assert only_head.of_matmul < 0.1
 
     assert quantize.conv1d_to_linear(model) == 4 * 2  # c_attn, c_proj, c_fc, mlp c_proj per block
@@ -120,5 +120,49 @@ def test_torchao_int8_quantises_every_linear_and_stays_close():
     model = tiny_bert()
     quantised = quantize.quantize_torchao_int8(model)
     assert quantize.quantized_share(quantised).of_matmul == 1.0
-    assert quantize.quantized_share(model).int8_elements == 0  # the original is untouched
+    assert quantize.quantized_share(model).quantized_elements == 0  # the original is untouched
     assert cosine_fidelity(embed_tokens(model), embed_tokens(quantised))["cosine_mean"] > 0.99
+
+
+def test_int8_dynamic_copies_and_reaches_gpt2_conv1d():
+    model = tiny_gpt2()
+    quantised = quantize.int8_dynamic(model, reduce_range=True)
+    assert quantize.quantized_share(quantised).of_matmul == 1.0  # Conv1D converted first, so every matmul is int8
+    assert quantize.quantized_share(model).quantized_elements == 0  # the original keeps its fp32 Conv1Ds
+    per_tensor = quantize.int8_dynamic(tiny_bert(), reduce_range=True, per_channel=False)
+    assert per_tensor.encoder.layer[0].attention.self.query.weight().qscheme() == torch.per_tensor_affine
+
+
+def test_bnb_compute_dtype_and_variant_availability():
+    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
+    assert (quantize.bnb_compute_dtype(cpu), quantize.bnb_compute_dtype(cuda)) == (torch.float32, torch.float16)
+    assert "CPU-only" in quantize.variant_unavailable("int8-dynamic", cuda)
+    assert quantize.variant_unavailable("int8-dynamic", cpu) is None
+    assert quantize.variant_unavailable("fp32", mps) is None
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        assert "MPS" in quantize.variant_unavailable("bnb-4bit", mps)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
+def test_bitsandbytes_4bit_counts_as_quantised_at_its_logical_size(tmp_path):
+    from transformers import BitsAndBytesConfig
+
+    tiny_bert().save_pretrained(tmp_path)
+    fp32_share = quantize.quantized_share(BertModel.from_pretrained(tmp_path))
+    four_bit = BertModel.from_pretrained(tmp_path, dtype=torch.float32, device_map="cpu", quantization_config=(
+        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)))
+    share = quantize.quantized_share(four_bit)
+    # two 4-bit values share a byte, but the share counts the matrices' own elements, as for fp32
+    assert share.matmul_elements == fp32_share.matmul_elements
+    assert share.of_matmul == 1.0 and fp32_share.of_matmul == 0.0
+
+
+def test_storage_columns_against_the_fp32_reference():
+    from common.memory import weights_bytes
+
+    model = tiny_bert()
+    reference = weights_bytes(model)
+    assert quantize.storage_columns(model, reference) == {"size_mib": reference / 2**20, "size_pct": 100.0,
+                                                           "quantized_share": 0.0}
+    int8 = quantize.storage_columns(quantize.int8_dynamic(model, reduce_range=True), reference)
+    assert int8["quantized_share"] == 1.0 and int8["size_pct"] < 100

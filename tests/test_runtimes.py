@@ -86,3 +86,19 @@ def test_a_missing_runtime_is_a_printable_reason(monkeypatch):
     monkeypatch.setattr(importlib, "import_module", without_onnxruntime)
     reason = runtimes.onnx_unavailable()
     assert "onnxruntime" in reason and "requirements.txt" in reason
+
+
+def test_peer_problems_refuse_a_folder_without_pooling_config(tmp_path, minilm):
+    folder, _, _ = minilm
+    without = runtimes.peer_problems(tmp_path)
+    if runtimes.sentence_transformers_unavailable() is None:
+        assert "no modules.json" in without[runtimes.SENTENCE_TRANSFORMERS]
+        assert runtimes.peer_problems(folder)[runtimes.SENTENCE_TRANSFORMERS] is None
+    assert without[runtimes.ONNX_FP32] is None and set(without) == set(runtimes.PEERS) == set(runtimes.PEER_SNIPPETS)
+
+
+def test_peer_builders_build_nothing_until_called(tmp_path, minilm):
+    folder, model, tokenizer = minilm
+    builders = runtimes.peer_builders(folder, model, tokenizer, torch.device("cpu"), tmp_path / "onnx", True)
+    assert list(builders) == list(runtimes.PEERS)
+    assert not (tmp_path / "onnx").exists()  # no export happens before a builder is called
