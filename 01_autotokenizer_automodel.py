@@ -5,9 +5,7 @@ check both paths agree and time them, then build custom pipelines on preprocess/
 
 import os
 import time
-import unicodedata
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,7 +15,6 @@ from transformers import AutoModel, AutoTokenizer, pipeline, set_seed
 from transformers.pipelines.base import pad_collate_fn
 
 from common import cli, memory, models, pipelines, plots, texts
-from common.errors import UserError
 from common.meter import Comparison, PerformanceMeter, median_ci
 from common.report import print_table
 
@@ -83,33 +80,10 @@ SPECIAL_TOKEN_PURPOSE = {
 }
 
 
-# ------------------------------------------------------------------------------------------- helpers
-
-
-def shorten(text: str, width: int = 38) -> str:
-    """One line of at most `width` characters, for tables and chart labels."""
-    flat = " ".join(text.split())
-    if not flat:
-        return "(empty)"
-    return flat if len(flat) <= width else flat[: width - 1] + "…"
-
-
-def report_truncation(tokenizer: Any, limit: int, documents: list[str]) -> list[dict]:
-    """Print, for every text longer than the model reads, how much truncation drops (never silent)."""
-    truncated = []
-    for text in documents:
-        total = len(tokenizer(text, verbose=False)["input_ids"])  # verbose=False: we report it ourselves
-        if total > limit:
-            truncated.append({"text": shorten(text, 30), "chars": len(text), "tokens": total, "kept": limit})
-            print(f"[truncated] {shorten(text, 30)!r} ({len(text):,} chars, {total:,} tokens): the model reads only "
-                  f"the first {limit} tokens; {1 - limit / total:.0%} of the text is ignored")
-    return truncated
-
-
 # --------------------------------------------------------------------------------------- 1. tokenizer
 
 
-def tokenizer_section(ctx: cli.Context, s: Settings, user_texts: list[str] | None) -> dict:
+def tokenizer_section(ctx: cli.Context, s: Settings, user_texts: list[str]) -> dict:
     """Models read integer ids, not text: see what the tokenizer keeps, drops and pads,
     and whether one batched call is faster than many single ones."""
     where = models.checkpoint("encoder", ctx.source)
@@ -138,7 +112,7 @@ def tokenizer_section(ctx: cli.Context, s: Settings, user_texts: list[str] | Non
     untruncated = [len(ids) for ids in tokenizer(PADDING_DEMO_TEXTS)["input_ids"]]
     for text, total in zip(PADDING_DEMO_TEXTS, untruncated):
         if total > PADDING_DEMO_MAX_LENGTH:
-            print(f"[truncated] {shorten(text)!r}: {total} tokens cut to {PADDING_DEMO_MAX_LENGTH}")
+            print(f"[truncated] {texts.shorten(text)!r}: {total} tokens cut to {PADDING_DEMO_MAX_LENGTH}")
 
     offsets = tokenizer(OFFSETS_DEMO_TEXT, return_offsets_mapping=True)
     offset_rows = [{"token": token, "span": f"{start}-{end}",
@@ -147,10 +121,10 @@ def tokenizer_section(ctx: cli.Context, s: Settings, user_texts: list[str] | Non
     print_table(offset_rows, title=f"Offsets mapping: each token points back at characters of {OFFSETS_DEMO_TEXT!r}")
 
     cases = EDGE_CASES + [("Over-long", " ".join(texts.SENTENCES * OVERLONG_REPEATS))]
-    cases += [(f"--text {i + 1}", text) for i, text in enumerate((user_texts or [])[:MAX_USER_TEXTS_SHOWN])]
+    cases += [(f"--text {i + 1}", text) for i, text in enumerate(user_texts)]
     round_trip = [round_trip_row(tokenizer, label, text) for label, text in cases]
     print_table(round_trip, title="Round trip decode(encode(text)): exact, lossless after normalisation, what is lost")
-    truncated = report_truncation(tokenizer, tokenizer.model_max_length, [text for _, text in cases])
+    truncated = texts.report_truncation(tokenizer, [text for _, text in cases])
 
     throughput = tokenisation_throughput(ctx, s, tokenizer)
     return {"walkthrough": {"text": WALKTHROUGH_TEXT, "tokens": encoded.tokens(), "input_ids": encoded["input_ids"]},
@@ -165,31 +139,11 @@ def round_trip_row(tokenizer: Any, label: str, text: str) -> dict:
     decoded = tokenizer.decode(ids, skip_special_tokens=True)
     normaliser = tokenizer.backend_tokenizer.normalizer  # lower-casing, accent stripping, ... before splitting
     normalised = normaliser.normalize_str(text) if normaliser else text
-    return {"case": label, "text": shorten(text, 30), "chars": len(text), "tokens": total, "kept": len(ids),
+    return {"case": label, "text": texts.shorten(text, 30), "chars": len(text), "tokens": total, "kept": len(ids),
             "exact": decoded == text,
             # lossless up to normalisation: same characters as the normaliser's output, ignoring spaces
             "lossless_after_norm": "".join(decoded.split()) == "".join(normalised.split()),
-            "lost": lost_in_round_trip(text, decoded, ids, tokenizer, total > len(ids))}
-
-
-def lost_in_round_trip(text: str, decoded: str, ids: list[int], tokenizer: Any, truncated: bool) -> str:
-    """Name what decode(encode(text)) could not give back: case, accents, unknown characters, spacing, length."""
-    def has_accents(value: str) -> bool:
-        return any(unicodedata.category(c) == "Mn" for c in unicodedata.normalize("NFD", value))
-
-    losses = []
-    if any(c.isupper() for c in text) and not any(c.isupper() for c in decoded):
-        losses.append("lower-cased")
-    if has_accents(text) and not has_accents(decoded):
-        losses.append("accents stripped")
-    unknown = ids.count(tokenizer.unk_token_id) if tokenizer.unk_token_id is not None else 0
-    if unknown:
-        losses.append(f"{unknown} [UNK] (characters dropped)")
-    if truncated:
-        losses.append("truncated")
-    if not losses and decoded != text:
-        losses.append("spacing around punctuation")
-    return ", ".join(losses) or "-"
+            "lost": texts.round_trip_losses(text, decoded, ids.count(tokenizer.unk_token_id), total > len(ids))}
 
 
 def tokenisation_throughput(ctx: cli.Context, s: Settings, tokenizer: Any) -> dict:
@@ -227,7 +181,7 @@ def tokenisation_throughput(ctx: cli.Context, s: Settings, tokenizer: Any) -> di
 # --------------------------------------------------------------------------------------- 2. AutoModel
 
 
-def automodel_section(ctx: cli.Context, s: Settings, user_texts: list[str] | None) -> dict:
+def automodel_section(ctx: cli.Context, s: Settings, user_texts: list[str]) -> dict:
     """tokenizer -> model -> vectors, step by step: the shape of the output
     and how pooling turns token vectors into one sentence vector."""
     where = models.checkpoint("encoder", ctx.source)
@@ -235,8 +189,8 @@ def automodel_section(ctx: cli.Context, s: Settings, user_texts: list[str] | Non
     tokenizer = AutoTokenizer.from_pretrained(where.path)
     model = AutoModel.from_pretrained(where.path, dtype=torch.float32, device_map=ctx.device)
     ctx.record(where.info(model, time.perf_counter() - started))
-    sentences = SIMILARITY_TEXTS + (user_texts or [])[:MAX_USER_TEXTS_SHOWN]
-    report_truncation(tokenizer, tokenizer.model_max_length, sentences)
+    sentences = SIMILARITY_TEXTS + user_texts
+    texts.report_truncation(tokenizer, sentences)
 
     batch = tokenizer(sentences, padding=True, truncation=True, return_tensors="pt").to(model.device)
     with torch.inference_mode():  # no autograd graph is recorded: inference needs no gradients
@@ -260,7 +214,7 @@ def automodel_section(ctx: cli.Context, s: Settings, user_texts: list[str] | Non
     print_table([{"": label, **{other: float(similarity[i, j]) for j, other in enumerate(labels)}}
                  for i, label in enumerate(labels)], title="Cosine similarity (1 = same direction, 0 = unrelated)")
     for label, text in zip(labels, sentences):
-        print(f"  {label}: {shorten(text, 70)}")
+        print(f"  {label}: {texts.shorten(text, 70)}")
     related = [float(similarity[i, j]) for i, j in RELATED_PAIRS]
     unrelated = [float(similarity[i, j]) for i, j in UNRELATED_PAIRS]
     ordering_ok = min(related) > max(unrelated)
@@ -268,7 +222,7 @@ def automodel_section(ctx: cli.Context, s: Settings, user_texts: list[str] | Non
           + (f"every related pair beats every unrelated one by at least {min(related) - max(unrelated):.3f}"
              if ordering_ok else "WARNING: an unrelated pair scores as high as a related one"))
     plot_similarity_heatmap(ctx, similarity, labels, sentences)
-    return {"hidden_shape": [texts_n, positions, width], "sentences": [shorten(text, 60) for text in sentences],
+    return {"hidden_shape": [texts_n, positions, width], "sentences": [texts.shorten(text, 60) for text in sentences],
             "similarity": similarity.numpy(), "related": related, "unrelated": unrelated,
             "related_min": min(related), "unrelated_max": max(unrelated), "ordering_ok": ordering_ok,
             "mask_effect_max_abs": mask_effect}
@@ -277,7 +231,7 @@ def automodel_section(ctx: cli.Context, s: Settings, user_texts: list[str] | Non
 # ---------------------------------------------------------------------------------------- 3. pipeline()
 
 
-def pipeline_section(ctx: cli.Context, s: Settings, user_texts: list[str] | None) -> dict:
+def pipeline_section(ctx: cli.Context, s: Settings, user_texts: list[str]) -> dict:
     """The same jobs in one line each: the pipeline hides tokenising,
     batching and decoding."""
     encoder = ctx.load("encoder")
@@ -295,11 +249,11 @@ def pipeline_section(ctx: cli.Context, s: Settings, user_texts: list[str] | None
     print("classifier: " + ("the real SST-2 fine-tuned DistilBERT from the Hub" if info.source == "hub" else
                             "offline stand-in (bundled MiniLM + nearest example sentences), not a fine-tuned sentiment "
                             "model; with the Hub this role is the real SST-2 DistilBERT"))
-    inputs = [text for text, _ in SENTIMENT_CHECKS] + (user_texts or [])[:MAX_USER_TEXTS_SHOWN]
-    report_truncation(clf.tokenizer, clf.tokenizer.model_max_length, inputs)
+    inputs = [text for text, _ in SENTIMENT_CHECKS] + user_texts
+    texts.report_truncation(clf.tokenizer, inputs)
     predictions = clf(inputs, truncation=True)
     expected = [label for _, label in SENTIMENT_CHECKS] + [None] * (len(inputs) - len(SENTIMENT_CHECKS))
-    rows = [{"text": shorten(text, 44), "label": p["label"], "score": p["score"], "expected": want or "-"}
+    rows = [{"text": texts.shorten(text, 44), "label": p["label"], "score": p["score"], "expected": want or "-"}
             for text, p, want in zip(inputs, predictions, expected)]
     print_table(rows, title=f"Sentiment with {info.label} (source={info.source})")
     correct = sum(p["label"] == want for p, want in zip(predictions, expected) if want)
@@ -342,7 +296,7 @@ def generation_demo(ctx: cli.Context, s: Settings) -> dict:
 # ---------------------------------------------------------------------------------- 4. manual vs pipeline
 
 
-def manual_vs_pipeline_section(ctx: cli.Context, s: Settings, user_texts: list[str] | None) -> dict:
+def manual_vs_pipeline_section(ctx: cli.Context, s: Settings, user_texts: list[str]) -> dict:
     """Convenience should not change answers; it may cost time.
     Both are checked here, on the same inputs."""
     encoder = ctx.load("encoder")
@@ -384,10 +338,10 @@ def manual_vs_pipeline_section(ctx: cli.Context, s: Settings, user_texts: list[s
 
 
 def check_agreement(ctx: cli.Context, encoder: models.LoadedModel, extractor: Any,
-                    user_texts: list[str] | None) -> dict:
+                    user_texts: list[str]) -> dict:
     """Embeddings and classifier labels, by hand and by pipeline, must agree number for number (else raise)."""
-    sentences = texts.SENTENCES + (user_texts or [])[:MAX_USER_TEXTS_SHOWN]
-    report_truncation(encoder.tokenizer, encoder.tokenizer.model_max_length, sentences)
+    sentences = texts.SENTENCES + user_texts
+    texts.report_truncation(encoder.tokenizer, sentences)
     token_counts = [len(ids) for ids in encoder.tokenizer(sentences, truncation=True)["input_ids"]]
     manual = manual_embeddings(encoder, sentences)
     piped = pipeline_embeddings(extractor, sentences, token_counts, PIPELINE_BATCH_SIZE)
@@ -401,7 +355,7 @@ def check_agreement(ctx: cli.Context, encoder: models.LoadedModel, extractor: An
     ctx.record(info)
     by_hand = manual_labels(clf, sentences)
     by_pipeline = [p["label"] for p in clf(sentences, batch_size=PIPELINE_BATCH_SIZE, truncation=True)]
-    mismatches = [(shorten(t), a, b) for t, a, b in zip(sentences, by_hand, by_pipeline) if a != b]
+    mismatches = [(texts.shorten(t), a, b) for t, a, b in zip(sentences, by_hand, by_pipeline) if a != b]
     print(f"labels from {info.label}, by hand vs pipeline: {len(sentences) - len(mismatches)}/{len(sentences)} equal")
     if mismatches:
         raise AssertionError(f"labels differ between manual and pipeline paths: {mismatches}")
@@ -438,9 +392,8 @@ def manual_labels(clf: Any, sentences: list[str]) -> list[str]:
 def overhead_breakdown(ctx: cli.Context, s: Settings, encoder: models.LoadedModel, extractor: Any,
                        whole: Comparison) -> dict:
     """Time the steps that differ between the two paths on the largest batch: tokenising and padding."""
-    largest = max(BATCH_SIZES)
+    largest, tokenizer = max(BATCH_SIZES), encoder.tokenizer
     batch_texts = texts.repeated_sentences(largest)
-    tokenizer = encoder.tokenizer
     collate = pad_collate_fn(tokenizer, None)  # what the pipeline's DataLoader uses to stack items into a batch
     items = [extractor.preprocess(text, truncation=True) for text in batch_texts]
     manual_batch = tokenizer(batch_texts, padding=True, truncation=True, return_tensors="pt")
@@ -451,16 +404,15 @@ def overhead_breakdown(ctx: cli.Context, s: Settings, encoder: models.LoadedMode
         "tokenise batched": lambda: tokenizer(batch_texts, padding=True, truncation=True, return_tensors="pt"),
         "collate": lambda: collate(items),
     }, items=largest)
-    per_text, batched, padding = (parts.measurements[name].median_ms
-                                  for name in ("tokenise per text", "tokenise batched", "collate"))
-    manual_ms, pipeline_ms = whole.measurements["manual"].median_ms, whole.measurements["pipeline"].median_ms
+    ms = {name: m.median_ms for name, m in {**parts.measurements, **whole.measurements}.items()}
+    per_text, batched, padding = ms["tokenise per text"], ms["tokenise batched"], ms["collate"]
     breakdown = [{"part": part, "manual_ms": by_hand, "pipeline_ms": piped, "extra_ms": piped - by_hand}
                  for part, by_hand, piped in [
-                     ("whole call", manual_ms, pipeline_ms),
+                     ("whole call", ms["manual"], ms["pipeline"]),
                      ("tokenise (batched vs one call per text)", batched, per_text),
                      ("pad items into a batch (collate)", 0.0, padding),
-                     ("rest: forward, DataLoader, unbatching, postprocess", manual_ms - batched,
-                      pipeline_ms - per_text - padding)]]
+                     ("rest: forward, DataLoader, unbatching, postprocess", ms["manual"] - batched,
+                      ms["pipeline"] - per_text - padding)]]
     print_table(breakdown, title=f"Where the pipeline's extra time goes at batch {largest} (the model gets "
                                  "identical padded input_ids on both paths)")
     print("The pipeline calls the tokenizer once per text, pads the items itself (collate), then runs a DataLoader "
@@ -468,12 +420,10 @@ def overhead_breakdown(ctx: cli.Context, s: Settings, encoder: models.LoadedMode
     tokenising = parts.sentence("tokenise batched", "tokenise per text")
     print(f"tokenising: {tokenising}; collate adds {padding:.2f} ms")
     rest = breakdown[3]["extra_ms"]
-    if whole.verdict("manual", "pipeline") == "same":
-        print(f"The whole calls at batch {largest} show no measurable difference, so the rest's {rest:+.1f} ms is "
-              "within this run's noise.")
-    else:
-        print(f"The whole calls at batch {largest} differ measurably; after tokenising and collating, the rest of "
-              f"the difference is {rest:+.1f} ms.")
+    print(f"The whole calls at batch {largest} show no measurable difference, so the rest's {rest:+.1f} ms is "
+          "within this run's noise." if whole.verdict("manual", "pipeline") == "same" else
+          f"The whole calls at batch {largest} differ measurably; after tokenising and collating, the rest of "
+          f"the difference is {rest:+.1f} ms.")
     return {"overhead_breakdown": breakdown, "overhead_parts": parts.rows(), "tokenising_sentence": tokenising,
             "tokenising_verdict": parts.verdict("tokenise batched", "tokenise per text")}
 
@@ -487,16 +437,13 @@ def custom_pipelines_section(ctx: cli.Context, s: Settings) -> dict:
     encoder = ctx.load("encoder")
     similarity = pipeline(task=pipelines.SENTENCE_SIMILARITY, model=encoder.model, tokenizer=encoder.tokenizer)
     reference = pipelines.embed(encoder.model, encoder.tokenizer, SIMILARITY_TEXTS)
-    scores = []
-    for kind, pairs in [("related", RELATED_PAIRS), ("unrelated", UNRELATED_PAIRS)]:
-        for i, j in pairs:
-            score = similarity({"text": SIMILARITY_TEXTS[i], "text_pair": SIMILARITY_TEXTS[j]})["score"]
-            scores.append({"pair": f"S{i + 1}-S{j + 1}", "kind": kind, "score": score,
-                           "by_hand": float(reference[i] @ reference[j])})
+    scores = [{"pair": f"S{i + 1}-S{j + 1}", "kind": kind,
+               "score": similarity({"text": SIMILARITY_TEXTS[i], "text_pair": SIMILARITY_TEXTS[j]})["score"],
+               "by_hand": float(reference[i] @ reference[j])}
+              for kind, pairs in [("related", RELATED_PAIRS), ("unrelated", UNRELATED_PAIRS)] for i, j in pairs]
     print_table(scores, title='pipeline(task="sentence-similarity") on the section-2 sentences')
-    related = [row["score"] for row in scores if row["kind"] == "related"]
-    unrelated = [row["score"] for row in scores if row["kind"] == "unrelated"]
-    ordering_ok = min(related) > max(unrelated)
+    ordering_ok = (min(row["score"] for row in scores if row["kind"] == "related")
+                   > max(row["score"] for row in scores if row["kind"] == "unrelated"))
     agreement = max(abs(row["score"] - row["by_hand"]) for row in scores)
     print(f"related > unrelated: {'yes' if ordering_ok else 'NO'}; largest difference from the by-hand cosine "
           f"{agreement:.1e}")
@@ -508,10 +455,8 @@ def custom_pipelines_section(ctx: cli.Context, s: Settings) -> dict:
     t2t_kwargs = {"prefix": "summarize: ", "max_new_tokens": s.text_to_text_tokens}
     output = text_to_text(TEXT_TO_TEXT_INPUT, **t2t_kwargs)
     print(f'\npipeline(task="text-to-text") with {where.label}: {output["output_tokens"]} output tokens')
-    if where.meaningful:
-        print(f"  summary: {output['generated_text']!r}")
-    else:
-        print("(twin: random weights, its text is noise and is not shown; the call proves the plumbing and timing)")
+    print(f"  summary: {output['generated_text']!r}" if where.meaningful else
+          "(twin: random weights, its text is noise and is not shown; the call proves the plumbing and timing)")
 
     meter = ctx.meter(warmup=s.warmup)
     similarity_stages, similarity_glue = time_stages(meter, similarity, "sentence-similarity",
@@ -574,15 +519,9 @@ def plot_similarity_heatmap(ctx: cli.Context, similarity: torch.Tensor, labels: 
     """The cosine-similarity matrix as a heat-map with the values written in."""
     fig, ax = plots.figure("Related sentences score higher (cosine similarity)", "sentence", "sentence",
                            size=(6.5 + 0.4 * len(sentences), 5 + 0.3 * len(sentences)))
-    image = ax.imshow(similarity.numpy(), cmap="viridis", vmin=min(0.0, float(similarity.min())), vmax=1.0)
-    ax.set_xticks(range(len(labels)), labels)
-    ax.set_yticks(range(len(labels)), [f"{label}: {shorten(text, 22)}" for label, text in zip(labels, sentences)])
-    ax.grid(False)
-    for i in range(len(labels)):
-        for j in range(len(labels)):
-            value = float(similarity[i, j])
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="black" if value > 0.6 else "white")
-    fig.colorbar(image, ax=ax, label="cosine similarity")
+    plots.annotated_heatmap(fig, ax, similarity.numpy(), labels,
+                            [f"{label}: {texts.shorten(text, 22)}" for label, text in zip(labels, sentences)],
+                            "cosine similarity")
     ctx.report.add_chart(plots.save(fig, ctx.out_dir, "similarity_heatmap"))
 
 
@@ -601,50 +540,23 @@ def plot_manual_vs_pipeline(ctx: cli.Context, timings: list[dict]) -> None:
     ctx.report.add_chart(plots.save(fig, ctx.out_dir, "manual_vs_pipeline_latency"))
 
 
-def read_user_texts(args) -> list[str] | None:
-    """The user's --text and --text-file sentences (blank lines dropped), None when neither was given."""
-    if args.text is None and args.text_file is None:
-        return None
-    given = list(args.text or [])
-    if args.text_file is not None:
-        path = args.text_file
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            raise UserError(f"--text-file {path}: no such file") from None
-        except OSError as error:
-            raise UserError(f"--text-file {path}: cannot read it ({error.strerror or error})") from None
-        try:
-            given += raw.decode("utf-8-sig").splitlines()
-        except UnicodeDecodeError as error:
-            raise UserError(f"--text-file {path} is not UTF-8 text (byte 0x{raw[error.start]:02x} at offset "
-                            f"{error.start}); save it as UTF-8, one text per line") from None
-    kept = [text.strip() for text in given if text.strip()]
-    if not kept:
-        raise UserError("no text to work on: --text/--text-file gave only empty lines; pass at least one sentence")
-    return kept
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = cli.base_parser(__doc__)
-    parser.add_argument("--text", action="append", default=None,
-                        help="a sentence of your own (repeat the option for several)")
-    parser.add_argument("--text-file", type=Path, default=None, help="a UTF-8 file with one text per line")
+    cli.add_text_options(parser)
     args = parser.parse_args(argv)
-    user_texts = read_user_texts(args)
+    given = cli.read_user_texts(args) or []
     ctx = cli.start(__file__, args)
     s = ctx.pick(FULL, QUICK)
-    if user_texts:
-        print(f"your texts: {len(user_texts)}" + (f" (the lesson uses the first {MAX_USER_TEXTS_SHOWN})"
-                                                  if len(user_texts) > MAX_USER_TEXTS_SHOWN else ""))
-    report = ctx.report
+    if given:
+        print(f"your texts: {len(given)}" + (f" (the lesson uses the first {MAX_USER_TEXTS_SHOWN})"
+                                             if len(given) > MAX_USER_TEXTS_SHOWN else ""))
     for title, section in [("1. Tokenizer encode/decode", tokenizer_section),
                            ("2. AutoModel by hand", automodel_section), ("3. pipeline()", pipeline_section),
                            ("4. Manual vs pipeline", manual_vs_pipeline_section)]:
-        report.run_section(title, section.__doc__, section, ctx, s, user_texts)
-    report.run_section("5. Custom pipelines", custom_pipelines_section.__doc__, custom_pipelines_section, ctx, s)
+        ctx.report.run_section(title, section.__doc__, section, ctx, s, given[:MAX_USER_TEXTS_SHOWN])
+    ctx.report.run_section("5. Custom pipelines", custom_pipelines_section.__doc__, custom_pipelines_section, ctx, s)
     memory.cleanup()
-    return report.finish()
+    return ctx.report.finish()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 from torch.utils.benchmark import Timer
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, pipeline
@@ -22,9 +21,10 @@ from transformers.utils import logging as hf_logging
 from common import cli, models, pipelines, plots, runs, texts
 from common.calibration import calibrate
 from common.device import mps_available
-from common.memory import MIB, CudaPeak, PeakRSSSampler, cleanup, rss_bytes, weights_bytes
-from common.meter import SAME_BAND, Measurement, PerformanceMeter, measure_generation
+from common.memory import MIB, CudaPeak, PeakRSSSampler, cleanup, weights_bytes
+from common.meter import SAME_BAND, PerformanceMeter, measure_generation
 from common.report import REPORT_VERSION, print_table
+from common.sweep import find_knee, fitting_batches
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,6 @@ INSTRUMENT_TOLERANCE = 0.05  # meter and Timer agree when their ratio's interval
 TASK_TEXTS = 8  # texts per call for the encoder-style tasks
 PROMPT = "The best way to measure the speed of a language model is"
 MEMORY_FRACTION = 0.5  # stop the sweep before a batch is predicted to need more than this share of free memory
-MIN_KNEE_BEND = 0.1  # a curve must bulge this far (in normalised units) above its chord to have a knee
 SEED_INPUT_TOKENS = 128
 SEED_MODELS = {"distilbert-base-uncased": "DistilBERT", "bert-base-uncased": "BERT-base"}
 # The seed write-up's "typical performance (example system)" table: another machine, input shape not given.
@@ -63,25 +62,6 @@ SCRIPT = Path(__file__).stem
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def result_row(m: Measurement, **labels) -> dict:
-    """Measurement.row plus the tail (p99 only from 100 samples), the median's interval, peaks and raw samples."""
-    s, on_cuda = m.stats, "cuda" in str(labels.get("device"))
-    return {**m.row(**labels), "p90_ms": s.p90 * 1e3, "p99_ms": None if s.p99 is None else s.p99 * 1e3,
-            "max_ms": s.max * 1e3, "ci95_low_ms": s.ci95_low * 1e3, "ci95_high_ms": s.ci95_high * 1e3,
-            "ci_coverage": s.ci_coverage, "peak_rss_mib": m.peak_rss_bytes / MIB,
-            "working_rss_mib": m.peak_rss_delta_bytes / MIB,
-            "cuda_alloc_mib": m.peak_cuda_allocated_bytes / MIB if on_cuda else None,
-            "cpu_util_pct": m.cpu_util_pct, "gpu_util_pct": m.gpu_util_pct,
-            "samples_ms": [sample * 1e3 for sample in m.samples_s]}  # --compare judges a change from these
-
-
-def warn_if_noisy(*measurements: Measurement) -> None:
-    """Print the meter's noise warnings, so a reader knows which numbers to distrust."""
-    for m in measurements:
-        for warning in m.warnings:
-            print(f"[noise] {warning}")
-
-
 def available_devices() -> tuple[list[torch.device], dict[str, str]]:
     """Every device this torch can run on (CPU always), and why each missing one is missing."""
     present = {"cuda": torch.cuda.is_available(), "mps": mps_available()}
@@ -89,25 +69,6 @@ def available_devices() -> tuple[list[torch.device], dict[str, str]]:
            "mps": "Apple's MPS backend is not available (it exists only on Apple-silicon Macs)"}
     return ([torch.device("cpu")] + [torch.device(kind) for kind, here in present.items() if here],
             {kind: why[kind] for kind, here in present.items() if not here})
-
-
-def find_knee(xs: list[float], ys: list[float]) -> float | None:
-    """The x where y stops growing in proportion, or None for a curve without a clear bend.
-
-    Kneedle on a log2 x axis (batch sizes double): normalise both axes to [0, 1], draw the chord from the first
-    to the last point, and return the point that bulges furthest above it, if it bulges at least MIN_KNEE_BEND.
-    """
-    if len(xs) != len(ys) or len(xs) < 3 or min(xs) <= 0:
-        return None
-    x = np.log2(np.asarray(xs, dtype=float))
-    y = np.asarray(ys, dtype=float)
-    if x[-1] == x[0] or y.max() == y.min():
-        return None
-    x_norm = (x - x[0]) / (x[-1] - x[0])
-    y_norm = (y - y.min()) / (y.max() - y.min())
-    bulge = y_norm - (y_norm[0] + (y_norm[-1] - y_norm[0]) * x_norm)
-    best = int(np.argmax(bulge))
-    return xs[best] if bulge[best] >= MIN_KNEE_BEND else None
 
 
 def classifier_pipeline(ctx: cli.Context):
@@ -148,14 +109,15 @@ def meet_the_meter_section(ctx: cli.Context) -> dict:
     print(f"  median CI     {s.ci_text()} (exact order statistics, no normality assumed)")
     print(f"  noise         IQR {s.iqr * 1e3:.2f} ms = {s.iqr / s.median:.1%} of the median; above 10% the meter "
           f"warns: {'WARNED' if m.noisy else 'quiet enough'}")
-    warn_if_noisy(m)
+    for warning in m.warnings:
+        print(f"[noise] {warning}")
 
     overhead_s = meter.overhead_per_call_s(OVERHEAD_RUNS)
     print(f"\nmeter overhead: {overhead_s * 1e6:.2f} µs per timed call (an empty function, {OVERHEAD_RUNS} calls; "
           f"target < {OVERHEAD_TARGET_S * 1e6:.0f} µs: {'OK' if overhead_s < OVERHEAD_TARGET_S else 'OVER'}) "
           f"= 1/{s.median / overhead_s:,.0f} of this call's median")
-    row = result_row(m, measurement="one pipeline call", model=loaded.info.label, device=str(ctx.device),
-                     batch=len(batch))
+    row = runs.result_row(m, measurement="one pipeline call", model=loaded.info.label, device=str(ctx.device),
+                          batch=len(batch))
     ctx.report.add_rows("1. Meet the meter", [row])
     return {"workload": workload, "measurement": row, "meter_overhead_us": overhead_s * 1e6,
             "overhead_target_us": OVERHEAD_TARGET_S * 1e6, "overhead_ok": overhead_s < OVERHEAD_TARGET_S,
@@ -176,12 +138,10 @@ def instrument_check(ctx: cli.Context, meter: PerformanceMeter, call, workload: 
         timer_samples += block.times
         per_block.add(block.number_per_run)
     ratio, low, high, coverage = runs.ratio_interval(timer_samples, meter_samples)  # meter / Timer
-    band = 1 + INSTRUMENT_TOLERANCE
-    verdict = ("agree" if 1 / band <= low and high <= band else "disagree" if (low > 1 or high < 1) and
-               max(ratio, 1 / ratio) > band else "inconclusive")
+    verdict = runs.agreement(ratio, low, high, INSTRUMENT_TOLERANCE)
     meter_ms, timer_ms = float(np.median(meter_samples)) * 1e3, float(np.median(timer_samples)) * 1e3
-    print(f"\ninstrument check, {s.instrument_rounds} alternating rounds: PerformanceMeter.measure median {meter_ms:.3g} "
-          f"ms of {len(meter_samples)} calls; torch Timer.blocked_autorange median {timer_ms:.3g} ms of "
+    print(f"\ninstrument check, {s.instrument_rounds} alternating rounds: PerformanceMeter.measure median "
+          f"{meter_ms:.3g} ms of {len(meter_samples)} calls; torch Timer.blocked_autorange median {timer_ms:.3g} ms of "
           f"{len(timer_samples)} blocks of {'/'.join(map(str, sorted(per_block)))} call(s) (a block's mean)")
     print(f"meter / Timer median: {ratio:.3f} (interval {low:.3f}-{high:.3f}, {coverage:.0%} coverage) -> " + {
         "agree": "they agree within 5%",
@@ -224,22 +184,22 @@ def load_time_section(ctx: cli.Context) -> list[dict]:
     print("cold = first load of that checkpoint in this process (section 1 already imported the loading code), warm = "
           "the same load again; both may read the OS page cache. One load each: cold/warm is one ratio, not a verdict."
           f"\npeak RSS delta (kernel high-water mark minus RSS before) exceeded the weights in {len(above)} of "
-          f"{len(table)} cold loads{': ' + ', '.join(above) if above else ''}; below them, the allocator reused memory.")
+          f"{len(table)} cold loads{': ' + ', '.join(above) if above else ''}; below them, the allocator reused "
+          "memory.")
     return table
 
 
 def bench_texts(ctx: cli.Context, meter: PerformanceMeter, task: str) -> dict:
     """The encoder embedding, or the classifier labelling, one batch of everyday sentences."""
-    batch, options = texts.repeated_sentences(TASK_TEXTS), {}
+    batch = texts.repeated_sentences(TASK_TEXTS)
     if task == "feature-extraction":
         loaded, options = ctx.load("encoder"), {"return_tensors": True}  # tensors out: no conversion to lists
-        run, label = pipeline(task, model=loaded.model, tokenizer=loaded.tokenizer), loaded.info.label
+        run, info = pipeline(task, model=loaded.model, tokenizer=loaded.tokenizer), loaded.info
     else:
-        run, info = classifier_pipeline(ctx)
-        label = info.label
+        (run, info), options = classifier_pipeline(ctx), {}
     m = meter.measure(task, lambda: run(batch, batch_size=len(batch), **options), items=len(batch),
                       tokens=texts.count_tokens(run.tokenizer, batch, truncation=True))
-    return {"task": task, "model": label, "per_call": f"{len(batch)} texts", "tokens_counted": "input",
+    return {"task": task, "model": info.label, "per_call": f"{len(batch)} texts", "tokens_counted": "input",
             "weights_mib": weights_bytes(run.model) / MIB, "measurements": [m]}
 
 
@@ -287,7 +247,7 @@ def task_section(ctx: cli.Context) -> dict:
     """Four pipeline tasks, four models, one meter: tail latency, throughput in texts and real tokens,
     and the memory each one holds; a failing task is recorded and the others go on."""
     section, meter = "3. Task benchmarks", ctx.meter()
-    tasks, samples, generation = [], {}, None
+    tasks, generation = [], None
     benches = {"feature-extraction": bench_texts, "text-classification": bench_texts,
                "text-generation": bench_text_generation, "text-to-text": bench_text_to_text}
     for name, bench in benches.items():
@@ -302,16 +262,17 @@ def task_section(ctx: cli.Context) -> dict:
             cleanup()
         *first, m = result.pop("measurements")  # generation also measured its first token alone
         generation = result.pop("generation", generation)
-        rows = [result_row(x, measurement=f"{name} ({per_call})", model=result["model"], device=str(ctx.device))
+        rows = [runs.result_row(x, measurement=f"{name} ({per_call})", model=result["model"], device=str(ctx.device))
                 for x, per_call in zip([*first, m], ["1 prompt, 1 new token"] * len(first) + [result["per_call"]])]
-        warn_if_noisy(*first, m)
+        for warning in [w for x in (*first, m) for w in x.warnings]:
+            print(f"[noise] {warning}")
         ctx.report.add_rows(section, rows)
         tasks.append({**result, **rows[-1]})
-        samples[name] = rows[-1]["samples_ms"]
     if not tasks:
         raise RuntimeError("every task failed")
     print_table(tasks, ["task", "model", "per_call", "runs", "p50_ms", "p90_ms", "p99_ms", "max_ms", "items_per_s",
-                        "tokens_per_s", "tokens_counted", "noisy"], title=f"Task latency and throughput on {ctx.device}")
+                        "tokens_per_s", "tokens_counted", "noisy"],
+                title=f"Task latency and throughput on {ctx.device}")
     print("throughput = work per call / median call; tokens/s counts real tokens only: input tokens without padding "
           "for the encoder tasks, generated tokens for the generation tasks. p99 needs 100 samples (else '-': max).")
     print_table(tasks, ["task", "weights_mib", "working_rss_mib", "peak_rss_mib", "cuda_alloc_mib", "cpu_util_pct",
@@ -321,35 +282,20 @@ def task_section(ctx: cli.Context) -> dict:
     if generation:
         print_table([generation], title="Generation latency (greedy; medians of 1-token and N-token calls; its "
                                         "tokens/s is in the table above)")
-    save_chart(ctx, "latency_per_task", draw_latency, tasks, samples)
-    save_chart(ctx, "memory_per_task", draw_memory, tasks)
-    return {"tasks": tasks, "generation": generation, "latency_samples_ms": samples}
+    outcome = {"tasks": tasks, "generation": generation,
+               "latency_samples_ms": {task["task"]: task["samples_ms"] for task in tasks}}
+    ctx.report.add_chart(plots.chart(ctx.out_dir, "latency_per_task", draw_latency, outcome))
+    ctx.report.add_chart(plots.chart(ctx.out_dir, "memory_per_task", draw_memory, outcome))
+    return outcome
 
 
-def fitting_batches(ctx: cli.Context, call, sizes: tuple[int, ...]) -> tuple[list[int], str | None]:
-    """One call per batch size, smallest first, until the next size is predicted (linearly) not to fit in memory."""
-    fits, baseline = [], rss_bytes()
-    for size, next_size in zip(sizes, sizes[1:] + (0,)):
-        try:
-            with CudaPeak(ctx.device) as cuda, PeakRSSSampler() as rss:
-                call(texts.repeated_sentences(size))
-        except torch.OutOfMemoryError:
-            cleanup()
-            return fits, f"batch {size} ran out of device memory"
-        fits.append(size)
-        # RSS only grows while the allocator keeps freed blocks, so on CPU this overestimates: the safe side
-        on_cuda = ctx.device.type == "cuda"
-        need = max(cuda.delta_bytes if on_cuda else rss.peak_bytes - baseline, 0) * next_size / size
-        free = torch.cuda.mem_get_info(ctx.device)[0] if on_cuda else psutil.virtual_memory().available
-        if need > MEMORY_FRACTION * free:
-            return fits, (f"batch {next_size} would need about {need / MIB:,.0f} MiB, more than "
-                          f"{MEMORY_FRACTION:.0%} of the {free / MIB:,.0f} MiB free")
-    return fits, None
-
-
-def sweep_one(ctx: cli.Context, role: str, label: str, call, tokenizer) -> dict:
+def sweep_one(ctx: cli.Context, role: str, label: str, pipe, **options) -> dict:
     """Time every batch size that fits round-robin, and find where throughput stops paying for latency."""
-    sizes, stop_reason = fitting_batches(ctx, call, ctx.pick(FULL, QUICK).sweep_batches)
+    def call(batch: list[str]):
+        return pipe(batch, batch_size=len(batch), **options)
+
+    sizes, stop_reason = fitting_batches(lambda size: call(texts.repeated_sentences(size)),
+                                         ctx.pick(FULL, QUICK).sweep_batches, ctx.device, MEMORY_FRACTION)
     if stop_reason:
         ctx.report.skip(f"{role} batch sizes after {sizes[-1] if sizes else 0}", stop_reason)
     if not sizes:
@@ -357,9 +303,9 @@ def sweep_one(ctx: cli.Context, role: str, label: str, call, tokenizer) -> dict:
     batches = {f"batch {size}": texts.repeated_sentences(size) for size in sizes}
     comparison = ctx.meter().compare({name: (lambda b=b: call(b)) for name, b in batches.items()},
                                      items={name: len(b) for name, b in batches.items()},
-                                     tokens={name: texts.count_tokens(tokenizer, b, truncation=True)
+                                     tokens={name: texts.count_tokens(pipe.tokenizer, b, truncation=True)
                                              for name, b in batches.items()}, progress=f"batch sweep: {role}")
-    rows = [result_row(m, measurement=f"batch sweep: {role}", model=label, device=str(ctx.device), batch=size)
+    rows = [runs.result_row(m, measurement=f"batch sweep: {role}", model=label, device=str(ctx.device), batch=size)
             for size, m in zip(sizes, comparison.measurements.values())]
     ctx.report.add_rows("4. Batch-size sweep", rows)
     table = [{"batch": r["batch"], "p50_ms": r["p50_ms"], "items_per_s": r["items_per_s"],
@@ -390,14 +336,12 @@ def batch_sweep_section(ctx: cli.Context) -> dict:
     stops paying. The batch sizes are timed round-robin, so a busy neighbour slows them all alike."""
     loaded = ctx.load("encoder")
     extractor = pipeline("feature-extraction", model=loaded.model, tokenizer=loaded.tokenizer)
-    sweeps = {"encoder": sweep_one(ctx, "encoder", loaded.info.label, lambda batch: extractor(
-        batch, batch_size=len(batch), return_tensors=True), loaded.tokenizer)}
+    sweeps = {"encoder": sweep_one(ctx, "encoder", loaded.info.label, extractor, return_tensors=True)}
     classifier, info = classifier_pipeline(ctx)
-    sweeps["classifier"] = sweep_one(ctx, "classifier", info.label,
-                                     lambda batch: classifier(batch, batch_size=len(batch)), classifier.tokenizer)
+    sweeps["classifier"] = sweep_one(ctx, "classifier", info.label, classifier)
     del classifier
     cleanup()
-    save_chart(ctx, "throughput_vs_batch", draw_sweep, list(sweeps.values()))
+    ctx.report.add_chart(plots.chart(ctx.out_dir, "throughput_vs_batch", draw_sweep, sweeps))
     return sweeps
 
 
@@ -415,8 +359,8 @@ def devices_section(ctx: cli.Context) -> list[dict]:
     # A meter on the last device (the accelerator, when there is one) synchronises it after every timed call.
     comparison = ctx.meter(devices[-1]).compare(workloads, items=len(batch), progress="devices",
                                                 tokens=texts.count_tokens(loaded.tokenizer, batch, truncation=True))
-    rows = [result_row(m, measurement="devices: feature-extraction", model=loaded.info.label, device=name,
-                       batch=len(batch)) for name, m in comparison.measurements.items()]
+    rows = [runs.result_row(m, measurement="devices: feature-extraction", model=loaded.info.label, device=name,
+                            batch=len(batch)) for name, m in comparison.measurements.items()]
     ctx.report.add_rows("5. Devices", rows)
     table = comparison.rows(baseline="cpu", per_call=f"{len(batch)} texts")
     print_table(table, title=f"Same workload on every device (encoder, {len(batch)} texts per call, round-robin)")
@@ -424,7 +368,7 @@ def devices_section(ctx: cli.Context) -> list[dict]:
         print(comparison.sentence(name, "cpu"))
     if len(devices) == 1:
         print("only the CPU is available here, so there is nothing to put beside it (see the skipped lines above)")
-    save_chart(ctx, "devices_side_by_side", draw_devices, table)
+    ctx.report.add_chart(plots.chart(ctx.out_dir, "devices_side_by_side", draw_devices, table))
     return table
 
 
@@ -467,7 +411,7 @@ def seed_table_section(ctx: cli.Context) -> dict:
         comparison = ctx.meter(device).compare(forwards, items=shape[0], tokens=shape[0] * shape[1],
                                                progress=f"seed table on {kind}")
         for name, m in comparison.measurements.items():
-            ctx.report.add_rows("6. The seed's table, reproduced", [result_row(
+            ctx.report.add_rows("6. The seed's table, reproduced", [runs.result_row(
                 m, measurement=f"seed table: forward {shape}", model=memory[name]["label"], device=str(device),
                 batch=shape[0])])
             measured[(name, kind)] = {
@@ -523,48 +467,36 @@ def report_section(ctx: cli.Context, results: dict, previous: dict | None) -> di
 # ------------------------------------------------------------------------------------------------- charts
 
 
-def save_chart(ctx: cli.Context, name: str, draw, *data) -> Path:
-    """Draw one chart on its own figure, save it and list it in the report."""
-    fig, ax = plots.plt.subplots()
-    draw(ax, *data)
-    path = plots.save(fig, ctx.out_dir, name)
-    ctx.report.add_chart(path)
-    return path
-
-
-def draw_latency(ax, tasks: list[dict], samples: dict[str, list[float]]) -> None:
+def draw_latency(ax, outcome: dict) -> None:
     """Box plot of every call's latency per task (log scale: generation is slower by orders of magnitude)."""
-    ax.boxplot([samples[task["task"]] for task in tasks], showfliers=True)
+    tasks = outcome["tasks"]
+    ax.boxplot([outcome["latency_samples_ms"][task["task"]] for task in tasks], showfliers=True)
     ax.set_xticks(range(1, len(tasks) + 1), [f"{task['task']}\n({task['per_call']})" for task in tasks], fontsize=8)
     ax.set(yscale="log", title="Latency of one call per task (box: IQR, line: median)",
            ylabel="latency per call (ms, log scale)", xlabel="task (work done per call)")
 
 
-def draw_memory(ax, tasks: list[dict]) -> None:
+def draw_memory(ax, outcome: dict) -> None:
     """Weights beside the working memory the timed calls added; CUDA peak beside them when present."""
-    positions = np.arange(len(tasks))
+    tasks = outcome["tasks"]
     series = [("model weights (exact)", [task["weights_mib"] for task in tasks]),
               ("working RSS: peak during calls - before them", [task["working_rss_mib"] for task in tasks])]
     if any(task["cuda_alloc_mib"] is not None for task in tasks):
         series.append(("CUDA peak allocated", [task["cuda_alloc_mib"] or 0 for task in tasks]))
-    width = 0.8 / len(series)
-    for index, (label, values) in enumerate(series):
-        ax.bar(positions + (index - (len(series) - 1) / 2) * width, values, width=width, label=label)
-    ax.set_xticks(positions, [task["task"] for task in tasks], fontsize=8)
+    plots.grouped_bars(ax, [task["task"] for task in tasks], series)
     ax.set(title="Memory per task", ylabel="memory (MiB)", xlabel="task")
-    ax.legend(fontsize=8)
 
 
-def draw_sweep(ax, sweeps) -> None:
+def draw_sweep(ax, sweeps: dict) -> None:
     """Throughput against batch size per model (log2 x axis: sizes double), the knee starred."""
-    for sweep in sweeps:
+    for sweep in sweeps.values():
         batches = [row["batch"] for row in sweep["table"]]
         line, = ax.plot(batches, [row["items_per_s"] for row in sweep["table"]], marker="o", label=sweep["role"])
         if sweep["knee_batch"] is not None:
             knee = next(row for row in sweep["table"] if row["batch"] == sweep["knee_batch"])
             ax.plot([knee["batch"]], [knee["items_per_s"]], marker="*", markersize=16, color=line.get_color(),
                     linestyle="none", label=f"{sweep['role']} knee (batch {knee['batch']})")
-    plots.log2_x(ax, [row["batch"] for sweep in sweeps for row in sweep["table"]])
+    plots.log2_x(ax, [row["batch"] for sweep in sweeps.values() for row in sweep["table"]])
     ax.set(title="Throughput vs batch size", xlabel="batch size (texts per call, log2 scale)",
            ylabel="throughput (texts/s, from the median call)")
     ax.legend(fontsize=8)
@@ -580,27 +512,21 @@ def draw_devices(ax, rows: list[dict]) -> None:
            ylabel="median latency per call (ms; bar: IQR)")
 
 
-def draw_seed_table(ax, rows: list[dict]) -> None:
+def draw_seed_table(ax, seed: dict) -> None:
     """Our measured time next to the seed's published one, per model and device."""
-    positions = np.arange(len(rows))
-    measured = [i for i, row in enumerate(rows) if row.get("ours_time_s") is not None]
-    ax.bar(positions[measured] - 0.2, [rows[i]["ours_time_s"] * 1e3 for i in measured], width=0.4,
-           label="this run, this machine")
-    ax.bar(positions + 0.2, [row["seed_time_s"] * 1e3 for row in rows], width=0.4, label="seed (another machine)")
-    for i in sorted(set(range(len(rows))) - set(measured)):
-        ax.annotate("not\nmeasured\nhere", (positions[i] - 0.2, rows[i]["seed_time_s"] * 1e3), ha="center",
-                    va="bottom", fontsize=7)
-    ax.set_xticks(positions, [f"{row['model']}\n{row['device']}" for row in rows], fontsize=8)
+    rows = seed["rows"]
+    ours = [None if row.get("ours_time_s") is None else row["ours_time_s"] * 1e3 for row in rows]
+    plots.grouped_bars(ax, [f"{row['model']}\n{row['device']}" for row in rows],
+                       [("this run, this machine", ours), ("seed (another machine)",
+                                                           [row["seed_time_s"] * 1e3 for row in rows])],
+                       missing="not\nmeasured\nhere")
     ax.set(yscale="log", title=f"The seed's table: forward pass {rows[0]['input_shape']}", xlabel="model and device",
            ylabel="inference time (ms, log scale)")
-    ax.legend(fontsize=8)
 
 
 def draw_summary(ctx: cli.Context, results: dict) -> None:
     """The four main charts on one page, titled with the machine they were measured on."""
-    panels = [("tasks", lambda ax, r: draw_latency(ax, r["tasks"], r["latency_samples_ms"])),
-              ("sweep", lambda ax, r: draw_sweep(ax, r.values())), ("tasks", lambda ax, r: draw_memory(ax, r["tasks"])),
-              ("seed", lambda ax, r: draw_seed_table(ax, r["rows"]))]
+    panels = [("tasks", draw_latency), ("sweep", draw_sweep), ("tasks", draw_memory), ("seed", draw_seed_table)]
     fig, axes = plots.plt.subplots(2, 2, figsize=(14, 9.5))
     for ax, (key, draw) in zip(axes.flat, panels):
         if results.get(key):
@@ -629,8 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = runs.load_report(args.compare, SCRIPT, REPORT_VERSION) if args.compare else None
     hf_logging.disable_progress_bar()
     ctx = cli.start(__file__, args)
-    results = {key: ctx.report.run_section(title, fn.__doc__, fn, ctx)
-               for key, (title, fn) in SECTIONS.items()}
+    results = {key: ctx.report.run_section(title, fn.__doc__, fn, ctx) for key, (title, fn) in SECTIONS.items()}
     ctx.report.run_section("7. Report and comparison", report_section.__doc__, report_section, ctx, results,
                            previous)
     return ctx.report.finish()

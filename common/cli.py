@@ -73,6 +73,37 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def add_text_options(parser: argparse.ArgumentParser) -> None:
+    """Add --text (repeatable) and --text-file, the learner's own sentences; read them with read_user_texts."""
+    parser.add_argument("--text", action="append", default=None,
+                        help="a sentence of your own (repeat the option for several)")
+    parser.add_argument("--text-file", type=Path, default=None, help="a UTF-8 file with one text per line")
+
+
+def read_user_texts(args: argparse.Namespace) -> list[str] | None:
+    """The user's --text and --text-file sentences (blank lines dropped), None when neither was given."""
+    if args.text is None and args.text_file is None:
+        return None
+    given = list(args.text or [])
+    if args.text_file is not None:
+        path = args.text_file
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise UserError(f"--text-file {path}: no such file") from None
+        except OSError as error:
+            raise UserError(f"--text-file {path}: cannot read it ({error.strerror or error})") from None
+        try:
+            given += raw.decode("utf-8-sig").splitlines()
+        except UnicodeDecodeError as error:
+            raise UserError(f"--text-file {path} is not UTF-8 text (byte 0x{raw[error.start]:02x} at offset "
+                            f"{error.start}); save it as UTF-8, one text per line") from None
+    kept = [text.strip() for text in given if text.strip()]
+    if not kept:
+        raise UserError("no text to work on: --text/--text-file gave only empty lines; pass at least one sentence")
+    return kept
+
+
 @dataclass
 class Context:
     """What every section needs: parsed options, the device, the output folder and the report."""

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
@@ -37,6 +39,41 @@ def log2_x(ax, values) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xticks(ticks, [str(value) for value in ticks])
     ax.minorticks_off()
+
+
+def grouped_bars(ax, groups: list[str], series: list[tuple[str, list[float | None]]], missing: str = "") -> None:
+    """Side-by-side bars per group, one colour per series, with a legend; a None draws no bar (but `missing` text)."""
+    positions = np.arange(len(groups))
+    width = 0.8 / len(series)
+    for index, (label, values) in enumerate(series):
+        x = positions + (index - (len(series) - 1) / 2) * width
+        present = [i for i, value in enumerate(values) if value is not None]
+        ax.bar(x[present], [values[i] for i in present], width=width, label=label)
+        for i, value in enumerate(values):
+            if value is None and missing:
+                top = max((v[i] for _, v in series if v[i] is not None), default=0)  # where the group's bars end
+                ax.annotate(missing, (x[i], top), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(positions, groups, fontsize=8)
+    ax.legend(fontsize=8)
+
+
+def annotated_heatmap(fig, ax, matrix, xlabels: list[str], ylabels: list[str], label: str) -> None:
+    """Show a square matrix (values up to 1) as a heat-map with each value written in its cell, and a colour bar."""
+    values = np.asarray(matrix, dtype=float)
+    image = ax.imshow(values, cmap="viridis", vmin=min(0.0, float(values.min())), vmax=1.0)
+    ax.set_xticks(range(len(xlabels)), xlabels)
+    ax.set_yticks(range(len(ylabels)), ylabels)
+    ax.grid(False)
+    for (i, j), value in np.ndenumerate(values):
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="black" if value > 0.6 else "white")
+    fig.colorbar(image, ax=ax, label=label)
+
+
+def chart(out_dir: Path, name: str, draw: Callable[..., None], *data: Any) -> Path | None:
+    """Call draw(ax, *data) on a new figure with one axis (draw titles and labels it), then save it like save()."""
+    fig, ax = plt.subplots()
+    draw(ax, *data)
+    return save(fig, out_dir, name)
 
 
 def save(fig, out_dir: Path, name: str) -> Path | None:

@@ -21,7 +21,8 @@ import numpy as np
 from common import plots
 from common.calibration import MATMUL_SIZE
 from common.errors import UserError
-from common.meter import SAME_BAND
+from common.memory import MIB
+from common.meter import SAME_BAND, Measurement
 from common.report import print_table
 
 # The machine "differs" when the calibration interval excludes 1 (a real difference) and the estimate is more than
@@ -36,6 +37,26 @@ TABLE_COLUMNS = ["measurement", "model", "device", "batch", "before_ms", "now_ms
 ENVIRONMENT = {"python": "python", "torch": "torch", "transformers": "transformers", "bitsandbytes": "bitsandbytes",
                "device": "device", "torch_threads": "torch threads", "cpu": "CPU", "cpu_flags": "CPU flags",
                "source": "--source", "quick": "--quick"}
+
+
+def agreement(ratio: float, low: float, high: float, tolerance: float) -> str:
+    """Two instruments' ratio: agree (interval within 1±tolerance), disagree (excludes 1, beyond it), inconclusive."""
+    band = 1 + tolerance
+    if 1 / band <= low and high <= band:
+        return "agree"
+    return "disagree" if (low > 1 or high < 1) and max(ratio, 1 / ratio) > band else "inconclusive"
+
+
+def result_row(m: Measurement, **labels: Any) -> dict[str, Any]:
+    """Measurement.row plus the tail (p99 only from 100 samples), the median's interval, peaks and the raw samples."""
+    s, on_cuda = m.stats, "cuda" in str(labels.get("device"))
+    return {**m.row(**labels), "p90_ms": s.p90 * 1e3, "p99_ms": None if s.p99 is None else s.p99 * 1e3,
+            "max_ms": s.max * 1e3, "ci95_low_ms": s.ci95_low * 1e3, "ci95_high_ms": s.ci95_high * 1e3,
+            "ci_coverage": s.ci_coverage, "peak_rss_mib": m.peak_rss_bytes / MIB,
+            "working_rss_mib": m.peak_rss_delta_bytes / MIB,
+            "cuda_alloc_mib": m.peak_cuda_allocated_bytes / MIB if on_cuda else None,
+            "cpu_util_pct": m.cpu_util_pct, "gpu_util_pct": m.gpu_util_pct,
+            "samples_ms": [sample * 1e3 for sample in m.samples_s]}  # compare_reports judges a change from these
 
 
 def load_report(path: Path, script: str, version: int) -> dict[str, Any]:

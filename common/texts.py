@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import random
 import re
+import unicodedata
 from typing import Any
 
 SENTENCES: list[str] = [
@@ -42,6 +43,48 @@ def mixed_length_corpus(count: int, seed: int = 0, short: tuple[int, int] = (4, 
 def repeated_sentences(count: int) -> list[str]:
     """`count` texts cycling through SENTENCES: realistic everyday lengths for throughput tests."""
     return [SENTENCES[i % len(SENTENCES)] for i in range(count)]
+
+
+def shorten(text: str, width: int = 38) -> str:
+    """One line of at most `width` characters, for tables and chart labels."""
+    flat = " ".join(text.split())
+    if not flat:
+        return "(empty)"
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def report_truncation(tokenizer: Any, documents: list[str], limit: int | None = None) -> list[dict[str, Any]]:
+    """Print, for every text longer than the model reads (default: model_max_length), what truncation drops."""
+    limit = tokenizer.model_max_length if limit is None else limit
+    truncated = []
+    for text in documents:
+        total = len(tokenizer(text, verbose=False)["input_ids"])  # verbose=False: we report it ourselves
+        if total > limit:
+            truncated.append({"text": shorten(text, 30), "chars": len(text), "tokens": total, "kept": limit})
+            print(f"[truncated] {shorten(text, 30)!r} ({len(text):,} chars, {total:,} tokens): the model reads only "
+                  f"the first {limit} tokens; {1 - limit / total:.0%} of the text is ignored")
+    return truncated
+
+
+def _has_accents(text: str) -> bool:
+    """True when the text has a combining mark once decomposed (é, ü, ş, ...)."""
+    return any(unicodedata.category(c) == "Mn" for c in unicodedata.normalize("NFD", text))
+
+
+def round_trip_losses(text: str, decoded: str, unknown: int, truncated: bool) -> str:
+    """Name what decode(encode(text)) did not give back: case, accents, unknown characters, length, spacing."""
+    losses = []
+    if any(c.isupper() for c in text) and not any(c.isupper() for c in decoded):
+        losses.append("lower-cased")
+    if _has_accents(text) and not _has_accents(decoded):
+        losses.append("accents stripped")
+    if unknown:
+        losses.append(f"{unknown} [UNK] (characters dropped)")
+    if truncated:
+        losses.append("truncated")
+    if not losses and decoded != text:
+        losses.append("spacing around punctuation")
+    return ", ".join(losses) or "-"
 
 
 def count_tokens(tokenizer: Any, texts: list[str], **tokenizer_kwargs: Any) -> int:

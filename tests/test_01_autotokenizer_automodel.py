@@ -13,6 +13,7 @@ import torch
 from conftest import is_png, load_script, verdict_of
 
 from common import cli
+from common import texts as common_texts
 from common.errors import UserError
 
 USER_TEXT = "Ich trinke gern Tee am Morgen."
@@ -219,10 +220,10 @@ def test_100k_character_text_is_truncated_and_reported(lesson, tmp_path, capsys)
     long_text = ("Tokenizers split long documents into many pieces. " * 2_000)[:99_999] + "."
     path = tmp_path / "long.txt"
     path.write_text(f"{long_text}\nshort line\n", encoding="utf-8")
-    texts = lesson.read_user_texts(argparse.Namespace(text=None, text_file=path))
+    texts = cli.read_user_texts(argparse.Namespace(text=None, text_file=path))
     assert [len(t) for t in texts] == [100_000, len("short line")]
     loaded = models.load_model("encoder", source="bundled", verbose=False)
-    rows = lesson.report_truncation(loaded.tokenizer, 512, texts)
+    rows = common_texts.report_truncation(loaded.tokenizer, texts, 512)
     assert len(rows) == 1 and rows[0]["chars"] == 100_000 and rows[0]["kept"] == 512 and rows[0]["tokens"] > 10_000
     printed = capsys.readouterr().out
     assert "[truncated]" in printed and "100,000 chars" in printed and "short line" not in printed

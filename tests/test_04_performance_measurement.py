@@ -203,16 +203,6 @@ def test_csv_loads_back_with_the_json_numbers(run):
                 assert csv_row[key] == value
 
 
-def test_find_knee_on_synthetic_curves():
-    batches = [1, 2, 4, 8, 16, 32, 64]
-    assert script.find_knee(batches, [1, 2, 4, 8, 8, 8, 8]) == 8  # linear scaling, then flat
-    assert script.find_knee(batches, [10, 19, 24, 25, 25.5, 25.6, 25.7]) == 4  # early saturation
-    assert script.find_knee(batches, [1, 2, 4, 8, 9, 6, 3]) == 16  # a peak: the best batch is the bend
-    assert script.find_knee(batches, batches) is None  # still doubling: no knee yet
-    assert script.find_knee(batches, [5] * 7) is None  # flat: nothing bends
-    assert script.find_knee([1, 2], [1, 2]) is None  # too few points
-
-
 @pytest.mark.parametrize("content, message", [
     (None, "no such file"),
     ("{not json", "not JSON"),

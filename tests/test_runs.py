@@ -222,3 +222,32 @@ def test_calibration_keeps_its_raw_timings_for_the_comparison():
     assert point["matmul_gflops"] == pytest.approx(2 * MATMUL_SIZE**3 / np.median(point["matmul_samples_s"]) / 1e9)
     assert point["copy_gb_s"] == pytest.approx(2 * COPY_MIB * 2**20 / np.median(point["copy_samples_s"]) / 1e9)
     assert runs.machine_check({"start": point}, {"start": point}).factor == pytest.approx(1.0)
+
+
+def test_agreement_needs_the_whole_interval_inside_the_tolerance():
+    assert runs.agreement(1.01, 0.98, 1.04, 0.05) == "agree"
+    assert runs.agreement(1.20, 1.10, 1.30, 0.05) == "disagree"  # excludes 1 and 20% off
+    assert runs.agreement(1.03, 1.01, 1.06, 0.05) == "inconclusive"  # excludes 1, but the estimate is within 5%
+    assert runs.agreement(1.00, 0.80, 1.25, 0.05) == "inconclusive"  # too wide to say either way
+    assert runs.agreement(0.80, 0.70, 0.90, 0.05) == "disagree"  # slower counts the same as faster
+
+
+def test_result_row_adds_tail_interval_memory_and_raw_samples():
+    from common.memory import MIB
+    from common.meter import Measurement, Stats
+
+    samples = [0.010, 0.012, 0.011, 0.030, 0.013]
+    m = Measurement(name="w", samples_s=samples, stats=Stats.from_samples(samples), items_per_call=4,
+                    tokens_per_call=0, items_per_s=4 / 0.012, tokens_per_s=0.0, peak_rss_bytes=300 * MIB,
+                    peak_rss_delta_bytes=20 * MIB, peak_cuda_allocated_bytes=5 * MIB, peak_cuda_reserved_bytes=0,
+                    cpu_util_pct=90.0, gpu_util_pct=None, noisy=True, wall_s=0.1)
+    row = runs.result_row(m, measurement="w", device="cpu", batch=4)
+    assert list(row)[:3] == ["measurement", "device", "batch"]  # labels first, as compare_reports keys them
+    assert row["p50_ms"] == pytest.approx(12.0) and row["max_ms"] == pytest.approx(30.0)
+    assert row["p99_ms"] is None  # 5 samples: no p99, the max stands in
+    assert row["ci95_low_ms"] <= row["p50_ms"] <= row["ci95_high_ms"]
+    assert (row["peak_rss_mib"], row["working_rss_mib"]) == (300, 20)
+    assert row["cuda_alloc_mib"] is None  # a CPU row never shows CUDA memory
+    assert runs.result_row(m, device="cuda:0")["cuda_alloc_mib"] == 5
+    assert row["samples_ms"] == pytest.approx([10.0, 12.0, 11.0, 30.0, 13.0])  # raw, in order
+    assert row["noisy"] is True and "tokens_per_s" not in row

@@ -1,0 +1,107 @@
+"""The user-text options (common.cli), text helpers (common.texts) and shared chart helpers (common.plots)."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import matplotlib.pyplot as plt
+import pytest
+from conftest import is_png
+
+from common import cli, plots, texts
+from common.errors import UserError
+
+
+class WordTokenizer:
+    """A stand-in tokenizer: one id per whitespace-separated word, plus [CLS] and [SEP]."""
+
+    model_max_length = 5
+
+    def __call__(self, text: str, verbose: bool = True) -> dict:
+        return {"input_ids": [101, *range(len(text.split())), 102]}
+
+
+def parse(*argv: str):
+    parser = cli.base_parser("test")
+    cli.add_text_options(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_user_texts_come_from_both_options_stripped_without_blank_lines(tmp_path):
+    path = tmp_path / "texts.txt"
+    path.write_bytes("\ufeffilk satır\n\n   \n  second line  \n".encode("utf-8"))  # a BOM, as Notepad writes
+    assert cli.read_user_texts(parse("--text", " one ", "--text", "two", "--text-file", str(path))) == [
+        "one", "two", "ilk satır", "second line"]
+    assert cli.read_user_texts(parse()) is None  # neither option: the lesson uses its own texts
+
+
+@pytest.mark.parametrize("write, message", [
+    (None, "no such file"),
+    (b"\n  \n", "no text to work on"),
+    (b"ok\n\xff\xfe\n", "is not UTF-8 text (byte 0xff at offset 3)"),
+])
+def test_bad_user_text_files_are_one_line_errors(tmp_path, write, message):
+    path = tmp_path / "texts.txt"
+    if write is not None:
+        path.write_bytes(write)
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")) as error:
+        cli.read_user_texts(parse("--text-file", str(path)))
+    assert "\n" not in str(error.value)
+
+
+def test_shorten_flattens_whitespace_and_marks_the_cut():
+    assert texts.shorten("a  b\n c") == "a b c"
+    assert texts.shorten("abcdefghij", width=6) == "abcde…" and len(texts.shorten("x" * 100, 38)) == 38
+    assert texts.shorten(" \n ") == "(empty)"
+
+
+def test_report_truncation_reads_the_limit_from_the_tokenizer(capsys):
+    rows = texts.report_truncation(WordTokenizer(), ["three short words", "one two three four five six"])
+    assert rows == [{"text": "one two three four five six", "chars": 27, "tokens": 8, "kept": 5}]
+    assert "reads only the first 5 tokens; 38% of the text is ignored" in capsys.readouterr().out
+    assert texts.report_truncation(WordTokenizer(), ["one two three four five six"], limit=8) == []
+
+
+@pytest.mark.parametrize("text, decoded, unknown, truncated, lost", [
+    ("Hello, world.", "Hello, world.", 0, False, "-"),
+    ("Hello, world.", "hello, world.", 0, False, "lower-cased"),
+    ("Çay içtik", "cay ictik", 0, False, "lower-cased, accents stripped"),
+    ("Great 🤗", "great [UNK]", 1, True, "1 [UNK] (characters dropped), truncated"),  # [UNK] keeps capitals
+    ("it's fine", "it ' s fine", 0, False, "spacing around punctuation"),
+])
+def test_round_trip_losses_name_what_came_back_different(text, decoded, unknown, truncated, lost):
+    assert texts.round_trip_losses(text, decoded, unknown, truncated) == lost
+
+
+def test_grouped_bars_place_series_side_by_side_and_mark_missing_values():
+    fig, ax = plt.subplots()
+    plots.grouped_bars(ax, ["a", "b"], [("ours", [1.0, None]), ("theirs", [3.0, 4.0])], missing="not here")
+    bars = [(round(p.get_x() + p.get_width() / 2, 3), p.get_height()) for p in ax.patches]
+    assert bars == [(-0.2, 1.0), (0.2, 3.0), (1.2, 4.0)]  # no bar at 0.8, where ours is None
+    (note,) = ax.texts
+    assert note.get_text() == "not here" and note.xy == pytest.approx((0.8, 4.0))  # on top of the group's bars
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ours", "theirs"]
+    plt.close(fig)
+
+
+def test_annotated_heatmap_writes_every_value_in_its_cell():
+    fig, ax = plt.subplots()
+    plots.annotated_heatmap(fig, ax, [[1.0, 0.25], [0.25, 1.0]], ["S1", "S2"], ["S1: x", "S2: y"], "cosine")
+    assert [(t.get_position(), t.get_text()) for t in ax.texts] == [
+        ((0, 0), "1.00"), ((1, 0), "0.25"), ((0, 1), "0.25"), ((1, 1), "1.00")]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["S1: x", "S2: y"]
+    assert ax.texts[1].get_color() == "white" and ax.texts[0].get_color() == "black"  # readable on dark cells
+    plt.close(fig)
+
+
+def test_chart_draws_on_a_fresh_axis_and_saves_a_png(tmp_path):
+    seen = SimpleNamespace(data=None)
+
+    def draw(ax, values):
+        seen.data = values
+        ax.plot(values)
+        ax.set(title="t", xlabel="x (units)", ylabel="y (units)")
+
+    path = plots.chart(tmp_path, "line", draw, [1, 2, 3])
+    assert path == tmp_path / "line.png" and is_png(path) and seen.data == [1, 2, 3]
+    assert plots.chart(tmp_path / "line.png" / "below-a-file", "x", draw, [1]) is None  # unsaved, said, no crash
