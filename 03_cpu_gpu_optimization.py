@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import inspect
 import logging
 import os
@@ -22,10 +23,10 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BitsAnd
 from transformers.utils import logging as hf_logging
 
 from common import cli, device as devices, memory, models, plots, quantize, runtimes, texts
-from common.batching import batch_shapes, encoder_forward_flops, make_batches, padded_batches, padding_waste
+from common.batching import batch_shapes, batch_work, make_batches, padded_batches
 from common.errors import UserError, first_line
 from common.fidelity import cosine_fidelity, embedding_fidelity, first_divergence, token_agreement
-from common.memory import MIB, peak_while_held, saved_for_backward_bytes
+from common.memory import MIB, peak_while_held
 from common.meter import Comparison
 from common.pipelines import embed, mean_pool
 from common.quantize import bnb_compute_dtype, int8_dynamic, variant_unavailable
@@ -63,7 +64,7 @@ ENCODER_ROLE = "encoder"  # real weights (all-MiniLM-L6-v2): fidelity, batching,
 DECODER_ROLE = "decoder"  # real weights (SmolLM2-135M offline): greedy-token fidelity
 OFFLOAD_ROLE = "distilbert-base-uncased"  # squeezed under a deliberately small memory cap
 FIDELITY_TEXTS = texts.FIDELITY_TEXTS  # 74 varied texts: what every "cosine vs fp32" is computed on
-LONG_TEXT_WORDS = (40, 100)  # one corpus text in five is this long; the rest are 4-16 words
+LONG_TEXT_WORDS = (40, 100)  # the mixed-length corpus: one text in five is this long; the rest are 4-16 words
 DECODER_PROMPT = "The three most useful tips for making Python code run faster are"
 STREAM_BATCH = 32
 OFFLOAD_CAP = "100MiB"  # max_memory for the main device: far below the 265 MB model
@@ -81,9 +82,8 @@ BAR_NAMES = ("batched vs batch-1 throughput", "fp32 encoder FLOP/s vs matmul pea
 VARIANT_LABELS = {"fp32": "fp32", "bf16-autocast": "bf16 autocast", "bf16-weights": "bf16 weights",
                   "fp16-autocast": "fp16 autocast", "fp16-weights": "fp16 weights",
                   "int8-dynamic": "dynamic int8 per-channel", "int8-dynamic-8bit": "dynamic int8, 8-bit activations",
-                  "torchao-int8": "torchao int8 dyn-act/int8-weight",
+                  "torchao-int8": "torchao int8 dyn-act/int8-weight", "bnb-8bit": "bitsandbytes 8-bit",
                   "int8-selective": f"int8, {SELECTIVE_KEEP_FP32} most sensitive Linears fp32",
-                  "bnb-8bit": "bitsandbytes 8-bit",
                   "bnb-4bit": "bitsandbytes 4-bit nf4"}
 LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SPEED = ["p50_ms", "iqr_ms", "items_per_s", "speedup", "verdict"]  # the timing columns of every compared table
@@ -110,8 +110,7 @@ def forward(model: Any, batch: dict[str, torch.Tensor], autocast: torch.dtype | 
 def build_each(ctx: cli.Context, what: str, builders: dict[str, Callable[[], Any]],
                problem: Callable[[str], str | None], check: Callable[[Any], Any] = lambda built: None,
                where: models.Checkpoint | None = None) -> dict[str, dict[str, Any]]:
-    """Build each variant that can run here, timed, with `check(built)`'s output (and recorded as a model of this run
-    when it has a checkpoint); the others skipped with why."""
+    """Each variant that can run here, built (timed, recorded if `where`) with `check`'s output; others skipped."""
     built = {}
     for key, build in tqdm(builders.items(), desc=f"{what} variants", disable=None, leave=False):
         try:
@@ -130,11 +129,25 @@ def build_each(ctx: cli.Context, what: str, builders: dict[str, Callable[[], Any
 # ------------------------------------------------------------------------------------------ 1. device
 
 
-def device_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
+def device_offers() -> list[dict[str, Any]]:
+    """What this machine offers: CUDA, MPS and the CPU, each with why or why not."""
+    cuda = torch.cuda.is_available()
+    return [
+        {"backend": "cuda", "available": cuda,
+         "detail": f"{torch.cuda.device_count()} GPU(s), first: {torch.cuda.get_device_name(0)}" if cuda else
+         (f"torch {torch.__version__} has CUDA {torch.version.cuda} but sees no GPU" if torch.version.cuda else
+          f"torch {torch.__version__} is a CPU-only build")},
+        {"backend": "mps", "available": devices.mps_available(),
+         "detail": "Apple GPU via Metal" if devices.mps_available() else "not an Apple-silicon Mac"},
+        {"backend": "cpu", "available": True,
+         "detail": f"{os.cpu_count()} logical cores; flags {', '.join(devices.cpu_flags()) or 'unknown'}"},
+    ]
+
+
+def device_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dict:
     """Code must run wherever the learner is: pick the best device that exists,
     and fail clearly when asked for one that does not."""
-    s = ctx.pick(FULL, QUICK)
-    offers = devices.device_offers()
+    offers = device_offers()
     print_table(offers, title="What this machine offers")
     auto = devices.pick_device("auto")
     reason = {"cuda": "a CUDA GPU is visible", "mps": "no CUDA, but Apple's MPS is available",
@@ -178,10 +191,9 @@ def device_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
 # ------------------------------------------------------------------------------------------ 2. threads
 
 
-def threads_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
+def threads_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dict:
     """PyTorch splits each operation over threads; more help until the cores run out,
     and oversubscribing them costs. All counts are timed round-robin, single texts and batched."""
-    s = ctx.pick(FULL, QUICK)
     cpu, label = torch.device("cpu"), devices.thread_label
     loaded = ctx.load(s.speed_role, cpu)  # threads only matter for CPU work
     default, counts = torch.get_num_threads(), devices.thread_counts()
@@ -216,10 +228,27 @@ def threads_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
 # ------------------------------------------------------------------------------------------- 3. grad
 
 
-def grad_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
+def saved_for_backward_bytes(model: Any, run: Callable[[], Any]) -> int:
+    """Exact bytes of activations autograd keeps for a backward pass during `run` (parameters not counted)."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = run()  # held until we have counted, so no saved storage can be freed and its address reused
+    total = sum(saved.values())
+    del output
+    return total
+
+
+def grad_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dict:
     """Inference needs no backward pass; keeping autograd's bookkeeping costs time and memory for nothing.
     The three modes run the same batch, timed round-robin."""
-    s = ctx.pick(FULL, QUICK)
     loaded = ctx.load(s.speed_role)
     model, batch = loaded.model, sentence_batch(loaded.tokenizer, s.speed_batch, ctx.device)
 
@@ -258,10 +287,9 @@ def grad_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
 # --------------------------------------------------------------------------------------- 4. precision
 
 
-def precision_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
+def precision_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dict:
     """Half-size numbers halve memory traffic, but only hardware with native support turns that into speed.
     Timed on the real encoder, so what each variant does to the embeddings is measured too."""
-    s = ctx.pick(FULL, QUICK)
     where = models.checkpoint(ENCODER_ROLE, ctx.source)
     fp32 = ctx.load(ENCODER_ROLE)
     half = torch.float16 if ctx.device.type == "cuda" else torch.bfloat16  # GPUs: fp16 tensor cores; CPUs: bf16
@@ -274,9 +302,9 @@ def precision_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
     if ctx.device.type == "cuda" and torch.cuda.get_device_capability(ctx.device) >= (8, 0):  # native bf16
         variants["bf16-autocast"] = (fp32.model, torch.bfloat16)
     batch = sentence_batch(fp32.tokenizer, s.speed_batch, ctx.device)
-    comparison = ctx.meter().compare({VARIANT_LABELS[key]: forward(model, batch, autocast)
-                                      for key, (model, autocast) in variants.items()},
-                                     items=s.speed_batch, min_rounds=s.rounds, progress="precision")
+    comparison = ctx.meter().compare({VARIANT_LABELS[key]: forward(model, batch, autocast) for key, (model, autocast)
+                                      in variants.items()}, items=s.speed_batch, min_rounds=s.rounds,
+                                     progress="precision")
     reference = embed(fp32.model, fp32.tokenizer, FIDELITY_TEXTS)
     rows = comparison.rows(baseline="fp32")
     for row, (key, (model, autocast)) in zip(rows, variants.items()):
@@ -348,8 +376,8 @@ def selective_int8(ctx: cli.Context, fp32: models.LoadedModel) -> Any:
     return quantize.quantize_selective(fp32.model, ranking, SELECTIVE_KEEP_FP32, reduce_range)[0]
 
 
-def quantized_encoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], list[str]]:
-    """fp32, dynamic int8 and bitsandbytes 8/4-bit encoders, timed round-robin: size, speed, embedding cosine."""
+def quantized_encoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], list[str], float | None]:
+    """fp32, int8 and bitsandbytes 8/4-bit encoders, timed round-robin: size, speed, cosine (and per-tensor int8's)."""
     where = models.checkpoint(ENCODER_ROLE, ctx.source)
     fp32 = ctx.load(ENCODER_ROLE)
     builders = {"fp32": lambda: fp32.model, **quantization_recipes(where, fp32.model, ctx.device)}
@@ -360,17 +388,22 @@ def quantized_encoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], list[
     built = build_each(ctx, "encoder", builders, lambda key: variant_unavailable(key, ctx.device),
                        lambda model: embed(model, fp32.tokenizer, FIDELITY_TEXTS), where)
     batch = sentence_batch(fp32.tokenizer, s.speed_batch, ctx.device)
-    comparison = ctx.meter().compare({VARIANT_LABELS[key]: forward(variant["model"], batch)
-                                      for key, variant in built.items()},
-                                     items=s.speed_batch, warmup=1, min_rounds=s.rounds, progress="encoder variants")
+    comparison = ctx.meter().compare({VARIANT_LABELS[key]: forward(variant["model"], batch) for key, variant in
+                                      built.items()}, items=s.speed_batch, warmup=1, min_rounds=s.rounds,
+                                     progress="encoder variants")
     rows = variant_rows(comparison, built, "encoder",
                         lambda key: embedding_fidelity(built["fp32"]["output"], built[key]["output"]))
     print_table(rows, ["variant", "size_mib", "quantized_share", *SPEED, "cosine_mean", "cosine_min",
-                       "similarity_spearman", "noisy"],
-                title=f"encoder {fp32.info.label}, batch {s.speed_batch}; fidelity on {len(FIDELITY_TEXTS)} texts = "
-                      "embedding cosine vs fp32 and Spearman of all pairwise similarities; quantized_share = share of "
-                      "matmul weights stored quantised (int8 or 4-bit)")
-    return rows, comparison.print_verdicts("fp32")
+                       "similarity_spearman", "noisy"], title=f"encoder {fp32.info.label}, batch {s.speed_batch}; "
+                f"fidelity on {len(FIDELITY_TEXTS)} texts = embedding cosine vs fp32 and Spearman of all pairwise "
+                "similarities; quantized_share = share of matmul weights stored quantised (int8 or 4-bit)")
+    lines, per_tensor = comparison.print_verdicts("fp32"), None
+    if "int8-dynamic" in built:  # one weight scale per matrix instead of one per output row
+        per_tensor = cosine_fidelity(built["fp32"]["output"], embed(int8_dynamic(fp32.model, per_channel=False),
+                                                                    fp32.tokenizer, FIDELITY_TEXTS))["cosine_mean"]
+        print(f"\ndynamic int8 above: one weight scale per output row (per-channel); one scale per matrix gives "
+              f"encoder cosine {per_tensor:.4f}.")
+    return rows, lines, per_tensor
 
 
 def quantized_decoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], list[str]]:
@@ -404,9 +437,9 @@ def quantized_decoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], list[
         "token_agreement": token_agreement(tokens["fp32"], tokens[key]),
         "first_divergence": first_divergence(tokens["fp32"], tokens[key])})
     print_table(rows, ["variant", "size_mib", "quantized_share", "p50_ms", "tokens_per_s", "speedup", "verdict",
-                       "token_agreement", "first_divergence", "noisy"],
-                title=f"decoder {fp32.info.label}, {s.greedy_tokens} greedy tokens, {DECODER_ROUNDS} rounds (these "
-                      "ratios decide no bar or recipe); fidelity = same token at the same position as fp32")
+                       "token_agreement", "first_divergence", "noisy"], title=f"decoder {fp32.info.label}, "
+                f"{s.greedy_tokens} greedy tokens, {DECODER_ROUNDS} rounds (these ratios decide no bar or recipe); "
+                "fidelity = same token at the same position as fp32")
     lines = comparison.print_verdicts("fp32")
     for key in built if where.meaningful else ():  # a twin's text is noise
         text = fp32.tokenizer.decode(tokens[key], skip_special_tokens=True)
@@ -414,10 +447,9 @@ def quantized_decoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], list[
     return rows, lines
 
 
-def quantization_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
+def quantization_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dict:
     """8- and 4-bit weights shrink the model; whether they are faster, and how much the output moves,
     is measured on real weights: the encoder's embeddings and the decoder's greedy tokens."""
-    s = ctx.pick(FULL, QUICK)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its notice on every CPU call
     activation, torchao_problem = quantize.choose_activation_range(), quantize.torchao_unavailable()
     print(f"dynamic int8: torch.ao.quantization.quantize_dynamic (torch {torch.__version__} deprecates it for "
@@ -426,16 +458,8 @@ def quantization_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
           f"activations: {activation.bits}-bit (reduce_range={activation.reduce_range}) because {activation.reason}")
     if torchao_problem:
         ctx.report.skip("encoder/decoder torchao int8", torchao_problem)
-    encoder_rows, encoder_lines = quantized_encoders(ctx, s)
+    encoder_rows, encoder_lines, per_tensor_cosine = quantized_encoders(ctx, s)
     decoder_rows, decoder_lines = quantized_decoders(ctx, s)
-    per_tensor_cosine = None
-    if not variant_unavailable("int8-dynamic", ctx.device):
-        fp32 = ctx.load(ENCODER_ROLE)
-        per_tensor = int8_dynamic(fp32.model, per_channel=False)
-        per_tensor_cosine = cosine_fidelity(embed(fp32.model, fp32.tokenizer, FIDELITY_TEXTS),
-                                            embed(per_tensor, fp32.tokenizer, FIDELITY_TEXTS))["cosine_mean"]
-        print(f"\ndynamic int8 above: one weight scale per output row (per-channel); one scale per matrix gives "
-              f"encoder cosine {per_tensor_cosine:.4f}.")
     int8 = next((row for row in encoder_rows if row["key"] == "int8-dynamic"), None)
     bars = [] if int8 is None else [performance_bar(
         BAR_NAMES[2], f">= {INT8_SPEEDUP_TARGET}x fp32 throughput at cosine mean >= {INT8_COSINE_TARGET} and min >= "
@@ -453,11 +477,6 @@ def quantization_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
 # ---------------------------------------------------------------------------------------- 6. batching
 
 
-def mixed_corpus(ctx: cli.Context, s: Settings) -> list[str]:
-    """The deterministic mixed-length corpus: mostly short texts, one in five long."""
-    return texts.mixed_length_corpus(s.corpus_size, seed=ctx.args.seed, long=LONG_TEXT_WORDS)
-
-
 def corpus_pass(model: Any, groups: list[list[int]], batches: list[Any], out: torch.Tensor) -> Callable[[], None]:
     """One pass of the model over prepared batches, writing each text's mean-pooled embedding into `out`."""
     def run() -> None:
@@ -467,12 +486,12 @@ def corpus_pass(model: Any, groups: list[list[int]], batches: list[Any], out: to
     return run
 
 
-def batching_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
+def batching_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dict:
     """Batches keep the cores busy, but padding is computed too: sorting texts by length removes most of it.
     Every (padding strategy, batch size) pass over the same corpus is timed round-robin."""
-    s = ctx.pick(FULL, QUICK)
     loaded = ctx.load(ENCODER_ROLE)
-    model, tokenizer, corpus = loaded.model, loaded.tokenizer, mixed_corpus(ctx, s)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    corpus = texts.mixed_length_corpus(s.corpus_size, seed=ctx.args.seed, long=LONG_TEXT_WORDS)
     encoded = tokenizer(corpus, truncation=True, max_length=s.max_length)  # once up front: the passes time the model
     lengths = [len(ids) for ids in encoded["input_ids"]]
     print(f"corpus: {len(corpus)} texts, {min(lengths)}-{max(lengths)} tokens (median "
@@ -488,8 +507,7 @@ def batching_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
             outputs[name] = torch.empty(len(corpus), model.config.hidden_size, device=ctx.device)
             passes[name] = corpus_pass(model, groups, batches, outputs[name])
             work[name] = {"strategy": strategy, "batch": batch_size,
-                          "flops": sum(encoder_forward_flops(model.config, *b["input_ids"].shape) for b in batches),
-                          **padding_waste([[lengths[i] for i in group] for group in groups], pad_to)}
+                          **batch_work(model.config, batches, lengths, groups, pad_to)}
     meter = ctx.meter()
     peak_before = devices.matmul_peak_flops(meter, s.matmul_size, ctx.device)
     comparison = meter.compare(passes, items=len(corpus), warmup=1, min_rounds=s.rounds, budget_s=0,
@@ -543,10 +561,9 @@ def batching_bars(comparison: Comparison, rows: list[dict], peak: float) -> tupl
 # ------------------------------------------------------------------------------- 7. attention, compile
 
 
-def attention_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
+def attention_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dict:
     """Fused attention kernels and compiled graphs do the same maths with fewer trips to memory;
     compiling costs time up front, and every new input shape may cost more."""
-    s = ctx.pick(FULL, QUICK)
     where = models.checkpoint(s.speed_role, ctx.source)
     tokenizer = AutoTokenizer.from_pretrained(where.path)
     batch = sentence_batch(tokenizer, s.speed_batch, ctx.device)
@@ -582,11 +599,10 @@ def attention_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
 
 
 def compile_on_corpus(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dict:
-    """torch.compile on the recipe's workload, length-sorted dynamic padding, whose batches come in many shapes:
-    time to the first answer, recompiles (dynamo's graph counter), then steady state vs eager, round-robin."""
+    """torch.compile on the recipe's many-shaped sorted batches: first calls, recompiles, then steady state vs eager."""
     loaded = ctx.load(ENCODER_ROLE)
     batch_size = (results.get("batching") or {}).get("best_sorted_batch", RECIPE_DEFAULT_BATCH)
-    corpus = mixed_corpus(ctx, s)
+    corpus = texts.mixed_length_corpus(s.corpus_size, seed=ctx.args.seed, long=LONG_TEXT_WORDS)
     encoded = loaded.tokenizer(corpus, truncation=True, max_length=s.max_length)
     lengths = [len(ids) for ids in encoded["input_ids"]]
     groups = make_batches(lengths, batch_size, sort_by_length=True)
@@ -598,15 +614,12 @@ def compile_on_corpus(ctx: cli.Context, s: Settings, results: dict[str, Any]) ->
     comparison = ctx.meter().compare({"eager": corpus_pass(loaded.model, groups, batches, out),
                                       "torch.compile": corpus_pass(compiled, groups, batches, out)},
                                      items=len(corpus), min_rounds=s.rounds, progress="compile vs eager")
-    steady = comparison.measurements["torch.compile"].stats.median
-    gain_s, overhead_s = comparison.measurements["eager"].stats.median - steady, sum(seconds) - steady
-    result = {"batch": batch_size, "shapes": len(batch_shapes(lengths, groups)), "first_call_s": seconds[0],
-              "graphs_first_call": graphs[0], "recompiles": sum(graphs[1:]),
-              "recompile_s": sum(t for t, new in zip(seconds[1:], graphs[1:]) if new),
+    medians = {name: m.stats.median for name, m in comparison.measurements.items()}
+    result = {"batch": batch_size, "shapes": len(batch_shapes(lengths, groups)),
+              **devices.compile_costs(seconds, graphs, medians["eager"], medians["torch.compile"]),
               "graphs_during_timing": devices.compiled_graphs() - before,
-              "overhead_s": overhead_s, "verdict": comparison.verdict("torch.compile", "eager"),
+              "verdict": comparison.verdict("torch.compile", "eager"),
               "verdict_line": comparison.sentence("torch.compile", "eager"),
-              "break_even_passes": overhead_s / gain_s if gain_s > 0 else None,
               "rows": comparison.rows(baseline="eager", model=f"{loaded.info.label}, corpus pass")}
     print(f"\ntorch.compile on {len(corpus)} length-sorted texts in batches of {batch_size} ({result['shapes']} "
           f"distinct batch shapes): first call {seconds[0]:.1f} s ({graphs[0]} graph(s)); {result['recompiles']} "
@@ -707,13 +720,16 @@ def cleanup_rows(ctx: cli.Context, s: Settings) -> list[dict]:
     steps.append(("model + grad-on output held", memory.snapshot()))
     del model, output
     steps.append(("after del", memory.snapshot()))
-    freed = memory.cleanup(trim=False)
+    gc.collect()  # what only reference cycles kept alive
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()  # the allocator's cached blocks go back to the driver
     steps.append(("after gc.collect() + empty_cache()", memory.snapshot()))
     if memory.trim_heap():
         steps.append(("after glibc malloc_trim(0)", memory.snapshot()))
-    print(f"cleanup(): gc.collect() + empty_cache() freed {freed['rss_freed_bytes'] / MIB:.1f} MiB RSS, "
-          f"{freed['cuda_reserved_freed_bytes'] / MIB:.1f} MiB CUDA reserved; malloc_trim then returned a further "
-          f"{(steps[3][1].rss_bytes - steps[-1][1].rss_bytes) / MIB:.1f} MiB the C allocator had kept for reuse")
+    (_, deleted), (_, collected) = steps[2:4]
+    print(f"gc.collect() + empty_cache() freed {(deleted.rss_bytes - collected.rss_bytes) / MIB:.1f} MiB RSS, "
+          f"{(deleted.cuda_reserved_bytes - collected.cuda_reserved_bytes) / MIB:.1f} MiB CUDA reserved; then "
+          f"malloc_trim gave back {(collected.rss_bytes - steps[-1][1].rss_bytes) / MIB:.1f} MiB glibc had kept")
     return memory.snapshot_rows(steps)
 
 
@@ -744,10 +760,9 @@ def offload_rows(ctx: cli.Context, s: Settings) -> tuple[list[dict], str]:
     return rows, comparison.print_verdicts("whole model in memory")[0]
 
 
-def memory_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
+def memory_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dict:
     """Peak memory decides whether a model fits at all: how it is loaded, what is kept alive,
     what cleanup really frees, and what offloading under a memory cap costs per call."""
-    s = ctx.pick(FULL, QUICK)
     loads = load_rows(ctx, s)
     print_table(loads, title=f"loading {models.checkpoint(s.speed_role, ctx.source).label} (file already in the "
                 f"page cache; mem = {'CUDA allocated' if ctx.device.type == 'cuda' else 'RSS'}, MiB above the start;"
@@ -773,8 +788,7 @@ def memory_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
 
 
 def peer_embedders(ctx: cli.Context, s: Settings) -> dict[str, Callable[[list[str]], torch.Tensor]]:
-    """Each runtime a learner could use instead, and our PyTorch path (fp32, int8, bf16), as `embed(texts)`;
-    a runtime that cannot run here is skipped with why."""
+    """Each peer runtime and our PyTorch paths (fp32, int8, bf16) as `embed(texts)`; one that cannot run is skipped."""
     where = models.checkpoint(ENCODER_ROLE, ctx.source)
     fp32 = ctx.load(ENCODER_ROLE)
     tokenizer, size = fp32.tokenizer, dict(batch_size=RECIPE_DEFAULT_BATCH, max_length=s.max_length)
@@ -792,17 +806,15 @@ def peer_embedders(ctx: cli.Context, s: Settings) -> dict[str, Callable[[list[st
 
 def peer_decision(comparison: Comparison, rows: list[dict]) -> dict[str, Any]:
     """Fastest of ours and of the peers at cosine mean >= FIDELITY_FLOOR, and the bar between them (from the rounds)."""
-    def fastest(names: list[str]) -> str | None:
-        good = [r for r in rows if r["workload"] in names and r["cosine_mean"] >= FIDELITY_FLOOR]
-        return max(good, key=lambda r: r["items_per_s"])["workload"] if good else None
+    def fastest(is_peer: bool) -> dict:
+        return max((r for r in rows if (r["workload"] in PEERS) == is_peer and r["cosine_mean"] >= FIDELITY_FLOOR),
+                   key=lambda r: r["items_per_s"], default={})
 
-    ours = fastest([r["workload"] for r in rows if r["workload"].startswith("PyTorch")])
-    peer = fastest(list(PEERS))
+    best_ours, best_peer = fastest(False), fastest(True)
+    ours, peer, cosine = best_ours.get("workload"), best_peer.get("workload"), best_ours.get("cosine_mean")
     if not ours or not peer:
         return {"ours": ours, "peer": peer, "winner": ours or peer, "bars": []}
-    ratio, low, high = comparison.ratio(ours, peer)
-    verdict = comparison.verdict(ours, peer)
-    cosine = next(r["cosine_mean"] for r in rows if r["workload"] == ours)
+    (ratio, low, high), verdict = comparison.ratio(ours, peer), comparison.verdict(ours, peer)
     winner = peer if verdict == "slower" else ours
     print(f"\nfastest at cosine mean >= {FIDELITY_FLOOR}: ours = {ours}, peer = {peer}. "
           f"{comparison.sentence(ours, peer)}" + (f"\n  so the recipe recommends {peer} here:\n    "
@@ -814,10 +826,9 @@ def peer_decision(comparison: Comparison, rows: list[dict]) -> dict[str, Any]:
             "sentence": comparison.sentence(ours, peer)}
 
 
-def peers_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
+def peers_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dict:
     """A learner could just call sentence-transformers' encode, or export to ONNX Runtime: the same real texts
     go through each and through our PyTorch path, timed round-robin, with fidelity against sentence-transformers."""
-    s = ctx.pick(FULL, QUICK)
     corpus = texts.realistic_corpus(s.peer_texts, seed=ctx.args.seed)
     embedders = peer_embedders(ctx, s)
     outputs: dict[str, torch.Tensor] = {}
@@ -833,9 +844,8 @@ def peers_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
     rows = [{**row, **embedding_fidelity(outputs[baseline], outputs[row["workload"]])}
             for row in comparison.rows(baseline=baseline)]
     print_table(rows, ["workload", "p50_ms", "items_per_s", "speedup", "speedup_low", "speedup_high", "verdict",
-                       "cosine_mean", "cosine_min", "similarity_spearman", "noisy"],
-                title=f"{len(corpus)} real-text paragraphs, max_length {s.max_length}, sorted batches of "
-                      f"{RECIPE_DEFAULT_BATCH}; speedup and fidelity vs {baseline}")
+                       "cosine_mean", "cosine_min", "similarity_spearman", "noisy"], title=f"{len(corpus)} real-text "
+                f"paragraphs, max_length {s.max_length}, sorted batches of {RECIPE_DEFAULT_BATCH}; vs {baseline}")
     for name in embedders:
         print(f"  {name}: {PEER_SNIPPETS.get(name, 'runtimes.torch_embedder(model, tokenizer): embed_sorted below')}"
               .replace("\n", "\n      "))
@@ -919,8 +929,7 @@ def choose_recipe(results: dict[str, Any], device: torch.device) -> tuple[dict[s
 
 
 def recipe_model(ctx: cli.Context, choice: dict[str, Any]) -> tuple[Any, torch.dtype | None]:
-    """The recipe's model, loaded with its attention and precision choices (quantised or compiled if chosen),
-    and the autocast dtype to run it under."""
+    """The recipe's model as chosen (attention, precision, quantised, compiled) and the autocast dtype to run it in."""
     where = models.checkpoint(ENCODER_ROLE, ctx.source)
     variant = choice["variant"]
     precision = LOW_PRECISION.get(variant.split("-")[0])
@@ -940,15 +949,14 @@ def recipe_model(ctx: cli.Context, choice: dict[str, Any]) -> tuple[Any, torch.d
     return model, precision if variant.endswith("-autocast") else None
 
 
-def recipe_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
+def recipe_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dict:
     """The winners above, combined and measured end to end against the naive baseline in this same run;
     the snippet printed at the end calls exactly the function that was timed."""
-    s = ctx.pick(FULL, QUICK)
     choice, choice_rows = choose_recipe(results, ctx.device)
     print_table(choice_rows, title="the recipe's choices")
     naive = ctx.load(ENCODER_ROLE)
     best, autocast = recipe_model(ctx, choice)
-    corpus = mixed_corpus(ctx, s)
+    corpus = texts.mixed_length_corpus(s.corpus_size, seed=ctx.args.seed, long=LONG_TEXT_WORDS)
     outputs: dict[str, torch.Tensor] = {}
 
     def naive_pass() -> None:
@@ -1023,8 +1031,7 @@ def recipe_snippet(choice: dict[str, Any], hub_id: str, max_length: int, measure
 
 
 def bars_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
-    """What this lesson set out to show, target vs measured;
-    a bar whose section did not run says so."""
+    """What this lesson set out to show, target vs measured; a bar whose section did not run says so."""
     measured = {b["bar"]: b for result in results.values() if result for b in result.get("bars", [])}
     bars = [measured.get(name, {"bar": name, "target": "-", "measured": "not measured (its section did not run "
                                 "or failed)", "value": None, "status": "NOT RUN"}) for name in BAR_NAMES]
@@ -1110,8 +1117,9 @@ def memory_chart(loads: list[dict], streams: list[dict], offload: list[dict], ou
 
 # ------------------------------------------------------------------------------------------- main
 
-# --only name -> (title, section). Each section takes the context and the results so far; its docstring is the why.
-SECTIONS: dict[str, tuple[str, Callable[[cli.Context, dict[str, Any]], dict]]] = {
+# --only name -> (title, section). Each section takes the context, the settings and the results so far; its
+# docstring is the why.
+SECTIONS: dict[str, tuple[str, Callable[[cli.Context, Settings, dict[str, Any]], dict]]] = {
     "device": ("1. Device selection", device_section),
     "threads": ("2. CPU threads", threads_section),
     "grad": ("3. Gradients off", grad_section),
@@ -1144,10 +1152,10 @@ def main(argv: list[str] | None = None) -> int:
     ctx = cli.start(__file__, args)
     if len(args.only) < len(SECTIONS):
         print(f"--only: running {', '.join(args.only)}")
-    results: dict[str, Any] = {}
+    s, results = ctx.pick(FULL, QUICK), {}
     for name, (title, section) in SECTIONS.items():
         if name in args.only:
-            results[name] = ctx.report.run_section(title, inspect.cleandoc(section.__doc__), section, ctx, results)
+            results[name] = ctx.report.run_section(title, inspect.cleandoc(section.__doc__), section, ctx, s, results)
     ctx.report.run_section("Performance bars", inspect.cleandoc(bars_section.__doc__), bars_section, ctx, results)
     memory.cleanup()
     return ctx.report.finish()

@@ -46,3 +46,10 @@ def padded_batches(tokenizer: Any, encoded: Any, groups: list[list[int]], pad_to
                           padding="max_length" if pad_to else "longest", max_length=pad_to).to(device)
             for group in groups]
 
+
+
+def batch_work(config: Any, batches: list[Any], lengths: Sequence[int], groups: Sequence[Sequence[int]],
+               pad_to: int | None) -> dict[str, float]:
+    """The matmul FLOPs of one encoder pass over padded batches, and what their padding wastes."""
+    flops = sum(encoder_forward_flops(config, *batch["input_ids"].shape) for batch in batches)
+    return {"flops": flops, **padding_waste([[lengths[i] for i in group] for group in groups], pad_to)}

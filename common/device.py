@@ -120,21 +120,6 @@ def describe_environment(device: torch.device) -> dict:
     }
 
 
-def device_offers() -> list[dict[str, Any]]:
-    """What this machine offers: CUDA, MPS and the CPU, each with why or why not."""
-    cuda = torch.cuda.is_available()
-    return [
-        {"backend": "cuda", "available": cuda,
-         "detail": f"{torch.cuda.device_count()} GPU(s), first: {torch.cuda.get_device_name(0)}" if cuda else
-         (f"torch {torch.__version__} has CUDA {torch.version.cuda} but sees no GPU" if torch.version.cuda else
-          f"torch {torch.__version__} is a CPU-only build")},
-        {"backend": "mps", "available": mps_available(),
-         "detail": "Apple GPU via Metal" if mps_available() else "not an Apple-silicon Mac"},
-        {"backend": "cpu", "available": True,
-         "detail": f"{os.cpu_count()} logical cores; flags {', '.join(cpu_flags()) or 'unknown'}"},
-    ]
-
-
 def thread_counts() -> list[int]:
     """1, powers of two up to the core count, the core count, torch's setting, and 2x cores (oversubscribed)."""
     cores = os.cpu_count() or 1
@@ -194,3 +179,11 @@ def compiled_graphs() -> int:
     from torch._dynamo.utils import counters
 
     return counters["stats"]["unique_graphs"]
+
+
+def compile_costs(seconds: list[float], graphs: list[int], eager_s: float, compiled_s: float) -> dict[str, Any]:
+    """What compiling cost, from the first pass's per-call seconds and new graphs and the steady-state medians."""
+    overhead_s, gain_s = sum(seconds) - compiled_s, eager_s - compiled_s
+    return {"first_call_s": seconds[0], "graphs_first_call": graphs[0], "recompiles": sum(graphs[1:]),
+            "recompile_s": sum(t for t, new in zip(seconds[1:], graphs[1:]) if new), "overhead_s": overhead_s,
+            "break_even_passes": overhead_s / gain_s if gain_s > 0 else None}

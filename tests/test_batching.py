@@ -9,7 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 from common import models
-from common.batching import batch_shapes, encoder_forward_flops, make_batches, padded_batches, padding_waste
+from common.batching import batch_shapes, batch_work, encoder_forward_flops, make_batches, padded_batches, padding_waste
 
 
 def test_make_batches_sorted_and_in_order():
@@ -64,3 +64,12 @@ def test_padded_batches_pad_to_the_cap_or_to_each_batch_longest():
     assert [b["attention_mask"].sum().item() for b in dynamic] == [sum(lengths[i] for i in g) for g in groups]
     capped = padded_batches(tokenizer, encoded, groups, 16, torch.device("cpu"))
     assert {tuple(b["input_ids"].shape) for b in capped} == {(2, 16)}
+
+
+def test_batch_work_sums_flops_over_batches_and_counts_padding():
+    config = SimpleNamespace(hidden_size=4, intermediate_size=8, num_hidden_layers=2)
+    lengths, groups = [3, 5, 2], [[0, 1], [2]]
+    batches = [{"input_ids": torch.zeros(2, 5)}, {"input_ids": torch.zeros(1, 2)}]  # dynamic padding
+    work = batch_work(config, batches, lengths, groups, None)
+    assert work["flops"] == encoder_forward_flops(config, 2, 5) + encoder_forward_flops(config, 1, 2)
+    assert (work["real_tokens"], work["padded_slots"]) == (10, 12)
