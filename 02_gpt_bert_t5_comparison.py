@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -67,9 +67,8 @@ SEED_TABLE = [dict(zip(("model", "architecture", "strengths", "typical uses"), r
 
 @dataclass(frozen=True)
 class Contender:
-    """One model in the comparison: what was asked for, where its weights are, and its checkpoint's config."""
+    """One model in the comparison: where its weights are, and its checkpoint's config."""
 
-    request: str  # role, catalog name or Hub id, as typed
     where: models.Checkpoint
     config: Any
     label = property(lambda self: self.where.label)
@@ -81,22 +80,18 @@ class Contender:
     masked_lm = property(lambda self: any(a.endswith("ForMaskedLM") for a in self.config.architectures or ()))
 
 
-def default_models(source: str) -> list[str]:
-    """Online the real gpt2 / bert-base-uncased / t5-small; offline the bundled real models plus the three twins."""
-    online = all(models.use_hub(models.CATALOG[name].hub_id, source) for name in HUB_MODELS)
-    return HUB_MODELS if online else OFFLINE_MODELS
-
-
 def plan_models(source: str, values: list[str] | None) -> list[Contender]:
-    """--models, space- or comma-separated (else the defaults), resolved before any work: a bad name stops the run."""
-    names = [name.strip() for value in values or [] for name in value.split(",") if name.strip()]
+    """--models, space- or comma-separated, resolved before any work (a bad name stops the run); by default the real
+    gpt2 / bert-base-uncased / t5-small online, offline the bundled real models plus the three twins."""
+    names = [name.strip() for value in values or [] for name in value.split(",") if name.strip()] or (
+        HUB_MODELS if all(models.use_hub(models.CATALOG[hub].hub_id, source) for hub in HUB_MODELS) else OFFLINE_MODELS)
     contenders: dict[str, Contender] = {}
-    for name in names or default_models(source):
+    for name in names:
         kind = models.kind_of(name, source)
         if kind not in FAMILIES:
             raise UserError(f"{name} is a {kind}, not a language model to compare here; {models.available_names()}")
         where = models.checkpoint(name, source, kind)
-        contenders.setdefault(where.label, Contender(name, where, AutoConfig.from_pretrained(where.path)))
+        contenders.setdefault(where.label, Contender(where, AutoConfig.from_pretrained(where.path)))
     return list(contenders.values())
 
 
@@ -104,21 +99,20 @@ def load_by_architecture(ctx: cli.Context, contender: Contender, masked_lm: bool
     """Each architecture needs the Auto class that puts its own head on the Transformer; the tokenizer comes alongside.
 
     The catalog only says WHERE the weights are (Hub, bundled or twin); `ctx.record` prints the provenance line."""
-    where = models.checkpoint(contender.request, ctx.source, "masked-lm" if masked_lm else contender.kind)
-    device = str(ctx.device)
+    where = replace(contender.where, kind="masked-lm") if masked_lm else contender.where
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(where.path)
     if where.kind == "decoder":  # decoder-only: a causal LM head predicts the next token
-        model = AutoModelForCausalLM.from_pretrained(where.path, dtype=torch.float32, device_map=device)
+        model = AutoModelForCausalLM.from_pretrained(where.path, dtype=torch.float32, device_map=ctx.device)
         if tokenizer.pad_token is None:  # decoders ship without a pad token; generate() and batching need one
             tokenizer.pad_token = tokenizer.eos_token
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     elif where.kind == "seq2seq":  # encoder-decoder: the encoder reads the input, a decoder with an LM head writes
-        model = AutoModelForSeq2SeqLM.from_pretrained(where.path, dtype=torch.float32, device_map=device)
+        model = AutoModelForSeq2SeqLM.from_pretrained(where.path, dtype=torch.float32, device_map=ctx.device)
     elif where.kind == "masked-lm":  # encoder-only with its masked-LM head: predicts a blanked-out token
-        model = AutoModelForMaskedLM.from_pretrained(where.path, dtype=torch.float32, device_map=device)
+        model = AutoModelForMaskedLM.from_pretrained(where.path, dtype=torch.float32, device_map=ctx.device)
     else:  # encoder-only, bare: one vector per token, no head
-        model = AutoModel.from_pretrained(where.path, dtype=torch.float32, device_map=device)
+        model = AutoModel.from_pretrained(where.path, dtype=torch.float32, device_map=ctx.device)
     info = ctx.record(where.info(model, time.perf_counter() - started))
     return models.LoadedModel(model, tokenizer, info)
 
@@ -276,9 +270,9 @@ def speed_section(ctx: cli.Context, contenders: list[Contender]) -> dict:
     same_shape = for_each_model(ctx, pairs, "same shape", same_shape_comparison)
     measured = {label: row for pair in same_shape for label, row in pair.pop("rows").items()}
     results = for_each_model(ctx, contenders, "speed", lambda ctx, c: model_speed(ctx, c, measured.get(c.label)))
-    forward = [row for result in results for row in result["forward"]]
-    generation = [row for result in results for row in result["generation"]]
-    kv_rows = [result["kv_cache"] for result in results if result["kv_cache"]]
+    forward = [row for rows, _, _ in results for row in rows]
+    generation = [row for _, rows, _ in results for row in rows]
+    kv_rows = [kv for _, _, kv in results if kv]
     print_table(forward, ["model", "batch", "seq_len", "p50_ms", "iqr_ms", "runs", "tokens_per_s", "noisy"],
                 title="Forward latency (median and IQR per call):")
     print_table(generation, ["model", "kv_cache", "prompt_tokens", "new_tokens", "ttft_ms", "per_token_ms",
@@ -307,17 +301,16 @@ def speed_section(ctx: cli.Context, contenders: list[Contender]) -> dict:
     return {"settings": s, "forward": forward, "generation": generation, "kv_cache": kv_rows, "same_shape": same_shape}
 
 
-def model_speed(ctx: cli.Context, contender: Contender, measured: dict | None) -> dict:
+def model_speed(ctx: cli.Context, contender: Contender, measured: dict | None) -> tuple[list[dict], list[dict], dict]:
     """Forward grid for every model; generation (KV cache on and off) for the families that can generate."""
     loaded = load_by_architecture(ctx, contender)
     meter = ctx.meter(warmup=ctx.pick(FULL, QUICK).warmup)
-    result = {"generation": [], "kv_cache": None, "forward": forward_latency(ctx, meter, loaded, contender, measured)}
-    if contender.kind == "encoder":
-        ctx.report.skip(f"generation: {contender.label}", "encoder-only: it has no decoder or LM head, so it cannot "
-                        "generate tokens (it encodes its whole input in one forward)")
-    else:
-        result["generation"], result["kv_cache"] = generation_speed(meter, loaded, contender, ctx.pick(FULL, QUICK))
-    return result
+    forward = forward_latency(ctx, meter, loaded, contender, measured)
+    if contender.kind != "encoder":
+        return forward, *generation_speed(meter, loaded, contender, ctx.pick(FULL, QUICK))
+    ctx.report.skip(f"generation: {contender.label}", "encoder-only: it has no decoder or LM head, so it cannot "
+                    "generate tokens (it encodes its whole input in one forward)")
+    return forward, [], {}
 
 
 def forward_inputs(loaded: models.LoadedModel, kind: str, batch: int, length: int, seed: int) -> dict:
@@ -380,21 +373,17 @@ def forward_latency(ctx: cli.Context, meter: PerformanceMeter, loaded: models.Lo
     return rows
 
 
-def prompt_ids(tokenizer: Any, length: int, device: torch.device) -> torch.Tensor:
-    """Exactly `length` token ids of everyday sentences, whatever the tokenizer: a twin borrows one, so a fixed
-    token count, not a fixed text, is what makes its timing comparable with its real model's."""
-    text = " ".join(texts.repeated_sentences(length // 4 + 1))  # each sentence is several tokens: enough text
-    ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=length, return_tensors="pt").input_ids
-    if ids.shape[1] != length:
-        raise RuntimeError(f"the prompt text gave {ids.shape[1]} tokens, fewer than the {length} needed")
-    return ids.to(device)
-
-
 def generation_speed(meter: PerformanceMeter, loaded: models.LoadedModel, contender: Contender,
                      s: Settings) -> tuple[list[dict], dict]:
     """TTFT, per-token latency and tokens/s for exactly N greedy new tokens, KV cache on vs off timed round-robin."""
     model, n = loaded.model, s.new_tokens
-    ids = prompt_ids(loaded.tokenizer, s.prompt_tokens, model.device)
+    # A fixed token count, not a fixed text: a twin borrows a tokenizer, and its timing must compare with its real
+    # model's. Each sentence is several tokens, so prompt_tokens / 4 sentences are enough text to cut from.
+    text = " ".join(texts.repeated_sentences(s.prompt_tokens // 4 + 1))
+    ids = loaded.tokenizer(text, add_special_tokens=False, truncation=True, max_length=s.prompt_tokens,
+                           return_tensors="pt").input_ids.to(model.device)
+    if ids.shape[1] != s.prompt_tokens:
+        raise RuntimeError(f"the prompt text gave {ids.shape[1]} tokens, fewer than the {s.prompt_tokens} needed")
 
     def generate(new_tokens: int, use_cache: bool) -> torch.Tensor:
         return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
@@ -642,30 +631,26 @@ def generation_chart(ctx: cli.Context, generation: list[dict]) -> None:
     first = generation[0]
     fig, ax = plots.figure(f"Greedy generation speed ({first['prompt_tokens']}-token prompt, {first['new_tokens']} "
                            "new tokens, batch 1)", "model", "tokens per second")
+    speed = {(row["model"], row["kv_cache"]): row["tokens_per_s"] for row in generation}
     labels = list(dict.fromkeys(row["model"] for row in generation))
-    for offset, use_cache in ((-0.2, True), (0.2, False)):
-        bars = {row["model"]: row["tokens_per_s"] for row in generation if row["kv_cache"] is use_cache}
-        drawn = ax.bar([i + offset for i, label in enumerate(labels) if label in bars], list(bars.values()),
-                       width=0.4, label=f"KV cache {'on' if use_cache else 'off'}",
-                       color="#59a14f" if use_cache else "#e15759")
-        ax.bar_label(drawn, fmt="%.3g", fontsize=8)
-    ax.set_xticks(range(len(labels)), labels=labels, rotation=15)
-    ax.legend()
+    plots.grouped_bars(ax, labels, [(f"KV cache {'on' if on else 'off'}", [speed.get((label, on)) for label in labels])
+                                    for on in (True, False)])
+    for bars in ax.containers:
+        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+    ax.tick_params(axis="x", labelrotation=15)
     ctx.report.add_chart(plots.save(fig, ctx.out_dir, "generation_tokens_per_s"))
 
 
 def memory_chart(ctx: cli.Context, rows: list[dict]) -> None:
     """Per model: peak during load, peak during the forwards, and what is left after release."""
     fig, ax = plots.figure("Peak memory per model (process RSS above the level before loading)", "model", "MiB")
-    series = [("load peak", "load_peak_mib", "#4e79a7"), ("forward peak (batch 1)", "forward_peak_mib", "#f28e2b"),
-              ("after release + cleanup()", "after_release_mib", "#76b7b2")]
-    for index, (name, key, colour) in enumerate(series):
-        drawn = ax.bar([i + (index - 1) * 0.27 for i in range(len(rows))], [row[key] or 0 for row in rows],
-                       width=0.27, label=name, color=colour)
-        ax.bar_label(drawn, fmt="%.0f", fontsize=7)
-    ax.set_xticks(range(len(rows)), labels=[row["model"] for row in rows], rotation=15)
+    plots.grouped_bars(ax, [row["model"] for row in rows], [(name, [row[key] for row in rows]) for name, key in (
+        ("load peak", "load_peak_mib"), ("forward peak (batch 1)", "forward_peak_mib"),
+        ("after release + cleanup()", "after_release_mib"))])
+    for bars in ax.containers:
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.tick_params(axis="x", labelrotation=15)
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.legend(fontsize=8)
     ctx.report.add_chart(plots.save(fig, ctx.out_dir, "peak_memory"))
 
 

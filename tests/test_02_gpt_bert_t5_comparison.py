@@ -196,7 +196,7 @@ def test_length_above_max_positions_is_skipped_with_a_reason(lesson):
 
 
 def test_defaults_offline_are_the_bundled_models_plus_the_twins(lesson):
-    assert lesson.default_models("bundled") == ["decoder", "encoder", "gpt2", "bert-base-uncased", "t5-small"]
+    assert [c.label for c in lesson.plan_models("bundled", None)] == MODELS
 
 
 def test_settings_keep_quick_and_full_side_by_side(lesson):
