@@ -80,11 +80,10 @@ SORTED_SPEEDUP_TARGET = 2.0
 BAR_NAMES = ("batched vs batch-1 throughput", "fp32 encoder FLOP/s vs matmul peak", "dynamic int8 vs fp32",
              "length-sorted dynamic vs pad-to-max", "recipe vs best peer runtime")
 VARIANT_LABELS = {"fp32": "fp32", "bf16-autocast": "bf16 autocast", "bf16-weights": "bf16 weights",
-                  "fp16-autocast": "fp16 autocast", "fp16-weights": "fp16 weights",
+                  "fp16-autocast": "fp16 autocast", "fp16-weights": "fp16 weights", "bnb-8bit": "bitsandbytes 8-bit",
                   "int8-dynamic": "dynamic int8 per-channel", "int8-dynamic-8bit": "dynamic int8, 8-bit activations",
-                  "torchao-int8": "torchao int8 dyn-act/int8-weight", "bnb-8bit": "bitsandbytes 8-bit",
-                  "int8-selective": f"int8, {SELECTIVE_KEEP_FP32} most sensitive Linears fp32",
-                  "bnb-4bit": "bitsandbytes 4-bit nf4"}
+                  "torchao-int8": "torchao int8 dyn-act/int8-weight", "bnb-4bit": "bitsandbytes 4-bit nf4",
+                  "int8-selective": f"int8, {SELECTIVE_KEEP_FP32} most sensitive Linears fp32"}
 LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SPEED = ["p50_ms", "iqr_ms", "items_per_s", "speedup", "verdict"]  # the timing columns of every compared table
 
@@ -179,9 +178,8 @@ def device_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> di
     except RuntimeError as error:
         result["mixed_devices_error"] = first_line(error)
     print(f"  bad  : inputs left on the CPU      -> {result['mixed_devices_error']}")
-    runs = {str(device): forward(ctx.load(ENCODER_ROLE, device).model,
-                                 sentence_batch(loaded.tokenizer, s.speed_batch, device))
-            for device in (torch.device("cpu"), ctx.device)}
+    runs = {str(d): forward(ctx.load(ENCODER_ROLE, d).model, sentence_batch(loaded.tokenizer, s.speed_batch, d))
+            for d in (torch.device("cpu"), ctx.device)}  # the same batch timed on the CPU and on the accelerator
     comparison = ctx.meter().compare(runs, items=s.speed_batch, min_rounds=s.rounds, progress="cpu vs device")
     print_table(comparison.rows(baseline="cpu"), title=f"{loaded.info.label}, batch {s.speed_batch}")
     result.update(devices=comparison.rows(baseline="cpu"), verdicts=comparison.print_verdicts("cpu"))
@@ -215,9 +213,8 @@ def threads_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> d
             print(f"batch {size}: {decisions[str(size)]}")
     finally:
         torch.set_num_threads(default)  # later sections (and the learner's next line) get the default back
-    print_table(rows, ["threads", "batch", *SPEED, "noisy"],
-                title=f"torch.set_num_threads on {loaded.info.label} ({os.cpu_count()} logical cores; "
-                      f"{2 * (os.cpu_count() or 1)} is oversubscribed); speedup vs 1 thread")
+    print_table(rows, ["threads", "batch", *SPEED, "noisy"], title=f"torch.set_num_threads on {loaded.info.label} "
+                f"({os.cpu_count()} logical cores; {2 * (os.cpu_count() or 1)} is oversubscribed); speedup vs 1 thread")
     print(f"threads restored to {torch.get_num_threads()}")
     ctx.report.add_chart(threads_chart(rows, ctx.out_dir))
     ctx.report.add_rows("threads", rows)
@@ -430,9 +427,9 @@ def quantized_decoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], list[
                         "seconds per call; the full run has it)")
     built = build_each(ctx, "decoder", builders, lambda key: variant_unavailable(key, ctx.device),
                        lambda model: greedy(model, 1), where)  # 1 token: it runs
-    comparison = ctx.meter().compare({VARIANT_LABELS[key]: generate(key, variant["model"])
-                                      for key, variant in built.items()}, tokens=s.greedy_tokens, warmup=1,
-                                     min_rounds=DECODER_ROUNDS, progress="decoder variants")
+    comparison = ctx.meter().compare({VARIANT_LABELS[key]: generate(key, variant["model"]) for key, variant in
+                                      built.items()}, tokens=s.greedy_tokens, warmup=1, min_rounds=DECODER_ROUNDS,
+                                     progress="decoder variants")
     rows = variant_rows(comparison, built, "decoder", lambda key: {
         "token_agreement": token_agreement(tokens["fp32"], tokens[key]),
         "first_divergence": first_divergence(tokens["fp32"], tokens[key])})
@@ -463,11 +460,10 @@ def quantization_section(ctx: cli.Context, s: Settings, results: dict[str, Any])
     int8 = next((row for row in encoder_rows if row["key"] == "int8-dynamic"), None)
     bars = [] if int8 is None else [performance_bar(
         BAR_NAMES[2], f">= {INT8_SPEEDUP_TARGET}x fp32 throughput at cosine mean >= {INT8_COSINE_TARGET} and min >= "
-        f"{INT8_COSINE_MIN_TARGET}",
-        f"{int8['speedup']:.2f}x [{int8['speedup_low']:.2f}-{int8['speedup_high']:.2f}] ({int8['verdict']}) at cosine "
-        f"mean {int8['cosine_mean']:.4f}, min {int8['cosine_min']:.4f} ({activation.bits}-bit activations)",
-        int8["speedup"], int8["speedup"] >= INT8_SPEEDUP_TARGET and int8["cosine_mean"] >= INT8_COSINE_TARGET
-        and int8["cosine_min"] >= INT8_COSINE_MIN_TARGET)]
+        f"{INT8_COSINE_MIN_TARGET}", f"{int8['speedup']:.2f}x [{int8['speedup_low']:.2f}-{int8['speedup_high']:.2f}] "
+        f"({int8['verdict']}) at cosine mean {int8['cosine_mean']:.4f}, min {int8['cosine_min']:.4f} "
+        f"({activation.bits}-bit activations)", int8["speedup"], int8["speedup"] >= INT8_SPEEDUP_TARGET
+        and int8["cosine_mean"] >= INT8_COSINE_TARGET and int8["cosine_min"] >= INT8_COSINE_MIN_TARGET)]
     ctx.report.add_chart(quantization_chart(encoder_rows, decoder_rows, ctx.out_dir))
     ctx.report.add_rows("quantization", encoder_rows + decoder_rows)
     return {"encoder": encoder_rows, "decoder": decoder_rows, "verdicts": encoder_lines + decoder_lines,
@@ -737,10 +733,8 @@ def offload_rows(ctx: cli.Context, s: Settings) -> tuple[list[dict], str]:
     """device_map="auto" with a small max_memory: what lands where, and what it costs per call, round-robin."""
     where = models.checkpoint(OFFLOAD_ROLE, ctx.source)
     batch = sentence_batch(AutoTokenizer.from_pretrained(where.path), 4, ctx.device)
-    cap = {"cpu": OFFLOAD_CAP}
-    if ctx.device.type == "cuda":  # accelerate names GPUs by index: this run's GPU, which need not be GPU 0
-        cap = {ctx.device.index if ctx.device.index is not None else torch.cuda.current_device(): OFFLOAD_CAP,
-               "cpu": "64GiB"}
+    cap = {"cpu": OFFLOAD_CAP} if ctx.device.type != "cuda" else {  # accelerate names GPUs by index: this run's one
+        ctx.device.index if ctx.device.index is not None else torch.cuda.current_device(): OFFLOAD_CAP, "cpu": "64GiB"}
     runs, loads, placement = {}, {}, {}
     with tempfile.TemporaryDirectory() as folder:
         for label, kwargs in (("whole model in memory", dict(device_map=ctx.device)),
@@ -892,10 +886,9 @@ def choose_recipe(results: dict[str, Any], device: torch.device) -> tuple[dict[s
     if threads:
         size, choice["threads"] = max(threads["best_threads"].items(), key=lambda item: int(item[0]))
         evidence["threads"] = f"section 2, batch {size}: " + threads["decisions"][size]
-    candidates = [(row["speedup"], row["key"], where, row["cosine_min"], row["verdict"])
-                  for where, rows in (("section 4", found.get("precision", {}).get("rows", [])),
-                                      ("section 5", found.get("quantization", {}).get("encoder", [])))
-                  for row in rows if row["key"] != "fp32"]
+    candidates = [(row["speedup"], row["key"], where, row["cosine_min"], row["verdict"]) for where, rows in (
+        ("section 4", found.get("precision", {}).get("rows", [])),
+        ("section 5", found.get("quantization", {}).get("encoder", []))) for row in rows if row["key"] != "fp32"]
     good = [c[:4] for c in candidates if c[4] == "faster" and c[3] >= FIDELITY_FLOOR
             and c[1] != "int8-selective" and not variant_unavailable(c[1], device)]  # its ranking lives in section 5
     if good:
@@ -909,10 +902,9 @@ def choose_recipe(results: dict[str, Any], device: torch.device) -> tuple[dict[s
             " (a tie keeps the default)" if attention["attention_verdict"] == "same" else "")
         faster = bool(compiled) and compiled["verdict"] == "faster"
         choice["compile"] = faster and choice["variant"] == "fp32"  # compile was measured on fp32 only
-        evidence["compile"] = (f"section 7: {compiled['verdict_line']}" if compiled else
-                               f"section 7 did not measure it ({attention['compile_skipped']})") + (
-            f"; measured on fp32 only, so not combined with {VARIANT_LABELS[choice['variant']]}"
-            if faster and not choice["compile"] else "")
+        evidence["compile"] = (f"section 7: {compiled['verdict_line']}" if compiled else "section 7 did not measure "
+                               f"it ({attention['compile_skipped']})") + ("; measured on fp32 only, so not combined "
+                               f"with {VARIANT_LABELS[choice['variant']]}" if faster and not choice["compile"] else "")
     if batching:
         choice["batch"] = batching["best_sorted_batch"]
         evidence["batch"] = "section 6: fastest batch for length-sorted dynamic padding"
@@ -930,8 +922,7 @@ def choose_recipe(results: dict[str, Any], device: torch.device) -> tuple[dict[s
 
 def recipe_model(ctx: cli.Context, choice: dict[str, Any]) -> tuple[Any, torch.dtype | None]:
     """The recipe's model as chosen (attention, precision, quantised, compiled) and the autocast dtype to run it in."""
-    where = models.checkpoint(ENCODER_ROLE, ctx.source)
-    variant = choice["variant"]
+    where, variant = models.checkpoint(ENCODER_ROLE, ctx.source), choice["variant"]
     precision = LOW_PRECISION.get(variant.split("-")[0])
     started = time.perf_counter()
     if variant.startswith("bnb"):
