@@ -117,7 +117,8 @@ def load_by_architecture(ctx: cli.Context, contender: Contender, masked_lm: bool
     return models.LoadedModel(model, tokenizer, info)
 
 
-def for_each_model(ctx: cli.Context, groups: list, what: str, work: Callable[..., Any]) -> list[Any]:
+def for_each_model(ctx: cli.Context, groups: list[Contender] | list[tuple[Contender, ...]], what: str,
+                   work: Callable[..., Any]) -> list[Any]:
     """work(ctx, *group) one model (or pair of models) at a time; one that fails is skipped with its reason."""
     results = []
     for group in groups:

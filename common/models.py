@@ -521,10 +521,9 @@ def layer_count(config: Any) -> str:
 
 
 def parameter_split(model: torch.nn.Module) -> tuple[int, int]:
-    """(embedding parameters, all other parameters), tied weights such as a shared LM head counted once.
-
-    Embeddings are the embedding tables (token, position, token-type) and modules named `embeddings`, which adds
-    BERT's embedding LayerNorm; T5's relative-position bias tables count as embeddings."""
+    """(embedding parameters, all other parameters), tied weights such as a shared LM head counted once."""
+    # Embeddings: every nn.Embedding (token, position, token-type tables; T5's relative-position bias tables too)
+    # and the modules named `embeddings`, which adds BERT's embedding LayerNorm.
     embedding_ids = {id(parameter) for name, module in model.named_modules()
                      if isinstance(module, torch.nn.Embedding) or name.rsplit(".", 1)[-1] == "embeddings"
                      for parameter in module.parameters()}
