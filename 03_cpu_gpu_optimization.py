@@ -724,8 +724,8 @@ def cleanup_rows(ctx: cli.Context, s: Settings) -> list[dict]:
         steps.append(("after glibc malloc_trim(0)", memory.snapshot()))
     (_, deleted), (_, collected) = steps[2:4]
     print(f"gc.collect() + empty_cache() freed {(deleted.rss_bytes - collected.rss_bytes) / MIB:.1f} MiB RSS, "
-          f"{(deleted.cuda_reserved_bytes - collected.cuda_reserved_bytes) / MIB:.1f} MiB CUDA reserved; then "
-          f"malloc_trim gave back {(collected.rss_bytes - steps[-1][1].rss_bytes) / MIB:.1f} MiB glibc had kept")
+          f"{(deleted.cuda_reserved_bytes - collected.cuda_reserved_bytes) / MIB:.1f} MiB CUDA reserved; malloc_trim "
+          f"then returned {(collected.rss_bytes - steps[-1][1].rss_bytes) / MIB:.1f} MiB the C allocator had kept")
     return memory.snapshot_rows(steps)
 
 
@@ -838,8 +838,8 @@ def peers_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dic
     rows = [{**row, **embedding_fidelity(outputs[baseline], outputs[row["workload"]])}
             for row in comparison.rows(baseline=baseline)]
     print_table(rows, ["workload", "p50_ms", "items_per_s", "speedup", "speedup_low", "speedup_high", "verdict",
-                       "cosine_mean", "cosine_min", "similarity_spearman", "noisy"], title=f"{len(corpus)} real-text "
-                f"paragraphs, max_length {s.max_length}, sorted batches of {RECIPE_DEFAULT_BATCH}; vs {baseline}")
+                       "cosine_mean", "cosine_min", "similarity_spearman", "noisy"], title=f"{len(corpus)} real texts, "
+                f"max_length {s.max_length}, sorted batches of {RECIPE_DEFAULT_BATCH}; speed, fidelity vs {baseline}")
     for name in embedders:
         print(f"  {name}: {PEER_SNIPPETS.get(name, 'runtimes.torch_embedder(model, tokenizer): embed_sorted below')}"
               .replace("\n", "\n      "))
