@@ -21,7 +21,7 @@ from common import cli, memory, models, plots, texts
 from common import pipelines as custom_pipelines  # registers the "text-to-text" pipeline
 from common.errors import UserError
 from common.memory import MIB
-from common.meter import Comparison, PerformanceMeter
+from common.meter import PerformanceMeter
 from common.report import format_value, print_table
 
 
@@ -407,14 +407,7 @@ def generation_speed(meter: PerformanceMeter, loaded: models.LoadedModel, conten
              "per_token_ms": (timed[name].median_ms - ttft_ms) / max(n - 1, 1)} for name in ("cache on", "cache off")]
     return rows, {**labels, "prompt_tokens": s.prompt_tokens, "new_tokens": n,
                   "tokens_per_s_cache_on": rows[0]["tokens_per_s"], "tokens_per_s_cache_off": rows[1]["tokens_per_s"],
-                  **verdict_fields(comparison, "cache on", "cache off"), "same_greedy_tokens": same_tokens}
-
-
-def verdict_fields(comparison: Comparison, a: str, b: str) -> dict:
-    """How many times faster a is than b, with its interval, rounds, verdict and sentence (the tables' keys)."""
-    speedup, low, high = comparison.ratio(a, b)
-    return {"speedup": speedup, "speedup_low": low, "speedup_high": high, "rounds": comparison.rounds,
-            "verdict": comparison.verdict(a, b), "sentence": comparison.sentence(a, b)}
+                  **comparison.verdict_row("cache on", "cache off"), "same_greedy_tokens": same_tokens}
 
 
 def same_shape_comparison(ctx: cli.Context, encoder: Contender, decoder: Contender) -> dict:
@@ -430,7 +423,7 @@ def same_shape_comparison(ctx: cli.Context, encoder: Contender, decoder: Contend
                                                                             progress="same shape")
     timed = comparison.measurements
     return {"encoder": encoder.label, "decoder": decoder.label, "layers": encoder.shape[0], "hidden": encoder.shape[1],
-            "seq_len": SUMMARY_LENGTH, **verdict_fields(comparison, encoder.label, decoder.label),
+            "seq_len": SUMMARY_LENGTH, **comparison.verdict_row(encoder.label, decoder.label),
             "encoder_p50_ms": timed[encoder.label].median_ms, "decoder_p50_ms": timed[decoder.label].median_ms,
             # the grid's batch-1 x SUMMARY_LENGTH cells of both models: these same round-robin timings
             "rows": {c.label: timed[c.label].row(model=c.label, architecture=c.family, batch=1, seq_len=SUMMARY_LENGTH)
@@ -635,9 +628,7 @@ def generation_chart(ctx: cli.Context, generation: list[dict]) -> None:
     speed = {(row["model"], row["kv_cache"]): row["tokens_per_s"] for row in generation}
     labels = list(dict.fromkeys(row["model"] for row in generation))
     plots.grouped_bars(ax, labels, [(f"KV cache {'on' if on else 'off'}", [speed.get((label, on)) for label in labels])
-                                    for on in (True, False)])
-    for bars in ax.containers:
-        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+                                    for on in (True, False)], value_format="%.3g")
     ax.tick_params(axis="x", labelrotation=15)
     ctx.report.add_chart(plots.save(fig, ctx.out_dir, "generation_tokens_per_s"))
 
@@ -647,9 +638,7 @@ def memory_chart(ctx: cli.Context, rows: list[dict]) -> None:
     fig, ax = plots.figure("Peak memory per model (process RSS above the level before loading)", "model", "MiB")
     plots.grouped_bars(ax, [row["model"] for row in rows], [(name, [row[key] for row in rows]) for name, key in (
         ("load peak", "load_peak_mib"), ("forward peak (batch 1)", "forward_peak_mib"),
-        ("after release + cleanup()", "after_release_mib"))])
-    for bars in ax.containers:
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        ("after release + cleanup()", "after_release_mib"))], value_format="%.0f")
     ax.tick_params(axis="x", labelrotation=15)
     ax.axhline(0, color="black", linewidth=0.8)
     ctx.report.add_chart(plots.save(fig, ctx.out_dir, "peak_memory"))

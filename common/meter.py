@@ -252,6 +252,12 @@ class Comparison:
         estimate, low, high = self.ratio(a, b)
         return f"{estimate:.2f}x [{low:.2f}-{high:.2f}, {self.rounds} rounds]"
 
+    def verdict_row(self, a: str, b: str) -> dict[str, Any]:
+        """a against b as table keys: speedup with its interval, rounds, verdict and the sentence."""
+        speedup, low, high = self.ratio(a, b)
+        return {"speedup": speedup, "speedup_low": low, "speedup_high": high, "rounds": self.rounds,
+                "verdict": self.verdict(a, b), "sentence": self.sentence(a, b)}
+
     def print_verdicts(self, baseline: str) -> list[str]:
         """Print every other workload's verdict against the baseline, one indented line each; return the lines."""
         lines = [self.sentence(name, baseline) for name in self.measurements if name != baseline]

@@ -41,14 +41,18 @@ def log2_x(ax, values) -> None:
     ax.minorticks_off()
 
 
-def grouped_bars(ax, groups: list[str], series: list[tuple[str, list[float | None]]], missing: str = "") -> None:
-    """Side-by-side bars per group, one colour per series, with a legend; a None draws no bar (but `missing` text)."""
+def grouped_bars(ax, groups: list[str], series: list[tuple[str, list[float | None]]], missing: str = "",
+                 value_format: str = "") -> None:
+    """Side-by-side bars per group, one colour per series, with a legend; a None draws no bar (but `missing` text);
+    with a value_format ("%.0f") each bar is labelled with its value."""
     positions = np.arange(len(groups))
     width = 0.8 / len(series)
     for index, (label, values) in enumerate(series):
         x = positions + (index - (len(series) - 1) / 2) * width
         present = [i for i, value in enumerate(values) if value is not None]
-        ax.bar(x[present], [values[i] for i in present], width=width, label=label)
+        bars = ax.bar(x[present], [values[i] for i in present], width=width, label=label)
+        if value_format:
+            ax.bar_label(bars, fmt=value_format, fontsize=7)
         for i, value in enumerate(values):
             if value is None and missing:
                 top = max((v[i] for _, v in series if v[i] is not None), default=0)  # where the group's bars end

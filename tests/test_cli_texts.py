@@ -82,6 +82,10 @@ def test_grouped_bars_place_series_side_by_side_and_mark_missing_values():
     assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ours", "theirs"]
     plt.close(fig)
+    fig, ax = plt.subplots()
+    plots.grouped_bars(ax, ["a", "b"], [("ours", [1.0, None]), ("theirs", [3.0, 4.5])], value_format="%.1f")
+    assert sorted(t.get_text() for t in ax.texts) == ["1.0", "3.0", "4.5"]  # one label per drawn bar
+    plt.close(fig)
 
 
 def test_annotated_heatmap_writes_every_value_in_its_cell():

@@ -140,6 +140,9 @@ def test_compare_finds_a_three_times_slower_workload():
     assert comparison.verdict("3 ms", "1 ms") == "slower"
     assert comparison.ratio_text("1 ms", "3 ms").startswith(f"{estimate:.2f}x [{low:.2f}-{high:.2f}, 30 rounds]")
     assert comparison.print_verdicts("3 ms") == [comparison.sentence("1 ms", "3 ms")]  # the baseline gets no line
+    assert comparison.verdict_row("1 ms", "3 ms") == {
+        "speedup": estimate, "speedup_low": low, "speedup_high": high, "rounds": 30, "verdict": "faster",
+        "sentence": comparison.sentence("1 ms", "3 ms")}
     inverse = comparison.ratio("3 ms", "1 ms")
     assert inverse[0] == pytest.approx(1 / estimate, rel=0.05)  # median of reciprocals, up to even-n averaging
 
