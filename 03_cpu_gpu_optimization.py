@@ -4,7 +4,6 @@ baseline in the same run with a verdict, and what it costs in output fidelity (e
 agreement with fp32). Ends with the best combination for this machine as a ready-to-paste snippet."""
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
 import inspect
@@ -18,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from tqdm import tqdm
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.utils import logging as hf_logging
 
@@ -30,7 +28,7 @@ from common.memory import MIB, peak_while_held
 from common.meter import Comparison
 from common.pipelines import embed, mean_pool
 from common.quantize import bnb_compute_dtype, int8_dynamic, variant_unavailable
-from common.report import performance_bar, print_table
+from common.report import collect_bars, performance_bar, print_table
 from common.runtimes import PEER_SNIPPETS, PEERS, SENTENCE_TRANSFORMERS as PEER_BASELINE
 
 
@@ -104,25 +102,6 @@ def forward(model: Any, batch: dict[str, torch.Tensor], autocast: torch.dtype | 
         with torch.inference_mode(), torch.autocast(device_type, dtype=autocast) if autocast else nullcontext():
             return model(**batch).last_hidden_state
     return run
-
-
-def build_each(ctx: cli.Context, what: str, builders: dict[str, Callable[[], Any]],
-               problem: Callable[[str], str | None], check: Callable[[Any], Any] = lambda built: None,
-               where: models.Checkpoint | None = None) -> dict[str, dict[str, Any]]:
-    """Each variant that can run here, built (timed, recorded if `where`) with `check`'s output; others skipped."""
-    built = {}
-    for key, build in tqdm(builders.items(), desc=f"{what} variants", disable=None, leave=False):
-        try:
-            if problem(key):
-                raise RuntimeError(problem(key))
-            started = time.perf_counter()
-            model = build()
-            built[key] = {"model": model, "prepare_s": time.perf_counter() - started, "output": check(model)}
-            if where:
-                ctx.record(where.info(model, built[key]["prepare_s"], verbose=False))
-        except Exception as error:  # a missing package, a failed export, a bitsandbytes build without this backend
-            ctx.report.skip(f"{what} {VARIANT_LABELS.get(key, key)}", problem(key) or first_line(error))
-    return built
 
 
 # ------------------------------------------------------------------------------------------ 1. device
@@ -382,8 +361,8 @@ def quantized_encoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], list[
         builders["int8-selective"] = lambda: selective_int8(ctx, fp32)
     else:
         ctx.report.skip(f"encoder {VARIANT_LABELS['int8-selective']}", "takes ~1 min: full run only")
-    built = build_each(ctx, "encoder", builders, lambda key: variant_unavailable(key, ctx.device),
-                       lambda model: embed(model, fp32.tokenizer, FIDELITY_TEXTS), where)
+    built = ctx.build_each("encoder", builders, lambda key: variant_unavailable(key, ctx.device),
+                           lambda model: embed(model, fp32.tokenizer, FIDELITY_TEXTS), where, VARIANT_LABELS)
     batch = sentence_batch(fp32.tokenizer, s.speed_batch, ctx.device)
     comparison = ctx.meter().compare({VARIANT_LABELS[key]: forward(variant["model"], batch) for key, variant in
                                       built.items()}, items=s.speed_batch, warmup=1, min_rounds=s.rounds,
@@ -425,8 +404,8 @@ def quantized_decoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], list[
         del builders[key]
         ctx.report.skip(f"decoder {VARIANT_LABELS[key]}", "--quick (bitsandbytes generation on a CPU takes "
                         "seconds per call; the full run has it)")
-    built = build_each(ctx, "decoder", builders, lambda key: variant_unavailable(key, ctx.device),
-                       lambda model: greedy(model, 1), where)  # 1 token: it runs
+    built = ctx.build_each("decoder", builders, lambda key: variant_unavailable(key, ctx.device),
+                           lambda model: greedy(model, 1), where, VARIANT_LABELS)  # 1 token: it runs
     comparison = ctx.meter().compare({VARIANT_LABELS[key]: generate(key, variant["model"]) for key, variant in
                                       built.items()}, tokens=s.greedy_tokens, warmup=1, min_rounds=DECODER_ROUNDS,
                                      progress="decoder variants")
@@ -795,7 +774,7 @@ def peer_embedders(ctx: cli.Context, s: Settings) -> dict[str, Callable[[list[st
                                                                 tokenizer, **size),
     }
     problems = {**runtimes.peer_problems(where.path), "PyTorch int8": variant_unavailable("int8-dynamic", ctx.device)}
-    return {name: built["model"] for name, built in build_each(ctx, "peers", builders, problems.get).items()}
+    return {name: built["model"] for name, built in ctx.build_each("peers", builders, problems.get).items()}
 
 
 def peer_decision(comparison: Comparison, rows: list[dict]) -> dict[str, Any]:
@@ -1023,9 +1002,7 @@ def recipe_snippet(choice: dict[str, Any], hub_id: str, max_length: int, measure
 
 def bars_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
     """What this lesson set out to show, target vs measured; a bar whose section did not run says so."""
-    measured = {b["bar"]: b for result in results.values() if result for b in result.get("bars", [])}
-    bars = [measured.get(name, {"bar": name, "target": "-", "measured": "not measured (its section did not run "
-                                "or failed)", "value": None, "status": "NOT RUN"}) for name in BAR_NAMES]
+    bars = collect_bars(results, BAR_NAMES)
     print_table(bars, ["bar", "status", "measured", "target"])
     return {"bars": bars, "pass": sum(b["status"] == "PASS" for b in bars),
             "miss": sum(b["status"] == "MISS" for b in bars)}
@@ -1124,30 +1101,14 @@ SECTIONS: dict[str, tuple[str, Callable[[cli.Context, Settings, dict[str, Any]],
 }
 
 
-def section_list(text: str) -> list[str]:
-    """--only's comma-separated section names, checked against the known ones."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in SECTIONS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown section(s) {', '.join(unknown) or '(none given)'}; "
-                                         f"choose from {', '.join(SECTIONS)}")
-    return names
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = cli.base_parser(__doc__)
-    parser.add_argument("--only", type=section_list, default=list(SECTIONS), metavar="SECTION[,SECTION]",
-                        help=f"run a subset of: {', '.join(SECTIONS)}")
+    cli.add_only_option(parser, SECTIONS)
     args = parser.parse_args(argv)
     hf_logging.disable_progress_bar()
     ctx = cli.start(__file__, args)
-    if len(args.only) < len(SECTIONS):
-        print(f"--only: running {', '.join(args.only)}")
-    s, results = ctx.pick(FULL, QUICK), {}
-    for name, (title, section) in SECTIONS.items():
-        if name in args.only:
-            results[name] = ctx.report.run_section(title, inspect.cleandoc(section.__doc__), section, ctx, s, results)
-    ctx.report.run_section("Performance bars", inspect.cleandoc(bars_section.__doc__), bars_section, ctx, results)
+    results = cli.run_sections(ctx, SECTIONS, ctx.pick(FULL, QUICK), only=args.only, results={})
+    ctx.report.run_section("Performance bars", bars_section.__doc__, bars_section, ctx, results)
     memory.cleanup()
     return ctx.report.finish()
 

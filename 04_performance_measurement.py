@@ -555,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = runs.load_report(args.compare, SCRIPT, REPORT_VERSION) if args.compare else None
     hf_logging.disable_progress_bar()
     ctx = cli.start(__file__, args)
-    results = {key: ctx.report.run_section(title, fn.__doc__, fn, ctx) for key, (title, fn) in SECTIONS.items()}
+    results = cli.run_sections(ctx, SECTIONS)
     ctx.report.run_section("7. Report and comparison", report_section.__doc__, report_section, ctx, results,
                            previous)
     return ctx.report.finish()

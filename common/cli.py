@@ -15,9 +15,10 @@ from typing import IO, Any, Callable, TypeVar
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from common.device import DEVICE_CHOICES, describe_environment, pick_device
-from common.errors import Terminated, UserError
+from common.errors import Terminated, UserError, first_line
 from common import models
 from common.calibration import calibrate
 from common.memory import MIB
@@ -104,6 +105,36 @@ def read_user_texts(args: argparse.Namespace) -> list[str] | None:
     return kept
 
 
+Section = tuple[str, Callable[..., Any]]  # (title, function whose docstring is the why printed under the title)
+
+
+def add_only_option(parser: argparse.ArgumentParser, sections: dict[str, Section]) -> None:
+    """Add --only NAME[,NAME], checked against the lesson's section names before any work starts."""
+    def names(text: str) -> list[str]:
+        chosen = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in chosen if name not in sections]
+        if unknown or not chosen:
+            raise argparse.ArgumentTypeError(f"unknown section(s) {', '.join(unknown) or '(none given)'}; "
+                                             f"choose from {', '.join(sections)}")
+        return chosen
+
+    parser.add_argument("--only", type=names, default=list(sections), metavar="SECTION[,SECTION]",
+                        help=f"run a subset of: {', '.join(sections)}")
+
+
+def run_sections(ctx: "Context", sections: dict[str, Section], *args: Any, only: list[str] | None = None,
+                 results: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the chosen sections in order as section(ctx, *args), plus the results so far when `results` is given."""
+    shared = () if results is None else (results,)  # sections that build on earlier ones read them here
+    results = {} if results is None else results
+    if only is not None and len(only) < len(sections):
+        print(f"--only: running {', '.join(name for name in sections if name in only)}")
+    for name, (title, section) in sections.items():
+        if only is None or name in only:
+            results[name] = ctx.report.run_section(title, section.__doc__ or "", section, ctx, *args, *shared)
+    return results
+
+
 @dataclass
 class Context:
     """What every section needs: parsed options, the device, the output folder and the report."""
@@ -140,6 +171,25 @@ class Context:
         """List a model the lesson loaded itself in this run's report (provenance: Hub, bundled or twin)."""
         self.report.add_model(info.to_dict())
         return info
+
+    def build_each(self, what: str, builders: dict[str, Callable[[], Any]], problem: Callable[[str], str | None],
+                   check: Callable[[Any], Any] = lambda built: None, where: models.Checkpoint | None = None,
+                   labels: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+        """Build each variant that can run here (timed; recorded when `where` is given) with check(built)'s output;
+        a variant with a problem, or whose build raises, is skipped with the reason."""
+        built = {}
+        for key, build in tqdm(builders.items(), desc=f"{what} variants", disable=None, leave=False):
+            try:
+                if problem(key):
+                    raise RuntimeError(problem(key))
+                started = time.perf_counter()
+                model = build()
+                built[key] = {"model": model, "prepare_s": time.perf_counter() - started, "output": check(model)}
+                if where:
+                    self.record(where.info(model, built[key]["prepare_s"], verbose=False))
+            except Exception as error:  # a missing package, a failed export, a build without this device's backend
+                self.report.skip(f"{what} {(labels or {}).get(key, key)}", problem(key) or first_line(error))
+        return built
 
     def load(self, role: str, device: torch.device | str | None = None, **kwargs: Any) -> models.LoadedModel:
         """Load a role once per run (same device and options give the same object) and record it in the report."""

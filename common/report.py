@@ -121,6 +121,13 @@ def performance_bar(name: str, target: str, measured: str, value: float, passed:
     return {"bar": name, "target": target, "measured": measured, "value": value, "status": status}
 
 
+def collect_bars(results: dict[str, Any], names: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Every named bar from the sections' results ("bars" lists), in order; one no section produced reads NOT RUN."""
+    measured = {bar["bar"]: bar for result in results.values() if result for bar in result.get("bars", [])}
+    return [measured.get(name, {"bar": name, "target": "-", "measured": "not measured (its section did not run or "
+                                "failed)", "value": None, "status": "NOT RUN"}) for name in names]
+
+
 def _is_table(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(item, dict) for item in value)
 

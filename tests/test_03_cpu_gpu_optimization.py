@@ -381,7 +381,10 @@ def test_only_rejects_an_unknown_section(capsys):
 
 
 def test_only_runs_just_the_named_sections(tmp_path):
-    assert lesson.section_list("threads, batching") == ["threads", "batching"]
+    parser = lesson.cli.base_parser("x")
+    lesson.cli.add_only_option(parser, lesson.SECTIONS)
+    assert parser.parse_args(["--only", "threads, batching"]).only == ["threads", "batching"]
+    assert parser.parse_args([]).only == list(lesson.SECTIONS)
     with contextlib.redirect_stdout(io.StringIO()):
         code = lesson.main(["--quick", "--source", "bundled", "--only", "device", "--output-dir", str(tmp_path)])
     report = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))

@@ -1,10 +1,11 @@
-"""The user-text options (common.cli), text helpers (common.texts) and shared chart helpers (common.plots)."""
+"""The option and section helpers (common.cli), text helpers (common.texts) and shared chart helpers (common.plots)."""
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import matplotlib.pyplot as plt
 import pytest
+import torch
 from conftest import is_png
 
 from common import cli, plots, texts
@@ -109,3 +110,41 @@ def test_chart_draws_on_a_fresh_axis_and_saves_a_png(tmp_path):
     path = plots.chart(tmp_path, "line", draw, [1, 2, 3])
     assert path == tmp_path / "line.png" and is_png(path) and seen.data == [1, 2, 3]
     assert plots.chart(tmp_path / "line.png" / "below-a-file", "x", draw, [1]) is None  # unsaved, said, no crash
+
+
+def test_run_sections_runs_the_chosen_ones_in_order_and_shares_results(tmp_path):
+    from common.report import Report
+
+    def first(ctx, scale, results):
+        """Why the first."""
+        return {"value": scale}
+
+    def second(ctx, scale, results):
+        """Why the second."""
+        return {"value": results["first"]["value"] * 2}  # reads an earlier section's result
+
+    def skipped(ctx, scale, results):
+        """Never chosen."""
+        raise AssertionError("ran a section --only left out")
+
+    ctx = SimpleNamespace(report=Report("05_example", tmp_path, {}))
+    sections = {"first": ("1. First", first), "skipped": ("2. Skipped", skipped), "second": ("3. Second", second)}
+    results = cli.run_sections(ctx, sections, 21, only=["second", "first"], results={})
+    assert results == {"first": {"value": 21}, "second": {"value": 42}}
+    assert list(ctx.report.sections) == ["1. First", "3. Second"]
+
+
+def test_build_each_skips_what_cannot_run_and_says_why(tmp_path):
+    from common.report import Report
+
+    ctx = cli.Context(SimpleNamespace(quick=True, source="bundled"), torch.device("cpu"), tmp_path,
+                      Report("05_example", tmp_path, {}))
+
+    def broken() -> None:
+        raise ValueError("no kernel\nlong trace")
+
+    built = ctx.build_each("toy", {"ok": lambda: 3, "absent": lambda: 4, "broken": broken},
+                           lambda key: "not installed" if key == "absent" else None, check=lambda model: model * 2,
+                           labels={"ok": "the ok one"})
+    assert list(built) == ["ok"] and built["ok"]["model"] == 3 and built["ok"]["output"] == 6
+    assert ctx.report.skipped == {"toy absent": "not installed", "toy broken": "ValueError: no kernel"}

@@ -123,3 +123,9 @@ def test_first_line_keeps_the_type_and_the_first_line_only():
     from common.errors import first_line
     assert first_line(RuntimeError("CUDA missing\nlong trace")) == "RuntimeError: CUDA missing"
     assert first_line(ValueError()) == "ValueError: "
+
+
+def test_collect_bars_keeps_the_named_order_and_marks_missing_ones_not_run():
+    results = {"a": {"bars": [{"bar": "second", "status": "PASS"}]}, "b": None, "c": {"rows": []}}
+    bars = report.collect_bars(results, ("first", "second"))
+    assert [(bar["bar"], bar["status"]) for bar in bars] == [("first", "NOT RUN"), ("second", "PASS")]
