@@ -1,12 +1,16 @@
-"""PerformanceMeter and its statistics, checked against numpy and against workloads of known shape."""
+"""PerformanceMeter and its statistics, checked against numpy and against workloads of known duration.
+
+The meter's logic (budgets, round-robin, ratios, verdicts) is tested on a simulated clock, where each workload
+advances time by an exact amount: no assertion depends on how busy the machine is."""
 from __future__ import annotations
 
 import itertools
-import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from common import meter as meter_module
 from common.meter import GenerationMeasurement, PerformanceMeter, Stats, measure_generation, median_ci, median_ci_ranks
 
 
@@ -54,14 +58,36 @@ def test_stats_reject_empty_samples():
         Stats.from_samples([])
 
 
-def test_meter_times_a_known_sleep():
+class SimulatedClock:
+    """perf_counter for common.meter that only moves when a workload says how long it took."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def workload(self, seconds: float):
+        """A callable that 'takes' exactly this long."""
+        def run() -> None:
+            self.now += seconds
+        return run
+
+
+@pytest.fixture
+def clock(monkeypatch) -> SimulatedClock:
+    simulated = SimulatedClock()
+    monkeypatch.setattr(meter_module, "time", SimpleNamespace(perf_counter=simulated))
+    return simulated
+
+
+def test_meter_times_a_known_duration(clock):
     meter = PerformanceMeter(warmup=1, min_runs=5, budget_s=0.0)
-    result = meter.measure("sleep 10 ms", lambda: time.sleep(0.010), items=4, tokens=40)
+    result = meter.measure("10 ms", clock.workload(0.010), items=4, tokens=40)
     assert result.stats.count == 5
-    assert result.stats.median >= 0.010  # sleep never returns early; a unit slip would fall below
-    assert result.stats.median < 1.0
-    assert result.items_per_s == pytest.approx(4 / np.median(result.samples_s))  # throughput from the median
-    assert result.tokens_per_s == pytest.approx(40 / np.median(result.samples_s))
+    assert result.stats.median == pytest.approx(0.010)
+    assert result.items_per_s == pytest.approx(400)  # throughput from the median: 4 items per 10 ms
+    assert result.tokens_per_s == pytest.approx(4000)
 
 
 def test_meter_runs_warmup_then_exactly_the_requested_runs():
@@ -72,19 +98,21 @@ def test_meter_runs_warmup_then_exactly_the_requested_runs():
     assert next(calls) == 10  # 3 warm-up + 7 timed calls happened before this one
 
 
-def test_meter_repeats_until_the_time_budget():
-    meter = PerformanceMeter(warmup=0, min_runs=1, budget_s=0.05)
-    result = meter.measure("sleep 5 ms", lambda: time.sleep(0.005))
-    assert result.wall_s >= 0.05
-    assert result.stats.count >= 2
+def test_meter_repeats_until_the_time_budget(clock):
+    meter = PerformanceMeter(warmup=0, min_runs=1, budget_s=2.5)  # binary-exact times: no rounding at the edge
+    result = meter.measure("0.25 s", clock.workload(0.25))
+    assert result.stats.count == 10  # the budget is spent after exactly ten 0.25 s calls
+    assert result.wall_s == 2.5
 
 
-def test_meter_flags_a_noisy_workload():
+def test_meter_flags_a_noisy_workload(clock):
     durations = itertools.cycle([0.001, 0.006])
     meter = PerformanceMeter(warmup=0, min_runs=10, max_runs=10)
-    result = meter.measure("jittery", lambda: time.sleep(next(durations)))
+    result = meter.measure("jittery", lambda: clock.workload(next(durations))())
     assert result.noisy
     assert "noisy" in result.warnings[0]
+    steady = meter.measure("steady", clock.workload(0.002))
+    assert not steady.noisy and steady.warnings == []
 
 
 def test_meter_reports_memory_peak_and_cpu_time():
@@ -96,55 +124,55 @@ def test_meter_reports_memory_peak_and_cpu_time():
     assert result.gpu_util_pct is None
 
 
-def test_overhead_per_call_is_positive_and_small_against_a_sleep():
+def test_overhead_per_call_is_the_loop_time_of_an_empty_call():
     overhead = PerformanceMeter().overhead_per_call_s(runs=500)
-    assert 0 < overhead < 0.001
+    assert 0 < overhead
 
 
-def test_generation_measurement_derives_per_token_latency():
+def test_generation_measurement_derives_per_token_latency(clock):
     meter = PerformanceMeter(warmup=1, min_runs=3, budget_s=0.0)
-    generation = measure_generation(meter, "fake", lambda n: time.sleep(0.002 + 0.001 * n), new_tokens=5, batch_size=2)
+    generation = measure_generation(meter, "fake", lambda n: clock.workload(0.002 + 0.001 * n)(), new_tokens=5,
+                                    batch_size=2)
     assert isinstance(generation, GenerationMeasurement)
-    first, full = generation.first_token.samples_s, generation.full.samples_s
-    assert len(first) == len(full) == 3  # one of each per round-robin round
-    assert generation.time_to_first_token_s == generation.first_token.stats.median
-    assert generation.per_token_s == pytest.approx(float(np.median(np.subtract(full, first))) / 4)
-    full = generation.full.stats.median
-    assert generation.tokens_per_s == pytest.approx(10 / full)
+    assert len(generation.first_token.samples_s) == len(generation.full.samples_s) == 3  # one each per round
+    assert generation.time_to_first_token_s == pytest.approx(0.003)
+    assert generation.per_token_s == pytest.approx(0.001)  # (7 ms - 3 ms) / 4 tokens after the first
+    assert generation.tokens_per_s == pytest.approx(10 / 0.007)
     assert generation.full.tokens_per_call == 10
 
 
-def spin(seconds: float) -> None:
-    """Busy-wait: a workload whose duration is the same every call, unlike sleep's wake-up jitter."""
-    started = time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        pass
-
-
-def test_compare_calls_two_identical_workloads_the_same():
+def test_compare_calls_two_identical_workloads_the_same(clock):
     meter = PerformanceMeter(warmup=1, min_runs=30, budget_s=0.0)
-    comparison = meter.compare({"a": lambda: spin(0.001), "b": lambda: spin(0.001)})
-    estimate, low, high = comparison.ratio("a", "b")
-    assert low <= estimate <= high
+    comparison = meter.compare({"a": clock.workload(0.001), "b": clock.workload(0.001)})
+    assert comparison.ratio("a", "b") == pytest.approx((1.0, 1.0, 1.0))
     assert comparison.verdict("a", "b") == "same" and comparison.verdict("b", "a") == "same"
     assert "no measurable difference" in comparison.sentence("a", "b")
 
 
-def test_compare_finds_a_three_times_slower_workload():
-    meter = PerformanceMeter(warmup=1, min_runs=30, budget_s=0.0)  # 30 rounds: a few preempted sleeps cannot move it
-    comparison = meter.compare({"1 ms": lambda: time.sleep(0.001), "3 ms": lambda: time.sleep(0.003)})
+def test_compare_calls_a_difference_inside_the_same_band_the_same(clock):
+    meter = PerformanceMeter(warmup=1, min_runs=30, budget_s=0.0)
+    comparison = meter.compare({"a": clock.workload(0.00100), "b": clock.workload(0.00102)})  # 2%: too small to act on
+    assert comparison.ratio("a", "b")[1] > 1.0  # the interval excludes 1 ...
+    assert comparison.verdict("a", "b") == "same"  # ... but stays within SAME_BAND
+
+
+def test_compare_finds_a_three_times_slower_workload(clock):
+    meter = PerformanceMeter(warmup=1, min_runs=30, budget_s=0.0)
+    calls = itertools.count()
+    # every fifth round the machine is busy and both workloads take twice as long: pairing by round cancels it
+    base = {"1 ms": 0.001, "3 ms": 0.003}
+    comparison = meter.compare({name: (lambda name=name: clock.workload(
+        base[name] * (2 if next(calls) // 2 % 5 == 0 else 1))()) for name in base})
     estimate, low, high = comparison.ratio("1 ms", "3 ms")
-    assert 2.0 < estimate < 3.5
-    assert low > 1.0  # the interval excludes "no difference"
+    assert (estimate, low, high) == pytest.approx((3.0, 3.0, 3.0))
     assert comparison.verdict("1 ms", "3 ms") == "faster"
     assert comparison.verdict("3 ms", "1 ms") == "slower"
-    assert comparison.ratio_text("1 ms", "3 ms").startswith(f"{estimate:.2f}x [{low:.2f}-{high:.2f}, 30 rounds]")
+    assert comparison.ratio_text("1 ms", "3 ms") == "3.00x [3.00-3.00, 30 rounds]"
     assert comparison.print_verdicts("3 ms") == [comparison.sentence("1 ms", "3 ms")]  # the baseline gets no line
     assert comparison.verdict_row("1 ms", "3 ms") == {
         "speedup": estimate, "speedup_low": low, "speedup_high": high, "rounds": 30, "verdict": "faster",
         "sentence": comparison.sentence("1 ms", "3 ms")}
-    inverse = comparison.ratio("3 ms", "1 ms")
-    assert inverse[0] == pytest.approx(1 / estimate, rel=0.05)  # median of reciprocals, up to even-n averaging
+    assert comparison.ratio("3 ms", "1 ms")[0] == pytest.approx(1 / 3)
 
 
 def test_compare_runs_round_robin_with_a_rotating_start():
