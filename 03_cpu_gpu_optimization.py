@@ -24,7 +24,7 @@ from common import cli, device as devices, memory, models, plots, quantize, runt
 from common.batching import batch_shapes, batch_work, make_batches, padded_batches
 from common.errors import UserError, first_line
 from common.fidelity import cosine_fidelity, embedding_fidelity, first_divergence, token_agreement
-from common.memory import MIB, peak_while_held
+from common.memory import MIB, peak_while_held, saved_for_backward_bytes
 from common.meter import Comparison
 from common.pipelines import embed, mean_pool
 from common.quantize import bnb_compute_dtype, int8_dynamic, variant_unavailable
@@ -64,16 +64,13 @@ OFFLOAD_ROLE = "distilbert-base-uncased"  # squeezed under a deliberately small 
 FIDELITY_TEXTS = texts.FIDELITY_TEXTS  # 74 varied texts: what every "cosine vs fp32" is computed on
 LONG_TEXT_WORDS = (40, 100)  # the mixed-length corpus: one text in five is this long; the rest are 4-16 words
 DECODER_PROMPT = "The three most useful tips for making Python code run faster are"
-STREAM_BATCH = 32
 OFFLOAD_CAP = "100MiB"  # max_memory for the main device: far below the 265 MB model
 RECIPE_DEFAULT_BATCH = 32  # used when section 6 did not run
 DECODER_ROUNDS = 3  # bitsandbytes generation on a CPU takes seconds a call, and no bar or recipe rests on these
 SELECTIVE_KEEP_FP32 = 6  # Linears left in fp32 by the sensitivity ranking (MiniLM has 36)
 FIDELITY_FLOOR = 0.99  # a faster variant is recommended only at or above this cosine
 FLOPS_FRACTION_TARGET = 0.7
-INT8_SPEEDUP_TARGET = 1.8
-INT8_COSINE_TARGET = 0.99
-INT8_COSINE_MIN_TARGET = 0.98
+INT8_TARGETS = (1.8, 0.99, 0.98)  # dynamic int8's bar: speed-up over fp32, cosine mean, cosine min
 SORTED_SPEEDUP_TARGET = 2.0
 BAR_NAMES = ("batched vs batch-1 throughput", "fp32 encoder FLOP/s vs matmul peak", "dynamic int8 vs fp32",
              "length-sorted dynamic vs pad-to-max", "recipe vs best peer runtime")
@@ -204,24 +201,6 @@ def threads_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> d
 # ------------------------------------------------------------------------------------------- 3. grad
 
 
-def saved_for_backward_bytes(model: Any, run: Callable[[], Any]) -> int:
-    """Exact bytes of activations autograd keeps for a backward pass during `run` (parameters not counted)."""
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        output = run()  # held until we have counted, so no saved storage can be freed and its address reused
-    total = sum(saved.values())
-    del output
-    return total
-
-
 def grad_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dict:
     """Inference needs no backward pass; keeping autograd's bookkeeping costs time and memory for nothing.
     The three modes run the same batch, timed round-robin."""
@@ -328,15 +307,17 @@ def quantization_recipes(where: models.Checkpoint, fp32_model: Any, device: torc
     }
 
 
-def variant_rows(comparison: Comparison, built: dict[str, dict[str, Any]], what: str,
-                 fidelity: Callable[[str], dict[str, float]]) -> list[dict[str, Any]]:
-    """Table rows: the comparison against fp32 with each variant's size, quantised share and fidelity (by key)."""
+def compare_variants(ctx: cli.Context, built: dict[str, dict[str, Any]], what: str, run: Callable[[str, Any], Any],
+                     fidelity: Callable[[str], dict[str, float]], rounds: int, **work: Any) -> tuple[list, Comparison]:
+    """Time the built variants round-robin against fp32: rows with each one's size, quantised share and fidelity."""
+    comparison = ctx.meter().compare({VARIANT_LABELS[key]: run(key, variant["model"]) for key, variant in
+                                      built.items()}, warmup=1, min_rounds=rounds, progress=f"{what} variants", **work)
     fp32_bytes = memory.weights_bytes(built["fp32"]["model"])
     rows = comparison.rows(baseline="fp32", model=what)
     for row, (key, variant) in zip(rows, built.items()):
         row.update(variant=row["workload"], key=key, **quantize.storage_columns(variant["model"], fp32_bytes),
                    prepare_s=variant["prepare_s"], **fidelity(key))
-    return rows
+    return rows, comparison
 
 
 def selective_int8(ctx: cli.Context, fp32: models.LoadedModel) -> Any:
@@ -364,11 +345,9 @@ def quantized_encoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], list[
     built = ctx.build_each("encoder", builders, lambda key: variant_unavailable(key, ctx.device),
                            lambda model: embed(model, fp32.tokenizer, FIDELITY_TEXTS), where, VARIANT_LABELS)
     batch = sentence_batch(fp32.tokenizer, s.speed_batch, ctx.device)
-    comparison = ctx.meter().compare({VARIANT_LABELS[key]: forward(variant["model"], batch) for key, variant in
-                                      built.items()}, items=s.speed_batch, warmup=1, min_rounds=s.rounds,
-                                     progress="encoder variants")
-    rows = variant_rows(comparison, built, "encoder",
-                        lambda key: embedding_fidelity(built["fp32"]["output"], built[key]["output"]))
+    rows, comparison = compare_variants(ctx, built, "encoder", lambda key, model: forward(model, batch), lambda key:
+                                        embedding_fidelity(built["fp32"]["output"], built[key]["output"]), s.rounds,
+                                        items=s.speed_batch)
     print_table(rows, ["variant", "size_mib", "quantized_share", *SPEED, "cosine_mean", "cosine_min",
                        "similarity_spearman", "noisy"], title=f"encoder {fp32.info.label}, batch {s.speed_batch}; "
                 f"fidelity on {len(FIDELITY_TEXTS)} texts = embedding cosine vs fp32 and Spearman of all pairwise "
@@ -406,12 +385,9 @@ def quantized_decoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], list[
                         "seconds per call; the full run has it)")
     built = ctx.build_each("decoder", builders, lambda key: variant_unavailable(key, ctx.device),
                            lambda model: greedy(model, 1), where, VARIANT_LABELS)  # 1 token: it runs
-    comparison = ctx.meter().compare({VARIANT_LABELS[key]: generate(key, variant["model"]) for key, variant in
-                                      built.items()}, tokens=s.greedy_tokens, warmup=1, min_rounds=DECODER_ROUNDS,
-                                     progress="decoder variants")
-    rows = variant_rows(comparison, built, "decoder", lambda key: {
+    rows, comparison = compare_variants(ctx, built, "decoder", generate, lambda key: {
         "token_agreement": token_agreement(tokens["fp32"], tokens[key]),
-        "first_divergence": first_divergence(tokens["fp32"], tokens[key])})
+        "first_divergence": first_divergence(tokens["fp32"], tokens[key])}, DECODER_ROUNDS, tokens=s.greedy_tokens)
     print_table(rows, ["variant", "size_mib", "quantized_share", "p50_ms", "tokens_per_s", "speedup", "verdict",
                        "token_agreement", "first_divergence", "noisy"], title=f"decoder {fp32.info.label}, "
                 f"{s.greedy_tokens} greedy tokens, {DECODER_ROUNDS} rounds (these ratios decide no bar or recipe); "
@@ -437,12 +413,12 @@ def quantization_section(ctx: cli.Context, s: Settings, results: dict[str, Any])
     encoder_rows, encoder_lines, per_tensor_cosine = quantized_encoders(ctx, s)
     decoder_rows, decoder_lines = quantized_decoders(ctx, s)
     int8 = next((row for row in encoder_rows if row["key"] == "int8-dynamic"), None)
+    speed, mean, worst = INT8_TARGETS
     bars = [] if int8 is None else [performance_bar(
-        BAR_NAMES[2], f">= {INT8_SPEEDUP_TARGET}x fp32 throughput at cosine mean >= {INT8_COSINE_TARGET} and min >= "
-        f"{INT8_COSINE_MIN_TARGET}", f"{int8['speedup']:.2f}x [{int8['speedup_low']:.2f}-{int8['speedup_high']:.2f}] "
-        f"({int8['verdict']}) at cosine mean {int8['cosine_mean']:.4f}, min {int8['cosine_min']:.4f} "
-        f"({activation.bits}-bit activations)", int8["speedup"], int8["speedup"] >= INT8_SPEEDUP_TARGET
-        and int8["cosine_mean"] >= INT8_COSINE_TARGET and int8["cosine_min"] >= INT8_COSINE_MIN_TARGET)]
+        BAR_NAMES[2], f">= {speed}x fp32 throughput at cosine mean >= {mean} and min >= {worst}",
+        f"{int8['speedup']:.2f}x [{int8['speedup_low']:.2f}-{int8['speedup_high']:.2f}] ({int8['verdict']}) at cosine "
+        f"mean {int8['cosine_mean']:.4f}, min {int8['cosine_min']:.4f} ({activation.bits}-bit activations)",
+        int8["speedup"], int8["speedup"] >= speed and int8["cosine_mean"] >= mean and int8["cosine_min"] >= worst)]
     ctx.report.add_chart(quantization_chart(encoder_rows, decoder_rows, ctx.out_dir))
     ctx.report.add_rows("quantization", encoder_rows + decoder_rows)
     return {"encoder": encoder_rows, "decoder": decoder_rows, "verdicts": encoder_lines + decoder_lines,
@@ -499,7 +475,7 @@ def batching_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> 
                                for name in outputs if work[name]["strategy"] == strategy) for strategy in strategies}
     print("worst embedding cosine vs unpadded batch 1: " + ", ".join(f"{k} {v:.6f}" for k, v in agreement.items()))
     bars, lines, best_sorted = batching_bars(comparison, rows, peak)
-    ctx.report.add_chart(batching_chart(rows, comparison, ctx.out_dir))
+    ctx.report.add_chart(batching_chart(rows, bars[2]["value"], ctx.out_dir))
     ctx.report.add_rows("batching", rows)
     return {"model": loaded.info.label, "texts": len(corpus), "max_length": s.max_length, "rows": rows,
             "matmul_peak_gflop_per_s": peak / 1e9, "cosine_vs_batch1": agreement, "verdicts": lines,
@@ -660,8 +636,8 @@ def streaming_rows(ctx: cli.Context, s: Settings) -> list[dict]:
     held: dict[str, int] = {}
 
     def batches():  # a generator: each batch is tokenised when the loop asks for it
-        for i in range(0, len(long_list), STREAM_BATCH):
-            yield tokenizer(long_list[i:i + STREAM_BATCH], padding=True, return_tensors="pt").to(ctx.device)
+        for i in range(0, len(long_list), 32):
+            yield tokenizer(long_list[i:i + 32], padding=True, return_tensors="pt").to(ctx.device)
 
     def materialised() -> torch.Tensor:
         inputs = list(batches())  # every input tokenised up front
@@ -760,8 +736,31 @@ def memory_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> di
 # ------------------------------------------------------------------------------------------ 9. peers
 
 
-def peer_embedders(ctx: cli.Context, s: Settings) -> dict[str, Callable[[list[str]], torch.Tensor]]:
-    """Each peer runtime and our PyTorch paths (fp32, int8, bf16) as `embed(texts)`; one that cannot run is skipped."""
+def peer_decision(comparison: Comparison, rows: list[dict]) -> dict[str, Any]:
+    """Fastest of ours and of the peers at cosine mean >= FIDELITY_FLOOR, and the bar between them (from the rounds)."""
+    def fastest(is_peer: bool) -> str | None:
+        return max((r for r in rows if (r["workload"] in PEERS) == is_peer and r["cosine_mean"] >= FIDELITY_FLOOR),
+                   key=lambda r: r["items_per_s"], default={}).get("workload")
+
+    ours, peer = fastest(False), fastest(True)
+    if not ours or not peer:
+        return {"ours": ours, "peer": peer, "winner": ours or peer, "bars": []}
+    cosine, row = next(r["cosine_mean"] for r in rows if r["workload"] == ours), comparison.verdict_row(ours, peer)
+    winner = peer if row["verdict"] == "slower" else ours
+    print(f"\nfastest at cosine mean >= {FIDELITY_FLOOR}: ours = {ours}, peer = {peer}. {row['sentence']}"
+          + (f"\n  so the recipe recommends {peer} here:\n    " + PEER_SNIPPETS[peer].replace("\n", "\n    ")
+             if winner == peer else ""))
+    bars = [performance_bar(BAR_NAMES[4], f">= 1.0x the fastest peer runtime at cosine mean >= {FIDELITY_FLOOR}",
+                            f"{ours} {row['speedup']:.2f}x [{row['speedup_low']:.2f}-{row['speedup_high']:.2f}] {peer} "
+                            f"({row['verdict']}) at cosine mean {cosine:.4f}", row["speedup"],
+                            row["speedup"] >= 1.0 and cosine >= FIDELITY_FLOOR)]
+    return {"ours": ours, "peer": peer, "winner": winner, "ratio": row["speedup"], "verdict": row["verdict"],
+            "bars": bars, "sentence": row["sentence"]}
+
+
+def peers_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dict:
+    """A learner could just call sentence-transformers' encode, or export to ONNX Runtime: the same real texts
+    go through each and through our PyTorch path, timed round-robin, with fidelity against sentence-transformers."""
     where = models.checkpoint(ENCODER_ROLE, ctx.source)
     fp32 = ctx.load(ENCODER_ROLE)
     tokenizer, size = fp32.tokenizer, dict(batch_size=RECIPE_DEFAULT_BATCH, max_length=s.max_length)
@@ -774,36 +773,8 @@ def peer_embedders(ctx: cli.Context, s: Settings) -> dict[str, Callable[[list[st
                                                                 tokenizer, **size),
     }
     problems = {**runtimes.peer_problems(where.path), "PyTorch int8": variant_unavailable("int8-dynamic", ctx.device)}
-    return {name: built["model"] for name, built in ctx.build_each("peers", builders, problems.get).items()}
-
-
-def peer_decision(comparison: Comparison, rows: list[dict]) -> dict[str, Any]:
-    """Fastest of ours and of the peers at cosine mean >= FIDELITY_FLOOR, and the bar between them (from the rounds)."""
-    def fastest(is_peer: bool) -> dict:
-        return max((r for r in rows if (r["workload"] in PEERS) == is_peer and r["cosine_mean"] >= FIDELITY_FLOOR),
-                   key=lambda r: r["items_per_s"], default={})
-
-    best_ours, best_peer = fastest(False), fastest(True)
-    ours, peer, cosine = best_ours.get("workload"), best_peer.get("workload"), best_ours.get("cosine_mean")
-    if not ours or not peer:
-        return {"ours": ours, "peer": peer, "winner": ours or peer, "bars": []}
-    (ratio, low, high), verdict = comparison.ratio(ours, peer), comparison.verdict(ours, peer)
-    winner = peer if verdict == "slower" else ours
-    print(f"\nfastest at cosine mean >= {FIDELITY_FLOOR}: ours = {ours}, peer = {peer}. "
-          f"{comparison.sentence(ours, peer)}" + (f"\n  so the recipe recommends {peer} here:\n    "
-          + PEER_SNIPPETS[peer].replace("\n", "\n    ") if winner == peer else ""))
-    bars = [performance_bar(BAR_NAMES[4], f">= 1.0x the fastest peer runtime at cosine mean >= {FIDELITY_FLOOR}",
-                            f"{ours} {ratio:.2f}x [{low:.2f}-{high:.2f}] {peer} ({verdict}) at cosine mean "
-                            f"{cosine:.4f}", ratio, ratio >= 1.0 and cosine >= FIDELITY_FLOOR)]
-    return {"ours": ours, "peer": peer, "winner": winner, "ratio": ratio, "verdict": verdict, "bars": bars,
-            "sentence": comparison.sentence(ours, peer)}
-
-
-def peers_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dict:
-    """A learner could just call sentence-transformers' encode, or export to ONNX Runtime: the same real texts
-    go through each and through our PyTorch path, timed round-robin, with fidelity against sentence-transformers."""
+    embedders = {name: built["model"] for name, built in ctx.build_each("peers", builders, problems.get).items()}
     corpus = texts.realistic_corpus(s.peer_texts, seed=ctx.args.seed)
-    embedders = peer_embedders(ctx, s)
     outputs: dict[str, torch.Tensor] = {}
 
     def timed(name: str) -> Callable[[], None]:
@@ -844,15 +815,6 @@ def embed_sorted(model, tokenizer, texts: list[str], batch_size: int = 32, max_l
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             embeddings[rows] = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)).float().cpu()
     return embeddings
-
-
-def embed_naive(model: Any, tokenizer: Any, texts: list[str], max_length: int) -> torch.Tensor:
-    """The seed's 'before': one text at a time, padded to max_length, gradients left on."""
-    rows = []
-    for text in texts:
-        batch = tokenizer(text, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-        rows.append(mean_pool(model(**batch.to(model.device)).last_hidden_state, batch["attention_mask"]))
-    return torch.cat(rows).detach().float().cpu()
 
 
 def choose_recipe(results: dict[str, Any], device: torch.device) -> tuple[dict[str, Any], list[dict]]:
@@ -929,8 +891,13 @@ def recipe_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> di
     corpus = texts.mixed_length_corpus(s.corpus_size, seed=ctx.args.seed, long=LONG_TEXT_WORDS)
     outputs: dict[str, torch.Tensor] = {}
 
-    def naive_pass() -> None:
-        outputs["naive"] = embed_naive(naive.model, naive.tokenizer, corpus, s.max_length)  # grad stays on
+    def naive_pass() -> None:  # the seed's 'before': one text at a time, padded to max_length, gradients left on
+        pooled = []
+        for text in corpus:
+            batch = naive.tokenizer(text, padding="max_length", truncation=True, max_length=s.max_length,
+                                    return_tensors="pt").to(ctx.device)
+            pooled.append(mean_pool(naive.model(**batch).last_hidden_state, batch["attention_mask"]))
+        outputs["naive"] = torch.cat(pooled).detach().float().cpu()
 
     def recipe_pass() -> None:
         default = torch.get_num_threads()
@@ -948,12 +915,12 @@ def recipe_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> di
                 title=f"{len(corpus)} mixed-length texts end to end (tokenising included), {naive.info.label}; "
                       "naive = fp32, batch 1, grad on, pad to max_length")
     line = comparison.print_verdicts("naive")[0]
-    speedup, low, high = comparison.ratio("recipe", "naive")
+    (speedup, low, high), verdict = comparison.ratio("recipe", "naive"), comparison.verdict("recipe", "naive")
     fidelity = cosine_fidelity(outputs["naive"], outputs["recipe"])
     print(f"embedding cosine vs naive: mean {fidelity['cosine_mean']:.5f}, worst {fidelity['cosine_min']:.5f}")
     entry = models.CATALOG.get(naive.info.name)
-    measured = (f"{speedup:.1f}x the naive baseline's speed ({comparison.verdict('recipe', 'naive')}, interval "
-                f"{low:.1f}-{high:.1f} over {comparison.rounds} rounds), worst cosine {fidelity['cosine_min']:.4f}")
+    measured = (f"{speedup:.1f}x the naive baseline's speed ({verdict}, interval {low:.1f}-{high:.1f} over "
+                f"{comparison.rounds} rounds), worst cosine {fidelity['cosine_min']:.4f}")
     snippet = recipe_snippet(choice, entry.hub_id if entry else naive.info.name, s.max_length, measured, ctx.device)
     print("\nready to paste:\n" + "-" * 78 + f"\n{snippet}\n" + "-" * 78)
     peers = results.get("peers") or {}
@@ -962,8 +929,8 @@ def recipe_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> di
         print(f"\nbut on this machine {peers['winner']} beat our best PyTorch path ({why}); use it instead:\n"
               + PEER_SNIPPETS[peers["winner"]])
     ctx.report.add_rows("recipe", rows)
-    return {"choices": choice_rows, "choice": choice, "rows": rows, "speedup": speedup,
-            "verdict": comparison.verdict("recipe", "naive"), "verdicts": [line], **fidelity, "snippet": snippet}
+    return {"choices": choice_rows, "choice": choice, "rows": rows, "speedup": speedup, "verdict": verdict,
+            "verdicts": [line], **fidelity, "snippet": snippet}
 
 
 def recipe_snippet(choice: dict[str, Any], hub_id: str, max_length: int, measured: str, device: torch.device) -> str:
@@ -1016,25 +983,16 @@ def threads_chart(rows: list[dict], out_dir: Any) -> Any:
     batched = max((r for r in rows if r["batch"] > 1), key=lambda r: r["speedup"])
     fig, ax = plots.figure(f"Threads: {batched['threads']} is fastest for batch {batched['batch']} "
                            f"({batched['speedup']:.2f}x vs 1 thread)", "torch threads", "speed-up vs 1 thread (x)")
-    for size in sorted({r["batch"] for r in rows}):
-        x, y, low, high = zip(*((r["threads"], r["speedup"], r["speedup_low"], r["speedup_high"])
-                                for r in rows if r["batch"] == size))
-        ax.errorbar(x, y, yerr=[[a - b for a, b in zip(y, low)], [b - a for a, b in zip(y, high)]], marker="o",
-                    capsize=3, label=f"batch {size}")
     ax.axvline(os.cpu_count() or 1, color="grey", linestyle=":", label="logical cores")
-    plots.log2_x(ax, [r["threads"] for r in rows])
-    ax.legend()
+    plots.lines_by(ax, rows, "threads", "speedup", lambda r: f"batch {r['batch']}", ("speedup_low", "speedup_high"))
     return plots.save(fig, out_dir, "threads")
 
 
 def precision_chart(rows: list[dict], out_dir: Any) -> Any:
     """Throughput per precision variant, annotated with speed-up and worst cosine."""
     fig, ax = plots.figure("Lower precision: speed vs fp32, with fidelity", "variant", "throughput (texts/s)")
-    patches = ax.bar([r["variant"] for r in rows], [r["items_per_s"] for r in rows], color="tab:blue")
-    for patch, row in zip(patches, rows):
-        ax.annotate(f"{row['speedup']:.2f}x ({row['verdict']})\ncos {row['cosine_min']:.4f}",
-                    (patch.get_x() + patch.get_width() / 2, patch.get_height()), ha="center", va="bottom", fontsize=8)
-    ax.margins(y=0.2)
+    plots.annotated_bars(ax, [r["variant"] for r in rows], [r["items_per_s"] for r in rows],
+                         [f"{r['speedup']:.2f}x ({r['verdict']})\ncos {r['cosine_min']:.4f}" for r in rows])
     return plots.save(fig, out_dir, "precision")
 
 
@@ -1055,19 +1013,13 @@ def quantization_chart(encoder_rows: list[dict], decoder_rows: list[dict], out_d
     return plots.save(fig, out_dir, "quantization")
 
 
-def batching_chart(rows: list[dict], comparison: Comparison, out_dir: Any) -> Any:
+def batching_chart(rows: list[dict], sorted_ratio: float, out_dir: Any) -> Any:
     """Texts/s by batch size for each padding strategy, with each strategy's waste at its largest batch."""
-    best = {strategy: max((r for r in rows if r["strategy"] == strategy), key=lambda r: r["items_per_s"])
-            for strategy in ("dynamic + sorted", "pad to max_length")}
-    ratio = comparison.ratio(best["dynamic + sorted"]["workload"], best["pad to max_length"]["workload"])[0]
-    fig, ax = plots.figure(f"Sorted dynamic padding: {ratio:.1f}x the texts/s of pad-to-max (each at its best)",
+    fig, ax = plots.figure(f"Sorted dynamic padding: {sorted_ratio:.1f}x the texts/s of pad-to-max (each at its best)",
                            "batch size (texts)", "throughput (texts/s)")
-    for strategy in dict.fromkeys(r["strategy"] for r in rows):
-        points = [r for r in rows if r["strategy"] == strategy]
-        ax.plot([r["batch"] for r in points], [r["items_per_s"] for r in points], marker="o",
-                label=f"{strategy} (waste {points[-1]['waste_pct']:.0f}% at batch {points[-1]['batch']})")
-    plots.log2_x(ax, [r["batch"] for r in rows])
-    ax.legend()
+    largest = {r["strategy"]: r for r in rows}  # the last row of each strategy: its largest batch
+    plots.lines_by(ax, rows, "batch", "items_per_s", lambda r: f"{r['strategy']} (waste "
+                   f"{largest[r['strategy']]['waste_pct']:.0f}% at batch {largest[r['strategy']]['batch']})")
     return plots.save(fig, out_dir, "batching")
 
 

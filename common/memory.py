@@ -224,3 +224,20 @@ def peak_while_held(run: Callable[[], Any], device: torch.device) -> int:
     del output
     return cuda.delta_bytes if device.type == "cuda" else rss.peak_delta_bytes
 
+
+def saved_for_backward_bytes(model: Any, run: Callable[[], Any]) -> int:
+    """Exact bytes of activations autograd keeps for a backward pass during `run` (parameters not counted)."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = run()  # held until we have counted, so no saved storage can be freed and its address reused
+    total = sum(saved.values())
+    del output
+    return total

@@ -41,6 +41,28 @@ def log2_x(ax, values) -> None:
     ax.minorticks_off()
 
 
+def lines_by(ax, rows: list[dict], x: str, y: str, group: Callable[[dict], str],
+             interval: tuple[str, str] | None = None) -> None:
+    """One line per group of rows (first-seen order) on a log2 x axis ticked at the x values, with a legend;
+    `interval` names the rows' (low, high) keys to draw as error bars around y."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(group(row), []).append(row)
+    for label, points in groups.items():
+        ys = [p[y] for p in points]
+        errors = None if interval is None else [[v - p[interval[0]] for v, p in zip(ys, points)],
+                                                [p[interval[1]] - v for v, p in zip(ys, points)]]
+        ax.errorbar([p[x] for p in points], ys, yerr=errors, marker="o", capsize=3, label=label)
+    log2_x(ax, [row[x] for row in rows])
+    ax.legend()
+
+
+def annotated_bars(ax, labels: list[str], values: list[float], notes: list[str]) -> None:
+    """One bar per label with its note written above it, and head-room left for the notes."""
+    ax.bar_label(ax.bar(labels, values, color="tab:blue"), notes, fontsize=8)
+    ax.margins(y=0.2)
+
+
 def grouped_bars(ax, groups: list[str], series: list[tuple[str, list[float | None]]], missing: str = "",
                  value_format: str = "") -> None:
     """Side-by-side bars per group, one colour per series, with a legend; a None draws no bar (but `missing` text);

@@ -353,15 +353,6 @@ def test_device_offers_always_list_the_cpu_and_say_why_not_cuda(monkeypatch):
     assert "torch" in offers["cuda"]["detail"]  # a CPU-only build or no visible GPU, said either way
 
 
-def test_saved_for_backward_counts_activations_only_with_grad():
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-    inputs = torch.randn(3, 4)
-    with_grad = lesson.saved_for_backward_bytes(model, lambda: model(inputs))
-    assert with_grad >= inputs.nbytes + 3 * 8 * 4  # at least the input and the hidden activation, never weights
-    with torch.no_grad():
-        assert lesson.saved_for_backward_bytes(model, lambda: model(inputs)) == 0
-
-
 def test_settings_side_by_side_and_quick_is_smaller():
     assert lesson.FULL.rounds >= 5 and lesson.QUICK.rounds >= 3  # ratios that decide a bar or the recipe
     assert lesson.QUICK.corpus_size < lesson.FULL.corpus_size and lesson.QUICK.greedy_tokens < lesson.FULL.greedy_tokens

@@ -89,6 +89,33 @@ def test_grouped_bars_place_series_side_by_side_and_mark_missing_values():
     plt.close(fig)
 
 
+def test_lines_by_draws_one_line_per_group_with_its_intervals_on_a_log2_axis():
+    rows = [{"n": 1, "v": 1.0, "lo": 0.9, "hi": 1.2, "b": 1}, {"n": 4, "v": 2.0, "lo": 1.5, "hi": 2.5, "b": 1},
+            {"n": 1, "v": 3.0, "lo": 3.0, "hi": 3.0, "b": 8}]
+    fig, ax = plt.subplots()
+    plots.lines_by(ax, rows, "n", "v", lambda row: f"batch {row['b']}", ("lo", "hi"))
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["batch 1", "batch 8"]
+    first, second = ax.containers
+    assert list(first.lines[0].get_xdata()) == [1, 4] and list(second.lines[0].get_ydata()) == [3.0]
+    (caps,) = first.lines[2]  # the vertical error segments: from low to high around each point
+    assert [tuple(segment[:, 1]) for segment in caps.get_segments()] == [(0.9, 1.2), (1.5, 2.5)]
+    assert ax.get_xscale() == "log" and list(ax.get_xticks()) == [1, 4]
+    plt.close(fig)
+    fig, ax = plt.subplots()
+    plots.lines_by(ax, rows, "n", "v", lambda row: "all")  # no interval: plain lines, no error bars
+    assert ax.containers[0].lines[2] == () and list(ax.containers[0].lines[0].get_ydata()) == [1.0, 2.0, 3.0]
+    plt.close(fig)
+
+
+def test_annotated_bars_write_each_note_above_its_bar():
+    fig, ax = plt.subplots()
+    plots.annotated_bars(ax, ["fp32", "bf16"], [10.0, 4.0], ["1.00x", "0.40x\ncos 0.99"])
+    assert [p.get_height() for p in ax.patches] == [10.0, 4.0]
+    assert [t.get_text() for t in ax.texts] == ["1.00x", "0.40x\ncos 0.99"]
+    assert [t.xy[1] for t in ax.texts] == [10.0, 4.0]  # each note sits on top of its own bar
+    plt.close(fig)
+
+
 def test_annotated_heatmap_writes_every_value_in_its_cell():
     fig, ax = plt.subplots()
     plots.annotated_heatmap(fig, ax, [[1.0, 0.25], [0.25, 1.0]], ["S1", "S2"], ["S1: x", "S2: y"], "cosine")

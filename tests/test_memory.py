@@ -4,8 +4,9 @@ from __future__ import annotations
 import mmap
 
 import numpy as np
+import torch
 
-from common.memory import MIB, PeakRSSSampler, cleanup, rss_bytes, snapshot
+from common.memory import MIB, PeakRSSSampler, cleanup, rss_bytes, saved_for_backward_bytes, snapshot
 
 
 def _short_lived_allocation(megabytes: int) -> None:
@@ -63,3 +64,12 @@ def test_snapshot_rows_are_mib_against_the_first_step():
     rows = snapshot_rows([("start", MemorySnapshot(100 * MIB)), ("held", MemorySnapshot(160 * MIB, 2 * MIB, 4 * MIB))])
     assert [row["rss_vs_start_mib"] for row in rows] == [0, 60]
     assert (rows[1]["rss_mib"], rows[1]["cuda_allocated_mib"], rows[1]["cuda_reserved_mib"]) == (160, 2, 4)
+
+
+def test_saved_for_backward_counts_activations_only_with_grad():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    inputs = torch.randn(3, 4)
+    with_grad = saved_for_backward_bytes(model, lambda: model(inputs))
+    assert with_grad >= inputs.nbytes + 3 * 8 * 4  # at least the input and the hidden activation, never weights
+    with torch.no_grad():
+        assert saved_for_backward_bytes(model, lambda: model(inputs)) == 0
