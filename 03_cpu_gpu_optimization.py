@@ -60,7 +60,6 @@ QUICK = Settings(speed_role="encoder", speed_batch=4, corpus_size=12, max_length
 
 ENCODER_ROLE = "encoder"  # real weights (all-MiniLM-L6-v2): fidelity, batching, compile, the recipe
 DECODER_ROLE = "decoder"  # real weights (SmolLM2-135M offline): greedy-token fidelity
-OFFLOAD_ROLE = "distilbert-base-uncased"  # squeezed under a deliberately small memory cap
 FIDELITY_TEXTS = texts.FIDELITY_TEXTS  # 74 varied texts: what every "cosine vs fp32" is computed on
 LONG_TEXT_WORDS = (40, 100)  # the mixed-length corpus: one text in five is this long; the rest are 4-16 words
 DECODER_PROMPT = "The three most useful tips for making Python code run faster are"
@@ -686,7 +685,7 @@ def cleanup_rows(ctx: cli.Context, s: Settings) -> list[dict]:
 
 def offload_rows(ctx: cli.Context, s: Settings) -> tuple[list[dict], str]:
     """device_map="auto" with a small max_memory: what lands where, and what it costs per call, round-robin."""
-    where = models.checkpoint(OFFLOAD_ROLE, ctx.source)
+    where = models.checkpoint("distilbert-base-uncased", ctx.source)  # 265 MB, squeezed under a far smaller cap
     batch = sentence_batch(AutoTokenizer.from_pretrained(where.path), 4, ctx.device)
     cap = {"cpu": OFFLOAD_CAP} if ctx.device.type != "cuda" else {  # accelerate names GPUs by index: this run's one
         ctx.device.index if ctx.device.index is not None else torch.cuda.current_device(): OFFLOAD_CAP, "cpu": "64GiB"}
@@ -819,8 +818,8 @@ def embed_sorted(model, tokenizer, texts: list[str], batch_size: int = 32, max_l
 
 def choose_recipe(results: dict[str, Any], device: torch.device) -> tuple[dict[str, Any], list[dict]]:
     """Each knob set by its section's verdict (a safe default, said so, where a section did not run)."""
-    found = {name: result for name, result in results.items() if result}
-    threads, attention, batching, grad = (found.get(name) for name in ("threads", "attention", "batching", "grad"))
+    threads, attention, batching, grad, peers = (results.get(name) or {} for name in
+                                                 ("threads", "attention", "batching", "grad", "peers"))
     choice: dict[str, Any] = {"threads": torch.get_num_threads(), "variant": "fp32", "attention": "sdpa",
                               "batch": RECIPE_DEFAULT_BATCH, "compile": False}
     evidence = {knob: "default (its section did not run)" for knob in choice}
@@ -828,8 +827,8 @@ def choose_recipe(results: dict[str, Any], device: torch.device) -> tuple[dict[s
         size, choice["threads"] = max(threads["best_threads"].items(), key=lambda item: int(item[0]))
         evidence["threads"] = f"section 2, batch {size}: " + threads["decisions"][size]
     candidates = [(row["speedup"], row["key"], where, row["cosine_min"], row["verdict"]) for where, rows in (
-        ("section 4", found.get("precision", {}).get("rows", [])),
-        ("section 5", found.get("quantization", {}).get("encoder", []))) for row in rows if row["key"] != "fp32"]
+        ("section 4", (results.get("precision") or {}).get("rows", [])),
+        ("section 5", (results.get("quantization") or {}).get("encoder", []))) for row in rows if row["key"] != "fp32"]
     good = [c[:4] for c in candidates if c[4] == "faster" and c[3] >= FIDELITY_FLOOR
             and c[1] != "int8-selective" and not variant_unavailable(c[1], device)]  # its ranking lives in section 5
     if good:
@@ -854,10 +853,9 @@ def choose_recipe(results: dict[str, Any], device: torch.device) -> tuple[dict[s
     rows.append({"knob": "gradients", "choice": "torch.inference_mode()", "evidence": (
         f"section 3: {grad['inference_mode_verdict']}; grad enabled kept {grad['kept_by_grad_mib']:.1f} MiB for a "
         "backward pass") if grad else "default: inference never needs autograd"})
-    winner = found.get("peers", {}).get("winner")
-    if winner:  # int8, bf16 and ONNX Runtime, all timed on the same texts in one round-robin
-        rows.append({"knob": "runtime", "choice": winner, "evidence": f"section 9, fastest at cosine mean >= "
-                     f"{FIDELITY_FLOOR}: " + (found["peers"].get("sentence") or f"only {winner} qualified")})
+    if peers.get("winner"):  # int8, bf16 and ONNX Runtime, all timed on the same texts in one round-robin
+        rows.append({"knob": "runtime", "choice": peers["winner"], "evidence": f"section 9, fastest at cosine mean >= "
+                     f"{FIDELITY_FLOOR}: " + (peers.get("sentence") or f"only {peers['winner']} qualified")})
     return choice, rows
 
 
