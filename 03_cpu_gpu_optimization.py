@@ -612,22 +612,6 @@ def load_rows(ctx: cli.Context, s: Settings) -> list[dict]:
     return rows
 
 
-def load_findings(rows: list[dict], device: torch.device) -> list[str]:
-    """What the load table shows, each sentence computed from its numbers."""
-    plain, lean, _, half = rows
-    lines = [f"low_cpu_mem_usage=True: load peak {lean['peak_rss_delta_mib']:.1f} MiB vs plain "
-             f"{plain['peak_rss_delta_mib']:.1f} MiB" + (" -- no difference: transformers 5 always loads lean and "
-             "ignores the flag" if abs(lean["peak_rss_delta_mib"] - plain["peak_rss_delta_mib"]) < 2 else "")]
-    if device.type == "cpu" and plain["mem_after_load_mib"] < 0.5 * plain["weights_mib"]:
-        lines.append(f"fp32 weights: {plain['mem_after_load_mib']:.0f} MiB resident after loading, "
-                     f"{plain['mem_after_first_call_mib']:.0f} MiB after the first call, of {plain['weights_mib']:.0f} "
-                     "MiB: the safetensors file is memory-mapped and read in as the first call touches it")
-    lines.append(f"{half['technique']}: {half['mem_after_first_call_mib']:.0f} MiB resident after the first call vs "
-                 f"fp32's {plain['mem_after_first_call_mib']:.0f} MiB (weights {half['weights_mib']:.0f} vs "
-                 f"{plain['weights_mib']:.0f} MiB)")
-    return lines
-
-
 def streaming_rows(ctx: cli.Context, s: Settings) -> list[dict]:
     """Embedding a long list: materialising every input and output vs streaming batches through a generator."""
     loaded = ctx.load(ENCODER_ROLE)
@@ -715,7 +699,18 @@ def memory_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> di
     print_table(loads, title=f"loading {models.checkpoint(s.speed_role, ctx.source).label} (file already in the "
                 f"page cache; mem = {'CUDA allocated' if ctx.device.type == 'cuda' else 'RSS'}, MiB above the start;"
                 " one load each, so load_s is indicative)")
-    findings = load_findings(loads, ctx.device)
+    plain, lean, _, half = loads  # each sentence below is computed from these rows' numbers
+    findings = [f"low_cpu_mem_usage=True: load peak {lean['peak_rss_delta_mib']:.1f} MiB vs plain "
+                f"{plain['peak_rss_delta_mib']:.1f} MiB" + (" -- no difference: transformers 5 always loads lean and "
+                "ignores the flag" if abs(lean["peak_rss_delta_mib"] - plain["peak_rss_delta_mib"]) < 2 else "")]
+    if ctx.device.type == "cpu" and plain["mem_after_load_mib"] < 0.5 * plain["weights_mib"]:
+        findings.append(f"fp32 weights: {plain['mem_after_load_mib']:.0f} MiB resident after loading, "
+                        f"{plain['mem_after_first_call_mib']:.0f} MiB after the first call, of "
+                        f"{plain['weights_mib']:.0f} MiB: the safetensors file is memory-mapped and read in as the "
+                        "first call touches it")
+    findings.append(f"{half['technique']}: {half['mem_after_first_call_mib']:.0f} MiB resident after the first call "
+                    f"vs fp32's {plain['mem_after_first_call_mib']:.0f} MiB (weights {half['weights_mib']:.0f} vs "
+                    f"{plain['weights_mib']:.0f} MiB)")
     print("\n".join(f"  {line}" for line in findings))
     streams = streaming_rows(ctx, s)
     print_table(streams, title="a long list through the encoder (same embeddings either way)")
