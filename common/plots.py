@@ -43,8 +43,7 @@ def log2_x(ax, values) -> None:
 
 def lines_by(ax, rows: list[dict], x: str, y: str, group: Callable[[dict], str],
              interval: tuple[str, str] | None = None) -> None:
-    """One line per group of rows (first-seen order) on a log2 x axis ticked at the x values, with a legend;
-    `interval` names the rows' (low, high) keys to draw as error bars around y."""
+    """One line per group of rows on a log2 x axis ticked at its x values; `interval`: (low, high) keys, error bars."""
     groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(group(row), []).append(row)
