@@ -233,20 +233,20 @@ def pipeline_demo(ctx: cli.Context, contender: Contender, fill_mask: bool = Fals
     new_tokens = ctx.pick(FULL, QUICK).pipeline_new_tokens
     if fill_mask:
         task, given = "fill-mask", FILL_MASK_TEXT.format(mask=tokenizer.mask_token)
-        guesses = pipeline(task, model=model, tokenizer=tokenizer)(given, top_k=3)
+        guesses = pipeline(task, model=model, tokenizer=tokenizer, device=model.device)(given, top_k=3)
         output = ", ".join(f"{guess['token_str']} ({guess['score']:.2f})" for guess in guesses)
     elif contender.kind == "encoder":
         task, given = "feature-extraction", PROMPT
-        features = pipeline(task, model=model, tokenizer=tokenizer)(given, return_tensors=True)
+        features = pipeline(task, model=model, tokenizer=tokenizer, device=model.device)(given, return_tensors=True)
         output = f"one {features.shape[-1]}-number vector per token, shape {tuple(features.shape)}"
     elif contender.kind == "decoder":
         task, given = "text-generation", PROMPT
-        generator = pipeline(task, model=model, tokenizer=tokenizer)
+        generator = pipeline(task, model=model, tokenizer=tokenizer, device=model.device)
         output = generator(given, max_new_tokens=new_tokens, do_sample=False,
                            return_full_text=False)[0]["generated_text"].strip()
     else:
         task, given = custom_pipelines.TEXT_TO_TEXT, TEXT_TO_TEXT_INPUT
-        text_to_text = pipeline(task, model=model, tokenizer=tokenizer)
+        text_to_text = pipeline(task, model=model, tokenizer=tokenizer, device=model.device)
         output = text_to_text(given, max_new_tokens=new_tokens, do_sample=False)["generated_text"]
     if not contender.where.meaningful and task != "feature-extraction":  # a twin's words are noise, its shapes real
         output = TWIN_NOTE
@@ -404,7 +404,8 @@ def generation_speed(meter: PerformanceMeter, loaded: models.LoadedModel, conten
     labels = {"model": contender.label, "architecture": contender.family}
     rows = [{**timed[name].row(**labels, kv_cache=name == "cache on", prompt_tokens=s.prompt_tokens, new_tokens=n),
              "ttft_ms": ttft_ms, "same_tokens_as_cache_off": same_tokens,
-             "per_token_ms": (timed[name].median_ms - ttft_ms) / max(n - 1, 1)} for name in ("cache on", "cache off")]
+             "per_token_ms": 1e3 * comparison.difference(name, "first token")[0] / max(n - 1, 1)}
+            for name in ("cache on", "cache off")]
     return rows, {**labels, "prompt_tokens": s.prompt_tokens, "new_tokens": n,
                   "tokens_per_s_cache_on": rows[0]["tokens_per_s"], "tokens_per_s_cache_off": rows[1]["tokens_per_s"],
                   **comparison.verdict_row("cache on", "cache off"), "same_greedy_tokens": same_tokens}

@@ -73,8 +73,8 @@ def available_devices() -> tuple[list[torch.device], dict[str, str]]:
 
 def classifier_pipeline(ctx: cli.Context):
     """The classifier role as a pipeline; offline it is the registered embedding-classification stand-in."""
-    classifier, info = models.load_classifier(source=ctx.source, device=ctx.device)
-    if ctx.record(info).source != "hub":
+    classifier, info = ctx.classifier()
+    if info.source != "hub":
         print("(offline: the classifier role is the registered 'embedding-classification' stand-in, MiniLM plus "
               "similarity to example sentences, not a fine-tuned DistilBERT; its speed is a MiniLM encoder's)")
     return classifier, info
@@ -87,7 +87,8 @@ def meet_the_meter_section(ctx: cli.Context) -> dict:
     """Before trusting any number, check the instrument: what it does to one call, what it costs itself,
     and whether torch's own benchmark Timer, timing the same call in alternating rounds, agrees."""
     loaded = ctx.load("encoder")
-    extractor = pipeline("feature-extraction", model=loaded.model, tokenizer=loaded.tokenizer)
+    extractor = pipeline("feature-extraction", model=loaded.model, tokenizer=loaded.tokenizer,
+                         device=loaded.model.device)
     # A call of tens of milliseconds: long enough that Timer times single calls too (its blocks would average them).
     batch = texts.repeated_sentences(TASK_TEXTS)
     workload = f"feature-extraction pipeline, {len(batch)} sentences in one call, {ctx.device}"
@@ -182,10 +183,10 @@ def load_time_section(ctx: cli.Context) -> list[dict]:
                              f"device_map={str(ctx.device)!r})")
     above = [row["model"] for row in table if row["cold_peak_rss_delta_mib"] > row["weights_mib"]]
     print("cold = first load of that checkpoint in this process (section 1 already imported the loading code), warm = "
-          "the same load again; both may read the OS page cache. One load each: cold/warm is one ratio, not a verdict."
-          f"\npeak RSS delta (kernel high-water mark minus RSS before) exceeded the weights in {len(above)} of "
-          f"{len(table)} cold loads{': ' + ', '.join(above) if above else ''}; below them, the allocator reused "
-          "memory.")
+          "the same load again; both may read the OS page cache. One load each: cold/warm is one ratio, not a verdict.")
+    if ctx.device.type == "cpu":  # on a GPU the weights do not live in RSS, so the comparison would mean nothing
+        print(f"peak RSS delta (kernel high-water mark minus RSS before) exceeded the weights in {len(above)} of "
+              f"{len(table)} cold loads{': ' + ', '.join(above) if above else ''}")
     return table
 
 
@@ -194,7 +195,8 @@ def bench_texts(ctx: cli.Context, meter: PerformanceMeter, task: str) -> dict:
     batch = texts.repeated_sentences(TASK_TEXTS)
     if task == "feature-extraction":
         loaded, options = ctx.load("encoder"), {"return_tensors": True}  # tensors out: no conversion to lists
-        run, info = pipeline(task, model=loaded.model, tokenizer=loaded.tokenizer), loaded.info
+        run, info = pipeline(task, model=loaded.model, tokenizer=loaded.tokenizer,
+                             device=loaded.model.device), loaded.info
     else:
         (run, info), options = classifier_pipeline(ctx), {}
     m = meter.measure(task, lambda: run(batch, batch_size=len(batch), **options), items=len(batch),
@@ -206,7 +208,8 @@ def bench_texts(ctx: cli.Context, meter: PerformanceMeter, task: str) -> dict:
 def bench_text_generation(ctx: cli.Context, meter: PerformanceMeter) -> dict:
     """The decoder role continuing a prompt by exactly N greedy tokens: time to first token and per-token cost."""
     loaded, new_tokens = ctx.load("decoder"), ctx.pick(FULL, QUICK).new_tokens
-    generator = pipeline("text-generation", model=loaded.model, tokenizer=loaded.tokenizer)
+    generator = pipeline("text-generation", model=loaded.model, tokenizer=loaded.tokenizer,
+                         device=loaded.model.device)
 
     def generate(n: int, **kwargs):
         return generator(PROMPT, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kwargs)
@@ -230,7 +233,8 @@ def bench_text_generation(ctx: cli.Context, meter: PerformanceMeter) -> dict:
 def bench_text_to_text(ctx: cli.Context, meter: PerformanceMeter) -> dict:
     """The seq2seq role through the registered text-to-text pipeline, exactly N new tokens per call."""
     loaded, new_tokens = ctx.load("seq2seq"), ctx.pick(FULL, QUICK).new_tokens
-    rewriter = pipeline(pipelines.TEXT_TO_TEXT, model=loaded.model, tokenizer=loaded.tokenizer)
+    rewriter = pipeline(pipelines.TEXT_TO_TEXT, model=loaded.model, tokenizer=loaded.tokenizer,
+                        device=loaded.model.device)
     text = "summarize: " + " ".join(texts.SENTENCES[:3])
     output = rewriter(text, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     if output["output_tokens"] - 1 != new_tokens:  # the output also holds the decoder's start token
@@ -314,7 +318,9 @@ def sweep_one(ctx: cli.Context, role: str, label: str, pipe, **options) -> dict:
     print_table(table, title=f"{role} ({label}) on {ctx.device}: one call = one batch, all sizes timed round-robin")
     knee = find_knee(sizes, [r["items_per_s"] for r in rows])
     best = max(rows, key=lambda r: r["items_per_s"])["batch"]
-    if knee is None:
+    if knee is None and best == sizes[0]:
+        print(f"{role}: batch {best} already gave the most throughput; larger batches added none here")
+    elif knee is None:
         print(f"{role}: no knee in batch sizes {sizes[0]}..{sizes[-1]}: throughput has not levelled off (or the curve "
               "is too noisy to say)")
     elif knee == best:
@@ -335,7 +341,8 @@ def batch_sweep_section(ctx: cli.Context) -> dict:
     """Bigger batches buy throughput with latency until the hardware is busy; the knee is where that trade
     stops paying. The batch sizes are timed round-robin, so a busy neighbour slows them all alike."""
     loaded = ctx.load("encoder")
-    extractor = pipeline("feature-extraction", model=loaded.model, tokenizer=loaded.tokenizer)
+    extractor = pipeline("feature-extraction", model=loaded.model, tokenizer=loaded.tokenizer,
+                         device=loaded.model.device)
     sweeps = {"encoder": sweep_one(ctx, "encoder", loaded.info.label, extractor, return_tensors=True)}
     classifier, info = classifier_pipeline(ctx)
     sweeps["classifier"] = sweep_one(ctx, "classifier", info.label, classifier)
@@ -354,7 +361,8 @@ def devices_section(ctx: cli.Context) -> list[dict]:
     batch, workloads = texts.repeated_sentences(TASK_TEXTS), {}
     for device in devices:
         loaded = ctx.load("encoder", device)
-        extractor = pipeline("feature-extraction", model=loaded.model, tokenizer=loaded.tokenizer)
+        extractor = pipeline("feature-extraction", model=loaded.model, tokenizer=loaded.tokenizer,
+                             device=loaded.model.device)
         workloads[str(device)] = lambda e=extractor: e(batch, batch_size=len(batch), return_tensors=True)
     # A meter on the last device (the accelerator, when there is one) synchronises it after every timed call.
     comparison = ctx.meter(devices[-1]).compare(workloads, items=len(batch), progress="devices",

@@ -143,7 +143,7 @@ class Context:
     device: torch.device
     out_dir: Path
     report: Report
-    _loaded: dict[tuple, models.LoadedModel] = field(default_factory=dict, repr=False)
+    _loaded: dict[tuple, Any] = field(default_factory=dict, repr=False)
 
     def close(self) -> None:
         """Release the output folder for the next run (report.finish does it too)."""
@@ -190,6 +190,13 @@ class Context:
             except Exception as error:  # a missing package, a failed export, a build without this device's backend
                 self.report.skip(f"{what} {(labels or {}).get(key, key)}", problem(key) or first_line(error))
         return built
+
+    def classifier(self) -> tuple[Any, models.ModelInfo]:
+        """The sentiment classifier pipeline on this run's device, loaded once per run and recorded in the report."""
+        if "classifier" not in self._loaded:
+            self._loaded["classifier"] = models.load_classifier(source=self.source, device=self.device)
+            self.record(self._loaded["classifier"][1])
+        return self._loaded["classifier"]
 
     def load(self, role: str, device: torch.device | str | None = None, **kwargs: Any) -> models.LoadedModel:
         """Load a role once per run (same device and options give the same object) and record it in the report."""

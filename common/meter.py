@@ -223,6 +223,12 @@ class Comparison:
         low, high, _ = median_ci(per_round)
         return float(np.median(per_round)), low, high
 
+    def difference(self, a: str, b: str) -> tuple[float, float, float]:
+        """How many seconds longer a takes than b: (median of the per-round t_a - t_b, interval low, interval high)."""
+        per_round = np.sort(np.subtract(self.measurements[a].samples_s, self.measurements[b].samples_s))
+        low, high, _ = median_ci(per_round)
+        return float(np.median(per_round)), low, high
+
     def coverage(self) -> float:
         """Real coverage of the ratio intervals at this number of rounds."""
         return median_ci_ranks(self.rounds)[2]
@@ -360,7 +366,8 @@ class PerformanceMeter:
         synchronize(self.device)
         samples: dict[str, list[float]] = {name: [] for name in names}
         schedule: list[str] = []
-        bar = tqdm(total=min_rounds, desc=progress, disable=True if progress is None else None, leave=False, unit="round")
+        bar = tqdm(total=min_rounds, desc=progress, disable=True if progress is None else None, leave=False,
+                   unit="round")
         with bar, _Resources(self.device) as resources:
             started = time.perf_counter()
             for round_index in range(max_rounds):

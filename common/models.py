@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 import torch
 
 from common.device import package_version
-from common.errors import UserError
+from common.errors import UserError, first_line
 
 SOURCES = ("auto", "hub", "bundled")
 TWIN_DIR = Path(__file__).parent / "twins"
@@ -320,7 +320,8 @@ def bundled_package_dir(name: str) -> Path:
     module, distribution = BUNDLED_PACKAGES[name]
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"bundled model {name} needs the package {distribution}, which is not installed; {INSTALL_HINT}")
+        raise UserError(f"bundled model {name} needs the package {distribution}, which is not installed; "
+                        f"{INSTALL_HINT}")
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -370,7 +371,7 @@ def twin_folder(name: str) -> Path:
     config_text = (TWIN_DIR / f"{name}.json").read_text(encoding="utf-8")
     tokenizer_source = TWIN_TOKENIZER[name]
     fingerprint = {"config_sha256": hashlib.sha256(config_text.encode()).hexdigest(), "seed": TWIN_SEED,
-                   "torch": torch.__version__, "tokenizer": tokenizer_source, "build": 2}
+                   "torch": torch.__version__, "tokenizer": tokenizer_source, "build": 3}
     tokenizer_folder = bundled_folder(tokenizer_source)
 
     def build(target: Path) -> None:
@@ -382,7 +383,8 @@ def twin_folder(name: str) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
         if model.can_generate():  # stop and pad with the borrowed tokenizer's ids, not the real model's
             model.generation_config.eos_token_id = tokenizer.eos_token_id
-            model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+            pad = tokenizer.pad_token_id  # 0 is a real id (BERT's [PAD]): only a missing one falls back to eos
+            model.generation_config.pad_token_id = pad if pad is not None else tokenizer.eos_token_id
         model.save_pretrained(target)
         tokenizer.save_pretrained(target)
 
@@ -397,7 +399,8 @@ def auto_class(kind: str) -> Any:
     import transformers
 
     classes = {"encoder": "AutoModel", "classifier": "AutoModelForSequenceClassification",
-               "decoder": "AutoModelForCausalLM", "seq2seq": "AutoModelForSeq2SeqLM", "masked-lm": "AutoModelForMaskedLM"}
+               "decoder": "AutoModelForCausalLM", "seq2seq": "AutoModelForSeq2SeqLM",
+               "masked-lm": "AutoModelForMaskedLM"}
     if kind not in classes:
         raise UserError(f"unknown model kind {kind!r}; kinds: {', '.join(classes)}")
     return getattr(transformers, classes[kind])
@@ -410,11 +413,13 @@ def available_names() -> str:
 
 def check_kind(config: Any, kind: str, name: str) -> None:
     """Refuse a model whose architecture cannot do what the role needs (e.g. GPT-2 as an encoder)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
     model_type = config.model_type
     encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
-    decoder_only = model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    decoder_only = (model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+                    and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
     architectures = config.architectures or []
     problem = None
     if kind == "seq2seq" and not encoder_decoder:
@@ -477,14 +482,9 @@ def checkpoint(name_or_role: str, source: str = "auto", kind: str | None = None)
     try:
         config = AutoConfig.from_pretrained(location)
     except (OSError, ValueError) as error:
-        raise UserError(f"could not read the config of {name} from {location}: {_first_line(error)}") from error
+        raise UserError(f"could not read the config of {name} from {location}: {first_line(error)}") from error
     check_kind(config, kind, name)
     return Checkpoint(role, name, location, source_label, _origin(entry, hub_id, source_label), kind)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def kind_of(name_or_role: str, source: str = "auto") -> str:
@@ -499,7 +499,7 @@ def kind_of(name_or_role: str, source: str = "auto") -> str:
     try:  # an unknown name stops in resolve with its own UserError
         config = AutoConfig.from_pretrained(resolve(name_or_role, source)[2])
     except (OSError, ValueError) as error:
-        raise UserError(f"could not read the config of {name_or_role}: {_first_line(error)}") from error
+        raise UserError(f"could not read the config of {name_or_role}: {first_line(error)}") from error
     if getattr(config, "is_encoder_decoder", False):
         return "seq2seq"
     if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
@@ -569,7 +569,7 @@ def load_model(
         load_s = time.perf_counter() - started
         tokenizer = AutoTokenizer.from_pretrained(where.path)
     except (OSError, ValueError) as error:
-        raise UserError(f"could not load {where.name} from {where.path}: {_first_line(error)}") from error
+        raise UserError(f"could not load {where.name} from {where.path}: {first_line(error)}") from error
     prepare_tokenizer(tokenizer, model)
     return LoadedModel(model, tokenizer, where.info(model, load_s, verbose))
 
@@ -604,12 +604,13 @@ def load_classifier(*, source: str = "auto", device: torch.device | str = "cpu",
     if use_hub(entry.hub_id, source):
         loaded = load_model(entry.name, source="hub", device=device, kind="classifier", verbose=False)
         loaded.info.role = "classifier"
-        classifier = pipeline("text-classification", model=loaded.model, tokenizer=loaded.tokenizer)
+        classifier = pipeline("text-classification", model=loaded.model, tokenizer=loaded.tokenizer,
+                              device=loaded.model.device)  # without it, a pipeline moves the model to GPU 0
     else:
         loaded = load_model("all-MiniLM-L6-v2", source="bundled", device=device, verbose=False)
         started = time.perf_counter()
         classifier = pipeline(pipelines.EMBEDDING_CLASSIFICATION, model=loaded.model, tokenizer=loaded.tokenizer,
-                              examples=SENTIMENT_EXAMPLES)
+                              device=loaded.model.device, examples=SENTIMENT_EXAMPLES)
         loaded.info.load_s += time.perf_counter() - started
         loaded.info.role, loaded.info.kind = "classifier", "classifier"
         loaded.info.name = "all-MiniLM-L6-v2 prototype classifier"

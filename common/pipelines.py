@@ -58,7 +58,8 @@ class TextToTextPipeline(Pipeline):
 
     _load_tokenizer = True
 
-    def _sanitize_parameters(self, prefix: str | None = None, max_input_tokens: int | None = None, **generate_kwargs: Any):
+    def _sanitize_parameters(self, prefix: str | None = None, max_input_tokens: int | None = None,
+                             **generate_kwargs: Any):
         preprocess = {}
         if prefix is not None:
             preprocess["prefix"] = prefix
@@ -76,7 +77,8 @@ class TextToTextPipeline(Pipeline):
 
     def postprocess(self, model_outputs: dict[str, torch.Tensor]) -> dict[str, str]:
         ids = model_outputs["output_ids"][0]
-        return {"generated_text": self.tokenizer.decode(ids, skip_special_tokens=True), "output_tokens": int(ids.numel())}
+        return {"generated_text": self.tokenizer.decode(ids, skip_special_tokens=True),
+                "output_tokens": int(ids.numel())}
 
 
 class EmbeddingClassificationPipeline(Pipeline):

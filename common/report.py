@@ -192,7 +192,7 @@ class Report:
         """Write what was measured before the interruption; a write error is printed, never raised over it."""
         try:
             self.write()
-        except OSError as error:
+        except (OSError, TypeError, ValueError) as error:  # a result JSON cannot hold must not end the run here
             print(f"[report] could not write the partial report: {error}", file=sys.stderr)
 
     def skip(self, what: str, reason: str) -> None:
@@ -241,7 +241,8 @@ class Report:
         if data["partial"]:
             lines += [f"**Partial report: the run was {data['interrupted'] or 'interrupted'} before every section "
                       "finished.**", ""]
-        lines += ["## Environment", "", markdown_table([{"key": k, "value": v} for k, v in data["environment"].items()]), ""]
+        environment = [{"key": key, "value": value} for key, value in data["environment"].items()]
+        lines += ["## Environment", "", markdown_table(environment), ""]
         if data["models"]:
             lines += ["## Models", "", markdown_table(data["models"]), ""]
         for title, result in data["sections"].items():

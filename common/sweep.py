@@ -10,6 +10,7 @@ import torch
 from common.memory import MIB, CudaPeak, PeakRSSSampler, cleanup, rss_bytes
 
 MIN_KNEE_BEND = 0.1  # a curve must bulge this far (in normalised units) above its chord to have a knee
+MIN_KNEE_RISE = 0.1  # ... and rise by this share of its top from the first point: flat noise has no knee
 
 
 def fitting_batches(run: Callable[[int], Any], sizes: Sequence[int], device: torch.device,
@@ -34,17 +35,19 @@ def fitting_batches(run: Callable[[int], Any], sizes: Sequence[int], device: tor
     return fits, None
 
 
-def find_knee(xs: Sequence[float], ys: Sequence[float], min_bend: float = MIN_KNEE_BEND) -> float | None:
+def find_knee(xs: Sequence[float], ys: Sequence[float], min_bend: float = MIN_KNEE_BEND,
+              min_rise: float = MIN_KNEE_RISE) -> float | None:
     """The x where y stops growing in proportion (Kneedle on a log2 x axis), or None for a curve without a clear bend.
 
     Normalise both axes to [0, 1], draw the chord from the first to the last point, and return the point that
-    bulges furthest above it, if it bulges at least min_bend.
+    bulges furthest above it, if it bulges at least min_bend. Normalising would blow a flat curve's noise up into a
+    bend, so a curve that never rises by min_rise of its top above its first point has no knee.
     """
     if len(xs) != len(ys) or len(xs) < 3 or min(xs) <= 0:
         return None
     x = np.log2(np.asarray(xs, dtype=float))
     y = np.asarray(ys, dtype=float)
-    if x[-1] == x[0] or y.max() == y.min():
+    if x[-1] == x[0] or y.max() - y[0] < min_rise * y.max():
         return None
     x_norm = (x - x[0]) / (x[-1] - x[0])
     y_norm = (y - y.min()) / (y.max() - y.min())

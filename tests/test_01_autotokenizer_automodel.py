@@ -148,7 +148,9 @@ def test_manual_and_pipeline_agree_and_are_timed(run):
     manual = {row["batch"]: row for row in section["timings"] if row["workload"] == "manual"}
     trend_claimed = "a fixed per-call cost weighs most when the forward pass is short" in printed
     assert trend_claimed == (manual[1]["verdict"] == "faster" and manual[1]["speedup_low"] > manual[32]["speedup_high"])
-    assert ("The whole calls at batch 32 show no measurable difference" in printed) == (manual[32]["verdict"] == "same")
+    low, high = section["rest_interval_ms"]  # the paired whole-call interval less what tokenising and collate explain
+    assert low <= high
+    assert ("the rest of the difference is" in printed and "within this run's noise" in printed) == (low <= 0 <= high)
     parts = {row["part"]: row for row in section["overhead_breakdown"]}
     assert parts["pad items into a batch (collate)"]["pipeline_ms"] > 0
     assert parts["whole call"]["extra_ms"] == pytest.approx(

@@ -173,6 +173,7 @@ def test_compare_finds_a_three_times_slower_workload(clock):
         "speedup": estimate, "speedup_low": low, "speedup_high": high, "rounds": 30, "verdict": "faster",
         "sentence": comparison.sentence("1 ms", "3 ms")}
     assert comparison.ratio("3 ms", "1 ms")[0] == pytest.approx(1 / 3)
+    assert comparison.difference("3 ms", "1 ms") == pytest.approx((0.002, 0.002, 0.002))  # busy rounds: 4 ms, not 2
 
 
 def test_compare_runs_round_robin_with_a_rotating_start():

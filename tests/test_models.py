@@ -232,3 +232,12 @@ def test_weights_on_disk_counts_safetensors_else_bin_in_a_folder_or_a_cached_hub
     assert models.weights_on_disk_bytes("org/not-cached") is None
     (tmp_path / "pytorch_model.bin").unlink()
     assert models.weights_on_disk_bytes(str(tmp_path)) is None
+
+
+@pytest.mark.parametrize("twin", ["gpt2", "t5-small"])
+def test_generating_twins_pad_and_stop_with_their_borrowed_tokenizers_ids(twin):
+    loaded = models.load_model(twin, source="bundled", verbose=False)
+    tokenizer, generation = loaded.tokenizer, loaded.model.generation_config
+    assert generation.eos_token_id == tokenizer.eos_token_id
+    expected_pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    assert generation.pad_token_id == expected_pad  # a pad id of 0 is kept, not replaced

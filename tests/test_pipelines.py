@@ -1,11 +1,14 @@
 """Unit tests of the custom pipelines in common/pipelines.py, on the bundled encoder and the t5-small twin."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import pipeline
 
 from common import models, pipelines
+from tests.conftest import ROOT
 
 RELATED = ("The cat slept on the warm windowsill all afternoon.", "A kitten napped in the sunshine by the window.")
 UNRELATED = ("The cat slept on the warm windowsill all afternoon.", "Heavy snowfall made the railway service run late.")
@@ -95,3 +98,18 @@ def test_embedding_classification_needs_examples(encoder):
     with pytest.raises(ValueError, match="example"):
         pipeline(task=pipelines.EMBEDDING_CLASSIFICATION, model=encoder.model, tokenizer=encoder.tokenizer,
                  examples={"POSITIVE": ["good"], "NEGATIVE": []})
+
+
+PIPELINE_CALL = re.compile(r"\bpipeline\((.*?)\)(?=[(\s,]|$)", re.S)
+
+
+def test_a_pipeline_given_a_loaded_model_is_told_its_device(monkeypatch):
+    """transformers 5 moves a loaded model to GPU 0 when pipeline() gets no device: on a GPU machine a "cpu" run
+    would silently time the GPU. Seen here by pretending a GPU exists: the classifier must stay where it was loaded."""
+    monkeypatch.setattr("transformers.pipelines.base.is_torch_cuda_available", lambda: True)
+    classifier, _ = models.load_classifier(source="bundled", device="cpu", verbose=False)
+    assert classifier.device == torch.device("cpu") and classifier.model.device == torch.device("cpu")
+    for lesson in sorted(ROOT.glob("0*.py")):  # and every lesson passes device= wherever it hands over a model object
+        for call in PIPELINE_CALL.findall(lesson.read_text()):
+            if re.search(r"model=(?!where\.path)\w", call):
+                assert "device=" in call, f"{lesson.name}: pipeline({call}) has no device="

@@ -14,6 +14,8 @@ def test_find_knee_on_synthetic_curves():
     assert find_knee(BATCHES, [1, 2, 4, 8, 9, 6, 3]) == 16  # a peak: the best batch is the bend
     assert find_knee(BATCHES, BATCHES) is None  # still doubling: no knee yet
     assert find_knee(BATCHES, [5] * 7) is None  # flat: nothing bends
+    assert find_knee([1, 2, 4, 8], [100, 102, 99, 101]) is None  # flat with noise: normalising must not invent a bend
+    assert find_knee(BATCHES, [9, 8, 7, 6, 5, 4, 3]) is None  # falling: batching only costs
     assert find_knee([1, 2], [1, 2]) is None  # too few points
     assert find_knee(BATCHES, [10, 19, 24, 25, 25.5, 25.6, 25.7], min_bend=0.9) is None  # bend below the threshold
 

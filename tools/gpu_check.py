@@ -22,7 +22,8 @@ def run(name: str, command: list[str], timeout_s: float) -> dict:
     started = time.perf_counter()
     try:
         with open(log, "w", encoding="utf-8") as stream:
-            code = subprocess.run(command, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT, timeout=timeout_s).returncode
+            code = subprocess.run(command, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT,
+                                  timeout=timeout_s).returncode
     except subprocess.TimeoutExpired:
         code = "timeout"
     return {"check": name, "result": "pass" if code == 0 else f"FAIL ({code})",
