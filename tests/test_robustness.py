@@ -256,7 +256,11 @@ def build(target):
     deadline = time.time() + 120
     while not (root / f"attempt-{other}").exists() and time.time() < deadline:
         time.sleep(0.05)
-    time.sleep(0.5)  # the other process is at the lock by now
+    waited = time.time() + 60
+    while time.time() < waited:  # until the other process blocks on our lock: the kernel lists it with "->"
+        if any("->" in line for line in Path("/proc/locks").read_text().splitlines()):
+            break
+        time.sleep(0.05)
     for part in range(4):  # slow and several files: a reader without the lock would see a half-written folder
         (target / f"part{part}.bin").write_bytes(bytes([part]) * 100_000)
         time.sleep(0.2)
