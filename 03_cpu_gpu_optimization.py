@@ -648,18 +648,18 @@ def cleanup_rows(ctx: cli.Context, s: Settings) -> list[dict]:
     where = models.checkpoint(s.speed_role, ctx.source)
     tokenizer = AutoTokenizer.from_pretrained(where.path)
     memory.cleanup()
-    steps = [("before load", memory.snapshot())]
+    steps = [("before load", memory.snapshot(ctx.device))]
     model = AutoModel.from_pretrained(where.path, dtype=torch.float32, device_map=ctx.device)
     output = model(**sentence_batch(tokenizer, s.speed_batch, ctx.device)).last_hidden_state
-    steps.append(("model + grad-on output held", memory.snapshot()))
+    steps.append(("model + grad-on output held", memory.snapshot(ctx.device)))
     del model, output
-    steps.append(("after del", memory.snapshot()))
+    steps.append(("after del", memory.snapshot(ctx.device)))
     gc.collect()  # what only reference cycles kept alive
     if ctx.device.type == "cuda":
         torch.cuda.empty_cache()  # the allocator's cached blocks go back to the driver
-    steps.append(("after gc.collect() + empty_cache()", memory.snapshot()))
+    steps.append(("after gc.collect() + empty_cache()", memory.snapshot(ctx.device)))
     if memory.trim_heap():
-        steps.append(("after glibc malloc_trim(0)", memory.snapshot()))
+        steps.append(("after glibc malloc_trim(0)", memory.snapshot(ctx.device)))
     (_, deleted), (_, collected) = steps[2:4]
     print(f"gc.collect() + empty_cache() freed {(deleted.rss_bytes - collected.rss_bytes) / MIB:.1f} MiB RSS, "
           f"{(deleted.cuda_reserved_bytes - collected.cuda_reserved_bytes) / MIB:.1f} MiB CUDA reserved; malloc_trim "
@@ -766,7 +766,8 @@ def peers_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dic
         "PyTorch bf16 weights": lambda: runtimes.torch_embedder(copy.deepcopy(fp32.model).to(torch.bfloat16),
                                                                 tokenizer, **size),
     }
-    problems = {**runtimes.peer_problems(where.path), "PyTorch int8": variant_unavailable("int8-dynamic", ctx.device)}
+    problems = {**runtimes.peer_problems(where.path, ctx.device),
+                "PyTorch int8": variant_unavailable("int8-dynamic", ctx.device)}
     embedders = {name: built["model"] for name, built in ctx.build_each("peers", builders, problems.get).items()}
     corpus = texts.realistic_corpus(s.peer_texts, seed=ctx.args.seed)
     outputs: dict[str, torch.Tensor] = {}

@@ -45,10 +45,10 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 def synchronize(device: torch.device | str) -> None:
     """Wait for queued GPU work so that a timer measures the work, not the launch."""
-    kind = torch.device(device).type
-    if kind == "cuda":
-        torch.cuda.synchronize()
-    elif kind == "mps":
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # this run's GPU, which need not be the current one
+    elif device.type == "mps":
         torch.mps.synchronize()
 
 

@@ -11,7 +11,7 @@ def cosine_fidelity(reference: torch.Tensor, candidate: torch.Tensor) -> dict[st
     """Row-by-row cosine similarity of two embedding matrices: the mean and the worst row."""
     if reference.shape != candidate.shape:
         raise ValueError(f"shapes differ: {tuple(reference.shape)} vs {tuple(candidate.shape)}")
-    cosine = torch.nn.functional.cosine_similarity(reference.double(), candidate.double(), dim=-1)
+    cosine = torch.nn.functional.cosine_similarity(reference.cpu().double(), candidate.cpu().double(), dim=-1)
     return {"cosine_mean": cosine.mean().item(), "cosine_min": cosine.min().item()}
 
 
@@ -52,7 +52,7 @@ def spearman(x: np.ndarray | Sequence[float], y: np.ndarray | Sequence[float]) -
 
 def pairwise_similarities(embeddings: torch.Tensor) -> np.ndarray:
     """Cosine similarity of every pair of rows (i < j), flattened: what search and clustering rank by."""
-    unit = torch.nn.functional.normalize(embeddings.double(), dim=-1)
+    unit = torch.nn.functional.normalize(embeddings.cpu().double(), dim=-1)
     rows, cols = torch.triu_indices(len(unit), len(unit), offset=1)
     return (unit @ unit.T)[rows, cols].numpy()
 

@@ -32,18 +32,13 @@ class MemorySnapshot:
     rss_bytes: int
     cuda_allocated_bytes: int = 0
     cuda_reserved_bytes: int = 0
-    cuda_peak_allocated_bytes: int = 0
 
 
-def snapshot() -> MemorySnapshot:
-    """Read RSS and, when CUDA is initialised, the allocator's current and peak bytes."""
+def snapshot(device: torch.device | None = None) -> MemorySnapshot:
+    """Read RSS and, when CUDA is initialised, the allocator's bytes on this CUDA device (default: the current one)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return MemorySnapshot(
-            rss_bytes(),
-            torch.cuda.memory_allocated(),
-            torch.cuda.memory_reserved(),
-            torch.cuda.max_memory_allocated(),
-        )
+        cuda = device if device is not None and device.type == "cuda" else None
+        return MemorySnapshot(rss_bytes(), torch.cuda.memory_allocated(cuda), torch.cuda.memory_reserved(cuda))
     return MemorySnapshot(rss_bytes())
 
 
@@ -160,7 +155,10 @@ class PeakRSSSampler:
 
 
 class CudaPeak:
-    """Context manager: the CUDA allocator's peak bytes on this device inside the block (0 off CUDA)."""
+    """Context manager: the CUDA allocator's peak bytes on this device inside the block (0 off CUDA).
+
+    It resets the device's peak counters on entry, so an enclosing CudaPeak would lose its own peak: do not nest them.
+    """
 
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)

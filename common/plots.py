@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import matplotlib
 import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 DPI = 130
 plt.rcParams.update({
@@ -24,7 +26,7 @@ plt.rcParams.update({
 })
 
 
-def figure(title: str, xlabel: str, ylabel: str, size: tuple[float, float] | None = None):
+def figure(title: str, xlabel: str, ylabel: str, size: tuple[float, float] | None = None) -> tuple[Figure, Axes]:
     """A new figure with one axis, already titled and labelled (put units in the labels)."""
     fig, ax = plt.subplots(figsize=size)
     ax.set_title(title)
@@ -33,7 +35,7 @@ def figure(title: str, xlabel: str, ylabel: str, size: tuple[float, float] | Non
     return fig, ax
 
 
-def log2_x(ax, values) -> None:
+def log2_x(ax: Axes, values: Iterable[float]) -> None:
     """A log2 x axis ticked at exactly these values (batch sizes, thread counts, lengths), no minor ticks."""
     ticks = sorted(set(values))
     ax.set_xscale("log", base=2)
@@ -41,7 +43,7 @@ def log2_x(ax, values) -> None:
     ax.minorticks_off()
 
 
-def lines_by(ax, rows: list[dict], x: str, y: str, group: Callable[[dict], str],
+def lines_by(ax: Axes, rows: list[dict], x: str, y: str, group: Callable[[dict], str],
              interval: tuple[str, str] | None = None) -> None:
     """One line per group of rows on a log2 x axis ticked at its x values; `interval`: (low, high) keys, error bars."""
     groups: dict[str, list[dict]] = {}
@@ -56,13 +58,13 @@ def lines_by(ax, rows: list[dict], x: str, y: str, group: Callable[[dict], str],
     ax.legend()
 
 
-def annotated_bars(ax, labels: list[str], values: list[float], notes: list[str]) -> None:
+def annotated_bars(ax: Axes, labels: list[str], values: list[float], notes: list[str]) -> None:
     """One bar per label with its note written above it, and head-room left for the notes."""
     ax.bar_label(ax.bar(labels, values, color="tab:blue"), notes, fontsize=8)
     ax.margins(y=0.2)
 
 
-def grouped_bars(ax, groups: list[str], series: list[tuple[str, list[float | None]]], missing: str = "",
+def grouped_bars(ax: Axes, groups: list[str], series: list[tuple[str, list[float | None]]], missing: str = "",
                  value_format: str = "") -> None:
     """Side-by-side bars per group, one colour per series, with a legend; a None draws no bar (but `missing` text);
     with a value_format ("%.0f") each bar is labelled with its value."""
@@ -82,7 +84,7 @@ def grouped_bars(ax, groups: list[str], series: list[tuple[str, list[float | Non
     ax.legend(fontsize=8)
 
 
-def annotated_heatmap(fig, ax, matrix, xlabels: list[str], ylabels: list[str], label: str) -> None:
+def annotated_heatmap(fig: Figure, ax: Axes, matrix: Any, xlabels: list[str], ylabels: list[str], label: str) -> None:
     """Show a square matrix (values up to 1) as a heat-map with each value written in its cell, and a colour bar."""
     values = np.asarray(matrix, dtype=float)
     image = ax.imshow(values, cmap="viridis", vmin=min(0.0, float(values.min())), vmax=1.0)
@@ -101,7 +103,7 @@ def chart(out_dir: Path, name: str, draw: Callable[..., None], *data: Any) -> Pa
     return save(fig, out_dir, name)
 
 
-def save(fig, out_dir: Path, name: str) -> Path | None:
+def save(fig: Figure, out_dir: Path, name: str) -> Path | None:
     """Save as PNG at a readable DPI and close the figure; None (said on stderr) when the file cannot be written."""
     path = Path(out_dir) / f"{name}.png"
     try:

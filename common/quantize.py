@@ -114,25 +114,19 @@ def conv1d_to_linear(model: nn.Module) -> int:
 
 @dataclass(frozen=True)
 class QuantizedShare:
-    """How much of a model is stored quantised (int8 or 4-bit): element counts and the two shares worth printing."""
+    """How much of a model's matrix-multiply weights is stored quantised (int8 or 4-bit): element counts and share."""
 
     quantized_elements: int  # weight elements stored as int8 (torch.ao, torchao, bitsandbytes 8-bit) or 4-bit (nf4/fp4)
     matmul_elements: int  # weights of Linear, Conv1D and quantised Linear layers: what quantisation could reach
-    all_elements: int  # every stored parameter, buffer-free, tied weights once (a quantised copy counts apart)
 
     @property
     def of_matmul(self) -> float:
         """Share of the matrix-multiply weights that are stored quantised."""
         return self.quantized_elements / self.matmul_elements if self.matmul_elements else 0.0
 
-    @property
-    def of_all(self) -> float:
-        """Share of all stored weight elements that are quantised (embeddings stay float)."""
-        return self.quantized_elements / self.all_elements if self.all_elements else 0.0
-
 
 def quantized_share(model: nn.Module) -> QuantizedShare:
-    """Count quantised weight elements (torch.ao dynamic, torchao int8, bitsandbytes 8/4-bit) against all weights."""
+    """Count quantised weight elements (torch.ao dynamic, torchao int8, bitsandbytes 8/4-bit) against all matmuls."""
     from transformers.pytorch_utils import Conv1D
 
     quantized = matmul = 0
@@ -144,12 +138,7 @@ def quantized_share(model: nn.Module) -> QuantizedShare:
         elif isinstance(module, (nn.Linear, Conv1D)):  # bitsandbytes' Linear8bitLt and Linear4bit are nn.Linears
             matmul += _logical_numel(module.weight)
             quantized += _logical_numel(module.weight) if _is_quantized(module.weight) else 0
-    stored = sum(_logical_numel(p) for p in model.parameters())  # parameters() yields a tied weight once
-    for module in model.modules():
-        if isinstance(module, DynamicQuantizedLinear):  # packed weights and biases are not parameters
-            bias = module.bias()
-            stored += module.weight().numel() + (bias.numel() if bias is not None else 0)
-    return QuantizedShare(quantized, matmul, stored)
+    return QuantizedShare(quantized, matmul)
 
 
 def storage_columns(model: nn.Module, reference_bytes: int) -> dict[str, float]:

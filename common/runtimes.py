@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from common.errors import first_line
 from common.pipelines import mean_pool
 
 Embedder = Callable[[list[str]], torch.Tensor]
@@ -22,8 +23,9 @@ PEERS = (SENTENCE_TRANSFORMERS, ONNX_FP32, ONNX_INT8)  # what a learner would re
 PEER_SNIPPETS = {  # the calls each peer's embedder makes (wrapped below with sorted batching and pooling)
     SENTENCE_TRANSFORMERS: 'model = SentenceTransformer(str(path))  # 6.2.0 wants a str\n'
                            'embeddings = model.encode(texts, batch_size=32, normalize_embeddings=True)',
-    ONNX_FP32: 'torch.onnx.export(KeywordEncoder(model), example_inputs, "encoder.onnx", dynamo=False,\n'
-               '                  input_names=[...], dynamic_axes={...})\n'
+    ONNX_FP32: 'input_names = tokenizer.model_input_names\n'
+               'torch.onnx.export(KeywordEncoder(model, input_names), example_inputs, "encoder.onnx", dynamo=False,\n'
+               '                  input_names=input_names, dynamic_axes={...})\n'
                'session = ort.InferenceSession("encoder.onnx")\n'
                '(hidden,) = session.run(["last_hidden_state"], dict(tokenizer(batch, return_tensors="np")))',
     ONNX_INT8: 'onnxruntime.quantization.quantize_dynamic("encoder.onnx", "encoder.int8.onnx",\n'
@@ -38,8 +40,7 @@ def _missing(*modules: str) -> str | None:
         try:
             importlib.import_module(module)
         except Exception as error:  # ImportError, or a broken install raising something else: both mean "skip"
-            detail = str(error).splitlines()[0] if str(error) else type(error).__name__
-            return f"{module} does not import ({detail}); pip install -r requirements.txt"
+            return f"{module} does not import ({first_line(error)}); pip install -r requirements.txt"
     return None
 
 
@@ -53,12 +54,13 @@ def sentence_transformers_unavailable() -> str | None:
     return _missing("sentence_transformers")
 
 
-def peer_problems(path: Path | str) -> dict[str, str | None]:
-    """Why each peer runtime cannot embed with the model at `path` here (None where it can)."""
+def peer_problems(path: Path | str, device: torch.device) -> dict[str, str | None]:
+    """Why each peer runtime cannot embed with the model at `path` on this device (None where it can)."""
     pooling = (None if (Path(path) / "modules.json").is_file() else
                f"{Path(path).name} has no modules.json, so sentence-transformers would guess its pooling")
-    return {SENTENCE_TRANSFORMERS: sentence_transformers_unavailable() or pooling,
-            ONNX_FP32: onnx_unavailable(), ONNX_INT8: onnx_unavailable()}
+    onnx = onnx_unavailable() or (None if device.type == "cpu" else f"the ONNX Runtime peers run on the CPU only "
+                                  f"(CPUExecutionProvider), so they would not compare with this run's {device}")
+    return {SENTENCE_TRANSFORMERS: sentence_transformers_unavailable() or pooling, ONNX_FP32: onnx, ONNX_INT8: onnx}
 
 
 def peer_builders(path: Path | str, model: nn.Module, tokenizer: Any, device: torch.device, folder: Path,
@@ -118,7 +120,7 @@ class KeywordEncoder(nn.Module):
 
 def _fingerprint(model: nn.Module, input_names: list[str]) -> str:
     """What makes an exported file stale: config, weights (a cheap checksum: twins share configs), library versions."""
-    checksum = sum(float(p.detach().double().sum()) for p in model.parameters())
+    checksum = sum(float(p.detach().float().sum()) for p in model.parameters())  # MPS has no float64
     parts = [model.config.to_json_string(), f"{checksum:.10e}", ",".join(input_names), torch.__version__, str(OPSET)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 

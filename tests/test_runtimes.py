@@ -90,11 +90,14 @@ def test_a_missing_runtime_is_a_printable_reason(monkeypatch):
 
 def test_peer_problems_refuse_a_folder_without_pooling_config(tmp_path, minilm):
     folder, _, _ = minilm
-    without = runtimes.peer_problems(tmp_path)
+    without = runtimes.peer_problems(tmp_path, torch.device("cpu"))
     if runtimes.sentence_transformers_unavailable() is None:
         assert "no modules.json" in without[runtimes.SENTENCE_TRANSFORMERS]
-        assert runtimes.peer_problems(folder)[runtimes.SENTENCE_TRANSFORMERS] is None
+        assert runtimes.peer_problems(folder, torch.device("cpu"))[runtimes.SENTENCE_TRANSFORMERS] is None
     assert without[runtimes.ONNX_FP32] is None and set(without) == set(runtimes.PEERS) == set(runtimes.PEER_SNIPPETS)
+    on_gpu = runtimes.peer_problems(folder, torch.device("cuda"))  # ONNX Runtime here is the CPU build
+    if runtimes.onnx_unavailable() is None:
+        assert "CPU only" in on_gpu[runtimes.ONNX_FP32] and on_gpu[runtimes.ONNX_INT8] == on_gpu[runtimes.ONNX_FP32]
 
 
 def test_peer_builders_build_nothing_until_called(tmp_path, minilm):
