@@ -19,7 +19,7 @@ from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModel
 
 from common import cli, memory, models, plots, texts
 from common import pipelines as custom_pipelines  # registers the "text-to-text" pipeline
-from common.errors import UserError
+from common.errors import UserError, first_line
 from common.memory import MIB
 from common.meter import PerformanceMeter
 from common.report import format_value, print_table
@@ -126,7 +126,7 @@ def for_each_model(ctx: cli.Context, groups: list[Contender] | list[tuple[Conten
         try:
             results.append(work(ctx, *group))
         except Exception as error:  # one odd checkpoint must not cost the other models their numbers
-            ctx.report.skip(f"{what}: {' vs '.join(c.label for c in group)}", f"{type(error).__name__}: {error}")
+            ctx.report.skip(f"{what}: {' vs '.join(c.label for c in group)}", first_line(error))
         finally:
             memory.cleanup()  # the model lived only in work's frame (and the traceback, gone by now)
     return results

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -125,12 +125,6 @@ class Measurement:
             row["tokens_per_s"] = self.tokens_per_s
         row["noisy"] = self.noisy
         return row
-
-    def to_dict(self) -> dict[str, Any]:
-        """Everything, raw samples included, for report.json."""
-        data = asdict(self)
-        data["median_ms"] = self.median_ms
-        return data
 
 
 @dataclass(frozen=True)
