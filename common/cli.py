@@ -193,10 +193,11 @@ class Context:
 
     def classifier(self) -> tuple[Any, models.ModelInfo]:
         """The sentiment classifier pipeline on this run's device, loaded once per run and recorded in the report."""
-        if "classifier" not in self._loaded:
-            self._loaded["classifier"] = models.load_classifier(source=self.source, device=self.device)
-            self.record(self._loaded["classifier"][1])
-        return self._loaded["classifier"]
+        key = ("classifier", str(self.device))
+        if key not in self._loaded:
+            self._loaded[key] = models.load_classifier(source=self.source, device=self.device)
+            self.record(self._loaded[key][1])
+        return self._loaded[key]
 
     def load(self, role: str, device: torch.device | str | None = None, **kwargs: Any) -> models.LoadedModel:
         """Load a role once per run (same device and options give the same object) and record it in the report."""
