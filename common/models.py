@@ -14,13 +14,16 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 from urllib.parse import urlparse
 
 import torch
 
 from common.device import package_version
 from common.errors import UserError, first_line
+
+if TYPE_CHECKING:  # transformers is imported where it is used: importing it takes seconds
+    from transformers import PretrainedConfig
 
 SOURCES = ("auto", "hub", "bundled")
 TWIN_DIR = Path(__file__).parent / "twins"
@@ -149,6 +152,7 @@ class Checkpoint:
 
 
 def _hub_host() -> tuple[str, int]:
+    """The (host, port) the Hub probe connects to: HF_ENDPOINT when set, else huggingface.co over HTTPS."""
     endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     return endpoint.hostname or "huggingface.co", endpoint.port or (443 if endpoint.scheme == "https" else 80)
 
@@ -229,6 +233,7 @@ def cache_root() -> Path:
 
 
 def _sha256(path: Path) -> str:
+    """The file's SHA-256 as hex, read in 16 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(1 << 24):
@@ -264,6 +269,7 @@ _VERIFIED: set[tuple] = set()
 
 
 def _verified_key(folder: Path, fingerprint: dict[str, Any]) -> tuple:
+    """What a cache verification depends on (folder, fingerprint, file names, sizes, mtimes), to skip re-hashing."""
     stats = [(p.name, p.stat()) for p in sorted(folder.iterdir())] if folder.is_dir() else []
     files = tuple((name, stat.st_size, stat.st_mtime_ns) for name, stat in stats)
     return str(folder), json.dumps(fingerprint, sort_keys=True), files
@@ -356,7 +362,7 @@ def bundled_folder(name: str) -> Path:
     return ensure_cached("smollm2-135m-instruct", fingerprint, build)
 
 
-def twin_config(name: str):
+def twin_config(name: str) -> PretrainedConfig:
     """The exact Hub config of a twin, from the JSON kept in the repo."""
     from transformers import AutoConfig
 
@@ -463,6 +469,7 @@ def resolve(name_or_role: str, source: str = "auto") -> tuple[str | None, Catalo
 
 
 def _origin(entry: CatalogEntry | None, hub_id: str, source: str) -> str:
+    """Where the weights came from, in words, for the provenance line."""
     if source == "hub":
         return hub_id
     if source == "twin":
@@ -594,7 +601,8 @@ SENTIMENT_EXAMPLES: dict[str, list[str]] = {
 }
 
 
-def load_classifier(*, source: str = "auto", device: torch.device | str = "cpu", verbose: bool = True):
+def load_classifier(*, source: str = "auto", device: torch.device | str = "cpu",
+                    verbose: bool = True) -> tuple[Any, ModelInfo]:
     """The sentiment classifier role as a pipeline: SST-2 DistilBERT from the Hub, else the bundled stand-in."""
     from transformers import pipeline
 

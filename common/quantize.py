@@ -69,6 +69,7 @@ class FullRangeDynamicLinear(DynamicQuantizedLinear):
                                                   reduce_range=False).to(x.dtype)
 
     def _get_name(self) -> str:
+        """The name printed in the model's repr, so the 8-bit-activation variant is recognisable."""
         return "DynamicQuantizedLinear8bitActivations"
 
 

@@ -129,6 +129,7 @@ def collect_bars(results: dict[str, Any], names: tuple[str, ...]) -> list[dict[s
 
 
 def _is_table(value: Any) -> bool:
+    """True for a non-empty list of dicts: rendered as a table, not a value."""
     return isinstance(value, list) and bool(value) and all(isinstance(item, dict) for item in value)
 
 
@@ -294,6 +295,7 @@ class Report:
 
 
 def _markdown_block(result: Any) -> list[str]:
+    """A section result as Markdown lines: tables, scalars as a list, multi-line strings as code blocks."""
     if _is_table(result):
         return [markdown_table(result), ""]
     if not isinstance(result, dict):

@@ -156,14 +156,17 @@ class MachineCheck:
 
 
 def _material(estimate: float) -> bool:
+    """True when a ratio is further from 1 than MACHINE_BAND in either direction."""
     return abs(math.log(estimate)) > math.log(1 + MACHINE_BAND)
 
 
 def _differs(estimate: float, low: float, high: float) -> bool:
+    """True when the interval excludes 1 and the estimate is material."""
     return (low > 1 or high < 1) and _material(estimate)
 
 
 def _gflops(samples: list[float]) -> float:
+    """GFLOP/s of the calibration matmul from its median time."""
     return 2 * MATMUL_SIZE**3 / float(np.median(samples)) / 1e9
 
 
@@ -196,6 +199,7 @@ def machine_check(before: dict[str, Any], now: dict[str, Any]) -> MachineCheck:
 
 
 def _model_sources(report: dict[str, Any]) -> dict[str, set[str]]:
+    """Each role's models in a report as "name (source)" strings, to spot a model that changed between runs."""
     sources: dict[str, set[str]] = {}
     for model in report.get("models", []):
         sources.setdefault(model.get("role") or model.get("name"), set()).add(f"{model.get('name')} "
