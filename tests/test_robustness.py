@@ -147,29 +147,27 @@ def test_output_folder_gone_during_the_run_still_keeps_the_results(tmp_path, mon
 # ------------------------------------------------------------------------------------ 2. SIGTERM and Ctrl-C
 
 
-def test_sigterm_and_ctrl_c_on_a_real_lesson_leave_a_partial_report(tmp_path):
-    """Both signals at once on two lessons: 143 for SIGTERM, 130 for SIGINT, each with report.json marked partial."""
-    runs = {signal.SIGTERM: (tmp_path / "term", 143, "terminated (SIGTERM)"),
-            signal.SIGINT: (tmp_path / "int", 130, "interrupted by the user (Ctrl-C)")}
-    processes = {sig: lesson_process(out) for sig, (out, _, _) in runs.items()}
+@pytest.mark.parametrize(("sig", "code", "reason"), [(signal.SIGTERM, 143, "terminated (SIGTERM)"),
+                                                     (signal.SIGINT, 130, "interrupted by the user (Ctrl-C)")])
+def test_sigterm_and_ctrl_c_on_a_real_lesson_leave_a_partial_report(tmp_path, sig, code, reason):
+    """The signal arrives as the lesson's first section starts (the lesson has several after it): 143 for SIGTERM,
+    130 for SIGINT, with report.json marked partial."""
+    out = tmp_path / "out"
+    process = lesson_process(out)
     try:
-        for sig, process in processes.items():
-            wait_for_first_section(process)
-            process.send_signal(sig)
-        for sig, process in processes.items():
-            out, code, reason = runs[sig]
-            assert process.wait(timeout=120) == code
-            data = json.loads((out / "report.json").read_text())
-            assert data["partial"] is True and data["interrupted"] == reason
-            assert set(data["failures"].values()) <= {reason}  # empty when the signal fell between two sections
-            assert f"Partial report: the run was {reason}" in (out / "report.md").read_text()
-            stderr = process.stderr.read()
-            assert f"{reason}: the report written so far is marked partial: {out / 'report.json'}" in stderr
-            assert "Traceback" not in stderr
+        wait_for_first_section(process)
+        process.send_signal(sig)
+        assert process.wait(timeout=120) == code
+        data = json.loads((out / "report.json").read_text())
+        assert data["partial"] is True and data["interrupted"] == reason
+        assert set(data["failures"].values()) <= {reason}  # empty when the signal fell between two sections
+        assert f"Partial report: the run was {reason}" in (out / "report.md").read_text()
+        stderr = process.stderr.read()
+        assert f"{reason}: the report written so far is marked partial: {out / 'report.json'}" in stderr
+        assert "Traceback" not in stderr
     finally:
-        for process in processes.values():
-            if process.poll() is None:
-                process.kill()
+        if process.poll() is None:
+            process.kill()
 
 
 def test_real_sigterm_inside_a_section_in_this_process_exits_143(tmp_path):
