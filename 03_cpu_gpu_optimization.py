@@ -67,9 +67,10 @@ OFFLOAD_CAP = "100MiB"  # max_memory for the main device: far below the 265 MB m
 RECIPE_DEFAULT_BATCH = 32  # used when section 6 did not run
 DECODER_ROUNDS = 3  # bitsandbytes generation on a CPU takes seconds a call, and no bar or recipe rests on these
 SELECTIVE_KEEP_FP32 = 6  # Linears left in fp32 by the sensitivity ranking (MiniLM has 36)
-FIDELITY_FLOOR = 0.99  # a faster variant is recommended only at or above this cosine
+FIDELITY_BAR = (0.99, 0.98)  # cosine mean and worst text vs the reference: what every recommendation must keep
+FIDELITY_TEXT = f"cosine mean >= {FIDELITY_BAR[0]} and min >= {FIDELITY_BAR[1]}"
 FLOPS_FRACTION_TARGET = 0.7
-INT8_TARGETS = (1.8, 0.99, 0.98)  # dynamic int8's bar: speed-up over fp32, cosine mean, cosine min
+INT8_SPEEDUP_TARGET = 1.8  # dynamic int8's bar: this speed-up over fp32 while keeping the fidelity bar
 SORTED_SPEEDUP_TARGET = 2.0
 BAR_NAMES = ("batched vs batch-1 throughput", "fp32 encoder FLOP/s vs matmul peak", "dynamic int8 vs fp32",
              "length-sorted dynamic vs pad-to-max", "recipe vs best peer runtime")
@@ -88,6 +89,11 @@ SPEED = ["p50_ms", "iqr_ms", "items_per_s", "speedup", "verdict"]  # the timing 
 def sentence_batch(tokenizer: Any, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
     """`batch_size` everyday sentences, tokenised and padded to the longest, on the device."""
     return tokenizer(texts.repeated_sentences(batch_size), padding=True, return_tensors="pt").to(device)
+
+
+def keeps_fidelity(row: dict[str, Any]) -> bool:
+    """True when a row's embeddings pass the fidelity bar (cosine mean and worst text against its reference)."""
+    return row["cosine_mean"] >= FIDELITY_BAR[0] and row["cosine_min"] >= FIDELITY_BAR[1]
 
 
 def forward(model: Any, batch: dict[str, torch.Tensor], autocast: torch.dtype | None = None) -> Callable[[], Any]:
@@ -412,12 +418,11 @@ def quantization_section(ctx: cli.Context, s: Settings, results: dict[str, Any])
     encoder_rows, encoder_lines, per_tensor_cosine = quantized_encoders(ctx, s)
     decoder_rows, decoder_lines = quantized_decoders(ctx, s)
     int8 = next((row for row in encoder_rows if row["key"] == "int8-dynamic"), None)
-    speed, mean, worst = INT8_TARGETS
     bars = [] if int8 is None else [performance_bar(
-        BAR_NAMES[2], f">= {speed}x fp32 throughput at cosine mean >= {mean} and min >= {worst}",
+        BAR_NAMES[2], f">= {INT8_SPEEDUP_TARGET}x fp32 throughput at {FIDELITY_TEXT}",
         f"{int8['speedup']:.2f}x [{int8['speedup_low']:.2f}-{int8['speedup_high']:.2f}] ({int8['verdict']}) at cosine "
         f"mean {int8['cosine_mean']:.4f}, min {int8['cosine_min']:.4f} ({activation.bits}-bit activations)",
-        int8["speedup"], int8["speedup"] >= speed and int8["cosine_mean"] >= mean and int8["cosine_min"] >= worst)]
+        int8["speedup"], int8["speedup"] >= INT8_SPEEDUP_TARGET and keeps_fidelity(int8))]
     ctx.report.add_chart(quantization_chart(encoder_rows, decoder_rows, ctx.out_dir))
     ctx.report.add_rows("quantization", encoder_rows + decoder_rows)
     return {"encoder": encoder_rows, "decoder": decoder_rows, "verdicts": encoder_lines + decoder_lines,
@@ -731,23 +736,24 @@ def memory_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> di
 
 
 def peer_decision(comparison: Comparison, rows: list[dict]) -> dict[str, Any]:
-    """Fastest of ours and of the peers at cosine mean >= FIDELITY_FLOOR, and the bar between them (from the rounds)."""
+    """Fastest of ours and of the peers that keep the fidelity bar, and the bar between them (from the rounds)."""
     def fastest(is_peer: bool) -> str | None:
-        return max((r for r in rows if (r["workload"] in PEERS) == is_peer and r["cosine_mean"] >= FIDELITY_FLOOR),
+        return max((r for r in rows if (r["workload"] in PEERS) == is_peer and keeps_fidelity(r)),
                    key=lambda r: r["items_per_s"], default={}).get("workload")
 
     ours, peer = fastest(False), fastest(True)
     if not ours or not peer:
         return {"ours": ours, "peer": peer, "winner": ours or peer, "bars": []}
-    cosine, row = next(r["cosine_mean"] for r in rows if r["workload"] == ours), comparison.verdict_row(ours, peer)
+    mine, row = next(r for r in rows if r["workload"] == ours), comparison.verdict_row(ours, peer)
     winner = peer if row["verdict"] == "slower" else ours
-    print(f"\nfastest at cosine mean >= {FIDELITY_FLOOR}: ours = {ours}, peer = {peer}. {row['sentence']}"
+    print(f"\nfastest at {FIDELITY_TEXT}: ours = {ours}, peer = {peer}. {row['sentence']}"
           + (f"\n  so the recipe recommends {peer} here:\n    " + PEER_SNIPPETS[peer].replace("\n", "\n    ")
              if winner == peer else ""))
-    bars = [performance_bar(BAR_NAMES[4], f">= 1.0x the fastest peer runtime at cosine mean >= {FIDELITY_FLOOR}",
+    bars = [performance_bar(BAR_NAMES[4], f">= 1.0x the fastest peer runtime, both at {FIDELITY_TEXT}",
                             f"{ours} {row['speedup']:.2f}x [{row['speedup_low']:.2f}-{row['speedup_high']:.2f}] {peer} "
-                            f"({row['verdict']}) at cosine mean {cosine:.4f}", row["speedup"],
-                            row["speedup"] >= 1.0 and cosine >= FIDELITY_FLOOR)]
+                            f"({row['verdict']}) at cosine mean {mine['cosine_mean']:.4f}, "
+                            f"min {mine['cosine_min']:.4f}",
+                            row["speedup"], row["speedup"] >= 1.0)]
     return {"ours": ours, "peer": peer, "winner": winner, "ratio": row["speedup"], "verdict": row["verdict"],
             "bars": bars, "sentence": row["sentence"]}
 
@@ -822,16 +828,18 @@ def choose_recipe(results: dict[str, Any], device: torch.device) -> tuple[dict[s
     if threads:
         size, choice["threads"] = max(threads["best_threads"].items(), key=lambda item: int(item[0]))
         evidence["threads"] = f"section 2, batch {size}: " + threads["decisions"][size]
-    candidates = [(row["speedup"], row["key"], where, row["cosine_min"], row["verdict"]) for where, rows in (
+    candidates = [(row, where) for where, rows in (
         ("section 4", (results.get("precision") or {}).get("rows", [])),
         ("section 5", (results.get("quantization") or {}).get("encoder", []))) for row in rows if row["key"] != "fp32"]
-    good = [c[:4] for c in candidates if c[4] == "faster" and c[3] >= FIDELITY_FLOOR
-            and c[1] != "int8-selective" and not variant_unavailable(c[1], device)]  # its ranking lives in section 5
+    good = [(row["speedup"], row["key"], where, row["cosine_mean"], row["cosine_min"]) for row, where in candidates
+            if row["verdict"] == "faster" and keeps_fidelity(row) and row["key"] != "int8-selective"
+            and not variant_unavailable(row["key"], device)]  # int8-selective's ranking lives in section 5
     if good:
-        speedup, choice["variant"], where, cosine = max(good)
-        evidence["variant"] = f"{where}: {speedup:.2f}x faster than fp32 (verdict: faster) at worst cosine {cosine:.4f}"
+        speedup, choice["variant"], where, mean, worst = max(good)
+        evidence["variant"] = (f"{where}: {speedup:.2f}x faster than fp32 (verdict: faster) at cosine mean "
+                               f"{mean:.4f}, min {worst:.4f}")
     elif candidates:
-        evidence["variant"] = f"sections 4-5: no variant was measurably faster at cosine >= {FIDELITY_FLOOR}"
+        evidence["variant"] = f"sections 4-5: no variant was measurably faster at {FIDELITY_TEXT}"
     if attention:
         choice["attention"], compiled = attention["attention_choice"], attention.get("compile")
         evidence["attention"] = f"section 7: sdpa vs eager verdict '{attention['attention_verdict']}'" + (
@@ -850,8 +858,8 @@ def choose_recipe(results: dict[str, Any], device: torch.device) -> tuple[dict[s
         f"section 3: {grad['inference_mode_verdict']}; grad enabled kept {grad['kept_by_grad_mib']:.1f} MiB for a "
         "backward pass") if grad else "default: inference never needs autograd"})
     if peers.get("winner"):  # int8, bf16 and ONNX Runtime, all timed on the same texts in one round-robin
-        rows.append({"knob": "runtime", "choice": peers["winner"], "evidence": f"section 9, fastest at cosine mean >= "
-                     f"{FIDELITY_FLOOR}: " + (peers.get("sentence") or f"only {peers['winner']} qualified")})
+        rows.append({"knob": "runtime", "choice": peers["winner"], "evidence": f"section 9, fastest at "
+                     f"{FIDELITY_TEXT}: " + (peers.get("sentence") or f"only {peers['winner']} qualified")})
     return choice, rows
 
 
