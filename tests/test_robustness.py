@@ -24,10 +24,17 @@ LESSON = "01_autotokenizer_automodel.py"  # the quickest lesson to reach its fir
 
 
 def lesson_process(out_dir: Path, *extra: str) -> subprocess.Popen:
-    """Start lesson 01 (--quick, bundled, one thread) with unbuffered output so the test can watch its progress."""
-    return subprocess.Popen([sys.executable, LESSON, "--quick", "--source", "bundled", "--threads", "1",
-                             "--output-dir", str(out_dir), *extra], cwd=ROOT, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    """Start lesson 01 (--quick, bundled, one thread) with unbuffered output so the test can watch its progress.
+
+    A test run started in the background has SIGINT ignored, and an ignored signal stays ignored in children; a
+    Python-level handler is reset to the default by exec instead, so the lesson gets Ctrl-C as in a terminal."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen([sys.executable, LESSON, "--quick", "--source", "bundled", "--threads", "1",
+                                 "--output-dir", str(out_dir), *extra], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def wait_for_first_section(process: subprocess.Popen, timeout_s: float = 180) -> list[str]:
