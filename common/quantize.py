@@ -22,6 +22,7 @@ from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 
 from common.device import cpu_flags
+from common.errors import first_line
 from common.fidelity import cosine_fidelity
 from common.memory import MIB, weights_bytes
 
@@ -256,7 +257,7 @@ def torchao_unavailable() -> str | None:
         _import_torchao_quietly()
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_  # noqa: F401
     except Exception as error:  # a torchao built for another torch fails in many ways; the reason is what matters
-        return f"torchao does not import here: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+        return f"torchao does not import here: {first_line(error)}"
     return None
 
 
