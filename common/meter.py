@@ -127,6 +127,11 @@ class Measurement:
         return row
 
 
+def per_round_differences(a: Measurement, b: Measurement) -> np.ndarray:
+    """t_a - t_b for each round-robin round (both timed in the same rounds), sorted for order statistics."""
+    return np.sort(np.subtract(a.samples_s, b.samples_s))
+
+
 @dataclass(frozen=True)
 class LoadMeasurement:
     """Wall time and peak RSS of one model load (loads are not repeatable, so one sample)."""
@@ -219,7 +224,7 @@ class Comparison:
 
     def difference(self, a: str, b: str) -> tuple[float, float, float]:
         """How many seconds longer a takes than b: (median of the per-round t_a - t_b, interval low, interval high)."""
-        per_round = np.sort(np.subtract(self.measurements[a].samples_s, self.measurements[b].samples_s))
+        per_round = per_round_differences(self.measurements[a], self.measurements[b])
         low, high, _ = median_ci(per_round)
         return float(np.median(per_round)), low, high
 
@@ -461,7 +466,7 @@ class GenerationMeasurement:
     @property
     def per_token_s(self) -> float:
         """Median over rounds of each token's cost after the first: (t(N) - t(1)) / (N - 1) within one round."""
-        per_round = np.asarray(self.full.samples_s) - np.asarray(self.first_token.samples_s)
+        per_round = per_round_differences(self.full, self.first_token)
         return float(np.median(per_round)) / max(self.new_tokens - 1, 1)
 
     @property
