@@ -21,7 +21,7 @@ from common import cli, memory, models, plots, texts
 from common import pipelines as custom_pipelines  # registers the "text-to-text" pipeline
 from common.errors import UserError, first_line
 from common.memory import MIB
-from common.meter import PerformanceMeter
+from common.meter import VERDICT_WORDS, PerformanceMeter
 from common.report import format_value, print_table
 
 
@@ -560,7 +560,7 @@ def family_advice(rows: list[dict], speed: dict, prompt: int) -> list[str]:
 
     def generates(family: str, given: str) -> str:
         cache = "; ".join(f"KV cache on vs off for {row['model']}: " + (
-            "no measurable difference" if row["verdict"] == "same" else f"{row['speedup']:.2f}x, {row['verdict']}")
+            f"{row['speedup']:.2f}x, {VERDICT_WORDS[row['verdict']]}")
             for row in speed.get("kv_cache", []) if row["architecture"] == family) or "KV cache on vs off not measured"
         return (f"{numbers(family, 'tokens_per_s', 'tokens/s')} with the KV cache after a {prompt}-token {given} "
                 f"({cache}), memory {numbers(family, 'peak_mib', 'MiB')}")

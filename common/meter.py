@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 import threading
 import time
 from dataclasses import dataclass, field
@@ -195,7 +196,56 @@ def cuda_uuid(index: int) -> str:
     return uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
 
 
-SAME_BAND = 0.03  # a ratio interval inside [1/1.03, 1.03] is a difference too small to act on, reported as "same"
+SAME_BAND = 0.03  # a speed difference under 3% is too small to act on
+MAX_SETTLE_ROUNDS = 10_000  # beyond this, "rounds to settle" reads "more than"
+VERDICT_RULE = (
+    "How to read a verdict: A is timed against B in alternating rounds; the ratio is the median of the per-round "
+    "t_B/t_A, with an exact interval. faster/slower: the whole interval is beyond +-3%. within +-3%: the interval "
+    "excludes 1 but stays inside +-3%, too small to matter. no measurable difference: the interval contains 1 and "
+    "stays inside +-3%. inconclusive: the interval is too wide to say; more rounds would settle it."
+)
+VERDICT_WORDS = {"faster": "faster", "slower": "slower", "negligible": "within +-3%: too small to matter",
+                 "same": "no measurable difference", "inconclusive": "inconclusive"}
+_rule_printed = False
+
+
+def explain_verdicts_once() -> None:
+    """Print VERDICT_RULE the first time a lesson produces verdicts, wrapped to 100 columns."""
+    global _rule_printed
+    if not _rule_printed:
+        _rule_printed = True
+        print(textwrap.fill(VERDICT_RULE, 100, subsequent_indent="  "))
+
+
+def verdict_of(low: float, high: float) -> str:
+    """The verdict code of a ratio interval: faster, slower, negligible, same or inconclusive (see VERDICT_RULE)."""
+    band_low, band_high = 1 / (1 + SAME_BAND), 1 + SAME_BAND
+    if low > band_high:
+        return "faster"
+    if high < band_low:
+        return "slower"
+    if band_low <= low and high <= band_high:
+        return "same" if low <= 1 <= high else "negligible"
+    return "inconclusive"
+
+
+def rounds_to_settle(estimate: float, low: float, high: float, rounds: int, bounds: tuple[float, ...]) -> int | None:
+    """About how many rounds would put the interval wholly on one side of every bound (width shrinks as 1/sqrt(n)).
+
+    None when the estimate sits on a bound (no number of rounds settles it) or the interval has no width.
+    """
+    half_width = (math.log(high) - math.log(low)) / 2
+    margin = min(abs(math.log(estimate) - math.log(bound)) for bound in bounds)
+    if margin <= 0 or half_width <= 0:
+        return None
+    return max(rounds + 1, math.ceil(rounds * (half_width / margin) ** 2))
+
+
+def settle_text(needed: int | None) -> str:
+    """How many rounds would settle an undecided result, in words."""
+    if needed is None or needed > MAX_SETTLE_ROUNDS:
+        return f"more than {MAX_SETTLE_ROUNDS:,} rounds would be needed to settle it"
+    return f"about {needed:,} rounds would settle it"
 
 
 @dataclass
@@ -204,7 +254,8 @@ class Comparison:
 
     ratio(a, b) is the median of the per-round ratios t_b / t_a, and its interval the distribution-free interval of
     that median (order statistics, as for Stats), so estimate and interval always agree. Pairing by round cancels
-    what the machine did during that round; the interval's real coverage is kept beside it.
+    what the machine did during that round; the interval's real coverage is kept beside it. Every figure about a
+    pair (table, sentence, chart, bar) comes from ratio(); items/s comes from each workload's median.
     """
 
     measurements: dict[str, Measurement]
@@ -233,24 +284,23 @@ class Comparison:
         return median_ci_ranks(self.rounds)[2]
 
     def verdict(self, a: str, b: str) -> str:
-        """"faster" or "slower" (a against b) when the interval excludes 1 and SAME_BAND, else "same"."""
+        """a against b: faster, slower, negligible, same or inconclusive, from the ratio's interval (verdict_of)."""
         _, low, high = self.ratio(a, b)
-        if low > 1 + SAME_BAND:
-            return "faster"
-        if high < 1 / (1 + SAME_BAND):
-            return "slower"
-        return "same"
+        return verdict_of(low, high)
 
     def sentence(self, a: str, b: str) -> str:
-        """The verdict in words with its numbers; "same" reads "no measurable difference here"."""
+        """The verdict in words with its numbers; an inconclusive one says about how many rounds would settle it."""
         estimate, low, high = self.ratio(a, b)
         interval = f"{low:.2f}-{high:.2f}, {self.rounds} rounds"
         if self.coverage() < 0.95:
             interval += f", {self.coverage():.0%} interval"
         verdict = self.verdict(a, b)
-        if verdict == "same":
-            return f"{a} vs {b}: no measurable difference here ({estimate:.2f}x, interval {interval})"
-        return f"{a} is {estimate:.2f}x as fast as {b}: {verdict} (interval {interval})"
+        if verdict in ("faster", "slower"):
+            return f"{a} is {estimate:.2f}x as fast as {b}: {verdict} (interval {interval})"
+        if verdict == "inconclusive":
+            bounds = (1 / (1 + SAME_BAND), 1 + SAME_BAND)
+            interval += "; " + settle_text(rounds_to_settle(estimate, low, high, self.rounds, bounds))
+        return f"{a} vs {b}: {VERDICT_WORDS[verdict]} ({estimate:.2f}x, interval {interval})"
 
     def ratio_text(self, a: str, b: str) -> str:
         """The ratio a over b with its interval and round count, as bars quote it."""
@@ -377,6 +427,7 @@ class PerformanceMeter:
                 bar.update(1)
                 if round_index + 1 >= min_rounds and time.perf_counter() - started >= budget_s:
                     break
+        explain_verdicts_once()
         return Comparison(
             {name: resources.measurement(name, samples[name], per_items[name], per_tokens[name]) for name in names},
             schedule,

@@ -20,6 +20,7 @@ import torch
 
 from common.calibration import calibrate
 from common.errors import Terminated, UserError
+from common.meter import rounds_to_settle, settle_text
 
 REPORT_VERSION = 1
 
@@ -114,11 +115,31 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None)
     return "\n".join(lines)
 
 
-def performance_bar(name: str, target: str, measured: str, value: float, passed: bool | None) -> dict[str, Any]:
-    """Print and return one performance bar: PASS/MISS against its target, REPORTED when it has none."""
-    status = "REPORTED" if passed is None else ("PASS" if passed else "MISS")
+def interval_status(low: float, high: float, target: float) -> str:
+    """A bar's status from its interval: PASS when all of it reaches the target, MISS when none does."""
+    if low >= target:
+        return "PASS"
+    if high < target:
+        return "MISS"
+    return "INCONCLUSIVE"
+
+
+def performance_bar(name: str, target: str, measured: str, value: float | None, status: str) -> dict[str, Any]:
+    """Print and return one performance bar: PASS, MISS or INCONCLUSIVE from its interval, REPORTED without target."""
+    if status not in ("PASS", "MISS", "INCONCLUSIVE", "REPORTED"):
+        raise ValueError(f"unknown bar status {status!r}")
     print(f"[{status}] {name}: measured {measured}  (target {target})")
     return {"bar": name, "target": target, "measured": measured, "value": value, "status": status}
+
+
+def ratio_bar(name: str, target: str, measured: str, ratio: tuple[float, float, float], rounds: int,
+              minimum: float) -> dict[str, Any]:
+    """A bar on a speed ratio (estimate, low, high): its status from the interval; INCONCLUSIVE says what would settle."""
+    estimate, low, high = ratio
+    status = interval_status(low, high, minimum)
+    if status == "INCONCLUSIVE":
+        measured += "; " + settle_text(rounds_to_settle(estimate, low, high, rounds, (minimum,)))
+    return {**performance_bar(name, target, measured, estimate, status), "low": low, "high": high, "minimum": minimum}
 
 
 def collect_bars(results: dict[str, Any], names: tuple[str, ...]) -> list[dict[str, Any]]:

@@ -25,7 +25,20 @@ def verdict_of(low: float, high: float) -> str:
         return "faster"
     if high < 1 / (1 + SAME_BAND):
         return "slower"
-    return "same"
+    if 1 / (1 + SAME_BAND) <= low and high <= 1 + SAME_BAND:
+        return "same" if low <= 1 <= high else "negligible"
+    return "inconclusive"
+
+
+UNDECIDED_WORDS = {"same": "no measurable difference", "negligible": "within +-3%: too small to matter",
+                   "inconclusive": "inconclusive"}
+
+
+def expected_sentence(a: str, b: str, verdict: str, speedup: float) -> str:
+    """The start of the line printed for a vs b: the verdict in its words, with the ratio."""
+    if verdict in UNDECIDED_WORDS:
+        return f"{a} vs {b}: {UNDECIDED_WORDS[verdict]} ({speedup:.2f}x, interval"
+    return f"{a} is {speedup:.2f}x as fast as {b}: {verdict} (interval"
 
 
 def load_script(stem: str):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import is_png, load_script, verdict_of
+from conftest import UNDECIDED_WORDS, is_png, load_script, verdict_of
 
 from common import cli
 from common import texts as common_texts
@@ -23,9 +23,10 @@ ROW_KEYS = {"p50_ms", "iqr_ms", "runs", "items_per_s", "noisy"}
 
 
 def check_sentence(sentence: str, verdict: str) -> None:
-    """A printed comparison says what its verdict says: "no measurable difference" for same, else the verdict."""
-    assert ("no measurable difference here" in sentence) == (verdict == "same")
-    if verdict != "same":
+    """A printed comparison says what its verdict says, in the verdict's own words."""
+    if verdict in UNDECIDED_WORDS:
+        assert f": {UNDECIDED_WORDS[verdict]} (" in sentence
+    else:
         assert f": {verdict} (" in sentence
 
 

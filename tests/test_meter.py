@@ -153,7 +153,50 @@ def test_compare_calls_a_difference_inside_the_same_band_the_same(clock):
     meter = PerformanceMeter(warmup=1, min_runs=30, budget_s=0.0)
     comparison = meter.compare({"a": clock.workload(0.00100), "b": clock.workload(0.00102)})  # 2%: too small to act on
     assert comparison.ratio("a", "b")[1] > 1.0  # the interval excludes 1 ...
-    assert comparison.verdict("a", "b") == "same"  # ... but stays within SAME_BAND
+    assert comparison.verdict("a", "b") == "negligible"  # ... but stays within SAME_BAND
+    assert "within +-3%: too small to matter" in comparison.sentence("a", "b")
+
+
+def test_verdict_words_follow_the_interval():
+    assert meter_module.verdict_of(1.05, 1.20) == "faster"
+    assert meter_module.verdict_of(0.80, 0.95) == "slower"
+    assert meter_module.verdict_of(0.99, 1.02) == "same"
+    assert meter_module.verdict_of(1.01, 1.02) == "negligible"
+    assert meter_module.verdict_of(1.02, 1.35) == "inconclusive"  # excludes 1, but reaches past the band
+    assert meter_module.verdict_of(0.75, 1.06) == "inconclusive"
+
+
+def test_compare_calls_a_wide_interval_inconclusive_and_says_how_many_rounds_would_settle_it(clock):
+    meter = PerformanceMeter(warmup=1, min_runs=6, max_runs=6, budget_s=0.0)
+    times = itertools.cycle([0.0010, 0.0008, 0.0010, 0.0014])  # a: 1 ms, b alternates 0.8 and 1.4 ms
+    comparison = meter.compare({"a": clock.workload(0.001), "b": lambda: clock.workload(next(times))()},
+                               min_rounds=6, max_rounds=6)
+    estimate, low, high = comparison.ratio("a", "b")
+    assert low < 1 / 1.03 and high > 1.03
+    assert comparison.verdict("a", "b") == "inconclusive"
+    needed = meter_module.rounds_to_settle(estimate, low, high, 6, (1 / 1.03, 1.03))
+    assert "inconclusive" in comparison.sentence("a", "b")
+    assert (f"about {needed:,} rounds would settle it" in comparison.sentence("a", "b")
+            or "more than" in comparison.sentence("a", "b"))
+
+
+def test_rounds_to_settle_shrinks_the_interval_as_one_over_sqrt_n():
+    # 1.2x in [1.1, 1.5] after 10 rounds: half-width log(1.5/1.1)/2 must shrink below the margin log(1.2/1.03)
+    half, margin = np.log(1.5 / 1.1) / 2, np.log(1.2 / 1.03)
+    assert meter_module.rounds_to_settle(1.2, 1.1, 1.5, 10, (1.03,)) == max(11, int(np.ceil(10 * (half / margin) ** 2)))
+    # 1.05x in [0.8, 1.4] after 5 rounds, bounds +-3%: the nearer bound (1.03) sets the margin
+    half, margin = np.log(1.4 / 0.8) / 2, np.log(1.05 / 1.03)
+    assert meter_module.rounds_to_settle(1.05, 0.8, 1.4, 5, (1 / 1.03, 1.03)) == int(np.ceil(5 * (half / margin) ** 2))
+    assert meter_module.rounds_to_settle(1.03, 0.9, 1.2, 10, (1.03,)) is None  # on the bound: never settles
+    assert "more than 10,000 rounds" in meter_module.settle_text(None)
+
+
+def test_verdict_rule_is_printed_once(clock, capsys, monkeypatch):
+    monkeypatch.setattr(meter_module, "_rule_printed", False)
+    meter = PerformanceMeter(warmup=0, min_runs=3, budget_s=0.0)
+    meter.compare({"a": clock.workload(0.001), "b": clock.workload(0.001)})
+    meter.compare({"a": clock.workload(0.001), "b": clock.workload(0.001)})
+    assert capsys.readouterr().out.count("How to read a verdict") == 1
 
 
 def test_compare_finds_a_three_times_slower_workload(clock):

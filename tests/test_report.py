@@ -112,11 +112,18 @@ def test_successful_run_exits_zero(tmp_path):
     assert not (tmp_path / "results.csv").exists()  # no rows, no CSV
 
 
-def test_performance_bar_status_follows_the_target(capsys):
-    assert report.performance_bar("x", ">= 2x", "2.5x", 2.5, True)["status"] == "PASS"
-    assert report.performance_bar("x", ">= 2x", "1.5x", 1.5, False)["status"] == "MISS"
-    assert report.performance_bar("x", "no target", "1.5x", 1.5, None)["status"] == "REPORTED"
-    assert "[MISS] x: measured 1.5x  (target >= 2x)" in capsys.readouterr().out
+def test_bar_status_follows_the_whole_interval(capsys):
+    assert report.interval_status(2.1, 2.6, 2.0) == "PASS"
+    assert report.interval_status(1.2, 1.9, 2.0) == "MISS"
+    assert report.interval_status(0.75, 1.06, 1.0) == "INCONCLUSIVE"  # the estimate 0.90x alone would say MISS
+    bar = report.ratio_bar("x", ">= 1.0x", "0.90x", (0.90, 0.75, 1.06), 5, 1.0)
+    assert bar["status"] == "INCONCLUSIVE" and "rounds would settle it" in bar["measured"]
+    assert (bar["low"], bar["high"], bar["minimum"]) == (0.75, 1.06, 1.0)
+    assert report.ratio_bar("x", ">= 2x", "2.5x", (2.5, 2.2, 2.8), 5, 2.0)["status"] == "PASS"
+    assert report.performance_bar("x", "no target", "1.5x", 1.5, "REPORTED")["status"] == "REPORTED"
+    with pytest.raises(ValueError):
+        report.performance_bar("x", ">= 2x", "1.5x", 1.5, "FAIL")
+    assert "[INCONCLUSIVE] x: measured 0.90x; " in capsys.readouterr().out
 
 
 def test_first_line_keeps_the_type_and_the_first_line_only():
