@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import fcntl
+import contextlib
 import os
 import random
 import shutil
@@ -11,17 +11,18 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from common.device import DEVICE_CHOICES, describe_environment, pick_device
-from common.errors import Terminated, UserError, first_line
+from common.errors import OutputClosed, Terminated, UserError, first_line
 from common import models
 from common.calibration import calibrate
-from common.memory import MIB
+from common.memory import MIB, peak_rss_method
 from common.meter import PerformanceMeter
 from common.models import SOURCES
 from common.report import Report
@@ -31,6 +32,7 @@ THREADS_PER_CORE_LIMIT = 4  # more torch threads than this per core only thrash 
 SEED_LIMIT = 2**32 - 1  # numpy's seed range
 MIN_FREE_BYTES = 16 * MIB  # one run's charts and reports take a few MiB
 LOCK_NAME = ".run.lock"  # held in the output folder for the whole run, so two runs never mix their files
+OWNER_NAME = ".run.owner"  # who holds the lock, for the refusal line (a Windows lock file cannot be read meanwhile)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -216,49 +218,67 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def claim_output_dir(out_dir: Path, script: str) -> IO[str]:
+@dataclass
+class OutputLock:
+    """The output folder's lock (filelock: flock on Linux and macOS, LockFileEx on Windows) and its owner note."""
+
+    lock: FileLock
+    owner: Path
+
+    def close(self) -> None:
+        """Release the folder for the next run."""
+        with contextlib.suppress(OSError):  # the folder may be gone by now (the report then went to a temp folder)
+            self.owner.unlink()
+        self.lock.release()
+
+
+def claim_output_dir(out_dir: Path, script: str) -> OutputLock:
     """Create the output folder, prove a file can be written there, check free space, and lock it for this run."""
     where = f"output folder {out_dir}"
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{where} is a file, not a folder; pass --output-dir a folder")
+    lock = FileLock(out_dir / LOCK_NAME, thread_local=False)  # any thread may end the run and release it
+    owner = out_dir / OWNER_NAME
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / f".write-probe-{os.getpid()}"
         probe.write_bytes(b"probe")
         probe.unlink()
-        lock = open(out_dir / LOCK_NAME, "a+", encoding="utf-8")
+        free = shutil.disk_usage(out_dir).free
+        if free < MIN_FREE_BYTES:
+            raise UserError(f"{where} has {free / MIB:.1f} MiB free; a run needs {MIN_FREE_BYTES // MIB} MiB for its "
+                            "charts and reports")
+        lock.acquire(blocking=False)
+        owner.write_text(f"{script}, pid {os.getpid()}, started {time.strftime('%H:%M:%S')}", encoding="utf-8")
+    except Timeout:
+        try:
+            holder = owner.read_text(encoding="utf-8").strip()
+        except OSError:  # the holder has not written it yet
+            holder = ""
+        raise UserError(f"{where} is in use by another run ({holder or 'another process'}); wait for it to finish or "
+                        "pass another --output-dir") from None
     except OSError as error:
+        if lock.is_locked:
+            lock.release()
         raise UserError(f"{where} cannot be created or written to ({error.strerror or error}); "
                         "pass --output-dir a folder you can write to") from None
-    free = shutil.disk_usage(out_dir).free
-    if free < MIN_FREE_BYTES:
-        lock.close()
-        raise UserError(f"{where} has {free / MIB:.1f} MiB free; a run needs {MIN_FREE_BYTES // MIB} MiB for its "
-                        "charts and reports")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "another process"
-        lock.close()
-        raise UserError(f"{where} is in use by another run ({holder}); wait for it to finish or pass another "
-                        "--output-dir") from None
-    lock.truncate(0)
-    lock.write(f"{script}, pid {os.getpid()}, started {time.strftime('%H:%M:%S')}")
-    lock.flush()
-    return lock
+    return OutputLock(lock, owner)
 
 
 _current: Context | None = None  # this process's run: one at a time, so a new start() ends the previous one
 
 
 def start(script_file: str, args: argparse.Namespace) -> Context:
-    """Claim the output folder, apply threads and seed, choose the device, print the banner, open the report."""
+    """Check the device and model caches, claim the output folder, apply threads and seed, print the banner, open
+    the report."""
     global _current
     if _current is not None:
         _current.close()
         _current = None
     device = pick_device(args.device)
+    if args.source != "hub":  # twins and the converted decoder are built there
+        models.check_cache_root()
+    models.check_hub_cache(args.source)
     stem = Path(script_file).stem
     out_dir = args.output_dir if args.output_dir is not None else Path(script_file).resolve().parent / "outputs" / stem
     lock = claim_output_dir(out_dir, stem)
@@ -269,6 +289,7 @@ def start(script_file: str, args: argparse.Namespace) -> Context:
     environment["source"] = args.source
     environment["quick"] = bool(args.quick)
     environment["seed"] = args.seed
+    environment["peak_rss_method"] = peak_rss_method()
     print(f"{stem}  |  device {device}  |  torch {environment['torch']}  transformers {environment['transformers']}"
           f"  bitsandbytes {environment['bitsandbytes'] or 'not installed'}")
     print(f"CPU: {environment['cpu']}  ({environment['physical_cores']} cores / {environment['logical_cores']} threads,"
@@ -289,32 +310,86 @@ def _terminate(signum: int, frame: Any) -> None:
     raise Terminated
 
 
+_output_closed = False  # set once a run's stdout or stderr lost its reader: the run stops once, not at every print
+
+
+class _StopWhenClosed:
+    """A run's sys.stdout or sys.stderr: when its reader goes away (`| head`, quitting `less`), Python's documented
+    recipe for SIGPIPE: the descriptor is pointed at the null device with os.dup2, so later writes and the exit flush
+    succeed, and the run stops once with OutputClosed (a partial report, exit 141) instead of a BrokenPipeError."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        """Write through; a closed reader stops the run."""
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._closed()
+            return len(text)
+
+    def flush(self) -> None:
+        """Flush through; a closed reader stops the run."""
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._closed()
+
+    def _closed(self) -> None:
+        """Send the rest to the null device and raise OutputClosed, the first time only."""
+        global _output_closed
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self._stream.fileno())
+            os.close(null)
+        except (OSError, ValueError):  # a stream without a descriptor (a test's capture): nothing to redirect
+            pass
+        if not _output_closed:
+            _output_closed = True
+            raise OutputClosed
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def _stopped(stop: KeyboardInterrupt) -> int:
-    """Save the partial report (if a section's runner has not already) and return 130 (Ctrl-C) or 143 (SIGTERM)."""
+    """Save the partial report (if a section's runner has not already) and return the stop's exit code: 130 (Ctrl-C),
+    143 (SIGTERM) or 141 (output closed)."""
     report = _current.report if _current is not None else None
     if report is None:
         print("\nstopped before any measurement; no report written", file=sys.stderr)
-    else:
+    elif not report.finished:  # an output closed after the final report was written leaves nothing to mark
         if not report.partial:  # stopped between sections, outside run_section
             report.mark_interrupted(stop)
             report.write_partial()
         print(f"\n{report.interrupted}: the report written so far is marked partial: {report.out_dir / 'report.json'}",
               file=sys.stderr)
-    return 143 if isinstance(stop, Terminated) else 130
+    return getattr(stop, "exit_code", 130)
 
 
 def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:
-    """Call main and exit with its code: a UserError is one line and exit 2; Ctrl-C exits 130, SIGTERM 143."""
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    """Call main and exit with its code: a UserError is one line and exit 2; Ctrl-C exits 130, SIGTERM 143, and a
+    closed output (`| head`) 141, each with the partial report written."""
+    global _output_closed
+    _output_closed = False
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _StopWhenClosed(sys.stdout), _StopWhenClosed(sys.stderr)
+    # Windows has SIGTERM too (only SIGPIPE is missing, and a closed pipe arrives as BrokenPipeError everywhere);
+    # the guard keeps a Python without it running.
+    previous = signal.signal(signal.SIGTERM, _terminate) if hasattr(signal, "SIGTERM") else None
     try:
         code = main(argv)
+        sys.stdout.flush()  # a reader gone before the last buffered lines shows up here, not at interpreter exit
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt as stop:
         code = _stopped(stop)
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        if hasattr(signal, "SIGTERM"):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         if _current is not None:
             _current.close()
+        sys.stdout, sys.stderr = streams
     sys.exit(code)

@@ -14,6 +14,7 @@ import torch
 _PROCESS = psutil.Process()
 MIB = 2**20
 # /proc/self/statm costs ~2 µs a read against psutil's ~20 µs, which matters for a sampler on a 2-core machine.
+# macOS and Windows have no /proc: rss_bytes falls back to psutil there.
 _STATM = os.open("/proc/self/statm", os.O_RDONLY) if os.path.exists("/proc/self/statm") else None
 _PAGE = os.sysconf("SC_PAGE_SIZE") if _STATM is not None else 0
 
@@ -103,15 +104,16 @@ def reset_kernel_peak_rss() -> bool:
         return False
 
 
+KERNEL_PEAK_METHOD = "kernel high-water mark (VmHWM), exact"
 _OPEN_SAMPLERS: list["PeakRSSSampler"] = []  # so a nested sampler's reset of VmHWM loses no outer peak
 
 
 class PeakRSSSampler:
-    """Context manager; `peak_bytes` is the highest RSS inside the block.
+    """Context manager; `peak_bytes` is the highest RSS inside the block, `method` says how it was measured.
 
     On Linux it reads the kernel's exact high-water mark, reset on entry: no thread, so it costs the timed code
     nothing (a polling thread waking every few ms takes the GIL from it, which slowed measured calls by 20-35% on
-    a busy 2-core machine). Elsewhere it falls back to polling RSS on a thread every `interval_s`.
+    a busy 2-core machine). Elsewhere (macOS, Windows) it falls back to polling RSS on a thread every `interval_s`.
     """
 
     def __init__(self, interval_s: float = 0.005) -> None:
@@ -121,6 +123,7 @@ class PeakRSSSampler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._kernel = False
+        self.method = ""
 
     def _poll(self) -> None:
         while not self._stop.is_set():
@@ -132,6 +135,8 @@ class PeakRSSSampler:
         for outer in _OPEN_SAMPLERS:
             outer.peak_bytes = max(outer.peak_bytes, kernel_peak_rss_bytes() or 0)
         self._kernel = kernel_peak_rss_bytes() is not None and reset_kernel_peak_rss()
+        self.method = (KERNEL_PEAK_METHOD if self._kernel
+                       else f"RSS polled every {self.interval_s * 1e3:g} ms (a shorter peak can be missed)")
         _OPEN_SAMPLERS.append(self)
         if not self._kernel:
             self._stop.clear()
@@ -152,6 +157,13 @@ class PeakRSSSampler:
     def peak_delta_bytes(self) -> int:
         """How far above the starting RSS the block went at its highest."""
         return self.peak_bytes - self.baseline_bytes
+
+
+def peak_rss_method() -> str:
+    """How PeakRSSSampler measures peaks on this machine, for the report (an empty sampler block finds out)."""
+    with PeakRSSSampler() as probe:
+        pass
+    return probe.method
 
 
 class CudaPeak:

@@ -1,7 +1,6 @@
 """The model catalog: roles to Hub checkpoints, bundled offline models and exact-size random-weight twins."""
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from urllib.parse import urlparse
 
 import torch
+from filelock import FileLock, Timeout
 
 from common.device import package_version
 from common.errors import UserError, first_line
@@ -180,6 +180,7 @@ def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
 # One of these beside config.json means the weights were downloaded, not just the config.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
+SAFETENSORS_HEADER_LIMIT = 100_000_000  # the safetensors library refuses longer headers; a garbage length is not read
 
 
 def hub_snapshot(hub_id: str) -> Path | None:
@@ -194,26 +195,89 @@ def hub_snapshot(hub_id: str) -> Path | None:
     return Path(config).parent
 
 
+def safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file cannot load (unreadable, truncated, corrupt header), or None; reads only its header.
+
+    The format is an 8-byte little-endian header length, a JSON header giving each tensor's byte range, then the
+    tensors: the largest range end says exactly how long a whole file is, so a cut download shows without hashing."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if size < 8 or length > min(size - 8, SAFETENSORS_HEADER_LIMIT):
+                return f"truncated or corrupt: {size:,} bytes, less than its header announces (a cut download?)"
+            header = json.loads(handle.read(length))
+        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    except OSError as error:
+        return f"unreadable ({error.strerror or error})"
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):  # not JSON, or JSON of the wrong shape
+        return "corrupt: its header is not a safetensors header"
+    if 8 + length + end != size:
+        return f"truncated or corrupt: {size:,} bytes where its header implies {8 + length + end:,}"
+    return None
+
+
+def hub_damage(hub_id: str) -> str | None:
+    """The first broken weights file in the checkpoint's cached snapshot, as "<file> is <problem>", or None."""
+    snapshot = hub_snapshot(hub_id)
+    for path in sorted(snapshot.glob("*.safetensors")) if snapshot else []:
+        if problem := safetensors_problem(path):
+            return f"{path} in the Hugging Face cache is {problem}"
+    return None
+
+
+def offline_models_installed() -> bool:
+    """True when both bundled model packages (which the twins need too) are installed."""
+    return all(importlib.util.find_spec(module) is not None for module, _ in BUNDLED_PACKAGES.values())
+
+
+_REPLACED: set[str] = set()  # damaged cached checkpoints already announced as replaced by the offline model
+
+
+def hub_cache_usable(hub_id: str, source: str) -> bool:
+    """False when the checkpoint's cached snapshot is damaged (see safetensors_problem) and --source auto falls back
+    to the offline model, said once in one line; otherwise a damaged one is a UserError naming the file and the fix."""
+    damage = hub_damage(hub_id)
+    if damage is None:
+        return True
+    # The snapshot's files link into blobs/, which a new download would reuse: the fix deletes the model's whole folder.
+    fix = f"delete {hub_snapshot(hub_id).parents[1]} and download it again, or run with --source bundled"
+    if source != "auto" or not offline_models_installed():
+        raise UserError(f"{damage}; {fix}")
+    if hub_id not in _REPLACED:
+        _REPLACED.add(hub_id)
+        print(f"[cache] {damage}; using the offline model instead (to repair it: {fix})")
+    return False
+
+
+def check_hub_cache(source: str) -> None:
+    """Before any work, every cached catalog checkpoint checked by hub_cache_usable (headers only: milliseconds)."""
+    if source != "bundled":
+        for entry in CATALOG.values():
+            hub_cache_usable(entry.hub_id, source)
+
+
 def hub_cached(hub_id: str) -> bool:
     """True when the checkpoint's config and weights are already in the local Hugging Face cache."""
     return hub_snapshot(hub_id) is not None
 
 
 def use_hub(hub_id: str, source: str) -> bool:
-    """Decide hub vs offline for one checkpoint: forced by --source, else cached or reachable."""
+    """Decide hub vs offline for one checkpoint: forced by --source, else cached (and sound) or reachable."""
     if source not in SOURCES:
         raise UserError(f"unknown --source {source!r}; choose one of {', '.join(SOURCES)}")
-    if source == "hub":
-        return True
     if source == "bundled":
         return False
-    return hub_cached(hub_id) or hub_reachable()
+    if not hub_cache_usable(hub_id, source):
+        return False
+    return source == "hub" or hub_cached(hub_id) or hub_reachable()
 
 
 def hub_location(hub_id: str) -> str:
     """The cached snapshot folder when there is one (no network wait, no probe), else the Hub id to download."""
     snapshot = hub_snapshot(hub_id)
     if snapshot is not None:
+        hub_cache_usable(hub_id, "hub")  # a damaged snapshot is one line naming the file, not a traceback per load
         return str(snapshot)
     if not hub_reachable():
         raise UserError(f"{hub_id} is not in the local Hugging Face cache and the Hub cannot be reached; "
@@ -230,6 +294,20 @@ def cache_root() -> Path:
     if configured:
         return Path(configured).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "week3-transformers"
+
+
+def check_cache_root() -> Path:
+    """The model cache folder, created and proved writable before any work; else a UserError naming the folder."""
+    root = cache_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"probe")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"model cache {root} cannot be created or written to ({error.strerror or error}); set "
+                        "WEEK3_MODEL_CACHE to a folder you can write to") from None
+    return root
 
 
 def _sha256(path: Path) -> str:
@@ -279,13 +357,16 @@ def _verified_key(folder: Path, fingerprint: dict[str, Any]) -> tuple:
 def _build_lock(folder: Path) -> Iterator[None]:
     """Hold an exclusive lock on `.<name>.lock` beside the cache folder; another process builds, so wait for it."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.with_name(f".{folder.name}.lock"), "a") as handle:  # closing the file drops the lock
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"[cache] another process is building {folder}; waiting for it...")
-            fcntl.flock(handle, fcntl.LOCK_EX)
+    lock = FileLock(folder.with_name(f".{folder.name}.lock"), thread_local=False)
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        print(f"[cache] another process is building {folder}; waiting for it...")
+        lock.acquire()
+    try:
         yield
+    finally:
+        lock.release()
 
 
 def ensure_cached(name: str, fingerprint: dict[str, Any], build: Callable[[Path], None]) -> Path:

@@ -13,14 +13,17 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 
 from common.calibration import calibrate
-from common.errors import Terminated, UserError
+from common.errors import UserError
 from common.meter import rounds_to_settle, settle_text
+
+if TYPE_CHECKING:
+    from common.cli import OutputLock
 
 REPORT_VERSION = 1
 
@@ -158,7 +161,7 @@ class Report:
     """Results of one script run, section by section; writes report.json, report.md and results.csv."""
 
     def __init__(self, script: str, out_dir: Path, environment: dict[str, Any],
-                 output_lock: IO[str] | None = None) -> None:
+                 output_lock: OutputLock | None = None) -> None:
         self.script = script
         self.out_dir = Path(out_dir)
         self.output_lock = output_lock  # held from cli.start until finish: no other run writes into out_dir meanwhile
@@ -204,10 +207,9 @@ class Report:
         return result
 
     def mark_interrupted(self, stop: KeyboardInterrupt) -> str:
-        """Mark the report partial and remember why: Ctrl-C or SIGTERM."""
+        """Mark the report partial and remember why: Ctrl-C, SIGTERM or a closed output pipe."""
         self.partial = True
-        self.interrupted = ("terminated (SIGTERM)" if isinstance(stop, Terminated)
-                            else "interrupted by the user (Ctrl-C)")
+        self.interrupted = getattr(stop, "reason", "interrupted by the user (Ctrl-C)")  # Terminated, OutputClosed
         return self.interrupted
 
     def write_partial(self) -> None:
@@ -309,7 +311,7 @@ class Report:
         return 1 if self.failures else 0
 
     def release_output(self) -> None:
-        """Let the next run use the output folder (closing the lock file drops its flock)."""
+        """Let the next run use the output folder."""
         if self.output_lock is not None:
             self.output_lock.close()
             self.output_lock = None

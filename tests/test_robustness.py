@@ -258,19 +258,15 @@ me, other, root = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 def build(target):
     with open(root / "builds.log", "a") as log:
         log.write(me + "\\n")
-    deadline = time.time() + 120
-    while not (root / f"attempt-{other}").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    waited = time.time() + 60
-    while time.time() < waited:  # until the other process blocks on our lock: the kernel lists it with "->"
-        if any("->" in line for line in Path("/proc/locks").read_text().splitlines()):
+    waited = time.time() + 120
+    while time.time() < waited:  # until the other process waits on our lock: filelock polls, so watch its line
+        if "another process is building" in (root / f"stdout-{other}.txt").read_text():
             break
         time.sleep(0.05)
     for part in range(4):  # slow and several files: a reader without the lock would see a half-written folder
         (target / f"part{part}.bin").write_bytes(bytes([part]) * 100_000)
         time.sleep(0.2)
 
-(root / f"attempt-{me}").touch()
 folder = models.ensure_cached("slow-thing", {"v": 1}, build)
 parts = {p.name: sorted(set(p.read_bytes())) for p in folder.glob("part*.bin")}
 print(json.dumps({"folder": str(folder), "problem": models.cache_problem(folder, {"v": 1}), "parts": parts}))
@@ -278,17 +274,21 @@ print(json.dumps({"folder": str(folder), "problem": models.cache_problem(folder,
 
 
 def test_two_processes_building_one_cache_entry_build_it_once(tmp_path):
-    env = {**os.environ, "WEEK3_MODEL_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
-    processes = [subprocess.Popen([sys.executable, "-c", CACHE_BUILDER, me, other, str(tmp_path)], cwd=ROOT, env=env,
-                                  text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                 for me, other in (("a", "b"), ("b", "a"))]
-    outputs = [process.communicate(timeout=180) for process in processes]
-    assert [process.returncode for process in processes] == [0, 0], outputs
+    """The builder holds the lock until the other process has said it waits, so the waiter always waits."""
+    env = {**os.environ, "WEEK3_MODEL_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    processes = []
+    for me, other in (("a", "b"), ("b", "a")):
+        with open(tmp_path / f"stdout-{me}.txt", "w") as stdout:  # the child keeps its own copy of the descriptor
+            processes.append(subprocess.Popen([sys.executable, "-c", CACHE_BUILDER, me, other, str(tmp_path)],
+                                              cwd=ROOT, env=env, text=True, stdout=stdout, stderr=subprocess.PIPE))
+    errors = [process.communicate(timeout=180)[1] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], errors
+    outputs = [(tmp_path / f"stdout-{me}.txt").read_text() for me in "ab"]
     builders = (tmp_path / "builds.log").read_text().split()
     assert len(builders) == 1
-    waiter = outputs[0 if builders == ["b"] else 1][0]
+    waiter = outputs[0 if builders == ["b"] else 1]
     assert "[cache] another process is building" in waiter
-    results = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
+    results = [json.loads(stdout.strip().splitlines()[-1]) for stdout in outputs]
     expected_parts = {f"part{i}.bin": [i] for i in range(4)}
     for result in results:
         assert result == {"folder": str(tmp_path / "cache" / "slow-thing"), "problem": None, "parts": expected_parts}
