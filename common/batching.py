@@ -39,6 +39,18 @@ def encoder_forward_flops(config: Any, batch_size: int, seq_len: int) -> float:
     return float(batch_size * layers * (projections + attention))
 
 
+def encoder_forward_bytes(config: Any, batch_size: int, seq_len: int, weight_bytes: int, element_bytes: int) -> float:
+    """A floor on the bytes one encoder forward moves: the streamed weights once, each matmul's input and output once.
+
+    Per token and layer: Q/K/V read the hidden state and write three (6h), the output projection reads and writes
+    one (2h), the feed-forward reads h, writes and reads the ffn-wide state, writes h (2h + 2 ffn); the attention
+    scores (heads x seq x seq per text) are written once and read once.
+    """
+    hidden, ffn, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    activations = batch_size * seq_len * (10 * hidden + 2 * ffn) + 2 * batch_size * config.num_attention_heads * seq_len**2
+    return float(weight_bytes + element_bytes * layers * activations)
+
+
 def padded_batches(tokenizer: Any, encoded: Any, groups: list[list[int]], pad_to: int | None,
                    device: torch.device) -> list[Any]:
     """Pre-tokenised texts grouped into batches, each padded to `pad_to` or (None) to its own longest text."""
@@ -49,7 +61,11 @@ def padded_batches(tokenizer: Any, encoded: Any, groups: list[list[int]], pad_to
 
 
 def batch_work(config: Any, batches: list[Any], lengths: Sequence[int], groups: Sequence[Sequence[int]],
-               pad_to: int | None) -> dict[str, float]:
-    """The matmul FLOPs of one encoder pass over padded batches, and what their padding wastes."""
-    flops = sum(encoder_forward_flops(config, *batch["input_ids"].shape) for batch in batches)
-    return {"flops": flops, **padding_waste([[lengths[i] for i in group] for group in groups], pad_to)}
+               pad_to: int | None, weight_bytes: int, element_bytes: int = 4) -> dict[str, float]:
+    """One encoder pass over padded batches: matmul FLOPs computed, the useful ones (real tokens only, each text as
+    if alone), the bytes moved, and what the padding wastes."""
+    return {"flops": sum(encoder_forward_flops(config, *batch["input_ids"].shape) for batch in batches),
+            "useful_flops": sum(encoder_forward_flops(config, 1, lengths[i]) for group in groups for i in group),
+            "bytes": sum(encoder_forward_bytes(config, *batch["input_ids"].shape, weight_bytes, element_bytes)
+                         for batch in batches),
+            **padding_waste([[lengths[i] for i in group] for group in groups], pad_to)}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import psutil
 import torch
@@ -11,6 +11,10 @@ import torch
 MATMUL_SIZE = 512      # 0.27 GFLOP a call: compute-bound, a few ms on one core
 COPY_MIB = 64          # larger than any last-level cache: memory-bound
 ROUNDS = 7             # median of 7 short timings: each figure takes well under 0.3 s
+# fp32 FLOPs one core can retire per cycle, by the widest FMA the flags show: 2 FMA units x lanes x 2 (multiply and
+# add). Flags cannot say how many units a core has (some have one, some split 512-bit work in two), so this is the
+# upper bound a limit needs.
+FLOPS_PER_CYCLE = (("avx512f", 2 * 16 * 2), ("fma", 2 * 8 * 2))
 
 
 def _timed(fn: Any, rounds: int = ROUNDS) -> list[float]:
@@ -39,6 +43,51 @@ def cpu_frequency_mhz() -> float | None:
     except (OSError, NotImplementedError, FileNotFoundError):
         return None
     return round(frequency.current, 1) if frequency and frequency.current else None
+
+
+def matmul_peak(sizes: tuple[int, ...], repeats: int, device: torch.device | str = "cpu",
+                clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
+    """Best-of fp32 matmul FLOP/s: every size `repeats` times after a warm-up, the fastest call of all.
+
+    A reference must be a limit, so one median on a busy machine will not do: the maximum over sizes and repeats
+    is the closest this run came to what the hardware can do.
+    """
+    best: dict[str, Any] = {"flops": 0.0, "size": None, "calls": 0}
+    for size in sizes:
+        a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+        torch.mm(a, b)  # warm-up: first-call allocation and thread start-up are not the hardware's limit
+        for _ in range(repeats):
+            _synchronize(device)
+            started = clock()
+            torch.mm(a, b)
+            _synchronize(device)
+            flops = 2 * size**3 / max(clock() - started, 1e-12)
+            best["calls"] += 1
+            if flops > best["flops"]:
+                best.update(flops=flops, size=size)
+    return best
+
+
+def _synchronize(device: torch.device | str) -> None:
+    """Wait for queued GPU work, so a timed call ends when its kernel does."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def theoretical_peak_flops(flags: list[str], cores: int | None, mhz: float | None) -> tuple[float | None, str]:
+    """fp32 FLOP/s the cores can retire at most (cores x clock x FLOPs/cycle from the flags), and how it was got.
+
+    None, with the reason, when the clock, the core count or the vector units cannot be known.
+    """
+    per_cycle = next((flops for flag, flops in FLOPS_PER_CYCLE if flag in flags), None)
+    missing = [what for what, value in (("the clock", mhz), ("the core count", cores), ("a known vector unit in the "
+                                                                                         "CPU flags", per_cycle))
+               if not value]
+    if missing:
+        return None, f"cannot be known here: the OS does not report {' or '.join(missing)}"
+    unit = next(flag for flag, flops in FLOPS_PER_CYCLE if flops == per_cycle)
+    return cores * mhz * 1e6 * per_cycle, (f"{cores} core(s) x {mhz / 1e3:.2f} GHz x {per_cycle} FLOPs/cycle "
+                                           f"({unit}: 2 FMA units assumed; turbo may clock above this)")
 
 
 def calibrate() -> dict[str, Any]:

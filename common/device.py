@@ -151,12 +151,6 @@ def compile_problem(device: torch.device) -> str | None:
     return None
 
 
-def matmul_peak_flops(meter: Any, size: int, device: torch.device) -> float:
-    """This machine's fp32 FLOP/s on one square matmul (median of `meter.measure`): the dense-workload ceiling."""
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-    return 2 * size**3 / meter.measure(f"fp32 matmul {size}x{size}", lambda: a @ b).stats.median
-
-
 def first_calls(model: Callable[..., Any], batches: list[Any], device: torch.device) -> tuple[list[float], list[int]]:
     """Each batch through `model` once under inference_mode: seconds per call and graphs dynamo compiled for it."""
     from torch._dynamo.utils import counters  # here, not at the top: importing dynamo takes seconds
@@ -181,9 +175,40 @@ def compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def compile_costs(seconds: list[float], graphs: list[int], eager_s: float, compiled_s: float) -> dict[str, Any]:
-    """What compiling cost, from the first pass's per-call seconds and new graphs and the steady-state medians."""
-    overhead_s, gain_s = sum(seconds) - compiled_s, eager_s - compiled_s
+def compile_costs(seconds: list[float], graphs: list[int], compiled_s: float,
+                  saving: tuple[float, float, float]) -> dict[str, Any]:
+    """What compiling cost, from the first pass's per-call seconds and new graphs, the compiled steady-state median
+    and the per-pass saving over eager (estimate, low, high, seconds): the overhead and its break-even in passes."""
+    overhead_s = sum(seconds) - compiled_s
     return {"first_call_s": seconds[0], "graphs_first_call": graphs[0], "recompiles": sum(graphs[1:]),
             "recompile_s": sum(t for t, new in zip(seconds[1:], graphs[1:]) if new), "overhead_s": overhead_s,
-            "break_even_passes": overhead_s / gain_s if gain_s > 0 else None}
+            "saving_s": saving[0], "saving_low_s": saving[1], "saving_high_s": saving[2],
+            **break_even_passes(overhead_s, saving)}
+
+
+def break_even_passes(overhead_s: float, saving: tuple[float, float, float]) -> dict[str, float | None]:
+    """Passes until a one-off overhead is paid back by a per-pass saving (estimate, low, high): overhead / saving.
+
+    The saving's interval gives the passes' interval (the largest saving pays back soonest); None where that saving
+    is <= 0, which at that end means never.
+    """
+    def passes(per_pass: float) -> float | None:
+        return max(overhead_s, 0.0) / per_pass if per_pass > 0 else None
+
+    estimate, low, high = saving
+    return {"break_even_passes": passes(estimate), "break_even_low": passes(high), "break_even_high": passes(low)}
+
+
+def break_even_text(costs: dict[str, Any]) -> str:
+    """The break-even in words: "never" only when the whole saving interval is <= 0."""
+    saving = (f"{costs['saving_s'] * 1e3:.1f} ms saved a pass, interval {costs['saving_low_s'] * 1e3:.1f} to "
+              f"{costs['saving_high_s'] * 1e3:.1f} ms; {costs['overhead_s']:.1f} s to compile")
+    if costs["break_even_low"] is None:
+        return f"compiling never pays back here: no pass was measurably faster ({saving})"
+    soonest = f"{costs['break_even_low']:,.0f}"
+    if costs["break_even_passes"] is None:
+        return (f"at the measured saving compiling never pays back, but the interval allows it after {soonest} "
+                f"passes ({saving})")
+    span = (f"{soonest}-{costs['break_even_high']:,.0f}" if costs["break_even_high"] is not None
+            else f"{soonest} to never, as the interval includes no saving")
+    return f"compiling pays back after ~{costs['break_even_passes']:,.0f} passes (interval {span}; {saving})"

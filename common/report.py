@@ -128,8 +128,9 @@ def interval_status(low: float, high: float, target: float) -> str:
 
 
 def performance_bar(name: str, target: str, measured: str, value: float | None, status: str) -> dict[str, Any]:
-    """Print and return one performance bar: PASS, MISS or INCONCLUSIVE from its interval, REPORTED without target."""
-    if status not in ("PASS", "MISS", "INCONCLUSIVE", "REPORTED"):
+    """Print and return one performance bar: PASS, MISS or INCONCLUSIVE from its interval, REPORTED without target,
+    BROKEN REFERENCE when the measurement exceeds what its reference claims is the limit."""
+    if status not in ("PASS", "MISS", "INCONCLUSIVE", "REPORTED", "BROKEN REFERENCE"):
         raise ValueError(f"unknown bar status {status!r}")
     print(f"[{status}] {name}: measured {measured}  (target {target})")
     return {"bar": name, "target": target, "measured": measured, "value": value, "status": status}
@@ -143,6 +144,18 @@ def ratio_bar(name: str, target: str, measured: str, ratio: tuple[float, float, 
     if status == "INCONCLUSIVE":
         measured += "; " + settle_text(rounds_to_settle(estimate, low, high, rounds, (minimum,)))
     return {**performance_bar(name, target, measured, estimate, status), "low": low, "high": high, "minimum": minimum}
+
+
+def limit_bar(name: str, target: str, measured: str, fraction: tuple[float, float, float], rounds: int,
+              minimum: float) -> dict[str, Any]:
+    """A bar on a share of a limit (estimate, low, high): above 100% the reference was no limit (BROKEN REFERENCE,
+    never PASS); otherwise the interval decides, as for ratio_bar."""
+    estimate, low, high = fraction
+    if estimate <= 1:
+        return ratio_bar(name, target, measured, fraction, rounds, minimum)
+    measured += ": above 100%, so the reference is not this machine's limit"
+    return {**performance_bar(name, target, measured, estimate, "BROKEN REFERENCE"), "low": low, "high": high,
+            "minimum": minimum}
 
 
 def collect_bars(results: dict[str, Any], names: tuple[str, ...]) -> list[dict[str, Any]]:

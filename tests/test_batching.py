@@ -9,7 +9,8 @@ import torch
 from transformers import AutoTokenizer
 
 from common import models
-from common.batching import batch_shapes, batch_work, encoder_forward_flops, make_batches, padded_batches, padding_waste
+from common.batching import (batch_shapes, batch_work, encoder_forward_bytes, encoder_forward_flops, make_batches,
+                             padded_batches, padding_waste)
 
 
 def test_make_batches_sorted_and_in_order():
@@ -66,10 +67,19 @@ def test_padded_batches_pad_to_the_cap_or_to_each_batch_longest():
     assert {tuple(b["input_ids"].shape) for b in capped} == {(2, 16)}
 
 
+def test_encoder_forward_bytes_by_hand():
+    config = SimpleNamespace(hidden_size=4, intermediate_size=8, num_hidden_layers=2, num_attention_heads=2)
+    per_layer = 3 * 5 * (10 * 4 + 2 * 8) + 2 * 3 * 2 * 5 * 5  # 840 activation elements + 300 attention scores
+    assert encoder_forward_bytes(config, 3, 5, weight_bytes=1000, element_bytes=2) == 1000 + 2 * 2 * per_layer
+
+
 def test_batch_work_sums_flops_over_batches_and_counts_padding():
-    config = SimpleNamespace(hidden_size=4, intermediate_size=8, num_hidden_layers=2)
+    config = SimpleNamespace(hidden_size=4, intermediate_size=8, num_hidden_layers=2, num_attention_heads=2)
     lengths, groups = [3, 5, 2], [[0, 1], [2]]
     batches = [{"input_ids": torch.zeros(2, 5)}, {"input_ids": torch.zeros(1, 2)}]  # dynamic padding
-    work = batch_work(config, batches, lengths, groups, None)
+    work = batch_work(config, batches, lengths, groups, None, weight_bytes=100)
     assert work["flops"] == encoder_forward_flops(config, 2, 5) + encoder_forward_flops(config, 1, 2)
+    # useful work: each text as if alone, so the 3-token text's padding to 5 is not counted
+    assert work["useful_flops"] == sum(encoder_forward_flops(config, 1, n) for n in lengths) < work["flops"]
+    assert work["bytes"] == (encoder_forward_bytes(config, 2, 5, 100, 4) + encoder_forward_bytes(config, 1, 2, 100, 4))
     assert (work["real_tokens"], work["padded_slots"]) == (10, 12)

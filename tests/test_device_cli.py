@@ -112,15 +112,6 @@ def test_compile_problem_names_the_missing_toolchain(monkeypatch):
     assert device.compile_problem(torch.device("cpu")) is None
 
 
-def test_matmul_peak_flops_is_two_n_cubed_over_the_median():
-    class Meter:  # a fixed median, so the arithmetic (2 n^3 multiply-adds counted as FLOPs) is what is checked
-        def measure(self, name, fn):
-            fn()
-            return type("M", (), {"stats": type("S", (), {"median": 0.5})})()
-
-    assert device.matmul_peak_flops(Meter(), 64, torch.device("cpu")) == 2 * 64**3 / 0.5
-
-
 def test_first_calls_time_every_batch_and_count_dynamo_graphs():
     torch._dynamo.reset()
     compiled = torch.compile(lambda x: (x * 2).sum(), backend="eager")
@@ -132,9 +123,24 @@ def test_first_calls_time_every_batch_and_count_dynamo_graphs():
 
 
 def test_compile_costs_by_hand():
-    # first pass: 10 s compiling the first shape, 0.5 s (no new graph), 3 s recompiling, 0.5 s; steady state 1 s vs 2 s
-    costs = device.compile_costs([10.0, 0.5, 3.0, 0.5], [1, 0, 1, 0], eager_s=2.0, compiled_s=1.0)
+    # first pass: 10 s compiling the first shape, 0.5 s (no new graph), 3 s recompiling, 0.5 s; steady state 1 s,
+    # and each compiled pass saves 1 s (interval 0.5-2 s) over eager
+    costs = device.compile_costs([10.0, 0.5, 3.0, 0.5], [1, 0, 1, 0], compiled_s=1.0, saving=(1.0, 0.5, 2.0))
     assert (costs["first_call_s"], costs["graphs_first_call"], costs["recompiles"]) == (10.0, 1, 1)
     assert costs["recompile_s"] == 3.0 and costs["overhead_s"] == 13.0
-    assert costs["break_even_passes"] == 13.0  # each pass gains 1 s back
-    assert device.compile_costs([1.0], [1], eager_s=1.0, compiled_s=1.5)["break_even_passes"] is None  # never pays
+    assert (costs["break_even_passes"], costs["break_even_low"], costs["break_even_high"]) == (13.0, 6.5, 26.0)
+    assert device.break_even_text(costs).startswith("compiling pays back after ~13 passes (interval 6-26;")
+
+
+def test_break_even_says_never_only_when_the_whole_saving_interval_is_at_most_zero():
+    unsure = device.break_even_passes(49.0, (0.1, -0.05, 0.2))  # measured gain, but the interval reaches no gain
+    assert unsure == {"break_even_passes": 490.0, "break_even_low": 245.0, "break_even_high": None}
+    text = device.break_even_text({**unsure, "saving_s": 0.1, "saving_low_s": -0.05, "saving_high_s": 0.2,
+                                   "overhead_s": 49.0})
+    assert "after ~490 passes" in text and "never" in text.split("(interval")[1]
+    never = device.break_even_passes(49.0, (-0.1, -0.3, 0.0))
+    assert never == {"break_even_passes": None, "break_even_low": None, "break_even_high": None}
+    assert device.break_even_text({**never, "saving_s": -0.1, "saving_low_s": -0.3, "saving_high_s": 0.0,
+                                   "overhead_s": 49.0}).startswith("compiling never pays back")
+    slower_maybe = device.break_even_passes(49.0, (-0.01, -0.1, 0.1))  # estimate loses, the interval allows a gain
+    assert slower_maybe["break_even_passes"] is None and slower_maybe["break_even_low"] == 490.0

@@ -126,6 +126,16 @@ def test_bar_status_follows_the_whole_interval(capsys):
     assert "[INCONCLUSIVE] x: measured 0.90x; " in capsys.readouterr().out
 
 
+def test_a_share_of_a_limit_above_100_percent_is_a_broken_reference_never_a_pass(capsys):
+    broken = report.limit_bar("flops", ">= 70%", "104%", (1.04, 0.98, 1.10), 5, 0.7)
+    assert broken["status"] == "BROKEN REFERENCE" and "not this machine's limit" in broken["measured"]
+    assert report.limit_bar("flops", ">= 70%", "85%", (0.85, 0.80, 0.90), 5, 0.7)["status"] == "PASS"
+    assert report.limit_bar("flops", ">= 70%", "50%", (0.50, 0.45, 0.55), 5, 0.7)["status"] == "MISS"
+    undecided = report.limit_bar("flops", ">= 70%", "72%", (0.72, 0.60, 0.80), 5, 0.7)
+    assert undecided["status"] == "INCONCLUSIVE" and "rounds would settle it" in undecided["measured"]
+    assert "[BROKEN REFERENCE] flops" in capsys.readouterr().out
+
+
 def test_first_line_keeps_the_type_and_the_first_line_only():
     from common.errors import first_line
     assert first_line(RuntimeError("CUDA missing\nlong trace")) == "RuntimeError: CUDA missing"

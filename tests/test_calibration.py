@@ -1,0 +1,38 @@
+"""The matmul reference as a limit: best-of on a fake clock, and the theoretical peak's arithmetic."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from common import calibration
+
+
+def fake_clock(durations: list[float]):
+    """A clock whose successive (start, end) readings are `durations` apart, one pair per timed call."""
+    readings = itertools.accumulate(itertools.chain.from_iterable((0.0, d) for d in durations))
+    return lambda: next(readings)
+
+
+def test_matmul_peak_is_the_fastest_call_over_every_size_and_repeat():
+    # sizes 8 then 16, three repeats each: 16x16 in 0.001 s (8.19 MFLOP/s) beats any 8x8 call (at best 1.02 MFLOP/s)
+    durations = [0.002, 0.001, 0.003, 0.004, 0.001, 0.002]
+    peak = calibration.matmul_peak((8, 16), 3, clock=fake_clock(durations))
+    assert peak["flops"] == pytest.approx(2 * 16**3 / 0.001)  # the maximum, not the median (2 * 16^3 / 0.002)
+    assert (peak["size"], peak["calls"]) == (16, 6)
+    slowest_first = calibration.matmul_peak((8,), 3, clock=fake_clock([0.5, 0.25, 1.0]))
+    assert slowest_first["flops"] == pytest.approx(2 * 8**3 / 0.25)
+
+
+def test_theoretical_peak_is_cores_times_clock_times_flops_per_cycle():
+    flops, how = calibration.theoretical_peak_flops(["avx2", "fma"], cores=2, mhz=2500.0)
+    assert flops == 2 * 2.5e9 * (2 * 8 * 2)  # two 8-lane fp32 FMA units, multiply and add: 32 FLOPs a cycle
+    assert "2 core(s) x 2.50 GHz x 32 FLOPs/cycle" in how
+    assert calibration.theoretical_peak_flops(["avx512f", "fma"], 4, 2000.0)[0] == 4 * 2e9 * 64
+
+
+@pytest.mark.parametrize(("flags", "cores", "mhz", "missing"), [
+    (["fma"], 2, None, "the clock"), ([], 2, 2500.0, "vector unit"), (["fma"], None, 2500.0, "core count")])
+def test_theoretical_peak_says_why_it_cannot_be_known(flags, cores, mhz, missing):
+    flops, how = calibration.theoretical_peak_flops(flags, cores, mhz)
+    assert flops is None and how.startswith("cannot be known here") and missing in how
