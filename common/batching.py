@@ -5,6 +5,8 @@ from typing import Any, Sequence
 
 import torch
 
+from common import memory
+
 
 def make_batches(lengths: Sequence[int], batch_size: int, sort_by_length: bool) -> list[list[int]]:
     """Text indices grouped into batches, in corpus order or shortest-first (so neighbours have similar lengths)."""
@@ -49,6 +51,11 @@ def encoder_forward_bytes(config: Any, batch_size: int, seq_len: int, weight_byt
     hidden, ffn, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     activations = batch_size * seq_len * (10 * hidden + 2 * ffn) + 2 * batch_size * config.num_attention_heads * seq_len**2
     return float(weight_bytes + element_bytes * layers * activations)
+
+
+def streamed_weight_bytes(model: Any) -> int:
+    """Weight bytes a forward reads in full: all but the input embedding table, of which only the used rows are read."""
+    return memory.weights_bytes(model) - model.get_input_embeddings().weight.nbytes
 
 
 def padded_batches(tokenizer: Any, encoded: Any, groups: list[list[int]], pad_to: int | None,

@@ -74,6 +74,12 @@ def _synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
+def cores_in_use() -> int | None:
+    """Physical cores torch's threads can occupy: hyper-threads share a core's FMA units, so they add no peak."""
+    physical = psutil.cpu_count(logical=False)
+    return min(torch.get_num_threads(), physical) if physical else None
+
+
 def theoretical_peak_flops(flags: list[str], cores: int | None, mhz: float | None) -> tuple[float | None, str]:
     """fp32 FLOP/s the cores can retire at most (cores x clock x FLOPs/cycle from the flags), and how it was got.
 

@@ -30,6 +30,16 @@ def first_divergence(reference: Sequence[int], candidate: Sequence[int]) -> int:
     return len(reference)
 
 
+def decoder_fidelity(reference: Sequence[int], candidate: Sequence[int]) -> dict[str, float]:
+    """Greedy tokens against the reference's: how many match before the first difference, then position agreement.
+
+    The first is the one to read: once a token differs the texts shift, so later positions disagree even when the
+    candidate goes on saying much the same thing.
+    """
+    return {"tokens_before_divergence": first_divergence(reference, candidate),
+            "token_agreement": token_agreement(reference, candidate)}
+
+
 def average_ranks(values: np.ndarray) -> np.ndarray:
     """1-based ranks of a 1-D array, ties sharing the mean of the ranks they span (as Spearman's rho needs)."""
     order = np.argsort(values, kind="stable")

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
 import os
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import psutil
@@ -219,6 +221,34 @@ def weights_bytes(model: torch.nn.Module) -> int:
     for value in model.state_dict().values():
         add(value)
     return total
+
+
+def placement_bytes(model: torch.nn.Module, device_map: dict[str, Any] | None, default: str) -> dict[str, int]:
+    """Bytes of parameters and buffers per device of an accelerate device map (module name -> device), tied tensors
+    once; without a map the whole model is on `default`. Offloaded tensors sit on "meta" and still count their size."""
+    totals: dict[str, int] = {}
+    seen: set[int] = set()
+    for name, where in (device_map or {"": default}).items():
+        module = model.get_submodule(name)
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                totals[str(where)] = totals.get(str(where), 0) + tensor.nbytes
+    return totals
+
+
+def stored_bytes(folder: str | os.PathLike) -> dict[str, int]:
+    """Bytes per dtype (safetensors names: F32, BF16, I64, ...) in a checkpoint folder's .safetensors files, from
+    their headers alone."""
+    found: dict[str, int] = {}
+    for path in Path(folder).glob("*.safetensors"):
+        with open(path, "rb") as handle:
+            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        for key, entry in header.items():
+            if key != "__metadata__":
+                start, end = entry["data_offsets"]
+                found[entry["dtype"]] = found.get(entry["dtype"], 0) + end - start
+    return found
 
 
 def resident_bytes(device: torch.device) -> int:

@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import NullFormatter, StrMethodFormatter  # noqa: E402
 
 DPI = 130
 plt.rcParams.update({
@@ -41,6 +42,14 @@ def log2_x(ax: Axes, values: Iterable[float]) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xticks(ticks, [str(value) for value in ticks])
     ax.minorticks_off()
+
+
+def log_axes(ax: Axes) -> None:
+    """Both axes logarithmic, ticks written as plain numbers (0.5, 10, 100, not 10^2) and no minor-tick labels."""
+    for axis, scale in ((ax.xaxis, ax.set_xscale), (ax.yaxis, ax.set_yscale)):
+        scale("log")
+        axis.set_major_formatter(StrMethodFormatter("{x:g}"))
+        axis.set_minor_formatter(NullFormatter())
 
 
 def lines_by(ax: Axes, rows: list[dict], x: str, y: str, group: Callable[[dict], str],

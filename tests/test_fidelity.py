@@ -19,6 +19,19 @@ def test_cosine_fidelity_reports_mean_and_worst_row():
     assert result["cosine_mean"] == pytest.approx((1 + math.sqrt(0.5)) / 2)
 
 
+def test_decoder_fidelity_counts_tokens_before_the_first_divergence_then_agreement():
+    shifted = fidelity.decoder_fidelity([5, 6, 7, 8, 9, 10], [5, 6, 1, 7, 8, 9])  # one extra token shifts the rest
+    assert shifted == {"tokens_before_divergence": 2, "token_agreement": pytest.approx(2 / 6)}
+    assert list(shifted) == ["tokens_before_divergence", "token_agreement"]  # divergence first, as tables show it
+    assert fidelity.decoder_fidelity([1, 2, 3], [1, 2, 3]) == {"tokens_before_divergence": 3, "token_agreement": 1.0}
+    assert fidelity.first_divergence([1, 2, 3], [1, 2]) == 2  # a shorter candidate diverges where it stops
+    assert fidelity.first_divergence([1, 2, 3, 4], [9, 2, 3, 4]) == 0
+    assert fidelity.token_agreement([1, 2, 3, 4], [1, 2, 9, 4]) == 0.75  # later positions can agree again
+    assert fidelity.token_agreement([1, 2, 3, 4], [1, 2]) == 0.5  # missing tokens count as disagreement
+    with pytest.raises(ValueError):
+        fidelity.token_agreement([], [1])
+
+
 def test_average_ranks_share_tied_positions():
     np.testing.assert_array_equal(fidelity.average_ranks(np.array([10.0, 20, 20, 30, 5])), [2, 3.5, 3.5, 5, 1])
 

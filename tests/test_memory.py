@@ -73,3 +73,23 @@ def test_saved_for_backward_counts_activations_only_with_grad():
     assert with_grad >= inputs.nbytes + 3 * 8 * 4  # at least the input and the hidden activation, never weights
     with torch.no_grad():
         assert saved_for_backward_bytes(model, lambda: model(inputs)) == 0
+
+
+def test_placement_bytes_per_device_counts_offloaded_meta_tensors_and_tied_weights_once():
+    from common.memory import placement_bytes
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4, device="meta"), torch.nn.Linear(4, 4))
+    model[2].weight = model[0].weight  # tied: counted where it is met first
+    placed = placement_bytes(model, {"0": "cpu", "1": "disk", "2": 0}, "cpu")
+    assert placed == {"cpu": (16 + 4) * 4, "disk": (16 + 4) * 4, "0": 4 * 4}  # GPU 0 holds only its own bias
+    assert placement_bytes(model, None, "cuda:0") == {"cuda:0": (3 * 4 + 2 * 16) * 4}
+
+
+def test_stored_bytes_reads_the_safetensors_headers(tmp_path):
+    from safetensors.torch import save_file
+
+    from common.memory import stored_bytes
+
+    save_file({"a": torch.zeros(3), "b": torch.zeros(2, 2, dtype=torch.bfloat16)}, tmp_path / "model.safetensors")
+    assert stored_bytes(tmp_path) == {"F32": 3 * 4, "BF16": 4 * 2}
+    assert stored_bytes(tmp_path / "nothing") == {}
