@@ -10,6 +10,7 @@ import inspect
 import logging
 import os
 import tempfile
+import textwrap
 import time
 from collections import Counter
 from contextlib import nullcontext
@@ -494,7 +495,7 @@ def batching_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> 
     print(f"fp32 matmul peak here: {peak['flops'] / 1e9:.1f} GFLOP/s, the fastest of {2 * peak['calls']} timed "
           f"matmuls\n  ({'/'.join(map(str, sizes))} square, before and after the sweep; reached at {peak['size']})\n"
           "theoretical peak: " + (f"{theory / 1e9:.1f} GFLOP/s; the measured peak reaches {peak['flops'] / theory:.0%}"
-                                  f" of it\n  ({how})" if theory else how))
+                                  f" of it\n  = {how}" if theory else how))
     reference = outputs["dynamic, batch 1"].float().cpu()
     agreement = {strategy: min(cosine_fidelity(reference, outputs[name].float().cpu())["cosine_min"]
                                for name in outputs if work[name]["strategy"] == strategy) for strategy in strategies}
@@ -783,8 +784,8 @@ def memory_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> di
     print_table(loads, ["technique", "load_s", "first_inference_s", "load_peak_mib", "after_first_forward_mib",
                         "activations_mib", "weights_mib"],
                 title=f"loading {where.label}, then one forward of {s.speed_batch} sentences (file already in the page "
-                f"cache; one load each, so seconds are\nindicative); first_inference = load + first forward; MiB above "
-                f"the start ({'CUDA allocated' if ctx.device.type == 'cuda' else 'RSS'}); activations = a later "
+                "cache; one load each, so seconds\nare indicative); first_inference = load + first forward; MiB above "
+                f"the start ({'CUDA allocated' if ctx.device.type == 'cuda' else 'RSS'});\nactivations = a later "
                 "forward's peak above the resident weights"),
     plain, lean, _, half = loads  # each sentence below is computed from these rows' numbers
     findings = [f"low_cpu_mem_usage=True: load peak {lean['load_peak_mib']:.1f} MiB vs plain "
@@ -800,7 +801,7 @@ def memory_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> di
                     f"vs fp32's {plain['after_first_forward_mib']:.0f} MiB (weights {half['weights_mib']:.0f} vs "
                     f"{plain['weights_mib']:.0f} MiB)")
     findings += load_peak_notes(loads, memory.stored_bytes(where.path))
-    print("\n".join(f"  {line}" for line in findings))
+    print("\n".join(textwrap.fill(line, 118, initial_indent="  ", subsequent_indent="    ") for line in findings))
     streams = streaming_rows(ctx, s)
     print_table(streams, title="a long list through the encoder (same embeddings either way)")
     cleanup = cleanup_rows(ctx, s)

@@ -92,8 +92,8 @@ def theoretical_peak_flops(flags: list[str], cores: int | None, mhz: float | Non
     if missing:
         return None, f"cannot be known here: the OS does not report {' or '.join(missing)}"
     unit = next(flag for flag, flops in FLOPS_PER_CYCLE if flops == per_cycle)
-    return cores * mhz * 1e6 * per_cycle, (f"{cores} core(s) x {mhz / 1e3:.2f} GHz x {per_cycle} FLOPs/cycle "
-                                           f"({unit}: 2 FMA units assumed; turbo may clock above this)")
+    return cores * mhz * 1e6 * per_cycle, (f"{cores} core(s) x {mhz / 1e3:.2f} GHz x {per_cycle} FLOPs/cycle; {unit}: "
+                                           "2 FMA units assumed, turbo may clock above this")
 
 
 def calibrate() -> dict[str, Any]:
