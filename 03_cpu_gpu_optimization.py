@@ -274,7 +274,7 @@ def precision_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) ->
         with torch.autocast(ctx.device.type, dtype=autocast) if autocast else nullcontext():
             embeddings = embed(model, fp32.tokenizer, FIDELITY_TEXTS)
         row.update(variant=row["workload"], key=key, weights_mib=memory.weights_bytes(model) / MIB,
-                   **cosine_fidelity(reference, embeddings), batch=s.speed_batch,  # the roofline's place for it:
+                   **cosine_fidelity(reference, embeddings), batch=s.speed_batch,  # where section 6 plots it:
                    useful_flops=sum(encoder_forward_flops(model.config, 1, n) for n in lengths),
                    bytes=encoder_forward_bytes(model.config, *batch["input_ids"].shape, streamed_weight_bytes(model),
                                                torch.finfo(autocast or model.dtype).bits // 8))

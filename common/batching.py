@@ -49,8 +49,8 @@ def encoder_forward_bytes(config: Any, batch_size: int, seq_len: int, weight_byt
     scores (heads x seq x seq per text) are written once and read once.
     """
     hidden, ffn, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    activations = batch_size * seq_len * (10 * hidden + 2 * ffn) + 2 * batch_size * config.num_attention_heads * seq_len**2
-    return float(weight_bytes + element_bytes * layers * activations)
+    scores = 2 * batch_size * config.num_attention_heads * seq_len**2
+    return float(weight_bytes + element_bytes * layers * (batch_size * seq_len * (10 * hidden + 2 * ffn) + scores))
 
 
 def streamed_weight_bytes(model: Any) -> int:

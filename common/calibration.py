@@ -85,13 +85,11 @@ def theoretical_peak_flops(flags: list[str], cores: int | None, mhz: float | Non
 
     None, with the reason, when the clock, the core count or the vector units cannot be known.
     """
-    per_cycle = next((flops for flag, flops in FLOPS_PER_CYCLE if flag in flags), None)
-    missing = [what for what, value in (("the clock", mhz), ("the core count", cores), ("a known vector unit in the "
-                                                                                         "CPU flags", per_cycle))
-               if not value]
+    unit, per_cycle = next(((flag, flops) for flag, flops in FLOPS_PER_CYCLE if flag in flags), (None, None))
+    known = {"the clock": mhz, "the core count": cores, "a known vector unit in the CPU flags": per_cycle}
+    missing = [what for what, value in known.items() if not value]
     if missing:
         return None, f"cannot be known here: the OS does not report {' or '.join(missing)}"
-    unit = next(flag for flag, flops in FLOPS_PER_CYCLE if flops == per_cycle)
     return cores * mhz * 1e6 * per_cycle, (f"{cores} core(s) x {mhz / 1e3:.2f} GHz x {per_cycle} FLOPs/cycle; {unit}: "
                                            "2 FMA units assumed, turbo may clock above this")
 
