@@ -623,7 +623,7 @@ def compile_on_corpus(ctx: cli.Context, s: Settings, results: dict[str, Any]) ->
           f"recompile(s) over the other shapes, {result['recompile_s']:.1f} s; {result['graphs_during_timing']} "
           "during the timed passes")
     print_table(result["rows"], ["workload", *SPEED, "noisy"])
-    result["break_even_line"] = devices.break_even_text(result) + f" (one pass = these {len(corpus)} texts)"
+    result["break_even_line"] = devices.break_even_text(result) + f"; a pass embeds these {len(corpus)} texts"
     print(f"  {result['verdict_line']}\n  {result['break_even_line']}")
     return result
 

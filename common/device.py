@@ -201,7 +201,7 @@ def break_even_passes(overhead_s: float, saving: tuple[float, float, float]) -> 
 
 def break_even_text(costs: dict[str, Any]) -> str:
     """The break-even in words: "never" only when the whole saving interval is <= 0."""
-    saving = (f"{costs['saving_s'] * 1e3:.1f} ms saved a pass, interval {costs['saving_low_s'] * 1e3:.1f} to "
+    saving = (f"saving per pass {costs['saving_s'] * 1e3:.1f} ms, interval {costs['saving_low_s'] * 1e3:.1f} to "
               f"{costs['saving_high_s'] * 1e3:.1f} ms; {costs['overhead_s']:.1f} s to compile")
     if costs["break_even_low"] is None:
         return f"compiling never pays back here: no pass was measurably faster ({saving})"

@@ -224,16 +224,17 @@ def weights_bytes(model: torch.nn.Module) -> int:
 
 
 def placement_bytes(model: torch.nn.Module, device_map: dict[str, Any] | None, default: str) -> dict[str, int]:
-    """Bytes of parameters and buffers per device of an accelerate device map (module name -> device), tied tensors
-    once; without a map the whole model is on `default`. Offloaded tensors sit on "meta" and still count their size."""
+    """Bytes of parameters and buffers per device of an accelerate device map (module name -> device; an integer is a
+    GPU index), tied tensors once; without a map the whole model is on `default`. Offloaded tensors sit on "meta" and
+    still count their size."""
     totals: dict[str, int] = {}
     seen: set[int] = set()
     for name, where in (device_map or {"": default}).items():
-        module = model.get_submodule(name)
+        module, device = model.get_submodule(name), f"cuda:{where}" if isinstance(where, int) else str(where)
         for tensor in [*module.parameters(), *module.buffers()]:
             if id(tensor) not in seen:
                 seen.add(id(tensor))
-                totals[str(where)] = totals.get(str(where), 0) + tensor.nbytes
+                totals[device] = totals.get(device, 0) + tensor.nbytes
     return totals
 
 

@@ -81,7 +81,7 @@ def test_placement_bytes_per_device_counts_offloaded_meta_tensors_and_tied_weigh
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4, device="meta"), torch.nn.Linear(4, 4))
     model[2].weight = model[0].weight  # tied: counted where it is met first
     placed = placement_bytes(model, {"0": "cpu", "1": "disk", "2": 0}, "cpu")
-    assert placed == {"cpu": (16 + 4) * 4, "disk": (16 + 4) * 4, "0": 4 * 4}  # GPU 0 holds only its own bias
+    assert placed == {"cpu": (16 + 4) * 4, "disk": (16 + 4) * 4, "cuda:0": 4 * 4}  # GPU 0 holds only its own bias
     assert placement_bytes(model, None, "cuda:0") == {"cuda:0": (3 * 4 + 2 * 16) * 4}
 
 
