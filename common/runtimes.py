@@ -99,8 +99,8 @@ def torch_embedder(model: nn.Module, tokenizer: Any, batch_size: int = 32, max_l
     device = next(model.parameters(), torch.empty(0)).device
 
     def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with torch.inference_mode():
-            return model(**batch.to(device)).last_hidden_state.cpu()
+        with torch.inference_mode():  # a copy on the device: BatchEncoding.to() would move the caller's mask too
+            return model(**{key: value.to(device) for key, value in batch.items()}).last_hidden_state.cpu()
 
     return lambda texts: embed_sorted_batches(forward, tokenizer, texts, batch_size, max_length)
 

@@ -105,3 +105,23 @@ def test_peer_builders_build_nothing_until_called(tmp_path, minilm):
     builders = runtimes.peer_builders(folder, model, tokenizer, torch.device("cpu"), tmp_path / "onnx", True)
     assert list(builders) == list(runtimes.PEERS)
     assert not (tmp_path / "onnx").exists()  # no export happens before a builder is called
+
+
+def test_torch_embedder_pools_with_the_mask_left_where_the_hidden_states_come_back(minilm):
+    """On a GPU the forward returns CPU hidden states: the pooling mask must not have been moved to the GPU with the
+    inputs (BatchEncoding.to moves in place). A model whose weights are on `meta` stands in for the GPU."""
+    _, _, tokenizer = minilm
+    seen = []
+
+    class OnMeta(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.empty(1, device="meta"))
+
+        def forward(self, **inputs):
+            seen.append({value.device.type for value in inputs.values()})
+            hidden = torch.ones(*inputs["input_ids"].shape, 4)  # what `.cpu()` of the GPU's output would be
+            return type("Output", (), {"last_hidden_state": hidden})()
+
+    embedded = runtimes.torch_embedder(OnMeta(), tokenizer)(["a short text", "a somewhat longer text here"])
+    assert seen == [{"meta"}] and embedded.shape == (2, 4)  # inputs went to the model's device, pooling stayed on CPU
