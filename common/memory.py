@@ -168,10 +168,14 @@ def peak_rss_method() -> str:
     return probe.method
 
 
+_OPEN_CUDA_PEAKS: list["CudaPeak"] = []  # so a nested CudaPeak's reset of the counters loses no outer peak
+
+
 class CudaPeak:
     """Context manager: the CUDA allocator's peak bytes on this device inside the block (0 off CUDA).
 
-    It resets the device's peak counters on entry, so an enclosing CudaPeak would lose its own peak: do not nest them.
+    It resets the device's peak counters on entry; an enclosing CudaPeak first takes the peak so far, so they nest
+    (the meter keeps one around every timed call).
     """
 
     def __init__(self, device: torch.device | str) -> None:
@@ -180,23 +184,39 @@ class CudaPeak:
         self.reserved_bytes = 0
         self.baseline_bytes = 0
 
+    def _take_peaks(self) -> None:
+        """Fold the counters' peaks since the last reset into this block's."""
+        self.allocated_bytes = max(self.allocated_bytes, torch.cuda.max_memory_allocated(self.device))
+        self.reserved_bytes = max(self.reserved_bytes, torch.cuda.max_memory_reserved(self.device))
+
     def __enter__(self) -> "CudaPeak":
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            for outer in _OPEN_CUDA_PEAKS:
+                if outer.device == self.device:
+                    outer._take_peaks()
             torch.cuda.reset_peak_memory_stats(self.device)
             self.baseline_bytes = torch.cuda.memory_allocated(self.device)
+            _OPEN_CUDA_PEAKS.append(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
+            _OPEN_CUDA_PEAKS.remove(self)
             torch.cuda.synchronize(self.device)
-            self.allocated_bytes = torch.cuda.max_memory_allocated(self.device)
-            self.reserved_bytes = torch.cuda.max_memory_reserved(self.device)
+            self._take_peaks()
 
     @property
     def delta_bytes(self) -> int:
         """How far above the starting allocation the block went at its highest."""
         return self.allocated_bytes - self.baseline_bytes
+
+
+def cuda_free_bytes(device: torch.device) -> int:
+    """Bytes a new tensor on this GPU can still get: the driver's free memory (mem_get_info) plus the blocks the
+    caching allocator reserved but is not using, which it hands out before asking the driver for more."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def weights_bytes(model: torch.nn.Module) -> int:

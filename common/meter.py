@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import math
 import textwrap
-import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from time import time_ns  # wall clock for NVML timestamps (tests simulate `time.perf_counter` alone)
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import psutil
@@ -105,8 +106,8 @@ class Measurement:
     tokens_per_s: float
     peak_rss_bytes: int
     peak_rss_delta_bytes: int
-    peak_cuda_allocated_bytes: int
-    peak_cuda_reserved_bytes: int
+    peak_cuda_allocated_bytes: int  # above what was allocated when its call started: the call's own working memory
+    peak_cuda_reserved_bytes: int  # the allocator's whole reservation at its highest (what the GPU holds for us)
     cpu_util_pct: float
     gpu_util_pct: float | None
     noisy: bool
@@ -145,18 +146,18 @@ class LoadMeasurement:
 
 
 class _GpuUtilSampler:
-    """Polls NVML's utilisation on a thread; mean of the samples, or None where NVML is absent.
+    """NVML's utilisation samples of this GPU during a block, read once after it; None where NVML is absent.
 
-    NVML's "utilisation" is the share of its sampling window in which at least one kernel ran, not how much of the
-    GPU that kernel used. The device is found by UUID, because NVML numbers GPUs without CUDA_VISIBLE_DEVICES.
+    NVML samples on its own clock (every 1/6 s to 1 s, by GPU) and keeps a buffer, so nothing polls while the block
+    is timed: nvmlDeviceGetSamples returns the samples taken since the block began. A sample is the share of its
+    window (since the previous sample) in which at least one kernel ran, not how much of the GPU that kernel used.
+    The device is found by UUID, because NVML numbers GPUs without CUDA_VISIBLE_DEVICES.
     """
 
-    def __init__(self, device: torch.device, interval_s: float = 0.05) -> None:
-        self.samples: list[int] = []
+    def __init__(self, device: torch.device) -> None:
+        self.samples: list[tuple[int, int]] = []  # (NVML timestamp in microseconds since the epoch, utilisation %)
         self._handle = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.interval_s = interval_s
+        self._since_us = 0
         if device.type == "cuda":
             try:
                 import pynvml
@@ -168,26 +169,29 @@ class _GpuUtilSampler:
             except Exception:  # NVML missing or driver too old: utilisation is simply not reported
                 self._handle = None
 
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append(self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
-            self._stop.wait(self.interval_s)
-
     def __enter__(self) -> "_GpuUtilSampler":
-        if self._handle is not None:
-            self._thread = threading.Thread(target=self._poll, name="gpu-util", daemon=True)
-            self._thread.start()
+        self._since_us = time_ns() // 1000
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        if self._handle is None:
+            return
+        try:
+            _, samples = self._nvml.nvmlDeviceGetSamples(self._handle, self._nvml.NVML_GPU_UTILIZATION_SAMPLES,
+                                                         self._since_us)
+        except self._nvml.NVMLError:  # NOT_FOUND: the block was shorter than NVML's sample period
+            samples = []
+        self.samples = sorted((s.timeStamp, s.sampleValue.uiVal) for s in samples if s.timeStamp >= self._since_us)
 
-    @property
-    def mean_pct(self) -> float | None:
-        """Mean utilisation seen during the block, None when not measurable."""
-        return float(np.mean(self.samples)) if self.samples else None
+    def mean_pct(self, spans: list[tuple[int, int]] | None = None) -> float | None:
+        """Mean utilisation in the block, or over the samples whose whole window lies inside one of these spans
+        (microseconds since the epoch); None when no sample qualifies."""
+        if spans is None:
+            values = [value for _, value in self.samples]
+        else:
+            values = [value for (begun, _), (ended, value) in zip(self.samples, self.samples[1:])
+                      if any(start <= begun and ended <= stop for start, stop in spans)]
+        return float(np.mean(values)) if values else None
 
 
 def cuda_uuid(index: int) -> str:
@@ -381,7 +385,8 @@ class PerformanceMeter:
         with _Resources(self.device) as resources:
             started = clock()
             while True:
-                samples.append(self._time_once(fn))
+                with resources.call(name):
+                    samples.append(self._time_once(fn))
                 if len(samples) >= max_runs or (len(samples) >= min_runs and clock() - started >= budget_s):
                     break
         return resources.measurement(name, samples, items, tokens)
@@ -422,7 +427,8 @@ class PerformanceMeter:
             for round_index in range(max_rounds):
                 for offset in range(len(names)):
                     name = names[(round_index + offset) % len(names)]
-                    samples[name].append(self._time_once(workloads[name]))
+                    with resources.call(name):
+                        samples[name].append(self._time_once(workloads[name]))
                     schedule.append(name)
                 bar.update(1)
                 if round_index + 1 >= min_rounds and time.perf_counter() - started >= budget_s:
@@ -457,17 +463,19 @@ class PerformanceMeter:
 
 
 class _Resources:
-    """What a timed block used besides time: peak RSS, CUDA peaks (of this device), CPU and GPU utilisation."""
+    """What a timed block used besides time: peak RSS, CPU utilisation, and per workload its CUDA peaks (of this
+    device, above each call's start) and GPU utilisation."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._rss = PeakRSSSampler()
         self._gpu = _GpuUtilSampler(device)
-        self._cuda = CudaPeak(device)
+        self._cuda_allocated: dict[str, int] = {}
+        self._cuda_reserved: dict[str, int] = {}
+        self._spans: dict[str, list[tuple[int, int]]] = {}  # each workload's calls, microseconds since the epoch
 
     def __enter__(self) -> "_Resources":
         self._cpu_before = psutil.Process().cpu_times()
-        self._cuda.__enter__()
         self._rss.__enter__()
         self._gpu.__enter__()
         self._started = time.perf_counter()
@@ -477,10 +485,23 @@ class _Resources:
         self.wall_s = time.perf_counter() - self._started
         self._gpu.__exit__(*exc)
         self._rss.__exit__(*exc)
-        self._cuda.__exit__(*exc)
         cpu_after = psutil.Process().cpu_times()
         cpu_seconds = (cpu_after.user - self._cpu_before.user) + (cpu_after.system - self._cpu_before.system)
         self.cpu_util_pct = 100.0 * cpu_seconds / self.wall_s if self.wall_s > 0 else 0.0
+
+    @contextmanager
+    def call(self, name: str) -> Iterator[None]:
+        """Around one timed call of workload `name`: its CUDA peak above the call's start, and its time span.
+
+        The peak counters are reset before each call (outside the timed window), so in a round-robin each workload
+        gets its own peak, and memory already held (earlier models, other workloads' outputs) is not counted.
+        """
+        with CudaPeak(self.device) as cuda:
+            started = time_ns() // 1000
+            yield
+        self._spans.setdefault(name, []).append((started, time_ns() // 1000))
+        self._cuda_allocated[name] = max(self._cuda_allocated.get(name, 0), cuda.delta_bytes)
+        self._cuda_reserved[name] = max(self._cuda_reserved.get(name, 0), cuda.reserved_bytes)
 
     def measurement(self, name: str, samples: list[float], items: int, tokens: int) -> Measurement:
         """A Measurement of these samples; throughput is work per call over the median call."""
@@ -493,8 +514,11 @@ class _Resources:
             items_per_s=items / stats.median if stats.median > 0 else 0.0,
             tokens_per_s=tokens / stats.median if stats.median > 0 else 0.0,
             peak_rss_bytes=self._rss.peak_bytes, peak_rss_delta_bytes=self._rss.peak_delta_bytes,
-            peak_cuda_allocated_bytes=self._cuda.allocated_bytes, peak_cuda_reserved_bytes=self._cuda.reserved_bytes,
-            cpu_util_pct=self.cpu_util_pct, gpu_util_pct=self._gpu.mean_pct, noisy=noisy, wall_s=self.wall_s,
+            peak_cuda_allocated_bytes=self._cuda_allocated.get(name, 0),
+            peak_cuda_reserved_bytes=self._cuda_reserved.get(name, 0), cpu_util_pct=self.cpu_util_pct,
+            # one workload owns the whole block; in a round-robin only samples inside its own calls are its
+            gpu_util_pct=self._gpu.mean_pct(None if len(self._spans) == 1 else self._spans.get(name, [])),
+            noisy=noisy, wall_s=self.wall_s,
             warnings=warnings,
         )
 

@@ -55,7 +55,7 @@ def result_row(m: Measurement, **labels: Any) -> dict[str, Any]:
             "ci_coverage": s.ci_coverage, "peak_rss_mib": m.peak_rss_bytes / MIB,
             "working_rss_mib": m.peak_rss_delta_bytes / MIB,
             "cuda_alloc_mib": m.peak_cuda_allocated_bytes / MIB if on_cuda else None,
-            "cpu_util_pct": m.cpu_util_pct, "gpu_util_pct": m.gpu_util_pct,
+            "cpu_util_pct": m.cpu_util_pct, "gpu_util_pct": m.gpu_util_pct if on_cuda else None,
             "samples_ms": [sample * 1e3 for sample in m.samples_s]}  # compare_reports judges a change from these
 
 

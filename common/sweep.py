@@ -7,7 +7,7 @@ import numpy as np
 import psutil
 import torch
 
-from common.memory import MIB, CudaPeak, PeakRSSSampler, cleanup, rss_bytes
+from common.memory import MIB, CudaPeak, PeakRSSSampler, cleanup, cuda_free_bytes, rss_bytes
 
 MIN_KNEE_BEND = 0.1  # a curve must bulge this far (in normalised units) above its chord to have a knee
 MIN_KNEE_RISE = 0.1  # ... and rise by this share of its top from the first point: flat noise has no knee
@@ -28,7 +28,7 @@ def fitting_batches(run: Callable[[int], Any], sizes: Sequence[int], device: tor
         fits.append(size)
         # RSS only grows while the allocator keeps freed blocks, so on CPU this overestimates: the safe side
         need = max(cuda.delta_bytes if on_cuda else rss.peak_bytes - baseline, 0) * next_size / size
-        free = torch.cuda.mem_get_info(device)[0] if on_cuda else psutil.virtual_memory().available
+        free = cuda_free_bytes(device) if on_cuda else psutil.virtual_memory().available
         if next_size and need > memory_fraction * free:
             return fits, (f"batch {next_size} would need about {need / MIB:,.0f} MiB, more than "
                           f"{memory_fraction:.0%} of the {free / MIB:,.0f} MiB free")

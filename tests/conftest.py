@@ -53,3 +53,54 @@ def load_script(stem: str):
 @pytest.fixture
 def png_ok():
     return is_png
+
+
+class PretendGpu:
+    """A CUDA allocator and GPU in plain Python, so the GPU paths run on a CPU-only torch: `hold` and `spike` move its
+    counters as a model and a forward pass would; capability and memory are what a test says."""
+
+    def __init__(self, count: int = 2, capability: tuple[int, int] = (8, 0), total: int = 80 * 2**30) -> None:
+        self.count, self.capability, self.total = count, capability, total
+        self.allocated = self.reserved = self.peak = self.peak_reserved = 0
+        self.resets = 0
+
+    def hold(self, nbytes: int) -> None:
+        """Keep nbytes more allocated (weights loaded), reserving as the caching allocator would."""
+        self.allocated += nbytes
+        self.reserved = max(self.reserved, self.allocated)
+        self.peak, self.peak_reserved = max(self.peak, self.allocated), max(self.peak_reserved, self.reserved)
+
+    def spike(self, nbytes: int) -> None:
+        """Allocate nbytes and free them again (a forward pass's activations): the peak moves, the level does not."""
+        self.hold(nbytes)
+        self.allocated -= nbytes
+
+    def reset_peak(self, device=None) -> None:
+        self.resets += 1
+        self.peak, self.peak_reserved = self.allocated, self.reserved
+
+    def install(self, monkeypatch) -> "PretendGpu":
+        """Patch torch.cuda's device and memory queries to answer from this object."""
+        import torch
+
+        cuda = torch.cuda
+        for name, value in {
+            "is_available": lambda: True, "is_initialized": lambda: True, "device_count": lambda: self.count,
+            "current_device": lambda: 0, "synchronize": lambda device=None: None,
+            "get_device_capability": lambda device=None: self.capability,
+            "reset_peak_memory_stats": self.reset_peak,
+            "memory_allocated": lambda device=None: self.allocated,
+            "memory_reserved": lambda device=None: self.reserved,
+            "max_memory_allocated": lambda device=None: self.peak,
+            "max_memory_reserved": lambda device=None: self.peak_reserved,
+            "mem_get_info": lambda device=None: (self.total - self.reserved, self.total),
+            "empty_cache": lambda: setattr(self, "reserved", self.allocated),
+        }.items():
+            monkeypatch.setattr(cuda, name, value)
+        return self
+
+
+@pytest.fixture
+def pretend_gpu(monkeypatch):
+    """An 80 GiB capability-8.0 GPU pair as far as torch.cuda's queries go (see PretendGpu)."""
+    return PretendGpu().install(monkeypatch)

@@ -230,3 +230,94 @@ def test_compare_runs_round_robin_with_a_rotating_start():
     rows = comparison.rows(baseline="a")
     assert [row["verdict"] for row in rows][0] == "baseline"
     assert {"p50_ms", "iqr_ms", "runs", "items_per_s", "noisy", "speedup"} <= rows[1].keys()
+
+
+MIB = 2**20
+
+
+def test_each_workload_in_a_comparison_gets_its_own_cuda_peak_above_what_was_held(pretend_gpu):
+    """On a pretend GPU holding 500 MiB of earlier models: the peaks are the calls' own working memory, per
+    workload, not the absolute max_memory_allocated shared by every workload of the round-robin."""
+    pretend_gpu.hold(500 * MIB)
+    meter = PerformanceMeter("cuda:0", warmup=1, min_runs=3, max_runs=3, budget_s=0)
+    comparison = meter.compare({"small": lambda: pretend_gpu.spike(10 * MIB),
+                                "big": lambda: pretend_gpu.spike(100 * MIB)})
+    peaks = {name: m.peak_cuda_allocated_bytes for name, m in comparison.measurements.items()}
+    assert peaks == {"small": 10 * MIB, "big": 100 * MIB}
+    assert pretend_gpu.resets == 6  # reset before every timed call, outside its timed window
+    alone = meter.measure("small alone", lambda: pretend_gpu.spike(10 * MIB))
+    assert alone.peak_cuda_allocated_bytes == 10 * MIB
+
+
+def test_an_enclosing_cuda_peak_keeps_its_peak_across_the_meters_resets(pretend_gpu):
+    from common.memory import CudaPeak
+
+    meter = PerformanceMeter("cuda:0", warmup=0, min_runs=2, max_runs=2)
+    with CudaPeak("cuda:0") as outer:
+        pretend_gpu.spike(300 * MIB)
+        meter.measure("small", lambda: pretend_gpu.spike(10 * MIB))
+    assert outer.delta_bytes == 300 * MIB
+
+
+class FakeNvml:
+    """pynvml as far as the sampler uses it: samples stamped in microseconds, read once after the block."""
+
+    NVML_GPU_UTILIZATION_SAMPLES = 1
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self):
+        self.calls = []  # (since_us, when the read happened)
+        self.offsets: list[tuple[int, int]] = []  # (microseconds after the block's start, utilisation %)
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        return uuid
+
+    def nvmlDeviceGetSamples(self, handle, kind, since_us):
+        import time
+
+        assert kind == self.NVML_GPU_UTILIZATION_SAMPLES
+        self.calls.append((since_us, time.time() * 1e6))
+        if not self.offsets:
+            raise self.NVMLError("Not Found")
+        return 1, [SimpleNamespace(timeStamp=since_us + offset, sampleValue=SimpleNamespace(uiVal=value))
+                   for offset, value in self.offsets]
+
+
+def test_gpu_utilisation_is_read_from_nvml_after_the_block_without_a_thread(pretend_gpu, monkeypatch):
+    import sys
+    import threading
+
+    import torch
+
+    nvml = FakeNvml()
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(uuid="abc"))
+    threads = []
+    meter = PerformanceMeter("cuda:0", warmup=0, min_runs=3, max_runs=3)
+    result = meter.measure("idle", lambda: threads.append(threading.active_count()))
+    assert result.gpu_util_pct is None  # NVML had no sample inside the block: not measurable, not 0%
+    (since_us, read_us), = nvml.calls  # one read, after the block, of the samples since its start
+    assert since_us < read_us and len(set(threads)) == 1
+
+    nvml.offsets = [(-10, 99), (1, 40), (2, 60)]  # NVML's buffer may hold a sample older than the block
+    assert meter.measure("busy", lambda: None).gpu_util_pct == 50.0
+    sampler = meter_module._GpuUtilSampler(torch.device("cuda", 0))
+    sampler.samples = [(100, 10), (200, 50), (300, 90), (400, 30)]
+    assert sampler.mean_pct() == 45.0
+    # a workload's share: only samples whose window (since the previous sample) lies inside one of its calls
+    assert sampler.mean_pct([(100, 200), (290, 410)]) == 40.0
+    assert sampler.mean_pct([(150, 250)]) is None
+
+
+def test_a_cpu_row_never_shows_gpu_utilisation():
+    from common import runs
+
+    m = PerformanceMeter(warmup=0, min_runs=2, max_runs=2).measure("x", lambda: None)
+    m.gpu_util_pct = 55.0  # what a round-robin with a GPU workload could attribute
+    assert runs.result_row(m, device="cpu")["gpu_util_pct"] is None
+    assert runs.result_row(m, device="cuda:0")["gpu_util_pct"] == 55.0

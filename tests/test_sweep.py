@@ -40,3 +40,17 @@ def test_fitting_batches_stops_before_a_batch_predicted_not_to_fit():
     sizes, reason = fitting_batches(ran.append, [1, 2, 4], torch.device("cpu"), memory_fraction=-1.0)
     assert sizes == ran == [1]
     assert reason.startswith("batch 2 would need about") and "of the" in reason and "MiB free" in reason
+
+
+def test_free_gpu_memory_counts_the_allocators_cached_blocks(pretend_gpu):
+    """The allocator keeps a freed batch's blocks reserved and reuses them: mem_get_info alone calls them used."""
+    from common.memory import cuda_free_bytes
+
+    gib = 2**30
+    pretend_gpu.hold(10 * gib)  # the weights, on an 80 GiB GPU
+    fits, why = fitting_batches(lambda size: pretend_gpu.spike(size * 5 * gib), [1, 2, 4, 8], torch.device("cuda", 0),
+                                memory_fraction=0.7)
+    # after batch 4 the allocator holds 30 GiB (20 of them cached): 50 GiB from the driver + 20 cached = 70 GiB free,
+    # and batch 8's predicted 40 GiB is under 70% of that (it was not under 70% of the driver's 50 GiB alone)
+    assert cuda_free_bytes(torch.device("cuda", 0)) == 70 * gib  # after batch 8: 30 from the driver + 40 cached
+    assert (fits, why) == ([1, 2, 4, 8], None)
