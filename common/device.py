@@ -24,12 +24,16 @@ def mps_available() -> bool:
 
 
 def pick_device(requested: str = "auto") -> torch.device:
-    """The best available device for "auto", or the one asked for, failing clearly when it is absent."""
+    """The best available device for "auto", or the one asked for, failing clearly when it is absent.
+
+    A CUDA device always carries its index (the current GPU for "cuda"), so the model, its inputs and the memory
+    counters all name the same GPU.
+    """
     if requested not in DEVICE_CHOICES and not requested.startswith("cuda:"):
         raise UserError(f"unknown device {requested!r}; choose one of {', '.join(DEVICE_CHOICES)}")
     if requested == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return torch.device("cuda", torch.cuda.current_device())
         if mps_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -38,9 +42,42 @@ def pick_device(requested: str = "auto") -> torch.device:
             f"--device {requested} asked for, but this torch ({torch.__version__}) sees no CUDA GPU; "
             "use --device auto or cpu (README: 'Using a GPU' explains the CUDA install)"
         )
+    if requested.startswith("cuda"):
+        index = requested.partition(":")[2]
+        count = torch.cuda.device_count()
+        if requested != "cuda" and not (index.isdigit() and int(index) < count):
+            raise UserError(f"--device {requested}: this machine has {count} CUDA GPU(s), "
+                            f"so use cuda or cuda:0 to cuda:{count - 1}")
+        return torch.device("cuda", int(index) if index else torch.cuda.current_device())
     if requested == "mps" and not mps_available():
         raise UserError("--device mps asked for, but Apple's MPS backend is not available here; use auto or cpu")
     return torch.device(requested)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """True on a CUDA GPU with bf16 tensor cores (capability 8.0+); is_bf16_supported() also counts emulation."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def cuda_matmul_flops(device: torch.device, size: int = 4096, calls: int = 50, dtype: torch.dtype = torch.float32,
+                      repeats: int = 3) -> float:
+    """FLOP/s of back-to-back square matmuls on a GPU, timed by CUDA events (best of `repeats` batches of `calls`).
+
+    The events bracket the GPU's own work: the host queues every call before the first finishes, so launch and sync
+    overhead do not count, and 4096 is large enough to keep every SM of a data-centre GPU busy.
+    """
+    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
+    out = torch.mm(a, b)  # warm-up: cuBLAS picks its kernel here
+    stream, best_ms = torch.cuda.current_stream(device), float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        for _ in range(calls):
+            torch.mm(a, b, out=out)
+        end.record(stream)
+        end.synchronize()
+        best_ms = min(best_ms, start.elapsed_time(end))
+    return 2 * size**3 * calls / (best_ms / 1e3)
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -85,8 +122,20 @@ def package_version(name: str) -> str | None:
         return None
 
 
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver's version as NVML reports it, or None where NVML is absent."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        version = pynvml.nvmlSystemGetDriverVersion()
+    except Exception:  # no pynvml, no driver, or an NVML too old: the version is simply not known
+        return None
+    return version.decode() if isinstance(version, bytes) else version
+
+
 def gpu_description(device: torch.device) -> dict | None:
-    """Name, memory and compute capability of the CUDA GPU in use, or None off CUDA."""
+    """Name, memory, compute capability and driver of the CUDA GPU in use, or None off CUDA."""
     if device.type != "cuda":
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -95,7 +144,9 @@ def gpu_description(device: torch.device) -> dict | None:
         "name": props.name,
         "memory_gib": round(props.total_memory / 2**30, 1),
         "capability": f"{props.major}.{props.minor}",
-        "bf16_supported": torch.cuda.is_bf16_supported(),
+        "bf16_native": (props.major, props.minor) >= (8, 0),
+        "driver": nvidia_driver(),
+        "cuda": torch.version.cuda,
     }
 
 
@@ -110,6 +161,7 @@ def describe_environment(device: torch.device) -> dict:
         "torch_threads": torch.get_num_threads(),
         "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "gpu": gpu_description(device),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),  # "high" lets fp32 matmuls run as TF32
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,

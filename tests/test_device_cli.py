@@ -9,7 +9,7 @@ import torch
 
 from common import cli, device
 from common.errors import UserError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, PretendGpu
 from tests.test_robustness import one_line_error
 
 
@@ -18,6 +18,8 @@ from tests.test_robustness import one_line_error
     [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")],
 )
 def test_auto_prefers_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
+    if cuda:
+        PretendGpu().install(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(device, "mps_available", lambda: mps)
     assert device.pick_device("auto").type == expected
@@ -27,6 +29,75 @@ def test_asking_for_missing_cuda_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="sees no CUDA GPU"):
         device.pick_device("cuda")
+
+
+def test_a_cuda_device_always_carries_its_index_and_a_missing_one_is_a_user_error(pretend_gpu, tmp_path):
+    """The model's device_map, its inputs and the memory counters must name one GPU: "cuda" alone lets transformers
+    pick LOCAL_RANK or 0 while inputs go to the current device. On 2 GPUs cuda:7 was an AssertionError traceback."""
+    assert device.pick_device("cuda") == torch.device("cuda", 0) == device.pick_device("auto")
+    assert device.pick_device("cuda:1") == torch.device("cuda", 1)
+    for bad in ("cuda:7", "cuda:2", "cuda:x", "cuda:-1", "cuda:"):
+        with pytest.raises(UserError, match=r"has 2 CUDA GPU\(s\), so use cuda or cuda:0 to cuda:1"):
+            device.pick_device(bad)
+    with pytest.raises(UserError, match="cuda:7"):  # what the CLI turns into one line and exit 2, before any work
+        cli.start("/x/05_example.py", cli.base_parser("t").parse_args(["--device", "cuda:7", "--output-dir",
+                                                                        str(tmp_path)]))
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("capability", "native"), [((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_bf16_is_native_only_from_capability_8(pretend_gpu, monkeypatch, capability, native):
+    """torch.cuda.is_bf16_supported() says True on a T4 (7.5) or V100 (7.0), where bf16 is emulated and slow."""
+    pretend_gpu.capability = capability
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert device.native_bf16(torch.device("cuda", 0)) is native
+    assert device.native_bf16(torch.device("cpu")) is False
+
+
+def test_gpu_description_names_the_gpu_its_capability_and_driver(pretend_gpu, monkeypatch):
+    props = type("Props", (), {"name": "Tesla T4", "total_memory": 15 * 2**30, "major": 7, "minor": 5})()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    monkeypatch.setattr(device, "nvidia_driver", lambda: "550.54.15")
+    gpu = device.describe_environment(torch.device("cuda", 0))["gpu"]
+    assert gpu == {"name": "Tesla T4", "memory_gib": 15.0, "capability": "7.5", "bf16_native": False,
+                   "driver": "550.54.15", "cuda": torch.version.cuda}
+
+
+def test_environment_records_the_fp32_matmul_precision():
+    """With "high", a GPU runs fp32 matmuls as TF32: the "fp32" baseline means something else."""
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert device.describe_environment(torch.device("cpu"))["float32_matmul_precision"] == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_cuda_matmul_flops_counts_back_to_back_calls_between_events(monkeypatch):
+    """GPU time from CUDA events around `calls` queued matmuls, best of the repeats; `meta` tensors stand in for the
+    GPU's, and the events answer fixed times, so the arithmetic is what is checked."""
+    matmuls, times = [], iter([4.0, 2.0, 3.0])  # milliseconds per batch of calls
+
+    class Event:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self, stream=None):
+            self.at = len(matmuls)
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            assert end.at - self.at == 10  # exactly the timed calls, queued between the two events
+            return next(times)
+
+    real_mm = torch.mm
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: matmuls.append(1) or real_mm(*a, **k))
+    flops = device.cuda_matmul_flops(torch.device("meta"), size=64, calls=10, repeats=3)
+    assert flops == 2 * 64**3 * 10 / 0.002 and len(matmuls) == 1 + 3 * 10
 
 
 def test_asking_for_missing_mps_or_an_unknown_device_fails(monkeypatch):
