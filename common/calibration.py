@@ -8,6 +8,8 @@ from typing import Any, Callable
 import psutil
 import torch
 
+from common.device import cuda_matmul_flops
+
 MATMUL_SIZE = 512      # 0.27 GFLOP a call: compute-bound, a few ms on one core
 COPY_MIB = 64          # larger than any last-level cache: memory-bound
 ROUNDS = 7             # median of 7 short timings: each figure takes well under 0.3 s
@@ -52,26 +54,20 @@ def matmul_peak(sizes: tuple[int, ...], repeats: int, device: torch.device | str
     A reference must be a limit, so one median on a busy machine will not do: the maximum over sizes and repeats
     is the closest this run came to what the hardware can do.
     """
+    if torch.device(device).type == "cuda":  # a host clock would count launch and sync: CUDA events, queued calls
+        return {"flops": cuda_matmul_flops(torch.device(device), calls=50), "size": 4096, "calls": 3 * 50}
     best: dict[str, Any] = {"flops": 0.0, "size": None, "calls": 0}
     for size in sizes:
         a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
         torch.mm(a, b)  # warm-up: first-call allocation and thread start-up are not the hardware's limit
         for _ in range(repeats):
-            _synchronize(device)
             started = clock()
             torch.mm(a, b)
-            _synchronize(device)
             flops = 2 * size**3 / max(clock() - started, 1e-12)
             best["calls"] += 1
             if flops > best["flops"]:
                 best.update(flops=flops, size=size)
     return best
-
-
-def _synchronize(device: torch.device | str) -> None:
-    """Wait for queued GPU work, so a timed call ends when its kernel does."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def cores_in_use() -> int | None:
@@ -94,8 +90,9 @@ def theoretical_peak_flops(flags: list[str], cores: int | None, mhz: float | Non
                                            "2 FMA units assumed, turbo may clock above this")
 
 
-def calibrate() -> dict[str, Any]:
-    """fp32 matmul GFLOP/s, memory copy GB/s (medians, spread, raw timings), load average and CPU clock right now.
+def calibrate(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """fp32 matmul GFLOP/s, memory copy GB/s (medians, spread, raw timings), load average and CPU clock right now,
+    and on a CUDA run the GPU's fp32 matmul GFLOP/s too (CUDA events: a slower or different GPU shows there).
 
     The raw timings are kept so that a later run can put an interval on "how much faster was the machine"
     (common.runs compares two reports with them).
@@ -108,6 +105,8 @@ def calibrate() -> dict[str, Any]:
     target = torch.empty_like(source)
     copy_samples = _timed(lambda: target.copy_(source))
     copy_s, copy_spread = _median_and_spread(copy_samples)
+    device = torch.device(device)
+    gpu_gflops = cuda_matmul_flops(device, calls=10) / 1e9 if device.type == "cuda" else None
     load1, load5, _ = os.getloadavg() if hasattr(os, "getloadavg") else (None, None, None)
     return {
         "matmul_gflops": 2 * MATMUL_SIZE**3 / matmul_s / 1e9,
@@ -116,6 +115,7 @@ def calibrate() -> dict[str, Any]:
         "copy_gb_s": 2 * source.nbytes / copy_s / 1e9,  # read + write
         "copy_spread": copy_spread,
         "copy_samples_s": copy_samples,
+        "gpu_matmul_gflops": gpu_gflops,
         "load_avg_1m": load1,
         "load_avg_5m": load5,
         "cpu_mhz": cpu_frequency_mhz(),

@@ -296,11 +296,12 @@ def start(script_file: str, args: argparse.Namespace) -> Context:
           f" torch uses {environment['torch_threads']})  RAM {environment['ram_gib']} GiB")
     if environment["gpu"]:
         gpu = environment["gpu"]
-        print(f"GPU: {gpu['name']}  {gpu['memory_gib']} GiB  compute capability {gpu['capability']}")
+        print(f"GPU: {gpu['name']}  {gpu['memory_gib']} GiB  compute capability {gpu['capability']}  driver "
+              f"{gpu['driver'] or 'unknown'}  fp32 matmul precision {environment['float32_matmul_precision']}")
     print(f"model source: {args.source}  |  outputs: {out_dir}")
     report = Report(stem, out_dir, environment, output_lock=lock)
     _current = Context(args=args, device=device, out_dir=out_dir, report=report)
-    report.calibration["start"] = calibrate()
+    report.calibration["start"] = calibrate(device)
     return _current
 
 

@@ -54,6 +54,14 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
+def indexed(device: torch.device | str) -> torch.device:
+    """The device with its index when it is a GPU ("cuda" names the current one), as every CUDA call should get it."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def native_bf16(device: torch.device) -> bool:
     """True on a CUDA GPU with bf16 tensor cores (capability 8.0+); is_bf16_supported() also counts emulation."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)

@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 import torch
 from filelock import FileLock, Timeout
 
-from common.device import package_version
+from common.device import indexed, package_version
 from common.errors import UserError, first_line
 
 if TYPE_CHECKING:  # transformers is imported where it is used: importing it takes seconds
@@ -648,7 +648,8 @@ def load_model(
     from transformers import AutoTokenizer
 
     where = checkpoint(name_or_role, source, kind)
-    from_pretrained_kwargs.setdefault("device_map", str(torch.device(device)))
+    # transformers maps a bare "cuda" to GPU $LOCAL_RANK (else 0), not the current GPU the inputs will go to
+    from_pretrained_kwargs.setdefault("device_map", indexed(device))
     try:
         started = time.perf_counter()
         model = auto_class(where.kind).from_pretrained(where.path, dtype=dtype or torch.float32,

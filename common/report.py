@@ -311,7 +311,7 @@ class Report:
     def finish(self) -> int:
         """Write the reports, print where they are and the wall time; exit code 1 if any section failed."""
         if "end" not in self.calibration:  # a lesson may have taken it already, right after its last section
-            self.calibration["end"] = calibrate()
+            self.calibration["end"] = calibrate(self.environment.get("device", "cpu"))
         self.finished = not self.partial
         paths = self.write()
         print(f"\n{'=' * 78}")

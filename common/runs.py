@@ -36,7 +36,8 @@ TABLE_COLUMNS = ["measurement", "model", "device", "batch", "before_ms", "now_ms
                  "normalised_x", "normalised_interval", "coverage", "verdict", "verdict_on"]
 ENVIRONMENT = {"python": "python", "torch": "torch", "transformers": "transformers", "bitsandbytes": "bitsandbytes",
                "device": "device", "torch_threads": "torch threads", "cpu": "CPU", "cpu_flags": "CPU flags",
-               "source": "--source", "quick": "--quick"}
+               "source": "--source", "quick": "--quick", "gpu": "GPU",
+               "float32_matmul_precision": "fp32 matmul precision"}
 
 
 def agreement(ratio: float, low: float, high: float, tolerance: float) -> str:

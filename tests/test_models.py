@@ -241,3 +241,21 @@ def test_generating_twins_pad_and_stop_with_their_borrowed_tokenizers_ids(twin):
     assert generation.eos_token_id == tokenizer.eos_token_id
     expected_pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     assert generation.pad_token_id == expected_pad  # a pad id of 0 is kept, not replaced
+
+
+def test_load_model_gives_transformers_the_gpu_with_its_index(pretend_gpu, monkeypatch):
+    """A bare "cuda" device_map is GPU $LOCAL_RANK (else 0) to transformers, while the inputs go to the current GPU."""
+    seen = {}
+
+    class Auto:
+        @staticmethod
+        def from_pretrained(path, **kwargs):
+            seen.update(kwargs)
+            raise OSError("stop here: only the arguments are checked")
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(models, "auto_class", lambda kind: Auto)
+    with pytest.raises(UserError):
+        models.load_model("encoder", source="bundled", device="cuda", verbose=False)
+    assert seen["device_map"] == torch.device("cuda", 1)

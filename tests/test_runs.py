@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from common import runs
 from common.errors import UserError
@@ -251,3 +252,17 @@ def test_result_row_adds_tail_interval_memory_and_raw_samples():
     assert runs.result_row(m, device="cuda:0")["cuda_alloc_mib"] == 5
     assert row["samples_ms"] == pytest.approx([10.0, 12.0, 11.0, 30.0, 13.0])  # raw, in order
     assert row["noisy"] is True and "tokens_per_s" not in row
+
+
+def test_a_cuda_run_calibrates_the_gpu_and_compare_sees_a_gpu_change(monkeypatch):
+    from common import calibration
+
+    monkeypatch.setattr(calibration, "cuda_matmul_flops", lambda device, calls: 5e13)
+    assert calibration.calibrate(torch.device("cuda", 0))["gpu_matmul_gflops"] == 5e4
+    assert calibration.calibrate("cpu")["gpu_matmul_gflops"] is None
+    t4 = {"name": "Tesla T4", "capability": "7.5", "driver": "550.54.15"}
+    before = {"environment": {"gpu": t4, "float32_matmul_precision": "highest"}}
+    now = {"environment": {"gpu": {**t4, "name": "NVIDIA A100"}, "float32_matmul_precision": "high"}}
+    changes = runs.environment_changes(before, now)
+    assert any(c.startswith("GPU: ") and "A100" in c for c in changes)
+    assert "fp32 matmul precision: highest -> high" in changes
