@@ -62,13 +62,15 @@ SCRIPT = Path(__file__).stem
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def available_devices() -> tuple[list[torch.device], dict[str, str]]:
-    """Every device this torch can run on (CPU always), and why each missing one is missing."""
+def available_devices(run_device: torch.device) -> tuple[list[torch.device], dict[str, str]]:
+    """The CPU and this run's GPU (the one --device chose, so the environment describes it), and why any other
+    backend is not timed."""
     present = {"cuda": torch.cuda.is_available(), "mps": mps_available()}
     why = {"cuda": f"this torch ({torch.__version__}) sees no CUDA GPU",
            "mps": "Apple's MPS backend is not available (it exists only on Apple-silicon Macs)"}
-    return ([torch.device("cpu")] + [torch.device(kind) for kind, here in present.items() if here],
-            {kind: why[kind] for kind, here in present.items() if not here})
+    return ([torch.device("cpu")] + ([run_device] if run_device.type != "cpu" else []),
+            {kind: f"present, but this run is on --device {run_device}; --device {kind} (or auto) times it"
+             if here else why[kind] for kind, here in present.items() if kind != run_device.type})
 
 
 def classifier_pipeline(ctx: cli.Context):
@@ -355,7 +357,7 @@ def batch_sweep_section(ctx: cli.Context) -> dict:
 def devices_section(ctx: cli.Context) -> list[dict]:
     """The same workload on every device here, timed round-robin, so the comparison is the device and
     nothing else; the advice follows the verdict."""
-    devices, missing = available_devices()
+    devices, missing = available_devices(ctx.device)
     for kind, reason in missing.items():
         ctx.report.skip(f"device {kind}", reason)
     batch, workloads = texts.repeated_sentences(TASK_TEXTS), {}
@@ -408,10 +410,11 @@ def seed_table_section(ctx: cli.Context) -> dict:
     """The seed published DistilBERT/BERT-base time and memory from another machine; here both are re-measured
     with the input shape stated, timed round-robin so that their ratio on this machine is a verdict."""
     devices = {"CPU": torch.device("cpu")}
-    if len(gpus := available_devices()[0]) > 1:
+    if len(gpus := available_devices(ctx.device)[0]) > 1:
         devices["GPU"] = gpus[1]
     else:
-        ctx.report.skip("seed table, GPU rows", "no CUDA or MPS GPU here; the seed's GPU numbers stand alone")
+        ctx.report.skip("seed table, GPU rows", "this run has no CUDA or MPS GPU (--device); the seed's GPU numbers "
+                        "stand alone")
     text = " ".join(texts.SENTENCES * 2)  # long enough that truncation leaves exactly SEED_INPUT_TOKENS real tokens
     measured, ratios, twins = {}, {}, False
     for kind, device in devices.items():

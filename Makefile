@@ -31,8 +31,9 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-# On a machine with an NVIDIA GPU (and TORCH=cu128 or a default index that serves CUDA builds):
-# each lesson with --quick --device cuda plus the CUDA tests, as one pass/fail table.
+# On a machine with an NVIDIA GPU (and TORCH=cu128 or a default index that serves CUDA builds): each lesson with
+# --quick --device cuda, 03's torch.compile, and the tests marked `cuda` (pytest -m cuda), as one pass/fail table
+# in a fresh outputs/gpu-check/; a skip not on tools/gpu_check.py's expected list fails. About 10-25 min.
 gpu-check: $(STAMP)
 	$(PY) tools/gpu_check.py
 

@@ -41,6 +41,14 @@ def expected_sentence(a: str, b: str, verdict: str, speedup: float) -> str:
     return f"{a} is {speedup:.2f}x as fast as {b}: {verdict} (interval"
 
 
+def cuda_test(function):
+    """A test that needs a real CUDA GPU: marked `cuda` (what `make gpu-check` selects), skipped with why elsewhere."""
+    import torch
+
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here: the GPU paths cannot run")
+    return pytest.mark.cuda(skip(function))
+
+
 def load_script(stem: str):
     """Import a lesson script (its name starts with a digit, so `import` cannot)."""
     spec = importlib.util.spec_from_file_location(f"lesson_{stem}", ROOT / f"{stem}.py")

@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from conftest import UNDECIDED_WORDS, expected_sentence, is_png, verdict_of
+from conftest import UNDECIDED_WORDS, cuda_test, expected_sentence, is_png, verdict_of
 
 from common import cli
 from common.meter import VERDICT_WORDS
@@ -22,7 +22,6 @@ lesson = importlib.import_module("03_cpu_gpu_optimization")  # registered in sys
 TITLES = ["1. Device selection", "2. CPU threads", "3. Gradients off", "4. Precision", "5. Quantization",
           "6. Batching and padding", "7. Attention implementation and compilation", "8. Memory-lean inference",
           "9. What else you could use", "10. Recipe for this machine", "Performance bars"]
-no_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here: the GPU paths cannot run")
 
 
 def check_compared_rows(rows: list[dict], printed: str) -> None:
@@ -405,7 +404,7 @@ def test_only_runs_just_the_named_sections(tmp_path):
 # ------------------------------------------------------------------------------------------------- CUDA
 
 
-@no_cuda
+@cuda_test
 def test_cuda_precision_quantization_and_device_comparison(tmp_path):
     code = lesson.main(["--quick", "--source", "bundled", "--device", "cuda", "--only", "device,precision,quantization",
                         "--output-dir", str(tmp_path)])
@@ -420,7 +419,7 @@ def test_cuda_precision_quantization_and_device_comparison(tmp_path):
     assert devices[1]["verdict"] in ("faster", "slower", "same")
 
 
-@no_cuda
+@cuda_test
 def test_cuda_memory_cleanup_and_offload_on_this_gpu(tmp_path):
     code = lesson.main(["--quick", "--source", "bundled", "--device", "cuda", "--only", "memory,grad",
                         "--output-dir", str(tmp_path)])

@@ -12,7 +12,7 @@ import torch
 
 from common import cli, texts
 from common.report import REPORT_VERSION
-from conftest import ROOT, is_png, load_script
+from conftest import ROOT, cuda_test, is_png, load_script
 
 
 script = load_script("04_performance_measurement")
@@ -148,13 +148,24 @@ def test_devices_and_seed_table_cover_what_this_machine_has(run):
         assert all(row.get("ours_time_s") is None for row in seed["rows"] if row["device"] == "GPU")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_rows_follow_the_runs_device(monkeypatch):
+    """Under --device cpu a present GPU is not timed (the environment would not describe it), but named as skipped."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    devices, missing = script.available_devices(torch.device("cpu"))
+    assert devices == [torch.device("cpu")] and "--device cpu" in missing["cuda"]
+    devices, missing = script.available_devices(torch.device("cuda", 1))
+    assert devices == [torch.device("cpu"), torch.device("cuda", 1)] and "cuda" not in missing
+
+
+@cuda_test
 def test_gpu_rows_are_measured_with_cuda_memory(run):
     report = run[2]
     devices = {row["workload"]: row for row in report["sections"]["5. Devices"]}
-    assert devices["cuda"]["verdict"] in ("faster", "slower", "same")
-    assert next(row for row in report["rows"] if row["section"] == "5. Devices" and row["device"] == "cuda")[
-        "cuda_alloc_mib"] > 0
+    gpu = f"cuda:{torch.cuda.current_device()}"  # the run's GPU, by index
+    assert devices[gpu]["verdict"] in ("faster", "slower", "same")
+    cpu_row, gpu_row = (next(row for row in report["rows"] if row["section"] == "5. Devices" and row["device"] == name)
+                        for name in ("cpu", gpu))
+    assert gpu_row["cuda_alloc_mib"] > 0 and cpu_row["gpu_util_pct"] is None
     for row in report["sections"]["6. The seed's table, reproduced"]["rows"]:
         if row["device"] == "GPU":
             assert row["ours_time_s"] > 0 and row["memory_measured_as"].startswith("CUDA")
