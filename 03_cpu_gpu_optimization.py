@@ -13,9 +13,9 @@ import tempfile
 import textwrap
 import time
 from collections import Counter
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -77,7 +77,7 @@ INT8_SPEEDUP_TARGET = 1.8  # dynamic int8's bar: this speed-up over fp32 while k
 SORTED_SPEEDUP_TARGET = 2.0
 BAR_NAMES = ("batched vs batch-1 throughput", "fp32 encoder FLOP/s vs matmul peak", "dynamic int8 vs fp32",
              "length-sorted dynamic vs pad-to-max", "recipe vs best peer runtime")
-VARIANT_LABELS = {"fp32": "fp32", "bf16-autocast": "bf16 autocast", "bf16-weights": "bf16 weights",
+VARIANT_LABELS = {"fp32": "fp32", "tf32": "TF32 matmuls", "bf16-autocast": "bf16 autocast", "bf16-weights": "bf16 weights",
                   "fp16-autocast": "fp16 autocast", "fp16-weights": "fp16 weights", "bnb-8bit": "bitsandbytes 8-bit",
                   "int8-dynamic": "dynamic int8 per-channel", "int8-dynamic-8bit": "dynamic int8, 8-bit activations",
                   "torchao-int8": "torchao int8 dyn-act/int8-weight", "bnb-4bit": "bitsandbytes 4-bit nf4",
@@ -99,12 +99,30 @@ def keeps_fidelity(row: dict[str, Any]) -> bool:
     return row["cosine_mean"] >= FIDELITY_BAR[0] and row["cosine_min"] >= FIDELITY_BAR[1]
 
 
-def forward(model: Any, batch: dict[str, torch.Tensor], autocast: torch.dtype | None = None) -> Callable[[], Any]:
-    """A no-argument inference call of the model on a fixed batch, under autocast when given a dtype."""
+@contextmanager
+def tf32_matmuls() -> Iterator[None]:
+    """fp32 weights whose matmuls run on TF32 tensor cores (10-bit mantissa): matmul precision "high" (CUDA only)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def precision_mode(device_type: str, mode: torch.dtype | str | None) -> Any:
+    """The context a precision variant runs in: autocast to a dtype, TF32 matmuls for "tf32", else nothing."""
+    if mode == "tf32":
+        return tf32_matmuls()
+    return torch.autocast(device_type, dtype=mode) if mode else nullcontext()
+
+
+def forward(model: Any, batch: dict[str, torch.Tensor], autocast: torch.dtype | str | None = None) -> Callable[[], Any]:
+    """A no-argument inference call of the model on a fixed batch, under autocast (a dtype) or TF32 ("tf32")."""
     device_type = next(model.parameters()).device.type
 
     def run() -> torch.Tensor:
-        with torch.inference_mode(), torch.autocast(device_type, dtype=autocast) if autocast else nullcontext():
+        with torch.inference_mode(), precision_mode(device_type, autocast):
             return model(**batch).last_hidden_state
     return run
 
@@ -262,8 +280,9 @@ def precision_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) ->
     short = "fp16" if half == torch.float16 else "bf16"
     variants = {"fp32": (fp32.model, None), f"{short}-autocast": (fp32.model, half),
                 f"{short}-weights": (half_model, None)}
-    if ctx.device.type == "cuda" and torch.cuda.get_device_capability(ctx.device) >= (8, 0):  # native bf16
+    if devices.native_bf16(ctx.device):  # Ampere (8.0) on: bf16 and TF32 tensor cores; earlier GPUs emulate bf16
         variants["bf16-autocast"] = (fp32.model, torch.bfloat16)
+        variants["tf32"] = (fp32.model, "tf32")  # the "fp32" row is true fp32 only at matmul precision "highest"
     batch = sentence_batch(fp32.tokenizer, s.speed_batch, ctx.device)
     comparison = ctx.meter().compare({VARIANT_LABELS[key]: forward(model, batch, autocast) for key, (model, autocast)
                                       in variants.items()}, items=s.speed_batch, min_rounds=s.rounds,
@@ -271,7 +290,7 @@ def precision_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) ->
     reference = embed(fp32.model, fp32.tokenizer, FIDELITY_TEXTS)
     rows, lengths = comparison.rows(baseline="fp32"), batch["attention_mask"].sum(1).tolist()
     for row, (key, (model, autocast)) in zip(rows, variants.items()):
-        with torch.autocast(ctx.device.type, dtype=autocast) if autocast else nullcontext():
+        with precision_mode(ctx.device.type, autocast):
             embeddings = embed(model, fp32.tokenizer, FIDELITY_TEXTS)
         row.update(variant=row["workload"], key=key, weights_mib=memory.weights_bytes(model) / MIB,
                    **cosine_fidelity(reference, embeddings), batch=s.speed_batch,  # where section 6 plots it:
@@ -302,8 +321,8 @@ def quantization_recipes(where: models.Checkpoint, fp32_model: Any, device: torc
                          **load: Any) -> dict[str, Callable[[], Any]]:
     """How each quantised variant is made: dynamic int8 converts a loaded model, bitsandbytes quantises as it loads."""
     auto = AutoModelForCausalLM if where.kind == "decoder" else AutoModel
-    four_bit = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                  bnb_4bit_compute_dtype=bnb_compute_dtype(device))
+    compute = bnb_compute_dtype(device)  # the unquantised parts load in it too: fp32 would be cast on every Linear
+    four_bit = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
     recipes = {"int8-dynamic": lambda: int8_dynamic(fp32_model)}
     if quantize.choose_activation_range().measure_both:  # AVX2 only: show what 8-bit activations' saturation costs
         recipes["int8-dynamic-8bit"] = lambda: int8_dynamic(fp32_model, reduce_range=False)
@@ -311,9 +330,9 @@ def quantization_recipes(where: models.Checkpoint, fp32_model: Any, device: torc
         recipes["torchao-int8"] = lambda: quantize.quantize_torchao_int8(fp32_model)
     return {
         **recipes,
-        "bnb-8bit": lambda: auto.from_pretrained(where.path, dtype=torch.float32, device_map=device,
+        "bnb-8bit": lambda: auto.from_pretrained(where.path, dtype=compute, device_map=device,
                                                  quantization_config=BitsAndBytesConfig(load_in_8bit=True), **load),
-        "bnb-4bit": lambda: auto.from_pretrained(where.path, dtype=torch.float32, device_map=device,
+        "bnb-4bit": lambda: auto.from_pretrained(where.path, dtype=compute, device_map=device,
                                                  quantization_config=four_bit, **load),
     }
 
@@ -430,7 +449,10 @@ def quantization_section(ctx: cli.Context, s: Settings, results: dict[str, Any])
     print(f"dynamic int8: torch.ao.quantization.quantize_dynamic (torch {torch.__version__} deprecates it for "
           f"torchao: {torchao_problem or 'installed, measured below'}). bitsandbytes "
           f"{devices.package_version('bitsandbytes') or 'missing'}: BitsAndBytesConfig as quantization_config.\n"
-          f"activations: {activation.bits}-bit (reduce_range={activation.reduce_range}) because {activation.reason}")
+          f"activations: {activation.bits}-bit (reduce_range={activation.reduce_range}) because {activation.reason}\n"
+          f"bitsandbytes 8-bit is LLM.int8(): activation columns holding any |value| > llm_int8_threshold "
+          f"({BitsAndBytesConfig(load_in_8bit=True).llm_int8_threshold:g}) run in {bnb_compute_dtype(ctx.device)} "
+          "against those weight columns, the rest as int8 x int8.")
     if torchao_problem:
         ctx.report.skip("encoder/decoder torchao int8", torchao_problem)
     encoder_rows, encoder_lines, per_tensor_cosine = quantized_encoders(ctx, s)
@@ -858,7 +880,9 @@ def peers_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dic
                                                                 tokenizer, **size),
     }
     problems = {**runtimes.peer_problems(where.path, ctx.device),
-                "PyTorch int8": variant_unavailable("int8-dynamic", ctx.device)}
+                "PyTorch int8": variant_unavailable("int8-dynamic", ctx.device),
+                "PyTorch bf16 weights": None if ctx.device.type != "cuda" or devices.native_bf16(ctx.device) else
+                f"{ctx.device} has no bf16 tensor cores (compute capability 8.0+), so bf16 would run emulated"}
     embedders = {name: built["model"] for name, built in ctx.build_each("peers", builders, problems.get).items()}
     corpus = texts.realistic_corpus(s.peer_texts, seed=ctx.args.seed)
     outputs: dict[str, torch.Tensor] = {}
@@ -948,8 +972,8 @@ def choose_recipe(results: dict[str, Any], device: torch.device) -> tuple[dict[s
     return choice, rows
 
 
-def recipe_model(ctx: cli.Context, choice: dict[str, Any]) -> tuple[Any, torch.dtype | None]:
-    """The recipe's model as chosen (attention, precision, quantised, compiled) and the autocast dtype to run it in."""
+def recipe_model(ctx: cli.Context, choice: dict[str, Any]) -> tuple[Any, torch.dtype | str | None]:
+    """The recipe's model as chosen (attention, precision, quantised, compiled) and the precision_mode to run it in."""
     where, variant = models.checkpoint(ENCODER_ROLE, ctx.source), choice["variant"]
     precision = LOW_PRECISION.get(variant.split("-")[0])
     started = time.perf_counter()
@@ -965,7 +989,7 @@ def recipe_model(ctx: cli.Context, choice: dict[str, Any]) -> tuple[Any, torch.d
         model = quantize.quantize_torchao_int8(model)
     if choice["compile"]:
         model = torch.compile(model)
-    return model, precision if variant.endswith("-autocast") else None
+    return model, precision if variant.endswith("-autocast") else "tf32" if variant == "tf32" else None
 
 
 def recipe_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dict:
@@ -990,7 +1014,7 @@ def recipe_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> di
         default = torch.get_num_threads()
         torch.set_num_threads(choice["threads"])
         try:
-            with torch.autocast(ctx.device.type, dtype=autocast) if autocast else nullcontext():
+            with precision_mode(ctx.device.type, autocast):
                 outputs["recipe"] = embed_sorted(best, naive.tokenizer, corpus, choice["batch"], s.max_length)
         finally:
             torch.set_num_threads(default)  # the naive pass keeps torch's default, as a learner's first try would
@@ -1030,12 +1054,12 @@ def recipe_snippet(choice: dict[str, Any], hub_id: str, max_length: int, measure
         lines[-1] += ", BitsAndBytesConfig"
         config = ("BitsAndBytesConfig(load_in_8bit=True)" if variant == "bnb-8bit" else 'BitsAndBytesConfig('
                   f'load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype={bnb_compute_dtype(device)})')
-        load_args += f", dtype=torch.float32, quantization_config={config}"
+        load_args += f", dtype={bnb_compute_dtype(device)}, quantization_config={config}"
     else:
         load_args += f", dtype={dtype if variant.endswith('-weights') else 'torch.float32'}"
     lines += ["", f"torch.set_num_threads({choice['threads']})",
               f'tokenizer = AutoTokenizer.from_pretrained("{hub_id}")',
-              f'model = AutoModel.from_pretrained({load_args}, device_map="{device.type}")']
+              f'model = AutoModel.from_pretrained({load_args}, device_map="{device}")']
     if variant.startswith("int8-dynamic"):
         full = variant.endswith("8bit") or not quantize.choose_activation_range().reduce_range
         lines.append(("# 8-bit activations, as measured: common/quantize.py's FullRangeDynamicLinear calls\n"
@@ -1043,6 +1067,8 @@ def recipe_snippet(choice: dict[str, Any], hub_id: str, max_length: int, measure
                      + "model = torch.ao.quantization.quantize_dynamic(\n    model, {torch.nn.Linear: "
                      "torch.ao.quantization.per_channel_dynamic_qconfig}, dtype=torch.qint8"
                      + (", mapping={torch.nn.Linear: FullRangeDynamicLinear})" if full else ")"))
+    if variant == "tf32":
+        lines.append('torch.set_float32_matmul_precision("high")  # fp32 weights, TF32 matmuls, as measured')
     if choice["compile"]:
         lines.append("model = torch.compile(model)  # the first calls compile (section 7 timed them)")
     call = f"embeddings = embed_sorted(model, tokenizer, texts, batch_size={choice['batch']}, max_length={max_length})"

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 
-from common.device import cpu_flags
+from common.device import cpu_flags, native_bf16
 from common.errors import first_line
 from common.fidelity import cosine_fidelity
 from common.memory import MIB, weights_bytes
@@ -231,8 +231,11 @@ def int8_dynamic(model: nn.Module, reduce_range: bool | None = None, per_channel
 
 
 def bnb_compute_dtype(device: torch.device) -> torch.dtype:
-    """What bitsandbytes 4-bit computes in: fp16 on a GPU (its fast path), fp32 on a CPU."""
-    return torch.float16 if device.type == "cuda" else torch.float32
+    """The dtype a bitsandbytes model computes in (and loads its unquantised parts as): bf16 on a GPU with bf16
+    tensor cores, fp16 on an older GPU (LLM.int8 casts anything else to fp16 on every Linear), fp32 on a CPU."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if native_bf16(device) else torch.float16
 
 
 def variant_unavailable(variant: str, device: torch.device) -> str | None:

@@ -313,16 +313,23 @@ def test_compile_is_recommended_only_when_it_measured_faster_on_the_same_variant
     assert "measured on fp32 only" in next(row["evidence"] for row in rows if row["knob"] == "compile")
 
 
-def test_snippet_carries_exactly_what_was_measured():
+def test_snippet_carries_exactly_what_was_measured(pretend_gpu):
     choice = {"threads": 2, "variant": "bnb-4bit", "attention": "sdpa", "batch": 16, "compile": False}
-    on_gpu = lesson.recipe_snippet(choice, "org/model", 128, "2.0x", torch.device("cuda"))
-    assert "bnb_4bit_compute_dtype=torch.float16" in on_gpu  # the fp16 compute dtype the GPU run measured
+    pretend_gpu.capability = (7, 5)
+    on_gpu = lesson.recipe_snippet(choice, "org/model", 128, "2.0x", torch.device("cuda", 1))
+    assert "bnb_4bit_compute_dtype=torch.float16" in on_gpu  # the fp16 compute dtype a T4 run measured
+    assert 'dtype=torch.float16, quantization_config' in on_gpu and 'device_map="cuda:1"' in on_gpu  # the run's GPU
+    pretend_gpu.capability = (8, 0)
+    tf32 = lesson.recipe_snippet({**choice, "variant": "tf32"}, "org/model", 128, "1.5x", torch.device("cuda", 0))
+    assert 'torch.set_float32_matmul_precision("high")' in tf32 and "dtype=torch.float32" in tf32
+    assert "bnb_4bit_compute_dtype=torch.bfloat16" in lesson.recipe_snippet(choice, "org/model", 128, "2.0x",
+                                                                             torch.device("cuda", 0))
     assert "bnb_4bit_compute_dtype=torch.float32" in lesson.recipe_snippet(choice, "org/model", 128, "2.0x",
                                                                             torch.device("cpu"))
     compiled = lesson.recipe_snippet({**choice, "variant": "int8-dynamic", "compile": True}, "org/model", 64, "3.0x",
                                      torch.device("cpu"))
     assert "quantize_dynamic" in compiled and "torch.compile(model)" in compiled and "max_length=64" in compiled
-    for snippet in (on_gpu, compiled):
+    for snippet in (on_gpu, tf32, compiled):
         compile(snippet, "<snippet>", "exec")
 
 
@@ -432,3 +439,14 @@ def test_cuda_memory_cleanup_and_offload_on_this_gpu(tmp_path):
     assert grad["grad enabled"]["peak_mem_delta_mib"] > grad["torch.inference_mode()"]["peak_mem_delta_mib"]
     index = torch.cuda.current_device()
     assert any(f"max_memory={{{index}: " in row["technique"] for row in memory["offload"])  # this GPU, not GPU 0
+
+
+def test_tf32_mode_sets_high_matmul_precision_only_inside_and_autocast_modes_pass_through():
+    before = torch.get_float32_matmul_precision()
+    with lesson.precision_mode("cuda", "tf32"):
+        assert torch.get_float32_matmul_precision() == "high"
+    assert torch.get_float32_matmul_precision() == before
+    with lesson.precision_mode("cpu", torch.bfloat16):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    with lesson.precision_mode("cpu", None):
+        assert not torch.is_autocast_enabled("cpu")

@@ -134,9 +134,11 @@ def test_int8_dynamic_copies_and_reaches_gpt2_conv1d():
     assert per_tensor.encoder.layer[0].attention.self.query.weight().qscheme() == torch.per_tensor_affine
 
 
-def test_bnb_compute_dtype_and_variant_availability():
-    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
-    assert (quantize.bnb_compute_dtype(cpu), quantize.bnb_compute_dtype(cuda)) == (torch.float32, torch.float16)
+def test_bnb_compute_dtype_and_variant_availability(pretend_gpu):
+    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda", 0), torch.device("mps")
+    assert (quantize.bnb_compute_dtype(cpu), quantize.bnb_compute_dtype(cuda)) == (torch.float32, torch.bfloat16)
+    pretend_gpu.capability = (7, 5)  # a T4: bf16 would be emulated, fp16 is its tensor-core type
+    assert quantize.bnb_compute_dtype(cuda) == torch.float16
     assert "CPU-only" in quantize.variant_unavailable("int8-dynamic", cuda)
     assert quantize.variant_unavailable("int8-dynamic", cpu) is None
     assert quantize.variant_unavailable("fp32", mps) is None
