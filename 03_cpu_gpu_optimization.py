@@ -653,6 +653,12 @@ def compile_on_corpus(ctx: cli.Context, s: Settings, results: dict[str, Any]) ->
 # ------------------------------------------------------------------------------------------ 8. memory
 
 
+def load_on(device: torch.device, path: Any, **kwargs: Any) -> Any:
+    """from_pretrained, then .to(device) unless a device_map placed it: timed as one, every row includes the copy."""
+    model = AutoModel.from_pretrained(path, **kwargs)
+    return model if "device_map" in kwargs else model.to(device)
+
+
 def load_rows(ctx: cli.Context, s: Settings) -> list[dict]:
     """Load time and memory of the speed model (plain, low_cpu_mem_usage, device_map, half-precision dtype), then the
     first forward that a memory-mapped load defers the reading to, and what a forward adds above the weights."""
@@ -670,8 +676,7 @@ def load_rows(ctx: cli.Context, s: Settings) -> list[dict]:
     for label, kwargs in variants.items():
         memory.cleanup()
         start = memory.resident_bytes(ctx.device)
-        model, load = ctx.meter().time_load(label, lambda: AutoModel.from_pretrained(where.path, **kwargs))
-        model = model if "device_map" in kwargs else model.to(ctx.device)
+        model, load = ctx.meter().time_load(label, lambda: load_on(ctx.device, where.path, **kwargs))
         after_load, run = memory.resident_bytes(ctx.device), forward(model, batch)
         first_s = timed_once(run, ctx.device)
         rows.append({"technique": label, "load_s": load.seconds, "first_inference_s": load.seconds + first_s,

@@ -450,3 +450,20 @@ def test_tf32_mode_sets_high_matmul_precision_only_inside_and_autocast_modes_pas
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
     with lesson.precision_mode("cpu", None):
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_every_load_row_includes_the_copy_to_the_device(monkeypatch):
+    """On a GPU the plain and low_cpu_mem_usage rows stopped the clock before .to(device), the device_map rows not."""
+    moved = []
+
+    class Model:
+        def to(self, device):
+            moved.append(device)
+            return self
+
+    monkeypatch.setattr(lesson.AutoModel, "from_pretrained", lambda path, **kwargs: Model())
+    gpu = torch.device("cuda", 0)
+    lesson.load_on(gpu, "m", dtype=torch.float32)
+    lesson.load_on(gpu, "m", dtype=torch.float32, low_cpu_mem_usage=True)
+    lesson.load_on(gpu, "m", dtype=torch.float16, device_map=gpu)  # transformers placed it while loading
+    assert moved == [gpu, gpu]
