@@ -441,9 +441,13 @@ def memory_section(ctx: cli.Context, contenders: list[Contender]) -> list[dict]:
     lengths = ctx.pick(FULL, QUICK).seq_lengths
     columns = ["model", "rss_before_mib", "load_s", "weights_mib", "load_peak_mib", "after_load_mib",
                *[f"peak_mib@{n}" for n in lengths], "after_release_mib"]
+    title = "Memory (MiB above the RSS just before each load; forward = batch 1):"
     if ctx.device.type == "cuda":
-        columns += ["load_cuda_peak_mib", *[f"cuda_peak_mib@{n}" for n in lengths]]
-    print_table(rows, columns, title="Memory (MiB above the RSS just before each load; forward = batch 1):")
+        columns += ["load_cuda_peak_mib", *[f"cuda_peak_mib@{n}" for n in lengths], "cuda_after_release_mib",
+                    "cuda_reserved_after_release_mib"]
+        title += (f" {ctx.device} columns: the load's peak above what was allocated before it; @N = a forward's "
+                  "peak above the loaded weights; after release = still allocated, and reserved, after cleanup()")
+    print_table(rows, columns, title=title)
     for row in rows:
         print(f"  {memory_note(row, ctx.device)}")
     ctx.report.add_rows("memory", [phase for row in rows for phase in memory_phases(row)])
@@ -456,13 +460,13 @@ def model_memory(ctx: cli.Context, contender: Contender) -> dict:
     """Peak RSS (and CUDA peak) for the load and one batch-1 forward per length, then RSS after release."""
     cuda = ctx.device.type == "cuda"
     memory.cleanup()
-    before = memory.rss_bytes()
+    before, gpu_before = memory.rss_bytes(), memory.snapshot(ctx.device)
     with memory.PeakRSSSampler() as rss, memory.CudaPeak(ctx.device) as cuda_peak:
         loaded = load_by_architecture(ctx, contender)
     row = {"model": contender.label, "architecture": contender.family, "rss_before_mib": before / MIB,
            "load_s": loaded.info.load_s, "weights_mib": memory.weights_bytes(loaded.model) / MIB,
            "load_peak_mib": (rss.peak_bytes - before) / MIB, "after_load_mib": (memory.rss_bytes() - before) / MIB,
-           "load_cuda_peak_mib": cuda_peak.allocated_bytes / MIB if cuda else None}
+           "load_cuda_peak_mib": cuda_peak.delta_bytes / MIB if cuda else None}
     limit = models.max_positions(loaded.model.config)
     for length in ctx.pick(FULL, QUICK).seq_lengths:
         if limit is not None and length > limit:
@@ -472,12 +476,16 @@ def model_memory(ctx: cli.Context, contender: Contender) -> dict:
         with memory.PeakRSSSampler() as rss, memory.CudaPeak(ctx.device) as cuda_peak, torch.inference_mode():
             loaded.model(**inputs)
         row[f"peak_mib@{length}"] = (rss.peak_bytes - before) / MIB
-        row[f"cuda_peak_mib@{length}"] = cuda_peak.allocated_bytes / MIB if cuda else None
+        row[f"cuda_peak_mib@{length}"] = cuda_peak.delta_bytes / MIB if cuda else None  # activations, not weights
     row["forward_peak_mib"] = max((row[key] for key in row if key.startswith("peak_mib@")), default=None)
     del loaded  # drop the only reference, or cleanup() frees nothing
     released = memory.cleanup()
     row["after_release_mib"] = (released["rss_after_bytes"] - before) / MIB
     row["rss_after_release_mib"] = released["rss_after_bytes"] / MIB
+    if cuda:  # what the GPU got back: cleanup() ran gc.collect() and torch.cuda.empty_cache()
+        row["cuda_after_release_mib"] = (memory.snapshot(ctx.device).cuda_allocated_bytes
+                                         - gpu_before.cuda_allocated_bytes) / MIB
+        row["cuda_reserved_after_release_mib"] = released["cuda_reserved_after_bytes"] / MIB
     print(f"  released {contender.label}: RSS {row['rss_after_release_mib']:.0f} MiB, "
           f"{row['after_release_mib']:+.0f} MiB vs before its load")
     return row
@@ -497,7 +505,11 @@ def memory_note(row: dict, device: torch.device) -> str:
     weights, load, forward = row["weights_mib"], row["load_peak_mib"], row["forward_peak_mib"] or 0.0
     head = f"{row['model']}: {weights:.0f} MiB of weights; the load added {load:.0f} MiB of RSS"
     if device.type == "cuda":
-        return f"{head} and {row['load_cuda_peak_mib']:.0f} MiB of {device} memory: the weights went to the GPU"
+        activations = max((row[key] or 0 for key in row if key.startswith("cuda_peak_mib@")), default=0.0)
+        return (f"{row['model']}: {weights:.0f} MiB of weights; the load allocated {row['load_cuda_peak_mib']:.0f} "
+                f"MiB of {device} memory at its peak and a forward up to {activations:.0f} MiB more; after release "
+                f"{row['cuda_after_release_mib']:.0f} MiB stayed allocated and "
+                f"{row['cuda_reserved_after_release_mib']:.0f} MiB reserved. Host RSS (+{load:.0f} MiB) is mostly the CUDA context and libraries, not the weights")
     if load < 0.5 * weights <= forward:
         return (f"{head}, the first forward {forward:.0f} MiB: the weight file was memory-mapped, and its pages "
                 "came in when the forward first read them")

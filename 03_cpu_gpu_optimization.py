@@ -77,7 +77,8 @@ INT8_SPEEDUP_TARGET = 1.8  # dynamic int8's bar: this speed-up over fp32 while k
 SORTED_SPEEDUP_TARGET = 2.0
 BAR_NAMES = ("batched vs batch-1 throughput", "fp32 encoder FLOP/s vs matmul peak", "dynamic int8 vs fp32",
              "length-sorted dynamic vs pad-to-max", "recipe vs best peer runtime")
-VARIANT_LABELS = {"fp32": "fp32", "tf32": "TF32 matmuls", "bf16-autocast": "bf16 autocast", "bf16-weights": "bf16 weights",
+VARIANT_LABELS = {"fp32": "fp32", "tf32": "TF32 matmuls", "bf16-autocast": "bf16 autocast",
+                  "bf16-weights": "bf16 weights",
                   "fp16-autocast": "fp16 autocast", "fp16-weights": "fp16 weights", "bnb-8bit": "bitsandbytes 8-bit",
                   "int8-dynamic": "dynamic int8 per-channel", "int8-dynamic-8bit": "dynamic int8, 8-bit activations",
                   "torchao-int8": "torchao int8 dyn-act/int8-weight", "bnb-4bit": "bitsandbytes 4-bit nf4",

@@ -460,7 +460,8 @@ def report_section(ctx: cli.Context, results: dict, previous: dict | None) -> di
     if previous is None:
         print(f"run again later with --compare {ctx.out_dir / 'report.json'} (copy it first) to see what changed")
         return {"compared_with": None}
-    ctx.report.calibration["end"] = calibrate(ctx.device)  # the comparison needs this run's end point before finish() runs
+    # the comparison needs this run's end point before finish() runs
+    ctx.report.calibration["end"] = calibrate(ctx.device)
     current = ctx.report.to_dict()
     comparison = runs.compare_reports(previous, current)
     for name, report in (("the earlier run", previous), ("this run", current)):

@@ -183,8 +183,12 @@ def test_memory_mapping_is_only_claimed_where_the_numbers_show_it(lesson):
     assert "memory-mapped" in lesson.memory_note({**row, "load_peak_mib": 60.0}, torch.device("cpu"))
     read_in = lesson.memory_note({**row, "load_peak_mib": 510.0}, torch.device("cpu"))  # e.g. a dtype conversion
     assert "memory-mapped" not in read_in and "read into memory during the load" in read_in
-    on_gpu = lesson.memory_note({**row, "load_peak_mib": 60.0}, torch.device("cuda:1"))
-    assert "memory-mapped" not in on_gpu and "505 MiB of cuda:1 memory" in on_gpu
+    gpu = {**row, "load_peak_mib": 600.0, "cuda_peak_mib@32": 12.0, "cuda_peak_mib@128": 40.0,
+           "cuda_after_release_mib": 0.0, "cuda_reserved_after_release_mib": 2.0}
+    on_gpu = lesson.memory_note(gpu, torch.device("cuda:1"))
+    assert "memory-mapped" not in on_gpu and "allocated 505 MiB of cuda:1 memory" in on_gpu
+    assert "a forward up to 40 MiB more" in on_gpu and "0 MiB stayed allocated and 2 MiB reserved" in on_gpu
+    assert "Host RSS (+600 MiB) is mostly the CUDA context" in on_gpu  # not quoted as the model's memory
 
 
 def test_length_above_max_positions_is_skipped_with_a_reason(lesson):
