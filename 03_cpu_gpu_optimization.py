@@ -13,6 +13,7 @@ import tempfile
 import textwrap
 import time
 from collections import Counter
+from statistics import median
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -32,6 +33,7 @@ from common.pipelines import embed, mean_pool
 from common.quantize import bnb_compute_dtype, int8_dynamic, variant_unavailable
 from common.report import collect_bars, limit_bar, performance_bar, print_table, ratio_bar
 from common.runtimes import PEER_SNIPPETS, PEERS, SENTENCE_TRANSFORMERS as PEER_BASELINE
+from common.sweep import fitting_batches
 
 
 @dataclass(frozen=True)
@@ -1083,6 +1085,146 @@ def recipe_snippet(choice: dict[str, Any], hub_id: str, max_length: int, measure
     return "\n".join(lines) + "\n\n\n" + inspect.getsource(embed_sorted) + "\n\ntexts = [...]  # your texts\n" + call
 
 
+# ------------------------------------------------------------------------------------- 11. GPU memory
+
+GPU_MEMORY_PARTS = ("weights and activations per precision", "allocated vs reserved, empty_cache()",
+                    "largest batch before out-of-memory", "KV-cache growth", "pinned host-to-device copies",
+                    "CUDA-event GPU time vs host latency", 'torch.compile(mode="reduce-overhead")')
+
+
+def footprint(device: torch.device, load: Callable[[], Any], batch: dict, autocast: torch.dtype | None) -> dict:
+    """A model's GPU memory above the baseline: the weights it holds after loading, and what a forward adds on top."""
+    memory.cleanup()
+    base = torch.cuda.memory_allocated(device)
+    model = load()
+    weights = torch.cuda.memory_allocated(device) - base
+    with memory.CudaPeak(device) as peak, torch.inference_mode(), precision_mode(device.type, autocast):
+        model(**batch)  # under autocast the fp16/bf16 copies of the fp32 weights live here, beside the activations
+    del model
+    return {"weights_mib": weights / MIB, "activations_mib": peak.delta_bytes / MIB,
+            "peak_above_baseline_mib": (weights + peak.delta_bytes) / MIB}
+
+
+def allocator_rows(device: torch.device, run: Callable[[], Any]) -> list[dict]:
+    """Allocated vs reserved after a workload's output is dropped, and what empty_cache() hands back to the driver."""
+    run()  # its output is dropped at once: the blocks go back to the caching allocator, not to the driver
+    rows, first_free = [], None
+    for step in ("output dropped", "after torch.cuda.empty_cache()"):
+        if rows:
+            torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info(device)
+        first_free = free if first_free is None else first_free
+        allocated, reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+        rows.append({"step": step, "allocated_mib": allocated / MIB, "reserved_mib": reserved / MIB,
+                     "cached_mib": (reserved - allocated) / MIB, "driver_free_mib": free / MIB,
+                     "returned_to_driver_mib": (free - first_free) / MIB})
+    return rows
+
+
+def event_ms(device: torch.device, fn: Callable[[], Any], calls: int = 20) -> tuple[float, float]:
+    """Median host latency (until fn returns, no synchronise) and GPU time between two CUDA events, in ms."""
+    host, gpu = [], []
+    with torch.cuda.device(device):
+        for _ in range(calls):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            start.record()
+            fn()
+            end.record()
+            host.append((time.perf_counter() - started) * 1e3)
+            end.synchronize()
+            gpu.append(start.elapsed_time(end))
+    return median(host), median(gpu)
+
+
+def gpu_memory_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dict:
+    """On a GPU, memory decides which model and batch fit: what each precision holds as weights and adds as
+    activations, what the caching allocator keeps, how far a batch grows, what each generated token costs, and
+    where the time goes between the host's clock and the GPU's."""
+    if ctx.device.type != "cuda":
+        reason = f"this run is on {ctx.device}; these are CUDA allocator, pinned-memory and CUDA-graph measurements"
+        for part in GPU_MEMORY_PARTS:
+            ctx.report.skip(f"GPU memory: {part}", reason)
+        return {"skipped": reason}
+    device, where = ctx.device, models.checkpoint(ENCODER_ROLE, ctx.source)
+    tokenizer = AutoTokenizer.from_pretrained(where.path)
+    batch = sentence_batch(tokenizer, s.speed_batch, device)
+
+    def fp32() -> Any:
+        return AutoModel.from_pretrained(where.path, dtype=torch.float32, device_map=device)
+
+    half = torch.bfloat16 if devices.native_bf16(device) else torch.float16
+    variants = {"fp32": (fp32, None), f"{'bf16' if half == torch.bfloat16 else 'fp16'} autocast": (fp32, half),
+                "fp16 weights (.half())": (lambda: fp32().half(), None)}
+    bnb = quantization_recipes(where, None, device)
+    variants.update({VARIANT_LABELS[key]: (bnb[key], None) for key in ("bnb-8bit", "bnb-4bit")
+                     if not variant_unavailable(key, device)})
+    precision_rows = [{"variant": name, **footprint(device, load, batch, autocast)}
+                      for name, (load, autocast) in variants.items()]
+    print_table(precision_rows, title=f"{where.label} on {device}, batch {s.speed_batch}: MiB above the baseline "
+                "(autocast keeps the fp32 weights and adds its casts to the activations)")
+
+    model = fp32()
+    big = sentence_batch(tokenizer, 64 * s.speed_batch, device)
+    allocator = allocator_rows(device, forward(model, big))
+    print_table(allocator, title="the caching allocator after a batch of "
+                f"{64 * s.speed_batch}: freed blocks stay reserved until torch.cuda.empty_cache()")
+
+    long = tokenizer(texts.repeated_sentences(1), padding="max_length", max_length=512, truncation=True,
+                     return_tensors="pt").to(device)
+    fits, why = fitting_batches(lambda n: forward(model, {k: v.expand(n, -1) for k, v in long.items()})(),
+                                [2**i for i in range(15)], device, memory_fraction=0.9)
+    largest = f"largest batch of 512-token texts that ran: {fits[-1] if fits else 'none'} ({why or 'all ran'})"
+    print(largest)
+
+    decoder = ctx.load(DECODER_ROLE)
+    prompt = decoder.tokenizer(DECODER_PROMPT, return_tensors="pt").to(device)
+    kv_rows = []
+    for new_tokens in (16, 64, 256):
+        with memory.CudaPeak(device) as peak, torch.inference_mode():
+            decoder.model.generate(**prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        kv_rows.append({"new_tokens": new_tokens, "peak_above_weights_mib": peak.delta_bytes / MIB})
+    per_token = (kv_rows[-1]["peak_above_weights_mib"] - kv_rows[0]["peak_above_weights_mib"]) * MIB / 240
+    formula = memory.kv_cache_bytes_per_token(decoder.model.config, next(decoder.model.parameters()).dtype)
+    kv_line = (f"KV cache: {per_token / 1024:.1f} KiB more per generated token measured, {formula / 1024:.1f} KiB "
+               "by 2 x layers x KV heads x head_dim x bytes")
+    print_table(kv_rows, title=f"{decoder.info.label} generating on {device}, batch 1")
+    print(kv_line)
+
+    host = torch.randn(64 * MIB // 4)  # 64 MiB of fp32
+    pinned = host.pin_memory()  # page-locked: the GPU's DMA engine reads it directly, without a staging copy
+    copies = {"pageable .to(device)": lambda: host.to(device), "pinned .to(device)": lambda: pinned.to(device),
+              "pinned, non_blocking=True": lambda: pinned.to(device, non_blocking=True)}
+    copy_rows = [{"copy": name, "host_ms": host_ms, "gpu_ms": gpu_ms, "gb_per_s": host.nbytes / gpu_ms / 1e6}
+                 for name, (host_ms, gpu_ms) in ((name, event_ms(device, fn)) for name, fn in copies.items())]
+    encoder_host, encoder_gpu = event_ms(device, forward(model, sentence_batch(tokenizer, 1, device)))
+    copy_rows.append({"copy": "encoder forward, batch 1 (not a copy)", "host_ms": encoder_host, "gpu_ms": encoder_gpu,
+                      "gb_per_s": None})
+    print_table(copy_rows, title="host latency (until the call returns) beside GPU time (CUDA events): "
+                "non_blocking returns before the copy ends, so the host can prepare the next batch meanwhile")
+
+    problem, graphs = devices.compile_problem(device), {}
+    try:
+        if problem:
+            raise RuntimeError(problem)
+        compiled = torch.compile(model, mode="reduce-overhead")  # CUDA graphs: one launch replays every kernel
+        for size in (1, 8):  # small batches, where launching kernels one by one costs more than running them
+            small = sentence_batch(tokenizer, size, device)
+            comparison = ctx.meter().compare({"eager": forward(model, small), "reduce-overhead": forward(compiled,
+                                              small)}, items=size, min_rounds=s.rounds, progress="CUDA graphs")
+            graphs[size] = comparison.sentence("reduce-overhead", "eager")
+            print(f"  batch {size}: {graphs[size]}")
+    except Exception as error:  # a broken toolchain shows up only when inductor builds its first kernel
+        ctx.report.skip(f"GPU memory: {GPU_MEMORY_PARTS[-1]}", problem or first_line(error))
+    del model
+    memory.cleanup()
+    rows = precision_rows + allocator + kv_rows + copy_rows
+    ctx.report.add_rows("gpu memory", rows)
+    return {"precision": precision_rows, "allocator": allocator, "largest_batch": largest, "kv_cache": kv_rows,
+            "kv_line": kv_line, "copies": copy_rows, "cuda_graphs": graphs}
+
+
 # ------------------------------------------------------------------------------------------- bars
 
 
@@ -1198,6 +1340,7 @@ SECTIONS: dict[str, tuple[str, Callable[[cli.Context, Settings, dict[str, Any]],
     "memory": ("8. Memory-lean inference", memory_section),
     "peers": ("9. What else you could use", peers_section),
     "recipe": ("10. Recipe for this machine", recipe_section),
+    "gpu-memory": ("11. GPU memory", gpu_memory_section),
 }
 
 

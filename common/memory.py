@@ -219,6 +219,13 @@ def cuda_free_bytes(device: torch.device) -> int:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
+def kv_cache_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    """Bytes one more token adds to a decoder's KV cache, per sequence: a key and a value per layer and KV head."""
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype.itemsize
+
+
 def weights_bytes(model: torch.nn.Module) -> int:
     """Bytes of everything the model stores (parameters, buffers, packed int8/4-bit weights), tied tensors once."""
     seen: set[tuple[int, int]] = set()

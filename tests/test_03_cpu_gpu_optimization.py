@@ -9,6 +9,7 @@ import importlib
 import inspect
 import io
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from common.report import interval_status
 lesson = importlib.import_module("03_cpu_gpu_optimization")  # registered in sys.modules, as dataclasses need
 TITLES = ["1. Device selection", "2. CPU threads", "3. Gradients off", "4. Precision", "5. Quantization",
           "6. Batching and padding", "7. Attention implementation and compilation", "8. Memory-lean inference",
-          "9. What else you could use", "10. Recipe for this machine", "Performance bars"]
+          "9. What else you could use", "10. Recipe for this machine", "11. GPU memory", "Performance bars"]
 
 
 def check_compared_rows(rows: list[dict], printed: str) -> None:
@@ -419,10 +420,12 @@ def test_cuda_precision_quantization_and_device_comparison(tmp_path):
     assert code == 0
     precision = {row["key"] for row in report["sections"]["4. Precision"]["rows"]}
     assert {"fp32", "fp16-autocast", "fp16-weights"} <= precision
+    ampere = torch.cuda.get_device_capability() >= (8, 0)  # bf16 and TF32 rows only where the tensor cores exist
+    assert ({"tf32", "bf16-autocast"} <= precision) == ampere and ("tf32" in precision) == ampere
     encoder = {row["key"] for row in report["sections"]["5. Quantization"]["encoder"]}
     assert "int8-dynamic" not in encoder and "CPU-only" in report["skipped"]["encoder dynamic int8 per-channel"]
     devices = report["sections"]["1. Device selection"]["devices"]
-    assert [row["workload"] for row in devices] == ["cpu", "cuda"]
+    assert [row["workload"] for row in devices] == ["cpu", f"cuda:{torch.cuda.current_device()}"]
     assert devices[1]["verdict"] in ("faster", "slower", "same")
 
 
@@ -467,3 +470,47 @@ def test_every_load_row_includes_the_copy_to_the_device(monkeypatch):
     lesson.load_on(gpu, "m", dtype=torch.float32, low_cpu_mem_usage=True)
     lesson.load_on(gpu, "m", dtype=torch.float16, device_map=gpu)  # transformers placed it while loading
     assert moved == [gpu, gpu]
+
+
+def test_gpu_memory_lesson_is_skipped_part_by_part_off_cuda():
+    skipped = {}
+    ctx = SimpleNamespace(device=torch.device("cpu"), report=SimpleNamespace(skip=skipped.__setitem__))
+    result = lesson.gpu_memory_section(ctx, lesson.QUICK, {})
+    assert list(skipped) == [f"GPU memory: {part}" for part in lesson.GPU_MEMORY_PARTS]
+    assert set(skipped.values()) == {result["skipped"]} and "this run is on cpu" in result["skipped"]
+
+
+def test_footprint_splits_weights_from_activations_above_the_baseline(pretend_gpu):
+    pretend_gpu.hold(300 * 2**20)  # another model already on the GPU: not this one's
+
+    def load():
+        pretend_gpu.hold(100 * 2**20)  # the weights stay
+        return lambda **batch: pretend_gpu.spike(40 * 2**20)  # a forward's activations come and go
+
+    row = lesson.footprint(torch.device("cuda", 0), load, {}, None)
+    assert row == {"weights_mib": 100.0, "activations_mib": 40.0, "peak_above_baseline_mib": 140.0}
+
+
+def test_empty_cache_returns_the_cached_blocks_to_the_driver(pretend_gpu):
+    pretend_gpu.hold(500 * 2**20)
+    before, after = lesson.allocator_rows(torch.device("cuda", 0), lambda: pretend_gpu.spike(200 * 2**20))
+    assert (before["allocated_mib"], before["reserved_mib"], before["cached_mib"]) == (500, 700, 200)
+    assert (after["reserved_mib"], after["cached_mib"], after["returned_to_driver_mib"]) == (500, 0, 200)
+
+
+@cuda_test
+def test_cuda_memory_lesson_numbers_hold_together(tmp_path):
+    code = lesson.main(["--quick", "--source", "bundled", "--device", "cuda", "--only", "gpu-memory",
+                        "--output-dir", str(tmp_path)])
+    report = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
+    assert code == 0 and not [what for what in report["skipped"] if what.startswith("GPU memory")]
+    result = report["sections"]["11. GPU memory"]
+    rows = {row["variant"]: row for row in result["precision"]}
+    fp32, autocast = rows["fp32"], next(row for name, row in rows.items() if name.endswith("autocast"))
+    assert autocast["weights_mib"] == pytest.approx(fp32["weights_mib"], rel=0.01)  # autocast keeps fp32 weights
+    assert rows["fp16 weights (.half())"]["weights_mib"] == pytest.approx(fp32["weights_mib"] / 2, rel=0.05)
+    dropped, emptied = result["allocator"]
+    assert emptied["cached_mib"] <= dropped["cached_mib"] and emptied["returned_to_driver_mib"] >= 0
+    growth = [row["peak_above_weights_mib"] for row in result["kv_cache"]]
+    assert growth == sorted(growth) and "largest batch" in result["largest_batch"]
+    assert all(row["gpu_ms"] > 0 for row in result["copies"])

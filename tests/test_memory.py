@@ -93,3 +93,14 @@ def test_stored_bytes_reads_the_safetensors_headers(tmp_path):
     save_file({"a": torch.zeros(3), "b": torch.zeros(2, 2, dtype=torch.bfloat16)}, tmp_path / "model.safetensors")
     assert stored_bytes(tmp_path) == {"F32": 3 * 4, "BF16": 4 * 2}
     assert stored_bytes(tmp_path / "nothing") == {}
+
+
+def test_kv_cache_per_token_counts_keys_and_values_per_layer_and_kv_head():
+    from transformers import GPT2Config, LlamaConfig
+
+    from common.memory import kv_cache_bytes_per_token
+
+    gpt2 = GPT2Config()  # 12 layers, 12 heads of 64: 2 x 12 x 12 x 64 x 4 bytes
+    assert kv_cache_bytes_per_token(gpt2, torch.float32) == 73_728
+    grouped = LlamaConfig(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576)
+    assert kv_cache_bytes_per_token(grouped, torch.float16) == 2 * 30 * 3 * 64 * 2  # only the 3 KV heads are cached
