@@ -426,7 +426,7 @@ def test_cuda_precision_quantization_and_device_comparison(tmp_path):
     assert "int8-dynamic" not in encoder and "CPU-only" in report["skipped"]["encoder dynamic int8 per-channel"]
     devices = report["sections"]["1. Device selection"]["devices"]
     assert [row["workload"] for row in devices] == ["cpu", f"cuda:{torch.cuda.current_device()}"]
-    assert devices[1]["verdict"] in ("faster", "slower", "same")
+    assert devices[1]["verdict"] in ("faster", "slower", "same", "negligible", "inconclusive")
 
 
 @cuda_test
