@@ -36,3 +36,17 @@ def test_theoretical_peak_is_cores_times_clock_times_flops_per_cycle():
 def test_theoretical_peak_says_why_it_cannot_be_known(flags, cores, mhz, missing):
     flops, how = calibration.theoretical_peak_flops(flags, cores, mhz)
     assert flops is None and how.startswith("cannot be known here") and missing in how
+
+
+def test_on_a_gpu_the_matmul_peak_comes_from_cuda_events_not_the_host_clock(monkeypatch):
+    """A host clock around one small GPU matmul counts launch and sync as compute."""
+    import torch
+
+    asked = []
+    monkeypatch.setattr(calibration, "cuda_matmul_flops", lambda device, calls: asked.append((device, calls)) or 5e13)
+
+    def host_clock():
+        pytest.fail("the host clock timed a GPU matmul")
+
+    peak = calibration.matmul_peak((256, 512), 3, torch.device("cuda", 1), clock=host_clock)
+    assert peak["flops"] == 5e13 and asked == [(torch.device("cuda", 1), 50)]
