@@ -38,9 +38,9 @@ def test_stock_dynamic_linear_reduces_range_and_ours_does_not():
     # What the installed torch does: the stock module calls linear_dynamic with reduce_range=True.
     assert torch.equal(stock(x), torch.ops.quantized.linear_dynamic(x, packed, reduce_range=True))
     assert torch.equal(full(x), torch.ops.quantized.linear_dynamic(x, packed, reduce_range=False))
-    reference = linear(x).detach()
-    # Same int8 weights, so the activations' eighth bit is the only difference, and it must help.
-    assert (full(x) - reference).abs().mean() < (stock(x) - reference).abs().mean()
+    # Same int8 weights, so the activations' eighth bit is the only difference. Whether it helps depends on the CPU
+    # (AVX2 without VNNI can saturate it), which is why the lesson measures both there instead of asserting it.
+    assert not torch.equal(full(x), stock(x))
 
 
 def tiny_bert() -> BertModel:
