@@ -279,14 +279,17 @@ def speed_section(ctx: cli.Context, contenders: list[Contender], facts: dict | N
     kv_rows = [kv for _, _, kv in results if kv]
     print_table(forward, ["model", "batch", "seq_len", "p50_ms", "iqr_ms", "runs", "tokens_per_s", "noisy"],
                 title="Forward latency (median and IQR per call):")
-    print_table(generation, ["model", "kv_cache", "prompt_tokens", "new_tokens", "ttft_ms", "per_token_ms",
-                             "decode_tokens_per_s", "e2e_tokens_per_s", "runs", "noisy"],
+    print_table(generation, ["model", "kv_cache", "ttft_ms", "per_token_ms", "decode_tokens_per_s", "e2e_tokens_per_s",
+                             "runs", "noisy"],
                 title="Generation, three figures: ttft = time to first token (prefill + 1 token); decode = 1 / "
                       "per-token cost,\nthe median over rounds of (t(N) - t(1)) / (N - 1); e2e = N / t(N), prefill "
                       "included:")
-    print_table(kv_rows, ["model", "prompt_tokens", "new_tokens", "speedup", "speedup_low", "speedup_high", "verdict",
-                          "per_token_speedup", "per_token_low", "per_token_high", "per_token_verdict", "rounds",
-                          "same_greedy_tokens"],
+    print_table([{"model": row["model"], "end_to_end": f"{row['speedup']:.2f}x [{row['speedup_low']:.2f}-"
+                                                       f"{row['speedup_high']:.2f}]", "verdict": row["verdict"],
+                  "per_decoded_token": "-" if row["per_token_speedup"] is None else
+                  f"{row['per_token_speedup']:.2f}x [{row['per_token_low']:.2f}-{row['per_token_high']:.2f}]",
+                  "per_token_verdict": row["per_token_verdict"], "rounds": row["rounds"],
+                  "same_greedy_tokens": row["same_greedy_tokens"]} for row in kv_rows],
                 title="KV cache on vs off (same run, same prompt, timed round-robin): speedup = whole generate() "
                       "call;\nper_token = each decoded token after the first:")
     for row in kv_rows:
@@ -335,7 +338,8 @@ def kv_cache_note(row: dict, facts: dict | None) -> str:
                  "one key/value head per query head would make it")
     else:
         heads = f"kv_heads = heads = {row['heads']}: every query head keeps its own keys and values (no grouping)"
-    probe = fact.get("decoder_earlier_change", fact.get("earlier_change"))
+    probe = fact.get("decoder_earlier_change") if fact.get("decoder_earlier_change") is not None else \
+        fact.get("earlier_change")
     valid = ("" if probe is None else f"; the cache is valid because section 1's probe found this decoder causal "
              f"(earlier positions moved {probe:.1e} when a later token changed): a token's keys and values never "
              "change once computed, so they can be stored instead of recomputed")
