@@ -460,7 +460,9 @@ def custom_pipelines_section(ctx: cli.Context, s: Settings) -> dict:
     ctx.record(where.info(text_to_text.model, time.perf_counter() - started))
     t2t_kwargs = {"prefix": "summarize: ", "max_new_tokens": s.text_to_text_tokens}
     output = text_to_text(TEXT_TO_TEXT_INPUT, **t2t_kwargs)
-    print(f'\npipeline(task="text-to-text") with {where.label}: {output["output_tokens"]} output tokens')
+    new_tokens = output["output_tokens"] - 1  # generate's output ids start with the decoder start token
+    print(f'\npipeline(task="text-to-text") with {where.label}: {new_tokens} new tokens (max_new_tokens='
+          f'{s.text_to_text_tokens}), {output["output_tokens"]} output ids with the decoder start token')
     print(f"  summary: {output['generated_text']!r}" if where.meaningful else
           "(twin: random weights, its text is noise and is not shown; the call proves the plumbing and timing)")
 
@@ -470,14 +472,16 @@ def custom_pipelines_section(ctx: cli.Context, s: Settings) -> dict:
     t2t_stages, t2t_glue = time_stages(meter, text_to_text, "text-to-text", TEXT_TO_TEXT_INPUT, **t2t_kwargs)
     print_table(similarity_stages + t2t_stages, ["pipeline", "stage", "p50_ms", "iqr_ms", "share_pct", "runs", "noisy"],
                 title="Where a pipeline call spends its time: preprocess (tokenise) -> _forward (model) "
-                      "-> postprocess (tensors to Python)")
+                      "-> postprocess (tensors to Python); share = of the three stages' summed medians")
     ctx.report.add_rows("custom_pipeline_stages", similarity_stages + t2t_stages)
     print(f"{similarity_glue}\n{t2t_glue}")
     print("preprocess and postprocess run in Python on the CPU; _forward is the step that runs on the model's "
-          "device, which is why the split exists: pipelines can batch or overlap the model step on its own.")
+          "device, which is\nwhy the split exists: pipelines can batch the model step on its own, and given a list "
+          "or dataset with\nnum_workers > 0, a DataLoader prepares the next inputs while it runs (at the default "
+          "num_workers=0, as here,\nnothing overlaps).")
     return {"similarity_scores": scores, "ordering_ok": ordering_ok, "max_diff_vs_manual": agreement,
             "text_to_text": {"model": where.label, "source": where.source, "meaningful": where.meaningful,
-                             "output_tokens": output["output_tokens"]},
+                             "output_tokens": output["output_tokens"], "new_tokens": new_tokens},
             "stages": similarity_stages + t2t_stages, "glue": [similarity_glue, t2t_glue]}
 
 
@@ -493,8 +497,10 @@ def time_stages(meter: PerformanceMeter, pipe: Any, name: str, item: Any, **call
         "postprocess": lambda: pipe.postprocess(model_outputs, **post_params),
         "whole call": lambda: pipe(item, **call_kwargs),
     }, progress=f"{name} stages").measurements
-    whole = stages["whole call"].stats.median
-    rows = [{**m.row(pipeline=name, stage=stage), "share_pct": 100 * m.stats.median / whole}
+    # shares of a total they fit in: the whole call, timed on its own, can come out below the sum of its stages
+    total = sum(m.stats.median for stage, m in stages.items() if stage != "whole call")
+    rows = [{**m.row(pipeline=name, stage=stage),
+             "share_pct": None if stage == "whole call" else 100 * m.stats.median / total}
             for stage, m in stages.items()]
     seconds = {stage: np.asarray(m.samples_s) for stage, m in stages.items()}  # one sample per round each
     glue = np.sort(seconds.pop("whole call") - sum(seconds.values())) * 1e3

@@ -8,6 +8,7 @@ latency, generation with and without the KV cache, and memory are measured on th
 from __future__ import annotations
 
 import inspect
+import textwrap
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable
@@ -19,9 +20,10 @@ from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModel
 
 from common import cli, memory, models, plots, texts
 from common import pipelines as custom_pipelines  # registers the "text-to-text" pipeline
+from common.device import synchronize
 from common.errors import UserError, first_line
 from common.memory import MIB
-from common.meter import VERDICT_WORDS, PerformanceMeter
+from common.meter import VERDICT_WORDS, GenerationMeasurement, PerformanceMeter, verdict_of
 from common.report import format_value, print_table
 
 
@@ -76,8 +78,9 @@ class Contender:
     family = property(lambda self: FAMILIES[self.where.kind])
     # (layers, hidden size): an encoder and a decoder alike in both differ in architecture only
     shape = property(lambda self: (self.config.num_hidden_layers, self.config.hidden_size))
-    # the classes the checkpoint was saved as tell whether it has a masked-LM head
-    masked_lm = property(lambda self: any(a.endswith("ForMaskedLM") for a in self.config.architectures or ()))
+    # the classes the checkpoint was saved as tell whether it has a masked-LM head (BERT's pre-training class has one)
+    masked_lm = property(lambda self: any(a.endswith(("ForMaskedLM", "ForPreTraining"))
+                                          for a in self.config.architectures or ()))
 
 
 def plan_models(source: str, values: list[str] | None) -> list[Contender]:
@@ -259,7 +262,7 @@ def pipeline_demo(ctx: cli.Context, contender: Contender, fill_mask: bool = Fals
 # ------------------------------------------------------------------------------------------------ 3. speed
 
 
-def speed_section(ctx: cli.Context, contenders: list[Contender]) -> dict:
+def speed_section(ctx: cli.Context, contenders: list[Contender], facts: dict | None) -> dict:
     """Forward cost grows with sequence length and batch; generation pays per new token, and the KV cache
     decides how much. Every number is a median from this run; every A-vs-B is timed round-robin."""
     s = ctx.pick(FULL, QUICK)
@@ -276,20 +279,35 @@ def speed_section(ctx: cli.Context, contenders: list[Contender]) -> dict:
     kv_rows = [kv for _, _, kv in results if kv]
     print_table(forward, ["model", "batch", "seq_len", "p50_ms", "iqr_ms", "runs", "tokens_per_s", "noisy"],
                 title="Forward latency (median and IQR per call):")
-    print_table(generation, ["model", "kv_cache", "prompt_tokens", "new_tokens", "ttft_ms", "per_token_ms",
-                             "tokens_per_s", "runs", "noisy"],
-                title="Generation (TTFT = prefill + 1 token; per-token = (t(N) - t(1)) / (N - 1)):")
-    print_table(kv_rows, ["model", "prompt_tokens", "new_tokens", "tokens_per_s_cache_on", "tokens_per_s_cache_off",
-                          "speedup", "speedup_low", "speedup_high", "rounds", "verdict", "same_greedy_tokens"],
-                title="KV cache on vs off (same run, same prompt, timed round-robin):")
+    print_table(generation, ["model", "kv_cache", "ttft_ms", "per_token_ms", "decode_tokens_per_s", "e2e_tokens_per_s",
+                             "runs", "noisy"],
+                title="Generation, three figures: ttft = time to first token (prefill + 1 token); decode = 1 / "
+                      "per-token cost,\nthe median over rounds of (t(N) - t(1)) / (N - 1); e2e = N / t(N), prefill "
+                      "included:")
+    print_table([{"model": row["model"], "end_to_end": f"{row['speedup']:.2f}x [{row['speedup_low']:.2f}-"
+                                                       f"{row['speedup_high']:.2f}]", "verdict": row["verdict"],
+                  "per_decoded_token": "-" if row["per_token_speedup"] is None else
+                  f"{row['per_token_speedup']:.2f}x [{row['per_token_low']:.2f}-{row['per_token_high']:.2f}]",
+                  "per_token_verdict": row["per_token_verdict"], "rounds": row["rounds"],
+                  "same_greedy_tokens": row["same_greedy_tokens"]} for row in kv_rows],
+                title="KV cache on vs off (same run, same prompt, timed round-robin): speedup = whole generate() "
+                      "call;\nper_token = each decoded token after the first:")
     for row in kv_rows:
-        print(f"  {row['model']}: {row['sentence']}; greedy tokens "
+        print(f"  {row['model']}: {row['sentence']}; per decoded token {per_token_text(row)}; greedy tokens "
               f"{'identical' if row['same_greedy_tokens'] else 'DIFFER'} with and without it")
     faster = [row["model"] for row in kv_rows if row["verdict"] == "faster"]
     if faster:  # the mechanism, said only for the models whose verdict shows it
         print(f"  Why the cache won for {', '.join(faster)}: without it every step re-runs the whole sequence so far "
               f"(for a decoder-only model, the {s.prompt_tokens}-token prompt too); with it each step runs only the "
               "newest token against the stored keys and values.")
+    if kv_rows:
+        print_table(kv_rows, ["model", "kv_bytes_per_token", "formula_bytes", "layers", "kv_heads", "heads",
+                              "head_dim", "dtype_bytes"],
+                    title="KV cache size per token: measured from the cache the model returns (output.cache, "
+                          "formerly past_key_values),\nchecked against layers x 2 (K and V) x kv_heads x head_dim "
+                          "x bytes:")
+        for row in kv_rows:
+            print(textwrap.fill(kv_cache_note(row, facts), 118, initial_indent="  ", subsequent_indent="    "))
     for pair in same_shape:
         print(f"\nSame depth and width, different architecture (forward, batch 1 x {SUMMARY_LENGTH} tokens, "
               f"{pair['layers']} layers x {pair['hidden']}): {pair['sentence']}")
@@ -300,6 +318,51 @@ def speed_section(ctx: cli.Context, contenders: list[Contender]) -> dict:
     if generation:
         generation_chart(ctx, generation)
     return {"settings": s, "forward": forward, "generation": generation, "kv_cache": kv_rows, "same_shape": same_shape}
+
+
+def per_token_text(row: dict) -> str:
+    """The per-decoded-token KV-cache speed-up in words, or why it could not be measured."""
+    if row["per_token_speedup"] is None:
+        return "not measurable (a round's decode cost was not above its first token's)"
+    return (f"{row['per_token_speedup']:.2f}x, {VERDICT_WORDS[row['per_token_verdict']]} (interval "
+            f"{row['per_token_low']:.2f}-{row['per_token_high']:.2f})")
+
+
+def kv_cache_note(row: dict, facts: dict | None) -> str:
+    """The measured cache size checked against the formula, tied to grouped-query attention and to the masking probe."""
+    fact = next((f for f in (facts or {}).get("facts", []) if f["model"] == row["model"]), {})
+    agrees = "= the formula" if row["kv_bytes_per_token"] == row["formula_bytes"] else "DIFFERS from the formula"
+    if row["kv_heads"] < row["heads"]:
+        heads = (f"grouped-query attention: kv_heads is how many key/value heads the {row['heads']} query heads "
+                 f"share ({row['kv_heads']} here), so the cache is {row['heads'] / row['kv_heads']:.0f}x smaller than "
+                 "one key/value head per query head would make it")
+    else:
+        heads = f"kv_heads = heads = {row['heads']}: every query head keeps its own keys and values (no grouping)"
+    probe = fact.get("decoder_earlier_change") if fact.get("decoder_earlier_change") is not None else \
+        fact.get("earlier_change")
+    valid = ("" if probe is None else f"; the cache is valid because section 1's probe found this decoder causal "
+             f"(earlier positions moved {probe:.1e} when a later token changed): a token's keys and values never "
+             "change once computed, so they can be stored instead of recomputed")
+    return (f"{row['model']}: {row['kv_bytes_per_token'] / 1024:.1f} KiB per token {agrees}; {heads}{valid}")
+
+
+def kv_cache_bytes(cache: Any) -> tuple[int, int]:
+    """Bytes of every stored key and value tensor in a cache, and how many tokens it holds.
+
+    An encoder-decoder's cache also holds cross-attention keys of the input, fixed in size; only its decoder's own
+    (self-attention) cache grows with each generated token, so that is the part counted."""
+    cache = getattr(cache, "self_attention_cache", cache)
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers), cache.get_seq_length()
+
+
+def kv_formula(config: Any, dtype_bytes: int) -> dict:
+    """layers x 2 (K and V) x kv_heads x head_dim x bytes, with each factor read from the config."""
+    heads = config.num_attention_heads
+    factors = {"layers": getattr(config, "num_decoder_layers", None) or config.num_hidden_layers,
+               "kv_heads": getattr(config, "num_key_value_heads", None) or heads, "heads": heads,
+               "head_dim": getattr(config, "head_dim", None) or getattr(config, "d_kv", None)
+               or config.hidden_size // heads, "dtype_bytes": dtype_bytes}
+    return {**factors, "formula_bytes": factors["layers"] * 2 * factors["kv_heads"] * factors["head_dim"] * dtype_bytes}
 
 
 def model_speed(ctx: cli.Context, contender: Contender, measured: dict | None) -> tuple[list[dict], list[dict], dict]:
@@ -400,15 +463,32 @@ def generation_speed(meter: PerformanceMeter, loaded: models.LoadedModel, conten
     if produced != n:
         raise RuntimeError(f"generate made {produced} tokens instead of {n}; timings would not compare")
     same_tokens = torch.equal(last["on"], last["off"])
-    timed, ttft_ms = comparison.measurements, comparison.measurements["first token"].median_ms
+    timed = comparison.measurements
+    # both share the first-token workload: for one new token, generate runs the same prefill with or without a cache
+    on, off = (GenerationMeasurement(name, n, 1, timed["first token"], timed[name])
+               for name in ("cache on", "cache off"))
     labels = {"model": contender.label, "architecture": contender.family}
-    rows = [{**timed[name].row(**labels, kv_cache=name == "cache on", prompt_tokens=s.prompt_tokens, new_tokens=n),
-             "ttft_ms": ttft_ms, "same_tokens_as_cache_off": same_tokens,
-             "per_token_ms": 1e3 * comparison.difference(name, "first token")[0] / max(n - 1, 1)}
-            for name in ("cache on", "cache off")]
+    rows = []
+    for g in (on, off):
+        row = g.full.row(**labels, kv_cache=g is on, prompt_tokens=s.prompt_tokens, new_tokens=n)
+        rows.append({**row, "ttft_ms": g.time_to_first_token_s * 1e3, "per_token_ms": g.per_token_s * 1e3,
+                     "decode_tokens_per_s": 1 / g.per_token_s if g.per_token_s > 0 else None,
+                     "e2e_tokens_per_s": row.pop("tokens_per_s"), "same_tokens_as_cache_off": same_tokens})
+    per_token = on.decode_speedup(off) or (None, None, None)
+    # The cache itself, after one prefill (decoder) or after the generated tokens (encoder-decoder's decoder)
+    with torch.inference_mode():
+        if contender.kind == "seq2seq":
+            cache = model(input_ids=ids, decoder_input_ids=last["on"], use_cache=True).cache
+        else:
+            cache = model(input_ids=ids, use_cache=True).cache
+    stored, cached_tokens = kv_cache_bytes(cache)
+    dtype_bytes = next(model.parameters()).element_size()
     return rows, {**labels, "prompt_tokens": s.prompt_tokens, "new_tokens": n,
-                  "tokens_per_s_cache_on": rows[0]["tokens_per_s"], "tokens_per_s_cache_off": rows[1]["tokens_per_s"],
-                  **comparison.verdict_row("cache on", "cache off"), "same_greedy_tokens": same_tokens}
+                  **comparison.verdict_row("cache on", "cache off"),
+                  "per_token_speedup": per_token[0], "per_token_low": per_token[1], "per_token_high": per_token[2],
+                  "per_token_verdict": None if per_token[0] is None else verdict_of(*per_token[1:]),
+                  "same_greedy_tokens": same_tokens, "kv_bytes_per_token": stored // cached_tokens,
+                  "cached_tokens": cached_tokens, **kv_formula(model.config, dtype_bytes)}
 
 
 def same_shape_comparison(ctx: cli.Context, encoder: Contender, decoder: Contender) -> dict:
@@ -435,21 +515,24 @@ def same_shape_comparison(ctx: cli.Context, encoder: Contender, decoder: Contend
 
 
 def memory_section(ctx: cli.Context, contenders: list[Contender]) -> list[dict]:
-    """The seed says memory use differs by architecture: here it is measured, one model at a time, with the
-    RSS after each release to show cleanup() gives the memory back."""
+    """The seed says memory use differs by architecture: here it is measured, one model at a time. safetensors
+    weights are memory-mapped, not read, at load: their pages come in when the first forward touches them. So the
+    load time and RSS after it understate both; time to first inference and RSS after the first forward do not."""
     rows = for_each_model(ctx, contenders, "memory", model_memory)
     lengths = ctx.pick(FULL, QUICK).seq_lengths
-    columns = ["model", "rss_before_mib", "load_s", "weights_mib", "load_peak_mib", "after_load_mib",
-               *[f"peak_mib@{n}" for n in lengths], "after_release_mib"]
-    title = "Memory (MiB above the RSS just before each load; forward = batch 1):"
+    columns = ["model", "weights_mib", "load_s", "ttfi_s", "after_load_mib", "resident_mib",
+               *[f"activation_mib@{n}" for n in lengths], "after_release_mib"]
+    title = ("Memory (MiB of RSS above the level just before each load; ttfi = time to first inference:\nload + first "
+             "batch-1 forward; resident = after that forward; activation = a forward's peak above the RSS just "
+             "before it):")
     if ctx.device.type == "cuda":
         columns += ["load_cuda_peak_mib", *[f"cuda_peak_mib@{n}" for n in lengths], "cuda_after_release_mib",
                     "cuda_reserved_after_release_mib"]
-        title += (f" {ctx.device} columns: the load's peak above what was allocated before it; @N = a forward's "
+        title += (f"\n{ctx.device} columns: the load's peak above what was allocated before it; @N = a forward's "
                   "peak above the loaded weights; after release = still allocated, and reserved, after cleanup()")
     print_table(rows, columns, title=title)
     for row in rows:
-        print(f"  {memory_note(row, ctx.device)}")
+        print(textwrap.fill(memory_note(row, ctx.device), 118, initial_indent="  ", subsequent_indent="    "))
     ctx.report.add_rows("memory", [phase for row in rows for phase in memory_phases(row)])
     if rows:
         memory_chart(ctx, rows)
@@ -457,7 +540,8 @@ def memory_section(ctx: cli.Context, contenders: list[Contender]) -> list[dict]:
 
 
 def model_memory(ctx: cli.Context, contender: Contender) -> dict:
-    """Peak RSS (and CUDA peak) for the load and one batch-1 forward per length, then RSS after release."""
+    """RSS after the load and after the first forward (time to first inference), then each length's activation
+    peak above the now-resident weights, then RSS after release."""
     cuda = ctx.device.type == "cuda"
     memory.cleanup()
     before, gpu_before = memory.rss_bytes(), memory.snapshot(ctx.device)
@@ -468,16 +552,24 @@ def model_memory(ctx: cli.Context, contender: Contender) -> dict:
            "load_peak_mib": (rss.peak_bytes - before) / MIB, "after_load_mib": (memory.rss_bytes() - before) / MIB,
            "load_cuda_peak_mib": cuda_peak.delta_bytes / MIB if cuda else None}
     limit = models.max_positions(loaded.model.config)
-    for length in ctx.pick(FULL, QUICK).seq_lengths:
-        if limit is not None and length > limit:
-            ctx.report.skip(f"memory {contender.label} length {length}", f"above the model's {limit} positions")
-            continue
+    lengths = [n for n in ctx.pick(FULL, QUICK).seq_lengths if limit is None or n <= limit]
+    for length in sorted(set(ctx.pick(FULL, QUICK).seq_lengths) - set(lengths)):
+        ctx.report.skip(f"memory {contender.label} length {length}", f"above the model's {limit} positions")
+    first = forward_inputs(loaded, contender.kind, 1, lengths[0], ctx.args.seed)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        loaded.model(**first)
+    synchronize(ctx.device)
+    row["first_forward_s"] = time.perf_counter() - started
+    row["ttfi_s"] = row["load_s"] + row["first_forward_s"]
+    row["resident_mib"] = (memory.rss_bytes() - before) / MIB
+    for length in lengths:
         inputs = forward_inputs(loaded, contender.kind, 1, length, ctx.args.seed)
         with memory.PeakRSSSampler() as rss, memory.CudaPeak(ctx.device) as cuda_peak, torch.inference_mode():
             loaded.model(**inputs)
-        row[f"peak_mib@{length}"] = (rss.peak_bytes - before) / MIB
+        row[f"activation_mib@{length}"] = rss.peak_delta_bytes / MIB
         row[f"cuda_peak_mib@{length}"] = cuda_peak.delta_bytes / MIB if cuda else None  # activations, not weights
-    row["forward_peak_mib"] = max((row[key] for key in row if key.startswith("peak_mib@")), default=None)
+    row["activation_peak_mib"] = max(row[f"activation_mib@{n}"] for n in lengths)
     del loaded  # drop the only reference, or cleanup() frees nothing
     released = memory.cleanup()
     row["after_release_mib"] = (released["rss_after_bytes"] - before) / MIB
@@ -492,27 +584,32 @@ def model_memory(ctx: cli.Context, contender: Contender) -> dict:
 
 
 def memory_phases(row: dict) -> list[dict]:
-    """Tidy rows for results.csv: the load, then each forward length, with their RSS and CUDA peaks."""
-    phases = [("load", "load_peak_mib", "load_cuda_peak_mib")]
-    phases += [(f"forward batch 1 x {key.split('@')[1]}", key, f"cuda_{key}")
-               for key in row if key.startswith("peak_mib@")]
-    return [{"model": row["model"], "phase": phase, "peak_rss_delta_mib": row[rss], "peak_cuda_mib": row[cuda]}
-            for phase, rss, cuda in phases]
+    """Tidy rows for results.csv: the load, the first forward, then each length's activation peak."""
+    phases = [{"phase": "load", "rss_mib": row["after_load_mib"], "peak_rss_delta_mib": row["load_peak_mib"],
+               "peak_cuda_mib": row["load_cuda_peak_mib"], "seconds": row["load_s"]},
+              {"phase": "first forward (resident weights)", "rss_mib": row["resident_mib"],
+               "seconds": row["first_forward_s"]}]
+    phases += [{"phase": f"forward batch 1 x {key.split('@')[1]} (activation peak)", "peak_rss_delta_mib": row[key],
+                "peak_cuda_mib": row[f"cuda_peak_mib@{key.split('@')[1]}"]}
+               for key in row if key.startswith("activation_mib@")]
+    return [{"model": row["model"], **phase} for phase in phases]
 
 
 def memory_note(row: dict, device: torch.device) -> str:
     """Where the weights' memory showed up, explained only as far as this model's numbers show it."""
-    weights, load, forward = row["weights_mib"], row["load_peak_mib"], row["forward_peak_mib"] or 0.0
-    head = f"{row['model']}: {weights:.0f} MiB of weights; the load added {load:.0f} MiB of RSS"
+    weights, loaded, resident = row["weights_mib"], row["after_load_mib"], row["resident_mib"]
+    head = (f"{row['model']}: {weights:.0f} MiB of weights; RSS +{loaded:.0f} MiB after a {row['load_s']:.2f} s load, "
+            f"+{resident:.0f} MiB after the first forward ({row['ttfi_s']:.2f} s to first inference)")
     if device.type == "cuda":
         activations = max((row[key] or 0 for key in row if key.startswith("cuda_peak_mib@")), default=0.0)
         return (f"{row['model']}: {weights:.0f} MiB of weights; the load allocated {row['load_cuda_peak_mib']:.0f} "
                 f"MiB of {device} memory at its peak and a forward up to {activations:.0f} MiB more; after release "
                 f"{row['cuda_after_release_mib']:.0f} MiB stayed allocated and "
-                f"{row['cuda_reserved_after_release_mib']:.0f} MiB reserved. Host RSS (+{load:.0f} MiB) is mostly the CUDA context and libraries, not the weights")
-    if load < 0.5 * weights <= forward:
-        return (f"{head}, the first forward {forward:.0f} MiB: the weight file was memory-mapped, and its pages "
-                "came in when the forward first read them")
+                f"{row['cuda_reserved_after_release_mib']:.0f} MiB reserved. Host RSS (+{loaded:.0f} MiB) is mostly "
+                "the CUDA context and libraries, not the weights")
+    if loaded < 0.5 * weights <= resident:
+        return (f"{head}: the weight file was memory-mapped, and its pages came in when the first forward read "
+                "them, so the load time hides part of the start-up cost")
     return f"{head}: the weights were read into memory during the load"
 
 
@@ -525,7 +622,8 @@ def summary_section(ctx: cli.Context, contenders: list[Contender], facts: dict |
     this run's measurements and verdicts back it."""
     s = ctx.pick(FULL, QUICK)
     rows = summary_rows(contenders, facts, speed, memory_rows)
-    print_table(rows, title="Summary (fwd = batch 1; tokens/s = with KV cache; peak = MiB above pre-load RSS):")
+    print_table(rows, title="Summary (fwd = batch 1; ttft and decode tokens/s with the KV cache; resident = RSS "
+                            "above pre-load after the\nfirst forward; activation = peak above that):")
     advice = family_advice(rows, speed or {}, s.prompt_tokens)
     print("\n" + "\n".join(f"- {line}" for line in advice))
     twins = None
@@ -549,14 +647,15 @@ def summary_rows(contenders: list[Contender], facts: dict | None, speed: dict | 
     for contender in contenders:
         fact = find((facts or {}).get("facts", []), contender.label)
         used = find(memory_rows or [], contender.label)
+        cached = find((speed or {}).get("generation", []), contender.label, kv_cache=True)
         rows.append({"model": contender.label, "architecture": contender.family,
                      "params_m": fact["params"] / 1e6 if fact else None, "masking": fact.get("masking"),
-                     "disk_mib": fact.get("disk_mib"), "load_s": used.get("load_s"),
+                     "disk_mib": fact.get("disk_mib"),
                      f"fwd_ms@{SUMMARY_LENGTH}": find((speed or {}).get("forward", []), contender.label, batch=1,
                                                       seq_len=SUMMARY_LENGTH).get("p50_ms"),
-                     "tokens_per_s": find((speed or {}).get("generation", []), contender.label,
-                                          kv_cache=True).get("tokens_per_s"),
-                     "peak_mib": max(used["load_peak_mib"], used["forward_peak_mib"] or 0) if used else None})
+                     **{key: cached.get(key) for key in ("ttft_ms", "decode_tokens_per_s")},
+                     "ttfi_s": used.get("ttfi_s"), "resident_mib": used.get("resident_mib"),
+                     "activation_mib": used.get("activation_peak_mib")})
     return rows
 
 
@@ -571,11 +670,13 @@ def family_advice(rows: list[dict], speed: dict, prompt: int) -> list[str]:
         return f"masking probe: {' / '.join(found) or 'not run'}"
 
     def generates(family: str, given: str) -> str:
-        cache = "; ".join(f"KV cache on vs off for {row['model']}: " + (
-            f"{row['speedup']:.2f}x, {VERDICT_WORDS[row['verdict']]}")
-            for row in speed.get("kv_cache", []) if row["architecture"] == family) or "KV cache on vs off not measured"
-        return (f"{numbers(family, 'tokens_per_s', 'tokens/s')} with the KV cache after a {prompt}-token {given} "
-                f"({cache}), memory {numbers(family, 'peak_mib', 'MiB')}")
+        cache = "; ".join(f"KV cache on vs off for {row['model']}: {row['speedup']:.2f}x, "
+                          f"{VERDICT_WORDS[row['verdict']]} end to end, per decoded token {per_token_text(row)}"
+                          for row in speed.get("kv_cache", []) if row["architecture"] == family)
+        return (f"after a {prompt}-token {given}, first token in {numbers(family, 'ttft_ms', 'ms')}, then "
+                f"{numbers(family, 'decode_tokens_per_s', 'tokens/s')} decoding with the KV cache "
+                f"({cache or 'KV cache on vs off not measured'}), resident memory "
+                f"{numbers(family, 'resident_mib', 'MiB')}")
 
     same_shape = "".join(f" (same depth and width: {row['sentence']}"
                          f"{'; what differs is what the model can do' if row['verdict'] == 'same' else ''})"
@@ -634,23 +735,30 @@ def latency_chart(ctx: cli.Context, forward: list[dict]) -> None:
 
 
 def generation_chart(ctx: cli.Context, generation: list[dict]) -> None:
-    """Tokens/s with and without the KV cache, side by side per model."""
+    """Decode-only and end-to-end tokens/s, with and without the KV cache, side by side per model."""
     first = generation[0]
     fig, ax = plots.figure(f"Greedy generation speed ({first['prompt_tokens']}-token prompt, {first['new_tokens']} "
                            "new tokens, batch 1)", "model", "tokens per second")
-    speed = {(row["model"], row["kv_cache"]): row["tokens_per_s"] for row in generation}
+    speed = {(row["model"], row["kv_cache"], key): row[key] for row in generation
+             for key in ("decode_tokens_per_s", "e2e_tokens_per_s")}
     labels = list(dict.fromkeys(row["model"] for row in generation))
-    plots.grouped_bars(ax, labels, [(f"KV cache {'on' if on else 'off'}", [speed.get((label, on)) for label in labels])
+    plots.grouped_bars(ax, labels, [(f"{what}, KV cache {'on' if on else 'off'}",
+                                     [speed.get((label, on, key)) for label in labels])
+                                    for key, what in (("decode_tokens_per_s", "decode only: 1 / per-token cost"),
+                                                      ("e2e_tokens_per_s", "end to end: N / t(N)"))
                                     for on in (True, False)], value_format="%.3g")
     ax.tick_params(axis="x", labelrotation=15)
     ctx.report.add_chart(plots.save(fig, ctx.out_dir, "generation_tokens_per_s"))
 
 
 def memory_chart(ctx: cli.Context, rows: list[dict]) -> None:
-    """Per model: peak during load, peak during the forwards, and what is left after release."""
-    fig, ax = plots.figure("Peak memory per model (process RSS above the level before loading)", "model", "MiB")
+    """Per model: RSS after the load, after the first forward (weights paged in), the largest activation peak above
+    that, and what is left after release."""
+    fig, ax = plots.figure("Memory per model: the weights arrive at the first forward, not at the load",
+                           "model", "MiB of RSS above the level before loading")
     plots.grouped_bars(ax, [row["model"] for row in rows], [(name, [row[key] for row in rows]) for name, key in (
-        ("load peak", "load_peak_mib"), ("forward peak (batch 1)", "forward_peak_mib"),
+        ("after load (weights mapped)", "after_load_mib"), ("after first forward (weights resident)", "resident_mib"),
+        ("activation peak above resident (batch 1, longest)", "activation_peak_mib"),
         ("after release + cleanup()", "after_release_mib"))], value_format="%.0f")
     ax.tick_params(axis="x", labelrotation=15)
     ax.axhline(0, color="black", linewidth=0.8)
@@ -669,7 +777,7 @@ def main(argv: list[str] | None = None) -> int:
     run = ctx.report.run_section  # each section's docstring is the why it prints under the title
     facts = run("1. Architectures", architectures_section.__doc__, architectures_section, ctx, contenders)
     run("2. One input, one line each", pipelines_section.__doc__, pipelines_section, ctx, contenders)
-    speed = run("3. Speed", speed_section.__doc__, speed_section, ctx, contenders)
+    speed = run("3. Speed", speed_section.__doc__, speed_section, ctx, contenders, facts)
     memory_rows = run("4. Memory", memory_section.__doc__, memory_section, ctx, contenders)
     run("5. Summary", summary_section.__doc__, summary_section, ctx, contenders, facts, speed, memory_rows)
     return ctx.report.finish()

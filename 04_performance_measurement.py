@@ -20,9 +20,9 @@ from transformers.utils import logging as hf_logging
 
 from common import cli, models, pipelines, plots, runs, texts
 from common.calibration import calibrate
-from common.device import mps_available
-from common.memory import MIB, CudaPeak, PeakRSSSampler, cleanup, weights_bytes
-from common.meter import SAME_BAND, PerformanceMeter, measure_generation
+from common.device import mps_available, synchronize
+from common.memory import MIB, CudaPeak, PeakRSSSampler, cleanup, rss_bytes, weights_bytes
+from common.meter import VERDICT_WORDS, PerformanceMeter, measure_generation, verdict_of
 from common.report import REPORT_VERSION, print_table
 from common.sweep import find_knee, fitting_batches
 
@@ -157,38 +157,54 @@ def instrument_check(ctx: cli.Context, meter: PerformanceMeter, call, workload: 
 
 def load_time_section(ctx: cli.Context) -> list[dict]:
     """Start-up cost: the first load of a checkpoint in this process against the same load again, one load
-    each (a load is not repeatable), with the kernel's peak-RSS counter (VmHWM) read around each."""
+    each (a load is not repeatable), each followed by its first inference. safetensors weights are memory-mapped,
+    not read, at load: their pages come in when the first inference touches them, so time to first inference
+    (load + first inference) and RSS after it are the start-up cost; load time and load peak alone understate it."""
     meter, table = ctx.meter(), []
     for role in ctx.pick(FULL, QUICK).load_roles:
         where = models.checkpoint(role, ctx.source)
         auto_class = AUTO_CLASSES[where.kind]
+        # ids and mask only: a twin's borrowed tokenizer may add inputs (token_type_ids) its model does not take
+        inputs = AutoTokenizer.from_pretrained(where.path)(PROMPT, return_tensors="pt",
+                                                           return_token_type_ids=False).to(ctx.device)
         timings = []
         for attempt in ("cold load", "warm load"):
             model, timing = meter.time_load(where.label, lambda: auto_class.from_pretrained(
                 where.path, dtype=torch.float32, device_map=ctx.device))
             if not timings:
                 ctx.record(where.info(model, timing.seconds))
+            started = time.perf_counter()
+            with torch.inference_mode():  # an encoder-decoder's first inference is its first generated token
+                model.generate(**inputs, max_new_tokens=1) if where.kind == "seq2seq" else model(**inputs)
+            synchronize(ctx.device)
+            first_s = time.perf_counter() - started
+            resident = (rss_bytes() - (timing.peak_rss_bytes - timing.peak_rss_delta_bytes)) / MIB
             weights = weights_bytes(model)
-            timings.append(timing)
+            timings.append((timing, first_s, resident))
             ctx.report.add_rows("2. Model load time", [{  # one sample: no percentiles, no interval
                 "measurement": attempt, "model": where.label, "device": str(ctx.device), "runs": 1,
-                "load_ms": timing.seconds * 1e3, "peak_rss_delta_mib": timing.peak_rss_delta_bytes / MIB,
+                "load_ms": timing.seconds * 1e3, "ttfi_ms": (timing.seconds + first_s) * 1e3,
+                "peak_rss_delta_mib": timing.peak_rss_delta_bytes / MIB, "resident_mib": resident,
                 "samples_ms": [timing.seconds * 1e3]}])
             del model
             cleanup()
-        cold, warm = timings
+        (cold, cold_first, cold_resident), (warm, warm_first, _) = timings
         table.append({"model": where.label, "class": auto_class.__name__, "weights_mib": weights / MIB,
-                      "cold_s": cold.seconds, "warm_s": warm.seconds, "cold_over_warm": cold.seconds / warm.seconds,
-                      "cold_peak_rss_delta_mib": cold.peak_rss_delta_bytes / MIB,
-                      "warm_peak_rss_delta_mib": warm.peak_rss_delta_bytes / MIB})
+                      "cold_s": cold.seconds, "cold_ttfi_s": cold.seconds + cold_first, "warm_s": warm.seconds,
+                      "warm_ttfi_s": warm.seconds + warm_first, "cold_over_warm": cold.seconds / warm.seconds,
+                      "cold_load_peak_mib": cold.peak_rss_delta_bytes / MIB, "cold_resident_mib": cold_resident})
     print_table(table, title=f"Model load time on {ctx.device}: Auto*.from_pretrained(path, dtype=torch.float32, "
-                             f"device_map={str(ctx.device)!r})")
-    above = [row["model"] for row in table if row["cold_peak_rss_delta_mib"] > row["weights_mib"]]
+                             f"device_map={str(ctx.device)!r}), then one first inference")
     print("cold = first load of that checkpoint in this process (section 1 already imported the loading code), warm = "
-          "the same load again; both may read the OS page cache. One load each: cold/warm is one ratio, not a verdict.")
+          "the same\nload again; both may read the OS page cache. One load each: cold/warm is one ratio, not a "
+          "verdict.\nttfi = time to first inference: the load plus one forward of a short prompt (an encoder-decoder: "
+          "its first token).\nload_peak = the kernel's RSS high-water mark during the load minus RSS before it; "
+          "resident = RSS after the first\ninference minus RSS before the load.")
     if ctx.device.type == "cpu":  # on a GPU the weights do not live in RSS, so the comparison would mean nothing
-        print(f"peak RSS delta (kernel high-water mark minus RSS before) exceeded the weights in {len(above)} of "
-              f"{len(table)} cold loads{': ' + ', '.join(above) if above else ''}")
+        mapped = [row["model"] for row in table if row["cold_load_peak_mib"] < 0.5 * row["weights_mib"]
+                  <= row["cold_resident_mib"]]
+        print(f"memory-mapped (under half the weights resident after the load, at least half after the first "
+              f"inference): {len(mapped)} of {len(table)} cold loads{': ' + ', '.join(mapped) if mapped else ''}")
     return table
 
 
@@ -314,29 +330,34 @@ def sweep_one(ctx: cli.Context, role: str, label: str, pipe, **options) -> dict:
     rows = [runs.result_row(m, measurement=f"batch sweep: {role}", model=label, device=str(ctx.device), batch=size)
             for size, m in zip(sizes, comparison.measurements.values())]
     ctx.report.add_rows("4. Batch-size sweep", rows)
-    table = [{"batch": r["batch"], "p50_ms": r["p50_ms"], "items_per_s": r["items_per_s"],
-              "tokens_per_s": r["tokens_per_s"], "throughput_vs_batch1": r["batch"] * comparison.ratio(
-                  f"batch {r['batch']}", f"batch {sizes[0]}")[0] / sizes[0], "noisy": r["noisy"]} for r in rows]
-    print_table(table, title=f"{role} ({label}) on {ctx.device}: one call = one batch, all sizes timed round-robin")
-    knee = find_knee(sizes, [r["items_per_s"] for r in rows])
-    best = max(rows, key=lambda r: r["items_per_s"])["batch"]
-    if knee is None and best == sizes[0]:
-        print(f"{role}: batch {best} already gave the most throughput; larger batches added none here")
-    elif knee is None:
-        print(f"{role}: no knee in batch sizes {sizes[0]}..{sizes[-1]}: throughput has not levelled off (or the curve "
-              "is too noisy to say)")
+    def gain(larger: int, smaller: int) -> tuple[float, ...]:
+        """Throughput of one size over another: the paired per-round speed ratio times texts per call."""
+        return tuple(x * larger / smaller for x in comparison.ratio(f"batch {larger}", f"batch {smaller}"))
+
+    # One estimator: every throughput figure of this sweep is batch 1's texts / median call times the paired ratio
+    base = rows[0]["items_per_s"]
+    table = [{"batch": r["batch"], "items_per_s": base * gain(r["batch"], sizes[0])[0],
+              "throughput_vs_batch1": gain(r["batch"], sizes[0])[0],
+              "interval": "{:.2f}-{:.2f}".format(*gain(r["batch"], sizes[0])[1:]), "noisy": r["noisy"]} for r in rows]
+    workload = f"{role}: {label}, {pipe.task}"
+    print_table(table, title=f"{workload} on {ctx.device}: one call = one batch, all sizes timed round-robin")
+    print(f"texts/s = batch {sizes[0]}'s texts / its median call x throughput_vs_batch1 (the paired per-round ratio, "
+          "with its interval):\none estimator, so the two columns rank the sizes alike (each size's own median "
+          "latency is in results.csv)")
+    knee = find_knee(sizes, gain)
+    best = max(table, key=lambda r: r["throughput_vs_batch1"])["batch"]
+    if knee is None:
+        print(f"{workload}: no knee in batch sizes {sizes[0]}..{sizes[-1]}: batch {sizes[-1]} still beats "
+              f"batch {sizes[-2]}, so throughput has not levelled off")
     elif knee == best:
-        print(f"{role}: knee at batch {knee}, which is also the best throughput measured")
-    else:  # throughput ratio = (items per call ratio) x (how many times faster per call)
-        gain, low, high = (x * best / knee for x in comparison.ratio(f"batch {best}", f"batch {knee}"))
-        said = (f"{gain:.2f}x its throughput (interval {low:.2f}-{high:.2f}, {comparison.rounds} rounds)"
-                if low > 1 + SAME_BAND else f"no measurable throughput gain over it ({gain:.2f}x, interval "
-                f"{low:.2f}-{high:.2f})")
-        print(f"{role}: knee at batch {knee}; the best measured, batch {best}, gives {said}, each call taking "
-              f"{comparison.measurements[f'batch {best}'].median_ms:.1f} ms instead of "
-              f"{comparison.measurements[f'batch {knee}'].median_ms:.1f} ms")
-    return {"role": role, "model": label, "knee_batch": knee, "best_batch": best, "stopped_because": stop_reason,
-            "table": table}
+        print(f"{workload}: knee at batch {knee}: no larger batch beats it, and it is also the best measured")
+    else:
+        estimate, low, high = gain(best, knee)
+        print(f"{workload}: knee at batch {knee}: no larger batch beats it; batch {best}'s {estimate:.2f}x its "
+              f"throughput (interval {low:.2f}-{high:.2f}) is {VERDICT_WORDS[verdict_of(low, high)]}")
+    return {"role": role, "model": label, "workload": workload, "knee_batch": knee, "best_batch": best,
+            "stopped_because": stop_reason, "table": table,
+            "items_per_s_interval": [[base * x for x in gain(size, sizes[0])[1:]] for size in sizes]}
 
 
 def batch_sweep_section(ctx: cli.Context) -> dict:
@@ -503,14 +524,19 @@ def draw_sweep(ax, sweeps: dict) -> None:
     """Throughput against batch size per model (log2 x axis: sizes double), the knee starred."""
     for sweep in sweeps.values():
         batches = [row["batch"] for row in sweep["table"]]
-        line, = ax.plot(batches, [row["items_per_s"] for row in sweep["table"]], marker="o", label=sweep["role"])
+        values = [row["items_per_s"] for row in sweep["table"]]
+        low, high = zip(*sweep["items_per_s_interval"])
+        line, = ax.plot(batches, values, marker="o", label=sweep["workload"])
+        ax.errorbar(batches, values, yerr=[np.subtract(values, low), np.subtract(high, values)], fmt="none",
+                    capsize=3, color=line.get_color())
         if sweep["knee_batch"] is not None:
             knee = next(row for row in sweep["table"] if row["batch"] == sweep["knee_batch"])
             ax.plot([knee["batch"]], [knee["items_per_s"]], marker="*", markersize=16, color=line.get_color(),
                     linestyle="none", label=f"{sweep['role']} knee (batch {knee['batch']})")
     plots.log2_x(ax, [row["batch"] for sweep in sweeps.values() for row in sweep["table"]])
-    ax.set(title="Throughput vs batch size", xlabel="batch size (texts per call, log2 scale)",
-           ylabel="throughput (texts/s, from the median call)")
+    ax.set(title="Throughput vs batch size (bars: the paired ratio's interval)",
+           xlabel="batch size (texts per call, log2 scale)",
+           ylabel="texts/s (batch 1's median x paired ratio)")
     ax.legend(fontsize=8)
 
 

@@ -549,6 +549,19 @@ class GenerationMeasurement:
         """Generated tokens per second over the whole call (batch included), from the median."""
         return self.full.tokens_per_s
 
+    def decode_speedup(self, other: "GenerationMeasurement") -> tuple[float, float, float] | None:
+        """How many times cheaper a decoded token is here than in `other`, timed in the same rounds against the same
+        first-token workload: median and interval of the per-round (t_other(N) - t(1)) / (t(N) - t(1)).
+
+        None when a round's decode cost is not positive (N too small to see above the noise)."""
+        mine = np.subtract(self.full.samples_s, self.first_token.samples_s)
+        theirs = np.subtract(other.full.samples_s, other.first_token.samples_s)
+        if (mine <= 0).any() or (theirs <= 0).any():
+            return None
+        per_round = np.sort(theirs / mine)
+        low, high, _ = median_ci(per_round)
+        return float(np.median(per_round)), low, high
+
 
 def measure_generation(
     meter: PerformanceMeter, name: str, generate: Callable[[int], Any], new_tokens: int, batch_size: int = 1,

@@ -451,22 +451,30 @@ def twin_config(name: str) -> PretrainedConfig:
     return AutoConfig.for_model(data.pop("model_type"), **data)
 
 
+# A twin is built as the class whose weights the Hub file holds, heads included, so that fill-mask runs on the
+# BERT twins and AutoModel drops the heads as it does for the real file. bert-base-uncased's file holds BERT's whole
+# pre-training model (masked-LM and next-sentence heads, pooler); the others are the class their config names.
+TWIN_CLASS = {"bert-base-uncased": "BertForPreTraining"}
+
+
 def twin_folder(name: str) -> Path:
-    """A saved random-weight twin (seeded), built once into the cache with its borrowed tokenizer."""
+    """A saved random-weight twin (seeded) with the real file's heads, built once into the cache with its tokenizer."""
+    import transformers
     from transformers import AutoTokenizer
 
     config_text = (TWIN_DIR / f"{name}.json").read_text(encoding="utf-8")
     tokenizer_source = TWIN_TOKENIZER[name]
     fingerprint = {"config_sha256": hashlib.sha256(config_text.encode()).hexdigest(), "seed": TWIN_SEED,
-                   "torch": torch.__version__, "tokenizer": tokenizer_source, "build": 3}
+                   "torch": torch.__version__, "tokenizer": tokenizer_source, "build": 4}
     tokenizer_folder = bundled_folder(tokenizer_source)
 
     def build(target: Path) -> None:
         print(f"[cache] building the {name} twin (random weights, seed {TWIN_SEED}) once...")
         config = twin_config(name)
+        model_class = getattr(transformers, TWIN_CLASS.get(name, config.architectures[0]))
         with torch.random.fork_rng():
             torch.manual_seed(TWIN_SEED)
-            model = auto_class(CATALOG[name].kind).from_config(config)
+            model = model_class(config)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
         if model.can_generate():  # stop and pad with the borrowed tokenizer's ids, not the real model's
             model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -22,12 +22,19 @@ from common import plots
 from common.calibration import MATMUL_SIZE
 from common.errors import UserError
 from common.memory import MIB
-from common.meter import SAME_BAND, Measurement
+from common.meter import Measurement
 from common.report import print_table
 
 # The machine "differs" when the calibration interval excludes 1 (a real difference) and the estimate is more than
-# 10% away from it (a difference big enough to matter): then rows are judged on normalised times.
+# 10% away from it (a difference big enough to matter): then no row gets a verdict, because one scalar cannot undo a
+# busy machine (a matmul on two threads slows differently from a tokenizer on one).
 MACHINE_BAND = 0.10
+# Two runs are two processes: each row's interval comes from samples within one run, which miss how much a whole
+# run moves against another on the same quiet machine. Quiet A/A pairs (no code change) of 04 --quick moved whole
+# rows by about 5% (sd), so a row is called faster or slower only when its whole interval lies beyond +-15%: that
+# keeps false verdicts of such pairs to about 1 row in 20 (tests/test_runs.py simulates it).
+RUN_BAND = 0.15
+NOT_COMPARABLE = "machine changed: not comparable"
 MIN_COVERAGE = 0.80  # an interval covering less than this is no basis for a verdict ("too few samples")
 MW_EXACT_MAX = 25  # exact Mann-Whitney counts up to this many samples a side
 Z95 = 1.959963984540054
@@ -124,14 +131,17 @@ def ratio_interval(before: list[float], now: list[float]) -> tuple[float, float,
 
 
 def verdict(low: float, high: float, coverage: float) -> str:
-    """"slower" / "faster" (now against before) when the interval clears the 3% band, else no difference."""
+    """Now against before: "slower" / "faster" when the whole interval lies beyond the run-to-run band (RUN_BAND),
+    "within run-to-run variation" when it lies inside it, else "inconclusive"."""
     if coverage < MIN_COVERAGE:
         return "too few samples"
-    if low > 1 + SAME_BAND:
+    if low > 1 + RUN_BAND:
         return "slower"
-    if high < 1 / (1 + SAME_BAND):
+    if high < 1 / (1 + RUN_BAND):
         return "faster"
-    return "no measurable difference"
+    if 1 / (1 + RUN_BAND) <= low and high <= 1 + RUN_BAND:
+        return "within run-to-run variation"
+    return "inconclusive"
 
 
 def _calibration_samples(calibration: dict[str, Any], when: str) -> list[float]:
@@ -194,8 +204,9 @@ def machine_check(before: dict[str, Any], now: dict[str, Any]) -> MachineCheck:
         check.lines.insert(0, (
             f"the machine ran {how:.1f}x slower during {slower} (calibration matmul {_gflops(pooled[0]):.1f} GFLOP/s "
             f"before, {_gflops(pooled[1]):.1f} now; time ratio now/before {factor:.2f}, interval {low:.2f}-{high:.2f})"
-            f": code changes cannot be told apart from machine state, so the verdicts below use times "
-            f"normalised by {factor:.2f}"))
+            f": code changes cannot be told apart from machine state, and one factor cannot undo it (a matmul on two "
+            "threads slows differently from a tokenizer on one), so the rows below get no faster/slower verdict; "
+            f"their times normalised by {factor:.2f} are shown as information only"))
     return check
 
 
@@ -242,19 +253,20 @@ class RowChange:
     normalised_low: float
     normalised_high: float
     verdict: str
-    basis: str  # "raw" or "normalised": which ratio the verdict is on
+    basis: str  # "raw": the verdict is on raw times; "withheld": the machine changed, so there is no verdict
 
 
-def row_change(before: dict[str, Any], now: dict[str, Any], factor: float | None, normalise: bool) -> RowChange:
-    """The change of one measurement from both runs' samples (CPU rows normalised by the machine factor)."""
+def row_change(before: dict[str, Any], now: dict[str, Any], factor: float | None, machine_changed: bool) -> RowChange:
+    """The change of one measurement from both runs' samples; CPU rows also normalised by the machine factor, as
+    information. When the machine changed, the verdict is withheld."""
     old, new = before["samples_ms"], now["samples_ms"]
     ratio, low, high, coverage = ratio_interval(old, new)
     scale = factor if factor and str(now.get("device", "cpu")).startswith("cpu") else 1.0
-    basis = "normalised" if normalise else "raw"
-    chosen = (low / scale, high / scale) if normalise else (low, high)
+    said = NOT_COMPARABLE if machine_changed else verdict(low, high, coverage)
     return RowChange({name: now.get(name) for name in ROW_KEY if now.get(name) is not None},
                      float(np.median(old)), float(np.median(new)), f"{len(old)}/{len(new)}", ratio, low, high,
-                     coverage, ratio / scale, low / scale, high / scale, verdict(*chosen, coverage), basis)
+                     coverage, ratio / scale, low / scale, high / scale, said,
+                     "withheld" if machine_changed else "raw")
 
 
 @dataclass
@@ -307,10 +319,17 @@ def print_comparison(comparison: RunComparison, title: str) -> None:
                               "same versions, device, threads, CPU, model sources and --quick as the earlier run"))
     print_table(comparison.table(), TABLE_COLUMNS, title=f"{title}: x = median now / median before; interval: "
                 "Moses (95% where the samples allow, else the coverage shown), from both runs' raw samples")
-    basis = "normalised by the calibration" if comparison.machine.differs else "raw"
-    print(f"{len(comparison.changes)} shared measurements, verdicts on {basis} times: " +
-          ", ".join(f"{count} {verdict}" for verdict, count in sorted(comparison.counts().items())) +
-          f"; {comparison.only_before} only in the earlier run, {comparison.only_now} only in this one")
+    unmatched = f"{comparison.only_before} only in the earlier run, {comparison.only_now} only in this one"
+    if comparison.machine.differs:
+        print(f"{len(comparison.changes)} shared measurements: verdicts withheld, because the machine changed beyond "
+              "its own noise between the runs (see [machine] above); the normalised ratios are information, not "
+              f"verdicts. Rerun both on a quiet machine to compare code. {unmatched}")
+    else:
+        print(f"{len(comparison.changes)} shared measurements, verdicts on raw times: " +
+              ", ".join(f"{count} {verdict}" for verdict, count in sorted(comparison.counts().items())) +
+              f"; {unmatched}")
+        print(f"faster/slower needs the whole interval beyond +-{RUN_BAND:.0%}: each interval comes from one run's "
+              "samples, and whole runs on a quiet machine differ by up to that much")
     if comparison.machine.drifted:
         print("the machine changed within a run, so part of any difference above is machine state the calibration "
               "did not see: rerun both on a quiet machine before acting on one row")
@@ -318,8 +337,7 @@ def print_comparison(comparison: RunComparison, title: str) -> None:
 
 def draw_comparison(comparison: RunComparison, out_dir: Path) -> Path:
     """compare.png: now/before per measurement with its interval, raw and normalised, the biggest change on top."""
-    changes = sorted(comparison.changes, key=lambda c: abs(math.log(
-        c.normalised_ratio if c.basis == "normalised" else c.ratio)))
+    changes = sorted(comparison.changes, key=lambda c: abs(math.log(c.ratio)))
     fig, ax = plots.figure("What changed since the earlier run (sorted by size of change)",
                            "median now / median before (log scale; right of 1 = slower now)", "measurement",
                            size=(11, 1.8 + 0.32 * len(changes)))
@@ -329,7 +347,7 @@ def draw_comparison(comparison: RunComparison, out_dir: Path) -> Path:
             (0.17, "s", "normalised by the calibration",
              [(c.normalised_ratio, c.normalised_low, c.normalised_high) for c in changes])):
         v = np.asarray(values)
-        used = ", the verdicts" if (kind == "raw") != comparison.machine.differs else ""
+        used = ", the verdicts" if kind == "raw" and not comparison.machine.differs else ", information only"
         ax.errorbar(v[:, 0], y + offset, xerr=[v[:, 0] - v[:, 1], v[:, 2] - v[:, 0]], fmt=marker, capsize=3,
                     label=f"{kind} with interval{used}")
     ax.axvline(1, color="grey", linewidth=1)

@@ -3,14 +3,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import psutil
 import torch
 
 from common.memory import MIB, CudaPeak, PeakRSSSampler, cleanup, cuda_free_bytes, rss_bytes
-
-MIN_KNEE_BEND = 0.1  # a curve must bulge this far (in normalised units) above its chord to have a knee
-MIN_KNEE_RISE = 0.1  # ... and rise by this share of its top from the first point: flat noise has no knee
+from common.meter import verdict_of
 
 
 def fitting_batches(run: Callable[[int], Any], sizes: Sequence[int], device: torch.device,
@@ -35,22 +32,14 @@ def fitting_batches(run: Callable[[int], Any], sizes: Sequence[int], device: tor
     return fits, None
 
 
-def find_knee(xs: Sequence[float], ys: Sequence[float], min_bend: float = MIN_KNEE_BEND,
-              min_rise: float = MIN_KNEE_RISE) -> float | None:
-    """The x where y stops growing in proportion (Kneedle on a log2 x axis), or None for a curve without a clear bend.
+def find_knee(sizes: Sequence[int], gain: Callable[[int, int], tuple[float, float, float]]) -> int | None:
+    """The smallest batch size that no larger one beats, or None while the largest still beats the one before it.
 
-    Normalise both axes to [0, 1], draw the chord from the first to the last point, and return the point that
-    bulges furthest above it, if it bulges at least min_bend. Normalising would blow a flat curve's noise up into a
-    bend, so a curve that never rises by min_rise of its top above its first point has no knee.
+    gain(larger, smaller) is the throughput ratio with its interval (estimate, low, high); a larger size beats a
+    smaller one when that interval says "faster" (common.meter.verdict_of). So the knee never contradicts the best
+    measured throughput: any size above the knee is within the noise of it, or slower.
     """
-    if len(xs) != len(ys) or len(xs) < 3 or min(xs) <= 0:
-        return None
-    x = np.log2(np.asarray(xs, dtype=float))
-    y = np.asarray(ys, dtype=float)
-    if x[-1] == x[0] or y.max() - y[0] < min_rise * y.max():
-        return None
-    x_norm = (x - x[0]) / (x[-1] - x[0])
-    y_norm = (y - y.min()) / (y.max() - y.min())
-    bulge = y_norm - (y_norm[0] + (y_norm[-1] - y_norm[0]) * x_norm)
-    best = int(np.argmax(bulge))
-    return xs[best] if bulge[best] >= min_bend else None
+    for index, size in enumerate(sizes):
+        if not any(verdict_of(*gain(larger, size)[1:]) == "faster" for larger in sizes[index + 1:]):
+            return None if index == len(sizes) - 1 and index > 0 else size
+    return None

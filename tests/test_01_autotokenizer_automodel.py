@@ -170,13 +170,19 @@ def test_custom_pipelines_section(run, lesson):
     t2t = section["text_to_text"]
     assert t2t["source"] == "twin" and t2t["meaningful"] is False
     assert t2t["output_tokens"] == lesson.QUICK.text_to_text_tokens + 1  # decoder start token + new tokens
+    assert t2t["new_tokens"] == lesson.QUICK.text_to_text_tokens  # what the lesson prints beside max_new_tokens
+    assert f"{lesson.QUICK.text_to_text_tokens} new tokens (max_new_tokens={lesson.QUICK.text_to_text_tokens})" \
+        in printed
     for name in ("sentence-similarity", "text-to-text"):
         stages = {row["stage"]: row for row in section["stages"] if row["pipeline"] == name}
         assert set(stages) == {"preprocess", "_forward", "postprocess", "whole call"}
         assert all(ROW_KEYS <= set(row) and row["p50_ms"] > 0 for row in stages.values())
-        assert stages["whole call"]["share_pct"] == pytest.approx(100.0)
+        # shares of the three stages' summed medians: they add up to 100%, none above it
+        parts = [stages[stage] for stage in ("preprocess", "_forward", "postprocess")]
+        assert stages["whole call"]["share_pct"] is None
+        assert sum(row["share_pct"] for row in parts) == pytest.approx(100.0)
         assert stages["_forward"]["share_pct"] == pytest.approx(
-            100 * stages["_forward"]["p50_ms"] / stages["whole call"]["p50_ms"])
+            100 * stages["_forward"]["p50_ms"] / sum(row["p50_ms"] for row in parts))
     for glue in section["glue"]:  # the glue is claimed only when its round-by-round interval lies above zero
         assert glue in printed
         low = float(re.search(r"interval (-?[\d.]+) to", glue).group(1))

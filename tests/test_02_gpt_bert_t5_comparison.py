@@ -43,9 +43,9 @@ def test_run_completes_with_every_chart_and_one_summary_row_per_model(run):
         assert is_png(out / f"{name}.png")
     assert [row["model"] for row in report["sections"]["5. Summary"]["models"]] == MODELS
     summary = {row["model"]: row for row in report["sections"]["5. Summary"]["models"]}
-    assert summary["gpt2 (twin)"]["tokens_per_s"] > 0 and summary["t5-small (twin)"]["tokens_per_s"] > 0
-    assert summary["bert-base-uncased (twin)"]["tokens_per_s"] is None  # encoders do not generate
-    assert all(row["fwd_ms@128"] > 0 and row["peak_mib"] > 0 for row in summary.values())
+    assert summary["gpt2 (twin)"]["decode_tokens_per_s"] > 0 and summary["t5-small (twin)"]["ttft_ms"] > 0
+    assert summary["bert-base-uncased (twin)"]["decode_tokens_per_s"] is None  # encoders do not generate
+    assert all(row["fwd_ms@128"] > 0 and row["resident_mib"] > 0 for row in summary.values())
     assert len(report["sections"]["5. Summary"]["when_to_use"]) == 3
     assert (out / "report.md").is_file() and (out / "results.csv").is_file()
     assert {model["source"] for model in report["models"]} == {"bundled", "twin"}
@@ -55,6 +55,10 @@ def test_impossible_generation_and_fill_mask_are_skipped_with_reasons(run):
     skipped = run[2]["skipped"]
     assert "cannot generate" in skipped["generation: bert-base-uncased (twin)"]
     assert "no masked-LM head" in skipped["fill-mask: all-MiniLM-L6-v2"]
+    # the BERT twin is built with the real file's masked-LM head, so it fills the blank (its guesses are noise)
+    assert "fill-mask: bert-base-uncased (twin)" not in skipped
+    rows = run[2]["sections"]["2. One input, one line each"]
+    assert [row["model"] for row in rows if row["pipeline"] == "fill-mask"] == ["bert-base-uncased (twin)"]
 
 
 def test_unknown_name_stops_the_run_with_one_line_before_any_work(tmp_path):
@@ -119,7 +123,11 @@ def test_generation_is_timed_at_the_fixed_prompt_length_for_every_model(run, les
     assert {row["model"] for row in rows} == {"SmolLM2-135M-Instruct", "gpt2 (twin)", "t5-small (twin)"}
     assert all(row["prompt_tokens"] == lesson.QUICK.prompt_tokens and row["new_tokens"] == lesson.QUICK.new_tokens
                for row in rows)
-    assert all(row["runs"] >= 3 and row["tokens_per_s"] > 0 and row["ttft_ms"] > 0 for row in rows)
+    assert all(row["runs"] >= 3 and row["e2e_tokens_per_s"] > 0 and row["ttft_ms"] > 0 for row in rows)
+    for row in rows:  # three separate figures: decode from the per-token cost, end to end from the whole call
+        assert row["e2e_tokens_per_s"] == pytest.approx(row["new_tokens"] * 1e3 / row["p50_ms"])
+        if row["decode_tokens_per_s"] is not None:
+            assert row["decode_tokens_per_s"] == pytest.approx(1e3 / row["per_token_ms"])
 
 
 def test_kv_cache_on_vs_off_is_a_verdict_and_the_advice_follows_it(run):
@@ -130,10 +138,42 @@ def test_kv_cache_on_vs_off_is_a_verdict_and_the_advice_follows_it(run):
     advice = " ".join(sections["5. Summary"]["when_to_use"])
     for label, row in kv_rows.items():
         assert row["verdict"] in VERDICTS and row["rounds"] >= 3
-        assert row["speedup_low"] <= row["speedup_high"] and row["tokens_per_s_cache_off"] > 0
+        assert row["speedup_low"] <= row["speedup_high"]
+        assert row["per_token_speedup"] is None or (
+            row["per_token_low"] <= row["per_token_speedup"] <= row["per_token_high"]
+            and row["per_token_verdict"] in VERDICTS)
         words = VERDICT_WORDS[row["verdict"]]
         assert f": {words} (" in row["sentence"]
-        assert f"KV cache on vs off for {label}: {row['speedup']:.2f}x, {words}" in advice
+        assert f"KV cache on vs off for {label}: {row['speedup']:.2f}x, {words} end to end" in advice
+        assert row["kv_bytes_per_token"] == row["formula_bytes"]  # measured from the returned cache
+    # SmolLM2: 30 layers x 2 x 3 kv_heads x 64 head_dim x 4 bytes; its 9 query heads share those 3 (GQA)
+    smol = kv_rows["SmolLM2-135M-Instruct"]
+    assert (smol["kv_bytes_per_token"], smol["heads"], smol["kv_heads"]) == (30 * 2 * 3 * 64 * 4, 9, 3)
+    assert kv_rows["gpt2 (twin)"]["kv_bytes_per_token"] == 12 * 2 * 12 * 64 * 4  # no grouping
+    assert kv_rows["t5-small (twin)"]["kv_bytes_per_token"] == 6 * 2 * 8 * 64 * 4  # the decoder's self-attention
+
+
+@pytest.mark.parametrize("kind", ["decoder", "seq2seq"])
+def test_kv_formula_matches_a_real_cache(lesson, kind):
+    """layers x 2 x kv_heads x head_dim x bytes against the cache a tiny model really returns (GQA: 2 kv of 4 heads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    ids = torch.arange(3, 13)[None]
+    with torch.inference_mode():
+        if kind == "decoder":
+            config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=3,
+                                 num_attention_heads=4, num_key_value_heads=2)
+            cache = LlamaForCausalLM(config)(input_ids=ids, use_cache=True).cache
+        else:  # 2 encoder and 3 decoder layers: only the decoder's self-attention grows per token
+            config = T5Config(vocab_size=64, d_model=32, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=3,
+                              d_ff=32)
+            cache = T5ForConditionalGeneration(config)(input_ids=ids, decoder_input_ids=ids[:, :5], use_cache=True).cache
+    stored, tokens = lesson.kv_cache_bytes(cache)
+    formula = lesson.kv_formula(config, 4)
+    assert tokens == (10 if kind == "decoder" else 5)
+    assert stored // tokens == formula["formula_bytes"] == (3 * 2 * 2 * 8 * 4 if kind == "decoder" else 3 * 2 * 4 * 8 * 4)
+    assert formula["kv_heads"] == (2 if kind == "decoder" else 4)
 
 
 def test_same_shape_encoder_and_decoder_are_compared_round_robin(run):
@@ -173,17 +213,28 @@ def test_pipeline_rows_count_each_tokenizers_tokens(run, lesson):
 
 def test_memory_is_given_back_after_each_release(run):
     for row in run[2]["sections"]["4. Memory"]:
-        assert row["peak_mib@32"] > row["after_release_mib"]
+        assert row["resident_mib"] > row["after_release_mib"]
         assert row["after_release_mib"] < 50  # MiB left above the pre-load RSS once the model is released
-        assert row["forward_peak_mib"] == max(row["peak_mib@32"], row["peak_mib@128"])
+        assert row["activation_peak_mib"] == max(row["activation_mib@32"], row["activation_mib@128"])
+
+
+def test_memory_reports_time_to_first_inference_and_resident_weights(run):
+    for row in run[2]["sections"]["4. Memory"]:
+        assert row["ttfi_s"] == pytest.approx(row["load_s"] + row["first_forward_s"])
+        assert row["first_forward_s"] > 0
+        # the weights are resident after the first forward (mapped pages read in), and the activations come on top
+        assert row["resident_mib"] > 0.5 * row["weights_mib"]  # pages of unused embedding rows may stay out
+        assert row["activation_peak_mib"] < row["resident_mib"]
 
 
 def test_memory_mapping_is_only_claimed_where_the_numbers_show_it(lesson):
-    row = {"model": "m", "weights_mib": 500.0, "forward_peak_mib": 520.0, "load_cuda_peak_mib": 505.0}
-    assert "memory-mapped" in lesson.memory_note({**row, "load_peak_mib": 60.0}, torch.device("cpu"))
-    read_in = lesson.memory_note({**row, "load_peak_mib": 510.0}, torch.device("cpu"))  # e.g. a dtype conversion
+    row = {"model": "m", "weights_mib": 500.0, "resident_mib": 520.0, "load_cuda_peak_mib": 505.0, "load_s": 0.1,
+           "ttfi_s": 0.9}
+    mapped = lesson.memory_note({**row, "after_load_mib": 60.0}, torch.device("cpu"))
+    assert "memory-mapped" in mapped and "0.90 s to first inference" in mapped
+    read_in = lesson.memory_note({**row, "after_load_mib": 510.0}, torch.device("cpu"))  # e.g. a dtype conversion
     assert "memory-mapped" not in read_in and "read into memory during the load" in read_in
-    gpu = {**row, "load_peak_mib": 600.0, "cuda_peak_mib@32": 12.0, "cuda_peak_mib@128": 40.0,
+    gpu = {**row, "after_load_mib": 600.0, "cuda_peak_mib@32": 12.0, "cuda_peak_mib@128": 40.0,
            "cuda_after_release_mib": 0.0, "cuda_reserved_after_release_mib": 2.0}
     on_gpu = lesson.memory_note(gpu, torch.device("cuda:1"))
     assert "memory-mapped" not in on_gpu and "allocated 505 MiB of cuda:1 memory" in on_gpu

@@ -141,6 +141,21 @@ def test_generation_measurement_derives_per_token_latency(clock):
     assert generation.full.tokens_per_call == 10
 
 
+def test_decode_speedup_is_the_per_token_ratio_paired_by_round(clock):
+    """Cache off: 5 ms per decoded token; cache on: 1 ms; both after the same 3 ms first token. End to end the
+    ratio is (3 + 4 x 5) / (3 + 4 x 1) = 3.3x, per decoded token it is 5x."""
+    meter = PerformanceMeter(warmup=1, min_runs=7, budget_s=0.0)
+    comparison = meter.compare({"first": clock.workload(0.003), "on": clock.workload(0.007),
+                                "off": clock.workload(0.023)})
+    timed = comparison.measurements
+    on, off = (GenerationMeasurement(name, 5, 1, timed["first"], timed[name]) for name in ("on", "off"))
+    estimate, low, high = on.decode_speedup(off)
+    assert estimate == pytest.approx(5.0) and low <= 5.0 <= high
+    assert comparison.ratio("on", "off")[0] == pytest.approx(23 / 7)
+    same = GenerationMeasurement("first", 5, 1, timed["first"], timed["first"])
+    assert on.decode_speedup(same) is None  # no decode cost to divide by
+
+
 def test_compare_calls_two_identical_workloads_the_same(clock):
     meter = PerformanceMeter(warmup=1, min_runs=30, budget_s=0.0)
     comparison = meter.compare({"a": clock.workload(0.001), "b": clock.workload(0.001)})

@@ -1,23 +1,44 @@
 """common.sweep: which batch sizes fit (memory stop rule) and the knee of a throughput curve."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from common.meter import verdict_of
 from common.sweep import find_knee, fitting_batches
 
 BATCHES = [1, 2, 4, 8, 16, 32, 64]
 
 
+def intervals(throughput: list[float], width: float = 0.02):
+    """gain(larger, smaller) of a synthetic curve: the throughput ratio with an interval +-width around it."""
+    at = dict(zip(BATCHES, throughput))
+    return lambda larger, smaller: (at[larger] / at[smaller], at[larger] / at[smaller] / (1 + width),
+                                    at[larger] / at[smaller] * (1 + width))
+
+
 def test_find_knee_on_synthetic_curves():
-    assert find_knee(BATCHES, [1, 2, 4, 8, 8, 8, 8]) == 8  # linear scaling, then flat
-    assert find_knee(BATCHES, [10, 19, 24, 25, 25.5, 25.6, 25.7]) == 4  # early saturation
-    assert find_knee(BATCHES, [1, 2, 4, 8, 9, 6, 3]) == 16  # a peak: the best batch is the bend
-    assert find_knee(BATCHES, BATCHES) is None  # still doubling: no knee yet
-    assert find_knee(BATCHES, [5] * 7) is None  # flat: nothing bends
-    assert find_knee([1, 2, 4, 8], [100, 102, 99, 101]) is None  # flat with noise: normalising must not invent a bend
-    assert find_knee(BATCHES, [9, 8, 7, 6, 5, 4, 3]) is None  # falling: batching only costs
-    assert find_knee([1, 2], [1, 2]) is None  # too few points
-    assert find_knee(BATCHES, [10, 19, 24, 25, 25.5, 25.6, 25.7], min_bend=0.9) is None  # bend below the threshold
+    assert find_knee(BATCHES, intervals([1, 2, 4, 8, 8, 8, 8])) == 8  # linear scaling, then flat
+    assert find_knee(BATCHES, intervals([10, 19, 24, 24.5, 24.6, 24.7, 24.8])) == 4  # +3% at most: not "faster"
+    assert find_knee(BATCHES, intervals([10, 19, 24, 25, 25.5, 25.6, 25.7])) == 8  # batch 64 is 7% above batch 4
+    assert find_knee(BATCHES, intervals([1, 2, 4, 8, 9, 6, 3])) == 16  # a peak: nothing beyond it beats it
+    assert find_knee(BATCHES, intervals(BATCHES)) is None  # still doubling: no knee yet
+    assert find_knee(BATCHES, intervals([5] * 7)) == 1  # flat: batching buys nothing
+    assert find_knee(BATCHES, intervals([9, 8, 7, 6, 5, 4, 3])) == 1  # falling: batching only costs
+    # a wide interval keeps a 10% rise from counting, so the knee moves down to where gains were decided
+    assert find_knee(BATCHES, intervals([10, 19, 24, 26.4, 26.4, 26.4, 26.4])) == 8
+    assert find_knee(BATCHES, intervals([10, 19, 24, 26.4, 26.4, 26.4, 26.4], width=0.2)) == 4
+
+
+def test_the_knee_never_contradicts_the_best_measured():
+    """Whatever the curve, no larger batch than the knee is decidedly faster than it (common.meter.verdict_of)."""
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        curve = list(np.cumsum(rng.uniform(-1, 3, len(BATCHES))) + 20)
+        gain = intervals(curve, width=float(rng.uniform(0.01, 0.3)))
+        knee = find_knee(BATCHES, gain)
+        if knee is not None:
+            assert all(verdict_of(*gain(larger, knee)[1:]) != "faster" for larger in BATCHES if larger > knee)
 
 
 def test_fitting_batches_runs_every_size_when_memory_is_plentiful():
