@@ -285,3 +285,26 @@ def _import_torchao_quietly() -> None:
     finally:
         for logger, level in zip(quiet, levels):
             logger.setLevel(level)
+
+
+class CastLinear(nn.Module):
+    """A Linear kept in a lower float precision (bf16) inside an fp32 model: casts its input in and its output back."""
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.linear = linear.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.to(self.linear.weight.dtype)).to(x.dtype)
+
+
+def quantize_mixed(model: nn.Module, kept: Collection[str], keep_dtype: torch.dtype,
+                   reduce_range: bool) -> nn.Module:
+    """A dynamic-int8 copy with the `kept` Linears left unquantised, in `keep_dtype` (fp32, or bf16 where fast)."""
+    quantised = quantize_dynamic_int8(model, reduce_range, [name for name in linear_names(model) if name not in kept])
+    if keep_dtype != torch.float32:
+        for name in kept:
+            parent, _, child = name.rpartition(".")
+            holder = quantised.get_submodule(parent)
+            setattr(holder, child, CastLinear(getattr(holder, child), keep_dtype))
+    return quantised
