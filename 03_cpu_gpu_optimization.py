@@ -371,8 +371,13 @@ def mixed_int8(ctx: cli.Context, s: Settings, fp32: models.LoadedModel) -> tuple
     """Rank the Linears by what int8 alone costs each, then keep the fewest most sensitive ones unquantised
     that bring the whole model to the fidelity bar (in bf16 where this CPU measured bf16 faster, else fp32)."""
     reference, activation = embed(fp32.model, fp32.tokenizer, FIDELITY_TEXTS), quantize.choose_activation_range()
-    worst = {reduce_range: cosine_fidelity(reference, embed(int8_dynamic(fp32.model, reduce_range=reduce_range),
-                                                          fp32.tokenizer, FIDELITY_TEXTS))["cosine_min"]
+
+    def fidelity(model: Any) -> dict[str, float]:  # int8 scales activations per batch: the worst batching counts
+        runs = [cosine_fidelity(reference, embed_sorted(model, fp32.tokenizer, FIDELITY_TEXTS, batch, s.max_length))
+                for batch in s.recipe_batches]
+        return {key: min(run[key] for run in runs) for key in ("cosine_mean", "cosine_min")}
+
+    worst = {reduce_range: fidelity(int8_dynamic(fp32.model, reduce_range=reduce_range))["cosine_min"]
              for reduce_range in ((True, False) if activation.measure_both else (activation.reduce_range,))}
     reduce_range = max(worst, key=worst.get)  # where both ranges are safe to try, the more faithful one
     print(f"mixed precision starts from int8 with {7 if reduce_range else 8}-bit activations (worst cosine "
@@ -389,11 +394,12 @@ def mixed_int8(ctx: cli.Context, s: Settings, fp32: models.LoadedModel) -> tuple
     for k in MIXED_KEEP_LADDER:  # fewest kept layers first: every kept layer gives back some of int8's speed
         kept = [layer.name for layer in ranking[:k]]
         model = quantize.quantize_mixed(fp32.model, kept, keep_dtype, reduce_range)
-        ladder.append({"kept": k, **cosine_fidelity(reference, embed(model, fp32.tokenizer, FIDELITY_TEXTS))})
+        ladder.append({"kept": k, **fidelity(model)})
         if keeps_fidelity(ladder[-1]):
             chosen = (model, kept)
             break
-    print_table(ladder, title=f"int8 with the k most sensitive Linears kept, on {len(FIDELITY_TEXTS)} varied texts")
+    print_table(ladder, title=f"int8 with the k most sensitive Linears kept: worst of batches {s.recipe_batches} "
+                f"on {len(FIDELITY_TEXTS)} varied texts")
     model, kept = chosen or (model, kept)  # none passed: the largest k goes on, and the table shows it fails
     ctx.report.add_rows("sensitivity", rows)
     return model, {"kept": kept, "keep_dtype": str(keep_dtype).removeprefix("torch."), "reduce_range": reduce_range,
@@ -921,7 +927,8 @@ def candidates(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> tuple[
                                            mixed["reduce_range"])
         return int8_dynamic(fp32.model)
 
-    lead = (f"int8, {len(mixed['kept'])} Linears {mixed['keep_dtype']}" if mixed else "int8")
+    short = {"float32": "fp32", "bfloat16": "bf16"}.get(mixed.get("keep_dtype"))
+    lead = f"int8, {len(mixed['kept'])} kept {short}" if mixed else "int8"
     pytorch("PyTorch fp32, batch 32", lambda: fp32.model, 32, variant="fp32")
     pytorch(f"PyTorch {str(half)[6:]} weights, batch 32", lambda: copy.deepcopy(fp32.model).to(half), 32,
             variant="half", dtype=str(half))
@@ -935,9 +942,9 @@ def candidates(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> tuple[
                     reduce_range=mixed.get("reduce_range", quantize.choose_activation_range().reduce_range))
     for batch in s.recipe_batches:
         pytorch(f"PyTorch {lead}, batch {batch}", lead_int8, batch, variant="int8", **settings)
-    pytorch(f"PyTorch {lead} + torch.compile, batch 32", lambda: torch.compile(lead_int8()), 32, variant="int8",
-            compile=True, **settings)
-    problems[f"PyTorch {lead} + torch.compile, batch 32"] = devices.compile_problem(ctx.device) or (
+    pytorch(f"PyTorch {lead} compiled, batch 32", lambda: torch.compile(lead_int8(), dynamic=True), 32,
+            variant="int8", compile=True, **settings)  # dynamic: one graph for every batch shape of the corpus
+    problems[f"PyTorch {lead} compiled, batch 32"] = devices.compile_problem(ctx.device) or (
         None if s.torch_compile else "--quick (compiling takes minutes on a small CPU; the full run has it)")
     for name in [name for name in builders if config[name]["variant"] == "int8"]:
         problems[name] = problems.get(name) or variant_unavailable("int8-dynamic", ctx.device)
@@ -955,7 +962,7 @@ def peers_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dic
     all on the same real paragraphs in one round-robin: the recipe is the fastest that keeps the fidelity bar."""
     corpus, source = recipe_corpus(ctx, s)
     builders, config, problems = candidates(ctx, s, results)
-    print(f"fused int8 via PT2E (X86InductorQuantizer, prepare_pt2e/convert_pt2e): {pt2e_problem()}")
+    print(f"fused int8 via PT2E (X86InductorQuantizer, prepare_pt2e/convert_pt2e): {quantize.pt2e_problem()}")
     built = ctx.build_each("recipe", builders, problems.get, lambda embedder: embedder(EXAMPLE_TEXTS))  # it runs
     embedders = {name: candidate["model"] for name, candidate in built.items()}
     outputs: dict[str, torch.Tensor] = {}
@@ -980,10 +987,11 @@ def peers_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dic
             estimate, low, high = comparison.ratio(name, other) if other in outputs else (None, 0, 0)
             rows[-1][column] = f"{estimate:.2f}x [{low:.2f}-{high:.2f}]" if estimate else "-"
     choice = recipes.choose(rows, comparison.ratio, PEERS, recipes.FidelityBar(*FIDELITY_BAR))
-    print_table(rows, ["workload", "p50_ms", "items_per_s", "vs_encode", "vs_ort_int8", "cosine_mean", "cosine_min",
-                       "varied_min"], title=f"{len(corpus)} {source}, max_length {s.max_length}; vs_* = this row's "
-                f"paired ratio with that row (interval); fidelity vs {reference} on these texts (cosine_*) and on "
-                f"{len(FIDELITY_TEXTS)} varied texts (varied_min)")
+    print_table(rows, ["workload", "items_per_s", "vs_encode", "vs_ort_int8", "cosine_min", "varied_min"],
+                title=f"{len(corpus)} {source} (max_length {s.max_length}), one round-robin")
+    print(textwrap.fill(f"vs_encode, vs_ort_int8: this row's speed over that row's, the paired ratio of the rounds "
+                        f"[interval]. cosine_min: worst text vs {reference} on these texts; varied_min: the same on "
+                        f"{len(FIDELITY_TEXTS)} varied texts. Full rows (p50, cosine mean) in results.csv.", 110))
     for name, why in choice.excluded.items():
         if name in embedders:
             print(f"  cannot win: {name}: {why}")
@@ -1010,15 +1018,6 @@ def recipe_corpus(ctx: cli.Context, s: Settings) -> tuple[list[str], str]:
                                                    "paragraphs of Python's documentation")
 
 
-def pt2e_problem() -> str:
-    """Why PyTorch 2's export-based x86 int8 path (PT2E, now in torchao) is not measured here."""
-    try:
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e  # noqa: F401
-    except Exception as error:  # torch 2.13 moved it out of torch.ao; a missing or broken torchao lands here
-        return f"not measured: {first_line(error)}"
-    return "torchao is installed, but this lesson measures torch.compile over dynamic int8 instead"
-
-
 def recipe_bar(comparison: Comparison, choice: recipes.Choice, rows: list[dict]) -> dict:
     """The recipe against the fastest other peer that keeps the bar, from their direct paired ratio."""
     target = f">= 1.0x the fastest peer runtime, both at {FIDELITY_TEXT}"
@@ -1028,7 +1027,7 @@ def recipe_bar(comparison: Comparison, choice: recipes.Choice, rows: list[dict])
     mine = next(row for row in rows if row["workload"] == choice.winner)
     note = " (a peer runtime won: the snippet is its code)" if choice.winner in PEERS else ""
     measured = (f"{choice.winner}{note} {comparison.ratio_text(choice.winner, choice.best_peer)} {choice.best_peer}"
-                f" at cosine mean {mine['cosine_mean']:.4f}, min {mine['cosine_min']:.4f}")
+                f", worst cosine {mine['cosine_min']:.4f}")
     return ratio_bar(BAR_NAMES[4], target, measured, comparison.ratio(choice.winner, choice.best_peer),
                      comparison.rounds, 1.0)
 
@@ -1039,8 +1038,8 @@ def recipe_bar(comparison: Comparison, choice: recipes.Choice, rows: list[dict])
 def recipe_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dict:
     """The winner of section 9's round-robin as code to paste: it computes what was timed there,
     on example texts, and its embeddings are kept in the report to check a pasted copy against."""
-    peers = results.get("peers")
-    if not peers:
+    peers, ran_here = results.get("peers"), not results.get("peers")
+    if ran_here:
         print("section 9 did not run in this run, so its round-robin runs here")
         peers = peers_section(ctx, s, results)
     if not peers["winner"]:
@@ -1049,51 +1048,19 @@ def recipe_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> di
     row = next(row for row in peers["rows"] if row["workload"] == winner)
     entry = models.CATALOG.get(ctx.load(ENCODER_ROLE).info.name)
     model_id = entry.hub_id if entry else ctx.load(ENCODER_ROLE).info.name
-    measured = (f"{row['vs_encode']} sentence-transformers' encode on {peers['texts']} {peers['text_source']}, "
+    measured = (f"{row['vs_encode']} the speed of sentence-transformers' encode on {peers['texts']} "
+                f"{peers['text_source']}, "
                 f"worst cosine {row['cosine_min']:.4f}")
     print(f"recipe: {winner}\n  measured: {measured}\n  others that could not win: {len(peers['excluded'])} "
           f"(section 9 lists why)")
     snippet = (runtimes.peer_snippet(winner, model_id, EXAMPLE_TEXTS, config["reduce_range"], max_length=s.max_length)
-               if winner in PEERS else recipe_snippet(config, model_id, s.max_length, ctx.device))
+               if winner in PEERS else recipes.pytorch_snippet(config, model_id, EXAMPLE_TEXTS, inspect.getsource(
+                   embed_sorted), s.max_length, ctx.device.type))
     print("\nready to paste (" + ("a peer runtime won, so this is its code" if winner in PEERS else "PyTorch") + "):\n"
           + "-" * 78 + f"\n# measured here: {measured}\n{snippet}\n" + "-" * 78)
     return {"winner": winner, "config": config, "snippet": snippet, "model_id": model_id,
             "example_texts": EXAMPLE_TEXTS, "example_embeddings": peers["example_embeddings"],
-            "bars": peers["bars"] if "peers" not in results or not results["peers"] else []}
-
-
-def recipe_snippet(config: dict[str, Any], model_id: str, max_length: int, device: torch.device) -> str:
-    """A PyTorch winner as code a learner can paste: public APIs and a few inline lines, ending in `embeddings =`."""
-    lines = ["import torch", "from transformers import AutoModel, AutoTokenizer", "",
-             f"tokenizer = AutoTokenizer.from_pretrained({model_id!r})",
-             f"model = AutoModel.from_pretrained({model_id!r}, dtype=" + (config.get("dtype") or "torch.float32")
-             + ")" + (f'.to("{device.type}")' if device.type != "cpu" else "")]
-    if config["variant"] == "int8":
-        lines[1:1] = ["from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic"]
-        lines += [f"kept = {config['kept']!r}  # the Linears int8 hurts most (section 5): not quantised",
-                  "int8 = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) "
-                  "and name not in kept]"]
-        if not config["reduce_range"]:
-            lines[1:1] = ["from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear", "", "",
-                          "class FullRangeLinear(DynamicLinear):  # 8-bit activations: safe where int8 sums in int32",
-                          "    def forward(self, x):",
-                          "        packed = self._packed_params._packed_params",
-                          "        return torch.ops.quantized.linear_dynamic(x, packed, reduce_range=False)"
-                          ".to(x.dtype)",
-                          "", ""]
-        mapping = ", mapping={torch.nn.Linear: FullRangeLinear}" if not config["reduce_range"] else ""
-        lines.append("model = quantize_dynamic(model, dict.fromkeys(int8, per_channel_dynamic_qconfig), "
-                     f"dtype=torch.qint8{mapping})")
-        if config["keep_dtype"] == "bfloat16":
-            lines += ["for name in kept:  # bf16 where this CPU ran it faster than fp32: cast in, compute, cast back",
-                      "    linear = model.get_submodule(name).to(torch.bfloat16)",
-                      "    model.get_submodule(name).forward = lambda x, linear=linear: "
-                      "torch.nn.functional.linear(x.to(torch.bfloat16), linear.weight, linear.bias).to(x.dtype)"]
-    if config.get("compile"):
-        lines.append("model = torch.compile(model)  # the first calls compile")
-    return ("\n".join(lines) + "\n\n\n" + inspect.getsource(embed_sorted) + f"\n\ntexts = {EXAMPLE_TEXTS!r}\n"
-            f"embeddings = embed_sorted(model, tokenizer, texts, batch_size={config['batch']}, "
-            f"max_length={max_length})")
+            "bars": peers["bars"] if ran_here else []}
 
 
 # ------------------------------------------------------------------------------------- 11. GPU memory

@@ -308,3 +308,12 @@ def quantize_mixed(model: nn.Module, kept: Collection[str], keep_dtype: torch.dt
             holder = quantised.get_submodule(parent)
             setattr(holder, child, CastLinear(getattr(holder, child), keep_dtype))
     return quantised
+
+
+def pt2e_problem() -> str:
+    """Why PyTorch 2's export-based x86 int8 path (PT2E: prepare_pt2e/convert_pt2e, now in torchao) is not measured."""
+    try:
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e  # noqa: F401
+    except Exception as error:  # torch 2.13 moved it out of torch.ao; a missing or broken torchao lands here
+        return f"not measured: {first_line(error)}"
+    return "torchao is installed, but this lesson measures torch.compile over dynamic int8 instead"

@@ -78,3 +78,42 @@ def choose(rows: Sequence[dict[str, Any]], ratio: Ratio, peers: Sequence[str], b
 def pairwise(names: Sequence[str], ratio: Ratio) -> dict[str, dict[str, list[float]]]:
     """Every pair's direct ratio (estimate, low, high) as nested JSON-ready dicts: pairs[a][b] = a over b."""
     return {a: {b: list(ratio(a, b)) for b in names if b != a} for a in names}
+
+
+def pytorch_snippet(config: dict[str, Any], model_id: str, texts: list[str], embed_source: str, max_length: int,
+                    device_type: str = "cpu") -> str:
+    """A PyTorch winner as code a learner can paste: public APIs and a few inline lines, ending in `embeddings =`.
+
+    `config` is the candidate's: variant ("fp32", "half" with its dtype, "int8" with the kept Linears, their dtype
+    and the activation range), batch and compile; `embed_source` is the embed_sorted function the lesson timed.
+    """
+    lines = ["import torch", "from transformers import AutoModel, AutoTokenizer", "",
+             f"tokenizer = AutoTokenizer.from_pretrained({model_id!r})",
+             f"model = AutoModel.from_pretrained({model_id!r}, dtype=" + (config.get("dtype") or "torch.float32")
+             + ")" + (f'.to("{device_type}")' if device_type != "cpu" else "")]
+    if config["variant"] == "int8":
+        lines[1:1] = ["from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic"]
+        lines += [f"kept = {config['kept']!r}  # the Linears int8 hurts most (section 5): not quantised",
+                  "int8 = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) "
+                  "and name not in kept]"]
+        if not config["reduce_range"]:
+            lines[1:1] = ["from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear", "", "",
+                          "class FullRangeLinear(DynamicLinear):  # 8-bit activations: safe where int8 sums in int32",
+                          "    def forward(self, x):",
+                          "        packed = self._packed_params._packed_params",
+                          "        return torch.ops.quantized.linear_dynamic(x, packed, reduce_range=False)"
+                          ".to(x.dtype)",
+                          "", ""]
+        mapping = ", mapping={torch.nn.Linear: FullRangeLinear}" if not config["reduce_range"] else ""
+        lines.append("model = quantize_dynamic(model, dict.fromkeys(int8, per_channel_dynamic_qconfig), "
+                     f"dtype=torch.qint8{mapping})")
+        if config["keep_dtype"] == "bfloat16":
+            lines += ["for name in kept:  # bf16 where this CPU ran it faster than fp32: cast in, compute, cast back",
+                      "    linear = model.get_submodule(name).to(torch.bfloat16)",
+                      "    model.get_submodule(name).forward = lambda x, linear=linear: "
+                      "torch.nn.functional.linear(x.to(torch.bfloat16), linear.weight, linear.bias).to(x.dtype)"]
+    if config.get("compile"):
+        lines.append("model = torch.compile(model, dynamic=True)  # the first call compiles, once for every shape")
+    return ("\n".join(lines) + "\n\n\n" + embed_source + f"\n\ntexts = {texts!r}\n"
+            f"embeddings = embed_sorted(model, tokenizer, texts, batch_size={config['batch']}, "
+            f"max_length={max_length})")

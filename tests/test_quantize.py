@@ -196,3 +196,11 @@ def test_cast_linear_computes_in_its_dtype_and_returns_the_input_dtype():
     expected = nn.functional.linear(x.bfloat16(), linear.weight.bfloat16(), linear.bias.bfloat16()).float()
     cast = quantize.CastLinear(linear, torch.bfloat16)
     assert torch.equal(cast(x), expected) and cast(x).dtype == torch.float32
+
+
+def test_pt2e_says_why_it_is_not_measured():
+    reason = quantize.pt2e_problem()
+    if importlib.util.find_spec("torchao") is None:
+        assert reason == "not measured: ModuleNotFoundError: No module named 'torchao'"
+    else:
+        assert "torch.compile over dynamic int8" in reason or reason.startswith("not measured: ")

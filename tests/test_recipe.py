@@ -1,4 +1,4 @@
-"""The recipe's selection on a simulated clock: the fastest candidate keeping the fidelity bar wins, by direct ratios."""
+"""The recipe's selection on a simulated clock: the fastest candidate keeping the fidelity bar wins, by direct ratio."""
 from __future__ import annotations
 
 import itertools
