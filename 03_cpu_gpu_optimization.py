@@ -89,7 +89,6 @@ VARIANT_LABELS = {"fp32": "fp32", "tf32": "TF32 matmuls", "bf16-autocast": "bf16
                   "int8-dynamic": "dynamic int8 per-channel", "int8-dynamic-8bit": "dynamic int8, 8-bit activations",
                   "torchao-int8": "torchao int8 dyn-act/int8-weight", "bnb-4bit": "bitsandbytes 4-bit nf4",
                   "int8-mixed": "int8, most sensitive Linears kept"}
-LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SPEED = ["p50_ms", "iqr_ms", "items_per_s", "speedup", "verdict"]  # the timing columns of every compared table
 
 
