@@ -369,7 +369,8 @@ def bf16_is_fast(ctx: cli.Context, hidden: int, s: Settings) -> tuple[bool, str]
 def mixed_int8(ctx: cli.Context, s: Settings, fp32: models.LoadedModel) -> tuple[Any, dict]:
     """Rank the Linears by what int8 alone costs each, then keep the fewest most sensitive ones unquantised
     that bring the whole model to the fidelity bar (in bf16 where this CPU measured bf16 faster, else fp32)."""
-    reference, activation = embed(fp32.model, fp32.tokenizer, FIDELITY_TEXTS), quantize.choose_activation_range()
+    activation = quantize.choose_activation_range()
+    reference = embed_sorted(fp32.model, fp32.tokenizer, FIDELITY_TEXTS, max_length=s.max_length)  # same truncation
 
     def fidelity(model: Any) -> dict[str, float]:  # int8 scales activations per batch: the worst batching counts
         runs = [cosine_fidelity(reference, embed_sorted(model, fp32.tokenizer, FIDELITY_TEXTS, batch, s.max_length))
