@@ -93,27 +93,31 @@ def pytorch_snippet(config: dict[str, Any], model_id: str, texts: list[str], emb
              + ")" + (f'.to("{device_type}")' if device_type != "cpu" else "")]
     if config["variant"] == "int8":
         lines[1:1] = ["from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic"]
-        lines += [f"kept = {config['kept']!r}  # the Linears int8 hurts most (section 5): not quantised",
+        lines += ["# the Linears int8 hurts most (section 5's ranking) stay unquantised", f"kept = {config['kept']!r}",
                   "int8 = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) "
                   "and name not in kept]"]
-        if not config["reduce_range"]:
-            lines[1:1] = ["from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear", "", "",
-                          "class FullRangeLinear(DynamicLinear):  # 8-bit activations: safe where int8 sums in int32",
+        if not config["reduce_range"]:  # after the imports: torch, torch.ao.quantization, transformers
+            lines[3:3] = ["", "", "class FullRangeLinear(DynamicLinear):  # 8-bit activations (the stock one: 7)",
                           "    def forward(self, x):",
                           "        packed = self._packed_params._packed_params",
                           "        return torch.ops.quantized.linear_dynamic(x, packed, reduce_range=False)"
-                          ".to(x.dtype)",
-                          "", ""]
+                          ".to(x.dtype)", ""]
+            lines[1:1] = ["from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear"]
         mapping = ", mapping={torch.nn.Linear: FullRangeLinear}" if not config["reduce_range"] else ""
-        lines.append("model = quantize_dynamic(model, dict.fromkeys(int8, per_channel_dynamic_qconfig), "
-                     f"dtype=torch.qint8{mapping})")
+        lines.append("model = quantize_dynamic(model, dict.fromkeys(int8, per_channel_dynamic_qconfig),\n"
+                     f"                         dtype=torch.qint8{mapping})")
         if config["keep_dtype"] == "bfloat16":
             lines += ["for name in kept:  # bf16 where this CPU ran it faster than fp32: cast in, compute, cast back",
                       "    linear = model.get_submodule(name).to(torch.bfloat16)",
-                      "    model.get_submodule(name).forward = lambda x, linear=linear: "
-                      "torch.nn.functional.linear(x.to(torch.bfloat16), linear.weight, linear.bias).to(x.dtype)"]
+                      "    model.get_submodule(name).forward = lambda x, linear=linear: torch.nn.functional.linear(",
+                      "        x.to(torch.bfloat16), linear.weight, linear.bias).to(x.dtype)"]
     if config.get("compile"):
         lines.append("model = torch.compile(model, dynamic=True)  # the first call compiles, once for every shape")
-    return ("\n".join(lines) + "\n\n\n" + embed_source + f"\n\ntexts = {texts!r}\n"
+    return ("\n".join(lines) + "\n\n\n" + embed_source + f"\n\ntexts = {list_literal(texts)}\n"
             f"embeddings = embed_sorted(model, tokenizer, texts, batch_size={config['batch']}, "
             f"max_length={max_length})")
+
+
+def list_literal(items: Sequence[str]) -> str:
+    """A list of strings as Python source, one item per line, so a pasted snippet stays narrow."""
+    return "[\n" + "".join(f"    {item!r},\n" for item in items) + "]"

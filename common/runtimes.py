@@ -16,6 +16,7 @@ from torch import nn
 
 from common.errors import first_line
 from common.pipelines import mean_pool
+from common.recipe import list_literal
 
 Embedder = Callable[[list[str]], torch.Tensor]
 OPSET = 17  # ONNX Runtime 1.32 runs it; the TorchScript exporter's well-trodden opset for BERT-style encoders
@@ -294,7 +295,7 @@ def embed_sorted(texts, batch_size={batch_size}, max_length={max_length}):
     return embeddings
 
 
-texts = {texts!r}
+texts = {texts}
 embeddings = embed_sorted(texts)'''
 
 
@@ -303,10 +304,10 @@ def peer_snippet(peer: str, model: str, texts: list[str], reduce_range: bool, ba
     """A peer's code as a learner can paste it: public APIs only, ending in `embeddings = ...` of `texts`."""
     if peer == SENTENCE_TRANSFORMERS:
         return (f"from sentence_transformers import SentenceTransformer\n\nmodel = SentenceTransformer({model!r})\n"
-                f"model.max_seq_length = {max_length}\ntexts = {texts!r}\nembeddings = model.encode(texts, "
-                f"batch_size={batch_size}, convert_to_tensor=True, normalize_embeddings=True)")
-    quantise = ('quantize_dynamic({source!r}, "encoder.int8.onnx", per_channel=True, reduce_range={reduce_range}, '
-                'weight_type=QuantType.QInt8,\n                 extra_options={{"DefaultTensorType": '
+                f"model.max_seq_length = {max_length}\ntexts = {list_literal(texts)}\nembeddings = model.encode("
+                f"texts, batch_size={batch_size}, convert_to_tensor=True, normalize_embeddings=True)")
+    quantise = ('quantize_dynamic({source!r}, "encoder.int8.onnx", per_channel=True, reduce_range={reduce_range},\n'
+                '                 weight_type=QuantType.QInt8, extra_options={{"DefaultTensorType": '
                 'onnx.TensorProto.FLOAT}})\n')
     prepare, source = {ONNX_FP32: ("", "encoder.onnx"), ONNX_INT8: (quantise, "encoder.int8.onnx"), ONNX_FUSED_INT8: (
         'optimize_model("encoder.onnx", model_type="bert", num_heads=model.config.num_attention_heads,\n'
@@ -316,4 +317,4 @@ def peer_snippet(peer: str, model: str, texts: list[str], reduce_range: bool, ba
                              reduce_range=reduce_range)
     return _ONNX_SNIPPET.format(model=model, attention="eager" if peer == ONNX_FUSED_INT8 else "sdpa", opset=OPSET,
                                 prepare=prepare, session_file=source, batch_size=batch_size, max_length=max_length,
-                                texts=texts)
+                                texts=list_literal(texts))
