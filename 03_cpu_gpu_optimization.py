@@ -22,7 +22,8 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.utils import logging as hf_logging
 
-from common import calibration, cli, device as devices, memory, models, plots, quantize, runtimes, texts
+from common import (calibration, cli, device as devices, memory, models, plots, quantize, recipe as recipes, runtimes,
+                    texts)
 from common.batching import (batch_shapes, batch_work, encoder_forward_bytes, encoder_forward_flops, make_batches,
                              padded_batches, streamed_weight_bytes)
 from common.errors import UserError, first_line
@@ -32,7 +33,7 @@ from common.meter import Comparison
 from common.pipelines import embed, mean_pool
 from common.quantize import bnb_compute_dtype, int8_dynamic, variant_unavailable
 from common.report import collect_bars, limit_bar, performance_bar, print_table, ratio_bar
-from common.runtimes import PEER_SNIPPETS, PEERS, SENTENCE_TRANSFORMERS as PEER_BASELINE
+from common.runtimes import PEERS, SENTENCE_TRANSFORMERS as PEER_BASELINE
 from common.sweep import fitting_batches
 
 
@@ -49,28 +50,31 @@ class Settings:
     greedy_tokens: int  # decoder fidelity: greedy tokens compared with fp32's
     matmul_size: int  # the peak-FLOP/s reference: the largest of three square fp32 matmul sizes
     stream_texts: int  # the "long list" for streaming vs materialising
-    sensitivity: bool  # rank every Linear by what int8 alone costs it: about a minute on this model
-    peer_texts: int  # real-text paragraphs the peer runtimes (sentence-transformers, ONNX Runtime) embed
+    recipe_texts: int  # real paragraphs every recipe candidate and peer runtime embeds, in one round-robin
+    recipe_batches: tuple[int, ...]  # batch sizes tried for the lead int8 configuration
     torch_compile: bool  # torch.compile spends about a minute compiling on a small CPU
     decoder_bnb: bool  # bitsandbytes generation on a CPU takes seconds per call
 
 
 FULL = Settings(speed_role="bert-base-uncased", speed_batch=16, corpus_size=64, max_length=128,
                 batch_sizes=(1, 2, 4, 8, 16, 32, 64), rounds=5, greedy_tokens=32, matmul_size=2048,
-                stream_texts=512, sensitivity=True, peer_texts=128, torch_compile=True, decoder_bnb=True)
+                stream_texts=512, recipe_texts=512, recipe_batches=(16, 32, 64), torch_compile=True,
+                decoder_bnb=True)
 QUICK = Settings(speed_role="encoder", speed_batch=4, corpus_size=12, max_length=32,
                  batch_sizes=(1, 4, 8), rounds=3, greedy_tokens=4, matmul_size=1024,
-                 stream_texts=64, sensitivity=False, peer_texts=16, torch_compile=False, decoder_bnb=False)
+                 stream_texts=64, recipe_texts=24, recipe_batches=(8, 32), torch_compile=False,
+                 decoder_bnb=False)
 
 ENCODER_ROLE = "encoder"  # real weights (all-MiniLM-L6-v2): fidelity, batching, compile, the recipe
 DECODER_ROLE = "decoder"  # real weights (SmolLM2-135M offline): greedy-token fidelity
 FIDELITY_TEXTS = texts.FIDELITY_TEXTS  # 74 varied texts: what every "cosine vs fp32" is computed on
+EXAMPLE_TEXTS = [texts.SENTENCES[1], texts.SENTENCES[9], FIDELITY_TEXTS[63]]  # what the pasted recipe embeds
 LONG_TEXT_WORDS = (40, 100)  # the mixed-length corpus: one text in five is this long; the rest are 4-16 words
 DECODER_PROMPT = "The three most useful tips for making Python code run faster are"
 OFFLOAD_CAP = "100MiB"  # max_memory for the main device: far below the 265 MB model
 RECIPE_DEFAULT_BATCH = 32  # used when section 6 did not run
 DECODER_ROUNDS = 3  # bitsandbytes generation on a CPU takes seconds a call, and no bar or recipe rests on these
-SELECTIVE_KEEP_FP32 = 6  # Linears left in fp32 by the sensitivity ranking (MiniLM has 36)
+MIXED_KEEP_LADDER = (0, 1, 2, 3, 4, 6, 9, 12)  # how many of the most sensitive Linears (MiniLM has 37) stay unquantised
 FIDELITY_BAR = (0.99, 0.98)  # cosine mean and worst text vs the reference: what every recommendation must keep
 FIDELITY_TEXT = f"cosine mean >= {FIDELITY_BAR[0]} and min >= {FIDELITY_BAR[1]}"
 FLOPS_FRACTION_TARGET = 0.7
@@ -84,8 +88,7 @@ VARIANT_LABELS = {"fp32": "fp32", "tf32": "TF32 matmuls", "bf16-autocast": "bf16
                   "fp16-autocast": "fp16 autocast", "fp16-weights": "fp16 weights", "bnb-8bit": "bitsandbytes 8-bit",
                   "int8-dynamic": "dynamic int8 per-channel", "int8-dynamic-8bit": "dynamic int8, 8-bit activations",
                   "torchao-int8": "torchao int8 dyn-act/int8-weight", "bnb-4bit": "bitsandbytes 4-bit nf4",
-                  "int8-selective": f"int8, {SELECTIVE_KEEP_FP32} most sensitive Linears fp32"}
-LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+                  "int8-mixed": "int8, most sensitive Linears kept"}
 SPEED = ["p50_ms", "iqr_ms", "items_per_s", "speedup", "verdict"]  # the timing columns of every compared table
 
 
@@ -353,28 +356,63 @@ def compare_variants(ctx: cli.Context, built: dict[str, dict[str, Any]], what: s
     return rows, comparison
 
 
-def selective_int8(ctx: cli.Context, fp32: models.LoadedModel) -> Any:
-    """Quantise one Linear at a time, rank them by the cosine each costs alone, print the worst, keep those in fp32."""
-    reduce_range = quantize.choose_activation_range().reduce_range
+def bf16_is_fast(ctx: cli.Context, hidden: int, s: Settings) -> tuple[bool, str]:
+    """Time one of the encoder's FFN Linears in bf16 against fp32, round-robin: bf16 keeps a layer only if faster."""
+    linear, x = torch.nn.Linear(hidden, 4 * hidden), torch.randn(s.speed_batch * 32, hidden)
+    half, half_x = copy.deepcopy(linear).to(torch.bfloat16), x.to(torch.bfloat16)
+    with torch.inference_mode():
+        comparison = ctx.meter(torch.device("cpu")).compare({"bf16": lambda: half(half_x), "fp32": lambda: linear(x)},
+                                                            min_rounds=s.rounds)
+    return comparison.verdict("bf16", "fp32") == "faster", comparison.sentence("bf16", "fp32")
+
+
+def mixed_int8(ctx: cli.Context, s: Settings, fp32: models.LoadedModel) -> tuple[Any, dict]:
+    """Rank the Linears by what int8 alone costs each, then keep the fewest most sensitive ones unquantised
+    that bring the whole model to the fidelity bar (in bf16 where this CPU measured bf16 faster, else fp32)."""
+    activation = quantize.choose_activation_range()
+    reference = embed_sorted(fp32.model, fp32.tokenizer, FIDELITY_TEXTS, max_length=s.max_length)  # same truncation
+
+    def fidelity(model: Any) -> dict[str, float]:  # int8 scales activations per batch: the worst batching counts
+        runs = [cosine_fidelity(reference, embed_sorted(model, fp32.tokenizer, FIDELITY_TEXTS, batch, s.max_length))
+                for batch in s.recipe_batches]
+        return {key: min(run[key] for run in runs) for key in ("cosine_mean", "cosine_min")}
+
+    worst = {reduce_range: fidelity(int8_dynamic(fp32.model, reduce_range=reduce_range))["cosine_min"]
+             for reduce_range in ((True, False) if activation.measure_both else (activation.reduce_range,))}
+    reduce_range = max(worst, key=worst.get)  # where both ranges are safe to try, the more faithful one
+    print(f"mixed precision starts from int8 with {7 if reduce_range else 8}-bit activations (worst cosine "
+          + ", ".join(f"{7 if r else 8}-bit {c:.4f}" for r, c in worst.items()) + ")")
     subset = FIDELITY_TEXTS[::6]  # a dozen varied texts: one pass per Linear is the whole cost
     ranking = quantize.rank_sensitivity(fp32.model, lambda model: embed(model, fp32.tokenizer, subset), reduce_range,
                                         progress="sensitivity")
     rows = [{"layer": layer.name, "cosine_drop": layer.drop, "cosine_min": layer.cosine_min} for layer in ranking]
-    print_table(rows[:8], title=f"where int8 hurts: each Linear quantised alone, cosine drop on {len(subset)} texts "
-                                f"(the top {SELECTIVE_KEEP_FP32} stay fp32)")
+    print_table(rows[:6], title=f"where int8 hurts: each Linear quantised alone, cosine drop on {len(subset)} texts")
+    fast, why = bf16_is_fast(ctx, fp32.model.config.hidden_size, s)
+    keep_dtype = torch.bfloat16 if fast and ctx.device.type == "cpu" else torch.float32
+    print(f"kept layers run in {str(keep_dtype).removeprefix('torch.')}: {why}")
+    ladder, chosen = [], None
+    for k in MIXED_KEEP_LADDER:  # fewest kept layers first: every kept layer gives back some of int8's speed
+        kept = [layer.name for layer in ranking[:k]]
+        model = quantize.quantize_mixed(fp32.model, kept, keep_dtype, reduce_range)
+        ladder.append({"kept": k, **fidelity(model)})
+        if keeps_fidelity(ladder[-1]):
+            chosen = (model, kept)
+            break
+    print_table(ladder, title=f"int8 with the k most sensitive Linears kept: worst of batches {s.recipe_batches} "
+                f"on {len(FIDELITY_TEXTS)} varied texts")
+    model, kept = chosen or (model, kept)  # none passed: the largest k goes on, and the table shows it fails
     ctx.report.add_rows("sensitivity", rows)
-    return quantize.quantize_selective(fp32.model, ranking, SELECTIVE_KEEP_FP32, reduce_range)[0]
+    return model, {"kept": kept, "keep_dtype": str(keep_dtype).removeprefix("torch."), "reduce_range": reduce_range,
+                   "ladder": ladder, "bf16_verdict": why}
 
 
-def quantized_encoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], list[str], float | None]:
+def quantized_encoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], Comparison, float | None, dict]:
     """fp32, int8 and bitsandbytes 8/4-bit encoders, timed round-robin: size, speed, cosine (and per-tensor int8's)."""
     where = models.checkpoint(ENCODER_ROLE, ctx.source)
     fp32 = ctx.load(ENCODER_ROLE)
-    builders = {"fp32": lambda: fp32.model, **quantization_recipes(where, fp32.model, ctx.device)}
-    if s.sensitivity:
-        builders["int8-selective"] = lambda: selective_int8(ctx, fp32)
-    else:
-        ctx.report.skip(f"encoder {VARIANT_LABELS['int8-selective']}", "takes ~1 min: full run only")
+    builders, mixed = {"fp32": lambda: fp32.model, **quantization_recipes(where, fp32.model, ctx.device)}, {}
+    if ctx.device.type == "cpu":
+        builders["int8-mixed"] = lambda: mixed.setdefault("model", mixed_int8(ctx, s, fp32))[0]
     built = ctx.build_each("encoder", builders, lambda key: variant_unavailable(key, ctx.device),
                            lambda model: embed(model, fp32.tokenizer, FIDELITY_TEXTS), where, VARIANT_LABELS)
     batch = sentence_batch(fp32.tokenizer, s.speed_batch, ctx.device)
@@ -385,13 +423,13 @@ def quantized_encoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], list[
                        "similarity_spearman", "noisy"], title=f"encoder {fp32.info.label}, batch {s.speed_batch}; "
                 f"fidelity on {len(FIDELITY_TEXTS)} texts = embedding cosine vs fp32 and Spearman of all pairwise "
                 "similarities; quantized_share = share of matmul weights stored quantised (int8 or 4-bit)")
-    lines, per_tensor = comparison.print_verdicts("fp32"), None
+    per_tensor = None
     if "int8-dynamic" in built:  # one weight scale per matrix instead of one per output row
         per_tensor = cosine_fidelity(built["fp32"]["output"], embed(int8_dynamic(fp32.model, per_channel=False),
                                                                     fp32.tokenizer, FIDELITY_TEXTS))["cosine_mean"]
         print(f"\ndynamic int8 above: one weight scale per output row (per-channel); one scale per matrix gives "
               f"encoder cosine {per_tensor:.4f}.")
-    return rows, lines, per_tensor
+    return rows, comparison, per_tensor, mixed.get("model", (None, {}))[1]
 
 
 def quantized_decoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], list[str]]:
@@ -432,12 +470,14 @@ def quantized_decoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], list[
     return rows, lines
 
 
-def int8_bar(int8: dict, activation_bits: int, rounds: int) -> dict:
-    """The int8 bar: a MISS on fidelity alone, otherwise its status follows the speed-up's interval."""
+def int8_bar(rows: list[dict], comparison: Comparison, rounds: int) -> dict:
+    """The int8 bar on the fastest int8 variant keeping the fidelity bar (else plain int8, a MISS on fidelity)."""
+    int8 = {row["workload"]: row for row in rows if row["key"].startswith("int8-")}
+    passing = [name for name, row in int8.items() if keeps_fidelity(row)]
+    int8 = int8[recipes.fastest(passing, comparison.ratio) or VARIANT_LABELS["int8-dynamic"]]
     name, target = BAR_NAMES[2], f">= {INT8_SPEEDUP_TARGET}x fp32 throughput at {FIDELITY_TEXT}"
-    measured = (f"{int8['speedup']:.2f}x [{int8['speedup_low']:.2f}-{int8['speedup_high']:.2f}] ({int8['verdict']}) "
-                f"at cosine mean {int8['cosine_mean']:.4f}, min {int8['cosine_min']:.4f} ({activation_bits}-bit "
-                "activations)")
+    measured = (f"{int8['variant']} {int8['speedup']:.2f}x [{int8['speedup_low']:.2f}-{int8['speedup_high']:.2f}] "
+                f"({int8['verdict']}) at cosine mean {int8['cosine_mean']:.4f}, min {int8['cosine_min']:.4f}")
     if not keeps_fidelity(int8):
         return performance_bar(name, target, measured + ": fails the fidelity bar", int8["speedup"], "MISS")
     ratio = (int8["speedup"], int8["speedup_low"], int8["speedup_high"])
@@ -458,14 +498,15 @@ def quantization_section(ctx: cli.Context, s: Settings, results: dict[str, Any])
           "against those weight columns, the rest as int8 x int8.")
     if torchao_problem:
         ctx.report.skip("encoder/decoder torchao int8", torchao_problem)
-    encoder_rows, encoder_lines, per_tensor_cosine = quantized_encoders(ctx, s)
+    encoder_rows, comparison, per_tensor_cosine, mixed = quantized_encoders(ctx, s)
+    encoder_lines = comparison.print_verdicts("fp32")
     decoder_rows, decoder_lines = quantized_decoders(ctx, s)
-    int8 = next((row for row in encoder_rows if row["key"] == "int8-dynamic"), None)
-    bars = [] if int8 is None else [int8_bar(int8, activation.bits, s.rounds)]
+    has_int8 = any(row["key"] == "int8-dynamic" for row in encoder_rows)
+    bars = [int8_bar(encoder_rows, comparison, s.rounds)] if has_int8 else []
     ctx.report.add_chart(quantization_chart(encoder_rows, decoder_rows, ctx.out_dir))
     ctx.report.add_rows("quantization", encoder_rows + decoder_rows)
     return {"encoder": encoder_rows, "decoder": decoder_rows, "verdicts": encoder_lines + decoder_lines,
-            "int8_per_tensor_cosine_mean": per_tensor_cosine, "bars": bars}
+            "int8_per_tensor_cosine_mean": per_tensor_cosine, "mixed": mixed, "bars": bars}
 
 
 # ---------------------------------------------------------------------------------------- 6. batching
@@ -850,75 +891,6 @@ def memory_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> di
 # ------------------------------------------------------------------------------------------ 9. peers
 
 
-def peer_decision(comparison: Comparison, rows: list[dict]) -> dict[str, Any]:
-    """Fastest of ours and of the peers that keep the fidelity bar, and the bar between them (from the rounds)."""
-    def fastest(is_peer: bool) -> str | None:
-        return max((r for r in rows if (r["workload"] in PEERS) == is_peer and keeps_fidelity(r)),
-                   key=lambda r: r["items_per_s"], default={}).get("workload")
-
-    ours, peer = fastest(False), fastest(True)
-    if not ours or not peer:
-        return {"ours": ours, "peer": peer, "winner": ours or peer, "bars": []}
-    mine, row = next(r for r in rows if r["workload"] == ours), comparison.verdict_row(ours, peer)
-    winner = peer if row["verdict"] == "slower" else ours
-    print(f"\nfastest at {FIDELITY_TEXT}: ours = {ours}, peer = {peer}. {row['sentence']}"
-          + (f"\n  so the recipe recommends {peer} here:\n    " + PEER_SNIPPETS[peer].replace("\n", "\n    ")
-             if winner == peer else ""))
-    bars = [ratio_bar(BAR_NAMES[4], f">= 1.0x the fastest peer runtime, both at {FIDELITY_TEXT}",
-                            f"{ours} {row['speedup']:.2f}x [{row['speedup_low']:.2f}-{row['speedup_high']:.2f}] {peer} "
-                            f"({row['verdict']}) at cosine mean {mine['cosine_mean']:.4f}, "
-                            f"min {mine['cosine_min']:.4f}",
-                            (row["speedup"], row["speedup_low"], row["speedup_high"]), comparison.rounds, 1.0)]
-    return {"ours": ours, "peer": peer, "winner": winner, "ratio": row["speedup"], "verdict": row["verdict"],
-            "bars": bars, "sentence": row["sentence"]}
-
-
-def peers_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dict:
-    """A learner could just call sentence-transformers' encode, or export to ONNX Runtime: the same real texts
-    go through each and through our PyTorch path, timed round-robin, with fidelity against sentence-transformers."""
-    where = models.checkpoint(ENCODER_ROLE, ctx.source)
-    fp32 = ctx.load(ENCODER_ROLE)
-    tokenizer, size = fp32.tokenizer, dict(batch_size=RECIPE_DEFAULT_BATCH, max_length=s.max_length)
-    builders = {  # the ONNX exports stay with this run's outputs
-        **runtimes.peer_builders(where.path, fp32.model, tokenizer, ctx.device, ctx.out_dir / "onnx",
-                                 quantize.choose_activation_range().reduce_range, **size),
-        "PyTorch fp32": lambda: runtimes.torch_embedder(fp32.model, tokenizer, **size),
-        "PyTorch int8": lambda: runtimes.torch_embedder(int8_dynamic(fp32.model), tokenizer, **size),
-        "PyTorch bf16 weights": lambda: runtimes.torch_embedder(copy.deepcopy(fp32.model).to(torch.bfloat16),
-                                                                tokenizer, **size),
-    }
-    problems = {**runtimes.peer_problems(where.path, ctx.device),
-                "PyTorch int8": variant_unavailable("int8-dynamic", ctx.device),
-                "PyTorch bf16 weights": None if ctx.device.type != "cuda" or devices.native_bf16(ctx.device) else
-                f"{ctx.device} has no bf16 tensor cores (compute capability 8.0+), so bf16 would run emulated"}
-    embedders = {name: built["model"] for name, built in ctx.build_each("peers", builders, problems.get).items()}
-    corpus = texts.realistic_corpus(s.peer_texts, seed=ctx.args.seed)
-    outputs: dict[str, torch.Tensor] = {}
-
-    def timed(name: str) -> Callable[[], None]:
-        def run() -> None:
-            outputs[name] = embedders[name](corpus)
-        return run
-
-    comparison = ctx.meter().compare({name: timed(name) for name in embedders}, items=len(corpus), warmup=1,
-                                     min_rounds=s.rounds, progress="peer runtimes")
-    baseline = PEER_BASELINE if PEER_BASELINE in outputs else next(iter(outputs))
-    rows = [{**row, **embedding_fidelity(outputs[baseline], outputs[row["workload"]])}
-            for row in comparison.rows(baseline=baseline)]
-    print_table(rows, ["workload", "p50_ms", "items_per_s", "speedup", "speedup_low", "speedup_high", "verdict",
-                       "cosine_mean", "cosine_min", "similarity_spearman", "noisy"], title=f"{len(corpus)} real texts, "
-                f"max_length {s.max_length}, sorted batches of {RECIPE_DEFAULT_BATCH}; speed, fidelity vs {baseline}")
-    for name in embedders:
-        print(f"  {name}: {PEER_SNIPPETS.get(name, 'runtimes.torch_embedder(model, tokenizer): embed_sorted below')}"
-              .replace("\n", "\n      "))
-    lines = comparison.print_verdicts(baseline)
-    ctx.report.add_rows("peers", rows)
-    return {"rows": rows, "baseline": baseline, "verdicts": lines, **peer_decision(comparison, rows)}
-
-
-# ----------------------------------------------------------------------------------------- 10. recipe
-
-
 def embed_sorted(model, tokenizer, texts: list[str], batch_size: int = 32, max_length: int = 128) -> torch.Tensor:
     """Mean-pooled sentence embeddings, batched shortest-first so each batch pads only to its own longest text."""
     encoded = tokenizer(texts, truncation=True, max_length=max_length)
@@ -935,154 +907,160 @@ def embed_sorted(model, tokenizer, texts: list[str], batch_size: int = 32, max_l
     return embeddings
 
 
-def choose_recipe(results: dict[str, Any], device: torch.device) -> tuple[dict[str, Any], list[dict]]:
-    """Each knob set by its section's verdict (a safe default, said so, where a section did not run)."""
-    threads, attention, batching, grad, peers = (results.get(name) or {} for name in
-                                                 ("threads", "attention", "batching", "grad", "peers"))
-    choice: dict[str, Any] = {"threads": torch.get_num_threads(), "variant": "fp32", "attention": "sdpa",
-                              "batch": RECIPE_DEFAULT_BATCH, "compile": False}
-    evidence = {knob: "default (its section did not run)" for knob in choice}
-    if threads:
-        size, choice["threads"] = max(threads["best_threads"].items(), key=lambda item: int(item[0]))
-        evidence["threads"] = f"section 2, batch {size}: " + threads["decisions"][size]
-    candidates = [(row, where) for where, rows in (
-        ("section 4", (results.get("precision") or {}).get("rows", [])),
-        ("section 5", (results.get("quantization") or {}).get("encoder", []))) for row in rows if row["key"] != "fp32"]
-    good = [(row["speedup"], row["key"], where, row["cosine_mean"], row["cosine_min"]) for row, where in candidates
-            if row["verdict"] == "faster" and keeps_fidelity(row) and row["key"] != "int8-selective"
-            and not variant_unavailable(row["key"], device)]  # int8-selective's ranking lives in section 5
-    if good:
-        speedup, choice["variant"], where, mean, worst = max(good)
-        evidence["variant"] = (f"{where}: {speedup:.2f}x faster than fp32 (verdict: faster) at cosine mean "
-                               f"{mean:.4f}, min {worst:.4f}")
-    elif candidates:
-        evidence["variant"] = f"sections 4-5: no variant was measurably faster at {FIDELITY_TEXT}"
-    if attention:
-        choice["attention"], compiled = attention["attention_choice"], attention.get("compile")
-        evidence["attention"] = f"section 7: sdpa vs eager verdict '{attention['attention_verdict']}'" + (
-            " (a tie keeps the default)" if attention["attention_verdict"] not in ("faster", "slower") else "")
-        faster = bool(compiled) and compiled["verdict"] == "faster"
-        choice["compile"] = faster and choice["variant"] == "fp32"  # compile was measured on fp32 only
-        evidence["compile"] = (f"section 7: {compiled['verdict_line']}" if compiled else "section 7 did not measure "
-                               f"it ({attention['compile_skipped']})") + ("; measured on fp32 only, so not combined "
-                               f"with {VARIANT_LABELS[choice['variant']]}" if faster and not choice["compile"] else "")
-    if batching:
-        choice["batch"] = batching["best_sorted_batch"]
-        evidence["batch"] = "section 6: fastest batch for length-sorted dynamic padding"
-    rows = [{"knob": knob, "choice": VARIANT_LABELS.get(str(value), value), "evidence": evidence[knob]}
-            for knob, value in choice.items()]
-    rows.append({"knob": "gradients", "choice": "torch.inference_mode()", "evidence": (
-        f"section 3: {grad['inference_mode_verdict']}; grad enabled kept {grad['kept_by_grad_mib']:.1f} MiB for a "
-        "backward pass") if grad else "default: inference never needs autograd"})
-    if peers.get("winner"):  # int8, bf16 and ONNX Runtime, all timed on the same texts in one round-robin
-        rows.append({"knob": "runtime", "choice": peers["winner"], "evidence": f"section 9, fastest at "
-                     f"{FIDELITY_TEXT}: " + (peers.get("sentence") or f"only {peers['winner']} qualified")})
-    return choice, rows
+def candidates(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """The recipe's candidates: PyTorch configurations (variant x batch) and the peer runtimes, each built lazily as
+    embed(texts); with each one's configuration (for the snippet) and why any cannot run here."""
+    where, fp32 = models.checkpoint(ENCODER_ROLE, ctx.source), ctx.load(ENCODER_ROLE)
+    mixed, cpu = (results.get("quantization") or {}).get("mixed") or {}, ctx.device.type == "cpu"
+    half = torch.bfloat16 if cpu else torch.float16
+    builders, config, problems = {}, {}, {}
+
+    def pytorch(name: str, make: Callable[[], Any], batch: int, **settings: Any) -> None:
+        def build() -> Callable[[list[str]], torch.Tensor]:
+            model = make()
+            return lambda corpus: embed_sorted(model, fp32.tokenizer, corpus, batch, s.max_length)
+        builders[name], config[name] = build, {"runtime": "PyTorch", "batch": batch, **settings}
+
+    def lead_int8() -> Any:  # the mixed model of section 5 when it ran, plain int8 otherwise
+        if mixed:
+            return quantize.quantize_mixed(fp32.model, mixed["kept"], getattr(torch, mixed["keep_dtype"]),
+                                           mixed["reduce_range"])
+        return int8_dynamic(fp32.model)
+
+    short = {"float32": "fp32", "bfloat16": "bf16"}.get(mixed.get("keep_dtype"))
+    lead = f"int8, {len(mixed['kept'])} kept {short}" if mixed else "int8"
+    pytorch("PyTorch fp32, batch 32", lambda: fp32.model, 32, variant="fp32")
+    pytorch(f"PyTorch {str(half)[6:]} weights, batch 32", lambda: copy.deepcopy(fp32.model).to(half), 32,
+            variant="half", dtype=str(half))
+    if cpu and mixed.get("keep_dtype") != "bfloat16":  # bf16 measured slower than fp32 here (section 5)
+        problems[f"PyTorch {str(half)[6:]} weights, batch 32"] = f"bf16 is not faster here: {mixed['bf16_verdict']}" \
+            if mixed else "section 5 did not measure whether bf16 is fast here"
+    if mixed:
+        pytorch("PyTorch int8, batch 32", lambda: int8_dynamic(fp32.model, mixed["reduce_range"]), 32, variant="int8",
+                kept=[], keep_dtype="float32", reduce_range=mixed["reduce_range"])
+    settings = dict(kept=mixed.get("kept", []), keep_dtype=mixed.get("keep_dtype", "float32"),
+                    reduce_range=mixed.get("reduce_range", quantize.choose_activation_range().reduce_range))
+    for batch in s.recipe_batches:
+        pytorch(f"PyTorch {lead}, batch {batch}", lead_int8, batch, variant="int8", **settings)
+    pytorch(f"PyTorch {lead} compiled, batch 32", lambda: torch.compile(lead_int8(), dynamic=True), 32,
+            variant="int8", compile=True, **settings)  # dynamic: one graph for every batch shape of the corpus
+    problems[f"PyTorch {lead} compiled, batch 32"] = devices.compile_problem(ctx.device) or (
+        None if s.torch_compile else "--quick (compiling takes minutes on a small CPU; the full run has it)")
+    for name in [name for name in builders if config[name]["variant"] == "int8"]:
+        problems[name] = problems.get(name) or variant_unavailable("int8-dynamic", ctx.device)
+    size = dict(batch_size=32, max_length=s.max_length)
+    reduce_range = quantize.choose_activation_range().reduce_range
+    builders.update(runtimes.peer_builders(where.path, fp32.model, fp32.tokenizer, ctx.device, ctx.out_dir / "onnx",
+                                           reduce_range, **size))
+    config.update({peer: {"runtime": peer, "batch": 32, "reduce_range": reduce_range} for peer in PEERS})
+    problems.update(runtimes.peer_problems(where.path, ctx.device))
+    return builders, config, problems
 
 
-def recipe_model(ctx: cli.Context, choice: dict[str, Any]) -> tuple[Any, torch.dtype | str | None]:
-    """The recipe's model as chosen (attention, precision, quantised, compiled) and the precision_mode to run it in."""
-    where, variant = models.checkpoint(ENCODER_ROLE, ctx.source), choice["variant"]
-    precision = LOW_PRECISION.get(variant.split("-")[0])
-    started = time.perf_counter()
-    if variant.startswith("bnb"):
-        model = quantization_recipes(where, None, ctx.device, attn_implementation=choice["attention"])[variant]()
-    else:
-        model = AutoModel.from_pretrained(where.path, attn_implementation=choice["attention"], device_map=ctx.device,
-                                          dtype=precision if variant.endswith("-weights") else torch.float32)
-    ctx.record(where.info(model, time.perf_counter() - started))
-    if variant.startswith("int8-dynamic"):
-        model = int8_dynamic(model, reduce_range=False if variant == "int8-dynamic-8bit" else None)
-    if variant == "torchao-int8":
-        model = quantize.quantize_torchao_int8(model)
-    if choice["compile"]:
-        model = torch.compile(model)
-    return model, precision if variant.endswith("-autocast") else "tf32" if variant == "tf32" else None
+def peers_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dict:
+    """What a learner could use instead (sentence-transformers' encode, ONNX Runtime) and our PyTorch configurations,
+    all on the same real paragraphs in one round-robin: the recipe is the fastest that keeps the fidelity bar."""
+    corpus, source = recipe_corpus(ctx, s)
+    builders, config, problems = candidates(ctx, s, results)
+    print(f"fused int8 via PT2E (X86InductorQuantizer, prepare_pt2e/convert_pt2e): {quantize.pt2e_problem()}")
+    built = ctx.build_each("recipe", builders, problems.get, lambda embedder: embedder(EXAMPLE_TEXTS))  # it runs
+    embedders = {name: candidate["model"] for name, candidate in built.items()}
+    outputs: dict[str, torch.Tensor] = {}
+
+    def timed(name: str) -> Callable[[], None]:
+        def run() -> None:
+            outputs[name] = embedders[name](corpus)
+        return run
+
+    comparison = ctx.meter().compare({name: timed(name) for name in embedders}, items=len(corpus), warmup=1,
+                                     min_rounds=s.rounds, budget_s=0, progress="recipe candidates")
+    reference = PEER_BASELINE if PEER_BASELINE in outputs else next(iter(outputs))
+    varied = {name: embed_(FIDELITY_TEXTS) for name, embed_ in embedders.items()}
+    rows = []
+    for row in comparison.rows(baseline=reference):
+        name = row["workload"]
+        corpus_fidelity = cosine_fidelity(outputs[reference], outputs[name])
+        varied_fidelity = cosine_fidelity(varied[reference], varied[name])
+        rows.append({**row, **corpus_fidelity, "varied_mean": varied_fidelity["cosine_mean"],
+                     "varied_min": varied_fidelity["cosine_min"], "batch": config[name]["batch"]})
+        for other, column in ((reference, "vs_encode"), (runtimes.ONNX_INT8, "vs_ort_int8")):
+            estimate, low, high = comparison.ratio(name, other) if other in outputs else (None, 0, 0)
+            rows[-1][column] = f"{estimate:.2f}x [{low:.2f}-{high:.2f}]" if estimate else "-"
+    choice = recipes.choose(rows, comparison.ratio, PEERS, recipes.FidelityBar(*FIDELITY_BAR))
+    print_table(rows, ["workload", "items_per_s", "vs_encode", "vs_ort_int8", "cosine_min", "varied_min"],
+                title=f"{len(corpus)} {source} (max_length {s.max_length}), one round-robin")
+    print(textwrap.fill(f"vs_encode, vs_ort_int8: this row's speed over that row's, the paired ratio of the rounds "
+                        f"[interval]. cosine_min: worst text vs {reference} on these texts; varied_min: the same on "
+                        f"{len(FIDELITY_TEXTS)} varied texts. Full rows (p50, cosine mean) in results.csv.", 110))
+    for name, why in choice.excluded.items():
+        if name in embedders:
+            print(f"  cannot win: {name}: {why}")
+    ours = [row["workload"] for row in rows if row["workload"] not in {*PEERS, *choice.excluded}]
+    pytorch = recipes.fastest(ours, comparison.ratio)  # our best, for the line that tells PyTorch and peers apart
+    pairs = {(choice.winner, reference), (choice.winner, choice.best_peer), (pytorch, choice.best_peer)}
+    lines = [comparison.sentence(a, b) for a, b in sorted(pairs, key=str) if a and b and a != b]
+    print(f"fastest at {FIDELITY_TEXT} on both text sets: {choice.winner}\n" + "\n".join(f"  {l}" for l in lines))
+    result = {"rows": rows, "baseline": reference, "texts": len(corpus), "text_source": source, "verdicts": lines,
+              "winner": choice.winner, "best_peer": choice.best_peer, "excluded": choice.excluded,
+              "config": config.get(choice.winner), "pairs": recipes.pairwise(list(embedders), comparison.ratio),
+              "bars": []}
+    if choice.winner:
+        result["example_embeddings"] = built[choice.winner]["output"].tolist()
+        result["bars"] = [recipe_bar(comparison, choice, rows)]
+    ctx.report.add_rows("peers", rows)
+    return result
+
+
+def recipe_corpus(ctx: cli.Context, s: Settings) -> tuple[list[str], str]:
+    """The texts every candidate embeds: the learner's --text-file/--text, else real documentation paragraphs."""
+    given = cli.read_user_texts(ctx.args)
+    return (given, "of your texts") if given else (texts.documentation_paragraphs(s.recipe_texts),
+                                                   "paragraphs of Python's documentation")
+
+
+def recipe_bar(comparison: Comparison, choice: recipes.Choice, rows: list[dict]) -> dict:
+    """The recipe against the fastest other peer that keeps the bar, from their direct paired ratio."""
+    target = f">= 1.0x the fastest peer runtime, both at {FIDELITY_TEXT}"
+    if not choice.best_peer:
+        return performance_bar(BAR_NAMES[4], target, f"{choice.winner}: no other peer kept the fidelity bar",
+                               None, "REPORTED")
+    mine = next(row for row in rows if row["workload"] == choice.winner)
+    note = " (a peer runtime won: the snippet is its code)" if choice.winner in PEERS else ""
+    measured = (f"{choice.winner}{note} {comparison.ratio_text(choice.winner, choice.best_peer)} {choice.best_peer}"
+                f", worst cosine {mine['cosine_min']:.4f}")
+    return ratio_bar(BAR_NAMES[4], target, measured, comparison.ratio(choice.winner, choice.best_peer),
+                     comparison.rounds, 1.0)
+
+
+# ----------------------------------------------------------------------------------------- 10. recipe
 
 
 def recipe_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dict:
-    """The winners above, combined and measured end to end against the naive baseline in this same run;
-    the snippet printed at the end calls exactly the function that was timed."""
-    choice, choice_rows = choose_recipe(results, ctx.device)
-    print_table(choice_rows, title="the recipe's choices")
-    naive = ctx.load(ENCODER_ROLE)
-    best, autocast = recipe_model(ctx, choice)
-    corpus = texts.mixed_length_corpus(s.corpus_size, seed=ctx.args.seed, long=LONG_TEXT_WORDS)
-    outputs: dict[str, torch.Tensor] = {}
-
-    def naive_pass() -> None:  # the seed's 'before': one text at a time, padded to max_length, gradients left on
-        pooled = []
-        for text in corpus:
-            batch = naive.tokenizer(text, padding="max_length", truncation=True, max_length=s.max_length,
-                                    return_tensors="pt").to(ctx.device)
-            pooled.append(mean_pool(naive.model(**batch).last_hidden_state, batch["attention_mask"]))
-        outputs["naive"] = torch.cat(pooled).detach().float().cpu()
-
-    def recipe_pass() -> None:
-        default = torch.get_num_threads()
-        torch.set_num_threads(choice["threads"])
-        try:
-            with precision_mode(ctx.device.type, autocast):
-                outputs["recipe"] = embed_sorted(best, naive.tokenizer, corpus, choice["batch"], s.max_length)
-        finally:
-            torch.set_num_threads(default)  # the naive pass keeps torch's default, as a learner's first try would
-
-    comparison = ctx.meter().compare({"naive": naive_pass, "recipe": recipe_pass}, items=len(corpus), warmup=1,
-                                     min_rounds=s.rounds, budget_s=0, progress="naive vs recipe")
-    rows = comparison.rows(baseline="naive")
-    print_table(rows, ["workload", "p50_ms", "iqr_ms", "runs", "items_per_s", "speedup", "verdict"],
-                title=f"{len(corpus)} mixed-length texts end to end (tokenising included), {naive.info.label}; "
-                      "naive = fp32, batch 1, grad on, pad to max_length")
-    line = comparison.print_verdicts("naive")[0]
-    (speedup, low, high), verdict = comparison.ratio("recipe", "naive"), comparison.verdict("recipe", "naive")
-    fidelity = cosine_fidelity(outputs["naive"], outputs["recipe"])
-    print(f"embedding cosine vs naive: mean {fidelity['cosine_mean']:.5f}, worst {fidelity['cosine_min']:.5f}")
-    entry = models.CATALOG.get(naive.info.name)
-    measured = (f"{speedup:.1f}x the naive baseline's speed ({verdict}, interval {low:.1f}-{high:.1f} over "
-                f"{comparison.rounds} rounds), worst cosine {fidelity['cosine_min']:.4f}")
-    snippet = recipe_snippet(choice, entry.hub_id if entry else naive.info.name, s.max_length, measured, ctx.device)
-    print("\nready to paste:\n" + "-" * 78 + f"\n{snippet}\n" + "-" * 78)
-    peers = results.get("peers") or {}
-    if peers.get("winner") in PEERS:  # honest: a peer runtime beat every PyTorch path in section 9
-        why = peers.get("sentence") or "no PyTorch path reached the fidelity floor"
-        print(f"\nbut on this machine {peers['winner']} beat our best PyTorch path ({why}); use it instead:\n"
-              + PEER_SNIPPETS[peers["winner"]])
-    ctx.report.add_rows("recipe", rows)
-    return {"choices": choice_rows, "choice": choice, "rows": rows, "speedup": speedup, "verdict": verdict,
-            "verdicts": [line], **fidelity, "snippet": snippet}
-
-
-def recipe_snippet(choice: dict[str, Any], hub_id: str, max_length: int, measured: str, device: torch.device) -> str:
-    """The chosen combination as code a learner can paste (it calls exactly the function that was measured)."""
-    variant = choice["variant"]
-    load_args = f'"{hub_id}", attn_implementation="{choice["attention"]}"'
-    lines = [f"# measured here: {measured}", "import torch", "from transformers import AutoModel, AutoTokenizer"]
-    dtype = str(LOW_PRECISION.get(variant.split("-")[0]))  # e.g. "torch.bfloat16"
-    if variant.startswith("bnb"):
-        lines[-1] += ", BitsAndBytesConfig"
-        config = ("BitsAndBytesConfig(load_in_8bit=True)" if variant == "bnb-8bit" else 'BitsAndBytesConfig('
-                  f'load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype={bnb_compute_dtype(device)})')
-        load_args += f", dtype={bnb_compute_dtype(device)}, quantization_config={config}"
-    else:
-        load_args += f", dtype={dtype if variant.endswith('-weights') else 'torch.float32'}"
-    lines += ["", f"torch.set_num_threads({choice['threads']})",
-              f'tokenizer = AutoTokenizer.from_pretrained("{hub_id}")',
-              f'model = AutoModel.from_pretrained({load_args}, device_map="{device}")']
-    if variant.startswith("int8-dynamic"):
-        full = variant.endswith("8bit") or not quantize.choose_activation_range().reduce_range
-        lines.append(("# 8-bit activations, as measured: common/quantize.py's FullRangeDynamicLinear calls\n"
-                      "# torch.ops.quantized.linear_dynamic(..., reduce_range=False)\n" if full else "")
-                     + "model = torch.ao.quantization.quantize_dynamic(\n    model, {torch.nn.Linear: "
-                     "torch.ao.quantization.per_channel_dynamic_qconfig}, dtype=torch.qint8"
-                     + (", mapping={torch.nn.Linear: FullRangeDynamicLinear})" if full else ")"))
-    if variant == "tf32":
-        lines.append('torch.set_float32_matmul_precision("high")  # fp32 weights, TF32 matmuls, as measured')
-    if choice["compile"]:
-        lines.append("model = torch.compile(model)  # the first calls compile (section 7 timed them)")
-    call = f"embeddings = embed_sorted(model, tokenizer, texts, batch_size={choice['batch']}, max_length={max_length})"
-    if variant.endswith("-autocast"):
-        call = f'with torch.autocast("{device.type}", dtype={dtype}):\n    {call}'
-    return "\n".join(lines) + "\n\n\n" + inspect.getsource(embed_sorted) + "\n\ntexts = [...]  # your texts\n" + call
+    """The winner of section 9's round-robin as code to paste: it computes what was timed there,
+    on example texts, and its embeddings are kept in the report to check a pasted copy against."""
+    peers, ran_here = results.get("peers"), not results.get("peers")
+    if ran_here:
+        print("section 9 did not run in this run, so its round-robin runs here")
+        peers = peers_section(ctx, s, results)
+    if not peers["winner"]:
+        raise RuntimeError("no candidate kept the fidelity bar, so there is no recipe to recommend")
+    winner, config = peers["winner"], peers["config"]
+    row = next(row for row in peers["rows"] if row["workload"] == winner)
+    entry = models.CATALOG.get(ctx.load(ENCODER_ROLE).info.name)
+    model_id = entry.hub_id if entry else ctx.load(ENCODER_ROLE).info.name
+    measured = (f"{row['vs_encode']} the speed of sentence-transformers' encode on {peers['texts']} "
+                f"{peers['text_source']}, "
+                f"worst cosine {row['cosine_min']:.4f}")
+    print(f"recipe: {winner}\n  measured: {measured}\n  others that could not win: {len(peers['excluded'])} "
+          f"(section 9 lists why)")
+    snippet = (runtimes.peer_snippet(winner, model_id, EXAMPLE_TEXTS, config["reduce_range"], max_length=s.max_length)
+               if winner in PEERS else recipes.pytorch_snippet(config, model_id, EXAMPLE_TEXTS, inspect.getsource(
+                   embed_sorted), s.max_length, ctx.device.type))
+    print("\nready to paste (" + ("a peer runtime won, so this is its code" if winner in PEERS else "PyTorch") + "):\n"
+          + "-" * 78 + f"\n# measured here: {measured}\n{snippet}\n" + "-" * 78)
+    return {"winner": winner, "config": config, "snippet": snippet, "model_id": model_id,
+            "example_texts": EXAMPLE_TEXTS, "example_embeddings": peers["example_embeddings"],
+            "bars": peers["bars"] if ran_here else []}
 
 
 # ------------------------------------------------------------------------------------- 11. GPU memory
@@ -1347,7 +1325,9 @@ SECTIONS: dict[str, tuple[str, Callable[[cli.Context, Settings, dict[str, Any]],
 def main(argv: list[str] | None = None) -> int:
     parser = cli.base_parser(__doc__)
     cli.add_only_option(parser, SECTIONS)
+    cli.add_text_options(parser)  # the recipe is chosen on the learner's own texts when given
     args = parser.parse_args(argv)
+    cli.read_user_texts(args)  # an unreadable --text-file is refused here, before any work
     hf_logging.disable_progress_bar()
     ctx = cli.start(__file__, args)
     results = cli.run_sections(ctx, SECTIONS, ctx.pick(FULL, QUICK), only=args.only, results={})

@@ -285,3 +285,35 @@ def _import_torchao_quietly() -> None:
     finally:
         for logger, level in zip(quiet, levels):
             logger.setLevel(level)
+
+
+class CastLinear(nn.Module):
+    """A Linear kept in a lower float precision (bf16) inside an fp32 model: casts its input in and its output back."""
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.linear = linear.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.to(self.linear.weight.dtype)).to(x.dtype)
+
+
+def quantize_mixed(model: nn.Module, kept: Collection[str], keep_dtype: torch.dtype,
+                   reduce_range: bool) -> nn.Module:
+    """A dynamic-int8 copy with the `kept` Linears left unquantised, in `keep_dtype` (fp32, or bf16 where fast)."""
+    quantised = quantize_dynamic_int8(model, reduce_range, [name for name in linear_names(model) if name not in kept])
+    if keep_dtype != torch.float32:
+        for name in kept:
+            parent, _, child = name.rpartition(".")
+            holder = quantised.get_submodule(parent)
+            setattr(holder, child, CastLinear(getattr(holder, child), keep_dtype))
+    return quantised
+
+
+def pt2e_problem() -> str:
+    """Why PyTorch 2's export-based x86 int8 path (PT2E: prepare_pt2e/convert_pt2e, now in torchao) is not measured."""
+    try:
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e  # noqa: F401
+    except Exception as error:  # torch 2.13 moved it out of torch.ao; a missing or broken torchao lands here
+        return f"not measured: {first_line(error)}"
+    return "torchao is installed, but this lesson measures torch.compile over dynamic int8 instead"

@@ -1,5 +1,6 @@
-"""The runtimes a user would pick instead of hand-tuned PyTorch: ONNX Runtime (fp32, dynamic int8) and
-sentence-transformers' `encode`, each wrapped as `embed(texts) -> Tensor` on the same batching and pooling."""
+"""The runtimes a user would pick instead of hand-tuned PyTorch: ONNX Runtime (fp32, dynamic int8, int8 after its
+transformer fusions) and sentence-transformers' `encode`, each wrapped as `embed(texts) -> Tensor` on the same
+batching and pooling; and each one's code as a learner would paste it."""
 from __future__ import annotations
 
 import hashlib
@@ -15,23 +16,13 @@ from torch import nn
 
 from common.errors import first_line
 from common.pipelines import mean_pool
+from common.recipe import list_literal
 
 Embedder = Callable[[list[str]], torch.Tensor]
 OPSET = 17  # ONNX Runtime 1.32 runs it; the TorchScript exporter's well-trodden opset for BERT-style encoders
 SENTENCE_TRANSFORMERS, ONNX_FP32, ONNX_INT8 = "sentence-transformers fp32", "ONNX Runtime fp32", "ONNX Runtime int8"
-PEERS = (SENTENCE_TRANSFORMERS, ONNX_FP32, ONNX_INT8)  # what a learner would reach for instead of tuned PyTorch
-PEER_SNIPPETS = {  # the calls each peer's embedder makes (wrapped below with sorted batching and pooling)
-    SENTENCE_TRANSFORMERS: 'model = SentenceTransformer(str(path))  # 6.2.0 wants a str\n'
-                           'embeddings = model.encode(texts, batch_size=32, normalize_embeddings=True)',
-    ONNX_FP32: 'input_names = tokenizer.model_input_names\n'
-               'torch.onnx.export(KeywordEncoder(model, input_names), example_inputs, "encoder.onnx", dynamo=False,\n'
-               '                  input_names=input_names, dynamic_axes={...})\n'
-               'session = ort.InferenceSession("encoder.onnx")\n'
-               '(hidden,) = session.run(["last_hidden_state"], dict(tokenizer(batch, return_tensors="np")))',
-    ONNX_INT8: 'onnxruntime.quantization.quantize_dynamic("encoder.onnx", "encoder.int8.onnx",\n'
-               '    per_channel=True, reduce_range=..., weight_type=QuantType.QInt8)\n'
-               'session = ort.InferenceSession("encoder.int8.onnx")',
-}
+ONNX_FUSED_INT8 = "ONNX Runtime int8, fused"  # after onnxruntime.transformers.optimizer: Attention, SkipLayerNorm, ...
+PEERS = (SENTENCE_TRANSFORMERS, ONNX_FP32, ONNX_INT8, ONNX_FUSED_INT8)  # what a learner would reach for instead
 
 
 def _missing(*modules: str) -> str | None:
@@ -60,18 +51,30 @@ def peer_problems(path: Path | str, device: torch.device) -> dict[str, str | Non
                f"{Path(path).name} has no modules.json, so sentence-transformers would guess its pooling")
     onnx = onnx_unavailable() or (None if device.type == "cpu" else f"the ONNX Runtime peers run on the CPU only "
                                   f"(CPUExecutionProvider), so they would not compare with this run's {device}")
-    return {SENTENCE_TRANSFORMERS: sentence_transformers_unavailable() or pooling, ONNX_FP32: onnx, ONNX_INT8: onnx}
+    return {SENTENCE_TRANSFORMERS: sentence_transformers_unavailable() or pooling, ONNX_FP32: onnx, ONNX_INT8: onnx,
+            ONNX_FUSED_INT8: onnx or _missing("onnxruntime.transformers.optimizer")}
 
 
 def peer_builders(path: Path | str, model: nn.Module, tokenizer: Any, device: torch.device, folder: Path,
                   reduce_range: bool, batch_size: int = 32, max_length: int = 128) -> dict[str, Callable[[], Embedder]]:
-    """Each peer's `embed(texts)`, built only when called (exports land in `folder`), on the same batching."""
+    """Each peer's `embed(texts)`, built only when called (exports land in `folder`), on the same batching.
+
+    The fused peer exports an eager-attention copy: ONNX Runtime's optimizer fuses the eager graph's explicit
+    softmax(QK^T)V into one Attention node, which SDPA's single exported op hides from it.
+    """
     size = dict(batch_size=batch_size, max_length=max_length)
+
+    def fused() -> Embedder:
+        eager = type(model).from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
+        optimized = optimize_onnx(export_onnx(eager, tokenizer, folder, "encoder.eager"), model.config)
+        return onnx_embedder(quantize_onnx_int8(optimized, reduce_range), tokenizer, **size)
+
     return {
         SENTENCE_TRANSFORMERS: lambda: sentence_transformers_embedder(path, device, **size),
         ONNX_FP32: lambda: onnx_embedder(export_onnx(model, tokenizer, folder), tokenizer, **size),
         ONNX_INT8: lambda: onnx_embedder(quantize_onnx_int8(export_onnx(model, tokenizer, folder), reduce_range),
                                          tokenizer, **size),
+        ONNX_FUSED_INT8: fused,
     }
 
 
@@ -121,7 +124,8 @@ class KeywordEncoder(nn.Module):
 def _fingerprint(model: nn.Module, input_names: list[str]) -> str:
     """What makes an exported file stale: config, weights (a cheap checksum: twins share configs), library versions."""
     checksum = sum(float(p.detach().float().sum()) for p in model.parameters())  # MPS has no float64
-    parts = [model.config.to_json_string(), f"{checksum:.10e}", ",".join(input_names), torch.__version__, str(OPSET)]
+    parts = [model.config.to_json_string(), f"{checksum:.10e}", ",".join(input_names), torch.__version__, str(OPSET),
+             str(model.config._attn_implementation)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -160,12 +164,38 @@ def export_onnx(model: nn.Module, tokenizer: Any, folder: Path, name: str = "enc
     return path
 
 
+def optimize_onnx(fp32_path: Path, config: Any) -> Path:
+    """ONNX Runtime's transformer fusions (Attention, SkipLayerNormalization, BiasGelu, ...) of an export, cached."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    path = fp32_path.with_name(f"{fp32_path.stem}.fused.onnx")
+    if not path.exists() or path.stat().st_mtime < fp32_path.stat().st_mtime:
+        optimized = optimize_model(str(fp32_path), model_type="bert", num_heads=config.num_attention_heads,
+                                   hidden_size=config.hidden_size)
+        optimized.save_model_to_file(str(path))
+    return path
+
+
+def fused_operators(path: Path) -> dict[str, int]:
+    """How many of each fused operator (Attention, SkipLayerNormalization, ...) an optimised ONNX file holds."""
+    import onnx
+
+    fused = ("Attention", "QAttention", "SkipLayerNormalization", "EmbedLayerNormalization", "BiasGelu", "FastGelu")
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        if node.op_type in fused:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
 def quantize_onnx_int8(fp32_path: Path, reduce_range: bool) -> Path:
     """ONNX Runtime's dynamic int8 of an exported model (per-channel int8 weights, uint8 activations), cached.
 
     ORT's reduce_range narrows the WEIGHTS to 7 bits (PyTorch's narrows the activations) against the same AVX2
     int16 saturation, so the caller passes the same choice as for PyTorch (quantize.choose_activation_range).
+    DefaultTensorType tells the quantiser the element type of tensors whose type the fused graph leaves unknown.
     """
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     path = fp32_path.with_name(f"{fp32_path.stem}.int8{'-reduce-range' if reduce_range else ''}.onnx")
@@ -177,7 +207,7 @@ def quantize_onnx_int8(fp32_path: Path, reduce_range: bool) -> Path:
         root.setLevel(logging.ERROR)
         try:
             quantize_dynamic(fp32_path, path, per_channel=True, reduce_range=reduce_range,
-                             weight_type=QuantType.QInt8)
+                             weight_type=QuantType.QInt8, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         finally:
             root.setLevel(level)
     return path
@@ -220,3 +250,71 @@ def sentence_transformers_embedder(path: Path | str, device: torch.device | str 
                             show_progress_bar=False).float().cpu()
 
     return embed
+
+
+_ONNX_SNIPPET = '''import onnx
+import onnxruntime as ort
+import torch
+from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.transformers.optimizer import optimize_model
+from transformers import AutoModel, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained({model!r})
+model = AutoModel.from_pretrained({model!r}, attn_implementation={attention!r}).eval()
+names = tokenizer.model_input_names
+
+
+class LastHiddenState(torch.nn.Module):  # the exporter passes inputs by position; the model wants keywords
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs):
+        return self.model(**dict(zip(names, inputs))).last_hidden_state
+
+
+example = tokenizer(["a short text", "a somewhat longer example text"], padding=True, return_tensors="pt")
+torch.onnx.export(LastHiddenState(model).eval(), tuple(example[name] for name in names), "encoder.onnx",
+                  input_names=names, output_names=["last_hidden_state"], opset_version={opset}, dynamo=False,
+                  dynamic_axes={{name: {{0: "batch", 1: "sequence"}} for name in [*names, "last_hidden_state"]}})
+{prepare}session = ort.InferenceSession({session_file!r}, providers=["CPUExecutionProvider"])
+
+
+def embed_sorted(texts, batch_size={batch_size}, max_length={max_length}):
+    """Mean-pooled, normalised embeddings, batched shortest-first so each batch pads only to its own longest text."""
+    encoded = tokenizer(texts, truncation=True, max_length=max_length)
+    order = sorted(range(len(texts)), key=lambda i: len(encoded["input_ids"][i]))
+    embeddings = torch.empty(len(texts), model.config.hidden_size)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        batch = tokenizer.pad({{key: [encoded[key][i] for i in rows] for key in encoded}}, return_tensors="np")
+        (hidden,) = session.run(["last_hidden_state"], {{name: batch[name] for name in names}})
+        mask = torch.from_numpy(batch["attention_mask"]).unsqueeze(-1).float()
+        pooled = (torch.from_numpy(hidden) * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        embeddings[rows] = torch.nn.functional.normalize(pooled, dim=-1)
+    return embeddings
+
+
+texts = {texts}
+embeddings = embed_sorted(texts)'''
+
+
+def peer_snippet(peer: str, model: str, texts: list[str], reduce_range: bool, batch_size: int = 32,
+                 max_length: int = 128) -> str:
+    """A peer's code as a learner can paste it: public APIs only, ending in `embeddings = ...` of `texts`."""
+    if peer == SENTENCE_TRANSFORMERS:
+        return (f"from sentence_transformers import SentenceTransformer\n\nmodel = SentenceTransformer({model!r})\n"
+                f"model.max_seq_length = {max_length}\ntexts = {list_literal(texts)}\nembeddings = model.encode("
+                f"texts, batch_size={batch_size}, convert_to_tensor=True, normalize_embeddings=True)")
+    quantise = ('quantize_dynamic({source!r}, "encoder.int8.onnx", per_channel=True, reduce_range={reduce_range},\n'
+                '                 weight_type=QuantType.QInt8, extra_options={{"DefaultTensorType": '
+                'onnx.TensorProto.FLOAT}})\n')
+    prepare, source = {ONNX_FP32: ("", "encoder.onnx"), ONNX_INT8: (quantise, "encoder.int8.onnx"), ONNX_FUSED_INT8: (
+        'optimize_model("encoder.onnx", model_type="bert", num_heads=model.config.num_attention_heads,\n'
+        '               hidden_size=model.config.hidden_size).save_model_to_file("encoder.fused.onnx")\n'
+        + quantise, "encoder.int8.onnx")}[peer]
+    prepare = prepare.format(source="encoder.fused.onnx" if peer == ONNX_FUSED_INT8 else "encoder.onnx",
+                             reduce_range=reduce_range)
+    return _ONNX_SNIPPET.format(model=model, attention="eager" if peer == ONNX_FUSED_INT8 else "sdpa", opset=OPSET,
+                                prepare=prepare, session_file=source, batch_size=batch_size, max_length=max_length,
+                                texts=list_literal(texts))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import random
 import re
+import textwrap
 import unicodedata
 from typing import Any
 
@@ -240,3 +241,27 @@ def realistic_corpus(count: int, seed: int = 0, words: tuple[int, int] = (4, 220
             length += len(sentence.split())
         corpus.append(" ".join(paragraph))
     return corpus
+
+
+def documentation_paragraphs(count: int) -> list[str]:
+    """`count` real English paragraphs of mixed length from Python's own documentation, the same every run.
+
+    The standard library ships its reference manual's topics as text (`pydoc_data.topics`): over a thousand distinct
+    prose paragraphs (code blocks and doctests dropped) from 5 to about 260 words. They are taken evenly spaced over the
+    whole manual, so any count mixes topics and lengths alike.
+    """
+    from pydoc_data.topics import topics
+
+    prose = []
+    for name in sorted(topics):
+        for block in topics[name].split("\n\n"):
+            lines = textwrap.dedent(block).strip("\n").splitlines()
+            if not lines or any(line.startswith((" ", "\t")) for line in lines) or ">>>" in block:
+                continue  # an indented block is code or a grammar rule, not prose
+            paragraph = " ".join(" ".join(lines).split())
+            if len(paragraph.split()) >= 5 and paragraph[-1] in ".:!?)":
+                prose.append(paragraph)
+    prose = list(dict.fromkeys(prose))  # some paragraphs appear under several topics
+    if not 1 <= count <= len(prose):
+        raise ValueError(f"count must be between 1 and {len(prose)} (the prose paragraphs available), got {count}")
+    return [prose[i * len(prose) // count] for i in range(count)]

@@ -175,3 +175,15 @@ def test_build_each_skips_what_cannot_run_and_says_why(tmp_path):
                            labels={"ok": "the ok one"})
     assert list(built) == ["ok"] and built["ok"]["model"] == 3 and built["ok"]["output"] == 6
     assert ctx.report.skipped == {"toy absent": "not installed", "toy broken": "ValueError: no kernel"}
+
+
+def test_documentation_paragraphs_are_real_prose_of_mixed_length_and_stable():
+    paragraphs = texts.documentation_paragraphs(512)
+    assert len(paragraphs) == len(set(paragraphs)) == 512  # distinct: repeats would flatter caches
+    assert paragraphs == texts.documentation_paragraphs(512)  # the same every call
+    words = sorted(len(p.split()) for p in paragraphs)
+    assert words[0] >= 5 and words[len(words) // 2] >= 15 and words[-1] >= 150  # short, typical and long ones
+    assert not any(">>>" in p or "\n" in p for p in paragraphs)  # no doctests; one line each
+    assert texts.documentation_paragraphs(4)[0] == paragraphs[0]  # evenly spaced from the first
+    with pytest.raises(ValueError):
+        texts.documentation_paragraphs(100_000)

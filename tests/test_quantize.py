@@ -169,3 +169,38 @@ def test_storage_columns_against_the_fp32_reference():
                                                            "quantized_share": 0.0}
     int8 = quantize.storage_columns(quantize.int8_dynamic(model, reduce_range=True), reference)
     assert int8["quantized_share"] == 1.0 and int8["size_pct"] < 100
+
+
+def test_mixed_int8_keeps_the_named_linears_in_their_dtype_and_the_rest_int8():
+    model = tiny_bert()
+    names = quantize.linear_names(model)
+    kept = [names[4], names[5]]
+    mixed = quantize.quantize_mixed(model, kept, torch.bfloat16, reduce_range=True)
+    casts = {name: module for name, module in mixed.named_modules() if isinstance(module, quantize.CastLinear)}
+    assert sorted(casts) == sorted(kept) and all(c.linear.weight.dtype == torch.bfloat16 for c in casts.values())
+    share = quantize.quantized_share(mixed)
+    assert share.quantized_elements == sum(module.weight.numel() for name, module in model.named_modules()
+                                           if name in names and name not in kept)
+    assert model.get_submodule(kept[0]).weight.dtype == torch.float32  # the original is untouched
+    fp32_kept = quantize.quantize_mixed(model, kept, torch.float32, reduce_range=True)
+    assert quantize.linear_names(fp32_kept) == kept  # plain fp32 Linears, no cast
+    reference = embed_tokens(model)
+    everything = cosine_fidelity(reference, embed_tokens(quantize.quantize_dynamic_int8(model, True)))["cosine_mean"]
+    assert cosine_fidelity(reference, embed_tokens(fp32_kept))["cosine_mean"] >= everything - 1e-6
+    assert embed_tokens(mixed).dtype == torch.float32  # a bf16 layer casts back: the model stays fp32 outside
+
+
+def test_cast_linear_computes_in_its_dtype_and_returns_the_input_dtype():
+    torch.manual_seed(0)
+    linear, x = nn.Linear(8, 4), torch.randn(3, 8)
+    expected = nn.functional.linear(x.bfloat16(), linear.weight.bfloat16(), linear.bias.bfloat16()).float()
+    cast = quantize.CastLinear(linear, torch.bfloat16)
+    assert torch.equal(cast(x), expected) and cast(x).dtype == torch.float32
+
+
+def test_pt2e_says_why_it_is_not_measured():
+    reason = quantize.pt2e_problem()
+    if importlib.util.find_spec("torchao") is None:
+        assert reason == "not measured: ModuleNotFoundError: No module named 'torchao'"
+    else:
+        assert "torch.compile over dynamic int8" in reason or reason.startswith("not measured: ")

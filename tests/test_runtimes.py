@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -94,7 +96,7 @@ def test_peer_problems_refuse_a_folder_without_pooling_config(tmp_path, minilm):
     if runtimes.sentence_transformers_unavailable() is None:
         assert "no modules.json" in without[runtimes.SENTENCE_TRANSFORMERS]
         assert runtimes.peer_problems(folder, torch.device("cpu"))[runtimes.SENTENCE_TRANSFORMERS] is None
-    assert without[runtimes.ONNX_FP32] is None and set(without) == set(runtimes.PEERS) == set(runtimes.PEER_SNIPPETS)
+    assert without[runtimes.ONNX_FP32] is None and set(without) == set(runtimes.PEERS)
     on_gpu = runtimes.peer_problems(folder, torch.device("cuda"))  # ONNX Runtime here is the CPU build
     if runtimes.onnx_unavailable() is None:
         assert "CPU only" in on_gpu[runtimes.ONNX_FP32] and on_gpu[runtimes.ONNX_INT8] == on_gpu[runtimes.ONNX_FP32]
@@ -125,3 +127,31 @@ def test_torch_embedder_pools_with_the_mask_left_where_the_hidden_states_come_ba
 
     embedded = runtimes.torch_embedder(OnMeta(), tokenizer)(["a short text", "a somewhat longer text here"])
     assert seen == [{"meta"}] and embedded.shape == (2, 4)  # inputs went to the model's device, pooling stayed on CPU
+
+
+def test_fused_int8_peer_fuses_attention_and_stays_close(tmp_path, minilm, reference):
+    folder, model, tokenizer = minilm
+    embed = runtimes.peer_builders(folder, model, tokenizer, torch.device("cpu"), tmp_path, True)[
+        runtimes.ONNX_FUSED_INT8]()
+    fused = runtimes.fused_operators(tmp_path / "encoder.eager.fused.onnx")
+    assert fused["Attention"] == fused["BiasGelu"] == model.config.num_hidden_layers  # one per layer
+    assert fused["SkipLayerNormalization"] == 2 * model.config.num_hidden_layers
+    assert runtimes.fused_operators(tmp_path / "encoder.eager.fused.int8-reduce-range.onnx")["QAttention"] == 6
+    fidelity = cosine_fidelity(reference, embed(TEXTS))
+    assert 0.95 <= fidelity["cosine_min"] and fidelity["cosine_mean"] < 0.99999  # int8, and close
+
+
+@pytest.mark.parametrize("peer", [runtimes.ONNX_FUSED_INT8, runtimes.SENTENCE_TRANSFORMERS])
+def test_peer_snippet_runs_as_pasted_and_gives_the_peers_embeddings(tmp_path, minilm, peer):
+    folder, model, tokenizer = minilm
+    if peer == runtimes.SENTENCE_TRANSFORMERS and runtimes.sentence_transformers_unavailable():
+        pytest.skip("sentence-transformers missing")
+    sample = TEXTS[:5]
+    snippet = runtimes.peer_snippet(peer, str(folder), sample, reduce_range=True, batch_size=2, max_length=64)
+    assert snippet.splitlines()[-1].startswith("embeddings = ") and "common." not in snippet
+    (tmp_path / "snippet.py").write_text(f"import torch\n{snippet}\ntorch.save(embeddings, 'out.pt')")
+    done = subprocess.run([sys.executable, "snippet.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ours = runtimes.peer_builders(folder, model, tokenizer, torch.device("cpu"), tmp_path / "ours", True,
+                                  batch_size=2, max_length=64)[peer]()(sample)
+    assert cosine_fidelity(ours, torch.load(tmp_path / "out.pt").float())["cosine_min"] > 0.9999
