@@ -321,7 +321,7 @@ class Comparison:
         """Print every other workload's verdict against the baseline, one indented line each; return the lines."""
         lines = [self.sentence(name, baseline) for name in self.measurements if name != baseline]
         for line in lines:
-            print(f"  {line}")
+            print(textwrap.fill(line, 100, initial_indent="  ", subsequent_indent="    ", break_on_hyphens=False))
         return lines
 
     def rows(self, baseline: str | None = None, **labels: Any) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ import math
 import os
 import sys
 import tempfile
+import textwrap
 import time
 import traceback
 from pathlib import Path
@@ -83,12 +84,30 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+# Kept in the CSV/JSON, folded out of console tables: noise shows in the p50 cell, the interval in the speedup cell.
+RECORD_ONLY = ("iqr_ms", "runs", "rounds", "speedup_low", "speedup_high", "noisy", "sentence")
+WRAP = 100  # evidence sentences under a table wrap here; tables themselves stay within 120 columns
+
+
+def console_cell(row: dict[str, Any], column: str) -> str:
+    """One console cell: a noisy p50 reads `41.2 (! 12%)`, a speed-up `2.04x [1.91-2.16]`, a baseline's is blank."""
+    value = row.get(column)
+    if column == "p50_ms" and row.get("noisy") and row.get("iqr_ms") is not None and value:
+        return f"{format_value(value)} (! {row['iqr_ms'] / value:.0%})"
+    if column == "speedup" and value is not None and row.get("speedup_low") is not None:
+        if row.get("verdict") == "baseline":
+            return ""
+        return f"{value:.2f}x [{row['speedup_low']:.2f}-{row['speedup_high']:.2f}]"
+    return format_value(value)
+
+
 def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
-    """Rows of dicts as an aligned text table (numbers right-aligned)."""
+    """Rows of dicts as an aligned text table (numbers right-aligned), without the RECORD_ONLY columns."""
     if not rows:
         return "(no rows)"
     columns = columns or list(dict.fromkeys(key for row in rows for key in row))
-    cells = [[format_value(row.get(column)) for column in columns] for row in rows]
+    columns = [column for column in columns if column not in RECORD_ONLY]
+    cells = [[console_cell(row, column) for column in columns] for row in rows]
     widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
     numeric = [all(isinstance(row.get(c), (int, float)) or row.get(c) is None for row in rows) for c in columns]
 
@@ -101,10 +120,22 @@ def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[str] | None = None, title: str | None = None) -> None:
-    """Print a titled aligned table."""
+    """Print a titled aligned table (a long title wraps)."""
     if title:
-        print(f"\n{title}")
+        print("\n" + wrap(title))
     print(format_table(rows, columns))
+
+
+def wrap(text: str, indent: str = "") -> str:
+    """A sentence wrapped at WRAP columns, continuation lines indented two more spaces; existing newlines kept."""
+    return "\n".join(textwrap.fill(line, WRAP, initial_indent=indent, subsequent_indent=indent + "  ",
+                                    break_on_hyphens=False, break_long_words=False) or line
+                      for line in text.splitlines())
+
+
+def say(text: str, indent: str = "") -> None:
+    """Print an evidence sentence wrapped at WRAP columns."""
+    print(wrap(text, indent))
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
