@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModel, AutoTokenizer, pipeline, set_seed
 from transformers.pipelines.base import pad_collate_fn
+from transformers.utils import logging as hf_logging
 
 from common import cli, memory, models, pipelines, plots, texts
 from common.meter import Comparison, PerformanceMeter, median_ci
@@ -551,6 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_text_options(parser)
     args = parser.parse_args(argv)
     given = cli.read_user_texts(args) or []
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per load buries the lesson's own lines
     ctx = cli.start(__file__, args)
     s = ctx.pick(FULL, QUICK)
     if given:

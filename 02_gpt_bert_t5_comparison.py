@@ -16,10 +16,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM,
                           AutoTokenizer, pipeline)
+from transformers.utils import logging as hf_logging
 
 from common import cli, memory, models, plots, texts
 from common import pipelines as custom_pipelines  # registers the "text-to-text" pipeline
-from common.errors import UserError, first_line
+from common.errors import UserError
 from common.memory import MIB
 from common.meter import VERDICT_WORDS, PerformanceMeter
 from common.report import format_value, print_table
@@ -95,11 +96,16 @@ def plan_models(source: str, values: list[str] | None) -> list[Contender]:
     return list(contenders.values())
 
 
-def load_by_architecture(ctx: cli.Context, contender: Contender, masked_lm: bool = False) -> models.LoadedModel:
+def load_by_architecture(ctx: cli.Context, contender: Contender, masked_lm: bool = False,
+                         fresh: bool = False) -> models.LoadedModel:
     """Each architecture needs the Auto class that puts its own head on the Transformer; the tokenizer comes alongside.
 
-    The catalog only says WHERE the weights are (Hub, bundled or twin); `ctx.record` prints the provenance line."""
+    The catalog only says WHERE the weights are (Hub, bundled or twin); `ctx.record` prints the provenance line.
+    A model is loaded once per run and reused by later sections; `fresh` loads it again (memory measures a load)."""
     where = replace(contender.where, kind="masked-lm") if masked_lm else contender.where
+    if not fresh:
+        return ctx.once(("architecture", where.path, where.kind),
+                        lambda: load_by_architecture(ctx, contender, masked_lm, fresh=True))
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(where.path)
     if where.kind == "decoder":  # decoder-only: a causal LM head predicts the next token
@@ -123,12 +129,10 @@ def for_each_model(ctx: cli.Context, groups: list[Contender] | list[tuple[Conten
     results = []
     for group in groups:
         group = group if isinstance(group, tuple) else (group,)
-        try:
-            results.append(work(ctx, *group))
-        except Exception as error:  # one odd checkpoint must not cost the other models their numbers
-            ctx.report.skip(f"{what}: {' vs '.join(c.label for c in group)}", first_line(error))
-        finally:
-            memory.cleanup()  # the model lived only in work's frame (and the traceback, gone by now)
+        result = ctx.report.attempt(f"{what}: {' vs '.join(c.label for c in group)}", lambda: work(ctx, *group))
+        memory.cleanup()  # what work built for itself (and a failure's traceback) is gone by now
+        if result is not None:
+            results.append(result)
     return results
 
 
@@ -437,6 +441,7 @@ def same_shape_comparison(ctx: cli.Context, encoder: Contender, decoder: Contend
 def memory_section(ctx: cli.Context, contenders: list[Contender]) -> list[dict]:
     """The seed says memory use differs by architecture: here it is measured, one model at a time, with the
     RSS after each release to show cleanup() gives the memory back."""
+    ctx.forget_loaded()  # the models kept for sections 1-3 go, so each load below is measured from a lean process
     rows = for_each_model(ctx, contenders, "memory", model_memory)
     lengths = ctx.pick(FULL, QUICK).seq_lengths
     columns = ["model", "rss_before_mib", "load_s", "weights_mib", "load_peak_mib", "after_load_mib",
@@ -462,7 +467,7 @@ def model_memory(ctx: cli.Context, contender: Contender) -> dict:
     memory.cleanup()
     before, gpu_before = memory.rss_bytes(), memory.snapshot(ctx.device)
     with memory.PeakRSSSampler() as rss, memory.CudaPeak(ctx.device) as cuda_peak:
-        loaded = load_by_architecture(ctx, contender)
+        loaded = load_by_architecture(ctx, contender, fresh=True)
     row = {"model": contender.label, "architecture": contender.family, "rss_before_mib": before / MIB,
            "load_s": loaded.info.load_s, "weights_mib": memory.weights_bytes(loaded.model) / MIB,
            "load_peak_mib": (rss.peak_bytes - before) / MIB, "after_load_mib": (memory.rss_bytes() - before) / MIB,
@@ -664,6 +669,7 @@ def main(argv: list[str] | None = None) -> int:
                              "bert-base-uncased t5-small online; offline also the bundled decoder and encoder)")
     args = parser.parse_args(argv)
     contenders = plan_models(args.source, args.models)  # a bad name stops here, before any output or measurement
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per load buries the lesson's own lines
     ctx = cli.start(__file__, args)
     print("Comparing: " + ", ".join(f"{c.label} [{c.family}]" for c in contenders))
     run = ctx.report.run_section  # each section's docstring is the why it prints under the title

@@ -258,14 +258,11 @@ def task_section(ctx: cli.Context) -> dict:
                "text-generation": bench_text_generation, "text-to-text": bench_text_to_text}
     for name, bench in benches.items():
         print(f"\n--- {name}")
-        try:
-            result = bench(ctx, meter, name) if bench is bench_texts else bench(ctx, meter)
-        except Exception as error:  # recorded like a failed section, so the exit code still says something broke
-            ctx.report.failures[f"{section}: {name}"] = f"{type(error).__name__}: {error}"
-            print(f"[task failed] {name}: {type(error).__name__}: {error}")
+        result = ctx.report.attempt(f"{section}: {name}", lambda: bench(ctx, meter, name) if bench is bench_texts
+                                    else bench(ctx, meter), fails_run=True)  # the exit code still says it broke
+        cleanup()
+        if result is None:
             continue
-        finally:
-            cleanup()
         *first, m = result.pop("measurements")  # generation also measured its first token alone
         generation = result.pop("generation", generation)
         rows = [runs.result_row(x, measurement=f"{name} ({per_call})", model=result["model"], device=str(ctx.device))

@@ -14,19 +14,20 @@ import textwrap
 import time
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import numpy as np
 import torch
 
 from common.calibration import calibrate
-from common.errors import UserError
+from common.errors import UserError, first_line
 from common.meter import rounds_to_settle, settle_text
 
 if TYPE_CHECKING:
     from common.cli import OutputLock
 
 REPORT_VERSION = 1
+T = TypeVar("T")
 
 
 def to_jsonable(value: Any) -> Any:
@@ -267,6 +268,19 @@ class Report:
         """Record and print that something was not run, and why."""
         self.skipped[what] = reason
         print(f"[skipped] {what}: {reason}")
+
+    def attempt(self, what: str, work: Callable[[], T], fails_run: bool = False) -> T | None:
+        """work()'s result; if it raises, record why and return None so the next item goes on: a skip, or with
+        fails_run a failure that gives the run exit code 1."""
+        try:
+            return work()
+        except Exception as error:  # one item (a model, a variant, a task) must not cost the others their numbers
+            if not fails_run:
+                self.skip(what, first_line(error))
+                return None
+            self.failures[what] = first_line(error)
+            print(f"[failed] {what}: {first_line(error)}")
+            return None
 
     def add_rows(self, section: str, rows: list[dict[str, Any]]) -> None:
         """Append tidy measurement rows (one per measurement) for results.csv."""

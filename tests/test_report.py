@@ -190,3 +190,25 @@ def test_collect_bars_keeps_the_named_order_and_marks_missing_ones_not_run():
     results = {"a": {"bars": [{"bar": "second", "status": "PASS"}]}, "b": None, "c": {"rows": []}}
     bars = report.collect_bars(results, ("first", "second"))
     assert [(bar["bar"], bar["status"]) for bar in bars] == [("first", "NOT RUN"), ("second", "PASS")]
+
+
+def test_attempt_records_a_failing_item_and_goes_on(tmp_path, capsys):
+    rep = Report("05_example", tmp_path, {"device": "cpu"})
+    results = [rep.attempt(f"item {n}", lambda n=n: 10 // n) for n in (1, 0, 2)]
+    assert results == [10, None, 5]  # the item after the failing one still ran
+    assert rep.skipped == {"item 0": "ZeroDivisionError: integer division or modulo by zero"}
+    assert rep.failures == {}
+    assert rep.attempt("task x", lambda: int("x"), fails_run=True) is None
+    assert rep.failures["task x"].startswith("ValueError: invalid literal")
+    assert "[failed] task x: ValueError" in capsys.readouterr().out
+    assert rep.finish() == 1  # a failed item gives exit code 1, a skipped one does not
+
+
+def test_attempt_lets_ctrl_c_through(tmp_path):
+    rep = Report("05_example", tmp_path, {"device": "cpu"})
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        rep.attempt("item", interrupted)
