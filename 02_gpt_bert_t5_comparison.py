@@ -56,7 +56,7 @@ PROBE_TEXT = "Attention decides which other words each word is allowed to see"
 CAUSAL_TOLERANCE = 1e-5  # relative change of earlier positions' hidden states below which they did not see the edit
 TWIN_NOTE = "(twin: random weights, text is noise; shown only to prove the plumbing)"
 FAMILIES = {"decoder": "decoder-only", "encoder": "encoder-only", "seq2seq": "encoder-decoder"}
-# The seed write-up's table, translated; sections 1-5 check it against measured facts.
+# The course notes' table, translated; sections 1-5 check it against measured facts.
 SEED_TABLE = [dict(zip(("model", "architecture", "strengths", "typical uses"), row)) for row in (
     ("GPT", "decoder-only", "long text generation", "creative writing, conversational AI"),
     ("BERT", "encoder-only", "bidirectional understanding", "classification, NER, QA"),
@@ -140,9 +140,9 @@ def for_each_model(ctx: cli.Context, groups: list[Contender] | list[tuple[Conten
 
 
 def architectures_section(ctx: cli.Context, contenders: list[Contender]) -> dict:
-    """The seed's table says GPT is decoder-only, BERT encoder-only, T5 encoder-decoder. Here each model
+    """The course notes' table says GPT is decoder-only, BERT encoder-only, T5 encoder-decoder. Here each model
     shows it: its structure, a masking experiment, and where its parameters sit."""
-    print_table(SEED_TABLE, title="What the seed write-up says (claims, checked below):")
+    print_table(SEED_TABLE, title="What the course notes say (claims, checked below):")
     facts = for_each_model(ctx, contenders, "architecture facts", architecture_facts)
     print_table(facts, ["model", "architecture", "class", "layers", "hidden", "heads", "kv_heads", "vocab",
                         "max_positions", "masking"], title="Read from each model:")
@@ -156,7 +156,7 @@ def architectures_section(ctx: cli.Context, contenders: list[Contender]) -> dict
                       "disk = weight files loaded):")
     if facts:
         parameters_chart(ctx, facts)
-    return {"seed_table": SEED_TABLE, "facts": facts}
+    return {"notes_table": SEED_TABLE, "facts": facts}
 
 
 def architecture_facts(ctx: cli.Context, contender: Contender) -> dict:
@@ -439,7 +439,7 @@ def same_shape_comparison(ctx: cli.Context, encoder: Contender, decoder: Contend
 
 
 def memory_section(ctx: cli.Context, contenders: list[Contender]) -> list[dict]:
-    """The seed says memory use differs by architecture: here it is measured, one model at a time, with the
+    """The course notes say memory use differs by architecture: here it is measured, one model at a time, with the
     RSS after each release to show cleanup() gives the memory back."""
     ctx.forget_loaded()  # the models kept for sections 1-3 go, so each load below is measured from a lean process
     rows = for_each_model(ctx, contenders, "memory", model_memory)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""03 · CPU/GPU optimisation: every speed and memory technique from the seed, each timed round-robin against its
-baseline in the same run with a verdict, and what it costs in output fidelity (embedding cosine or greedy-token
+"""03 · CPU/GPU optimisation: every speed and memory technique from the course notes, each timed round-robin against
+its baseline in the same run with a verdict, and what it costs in output fidelity (embedding cosine or greedy-token
 agreement with fp32). Ends with the best combination for this machine as a ready-to-paste snippet."""
 from __future__ import annotations
 
@@ -159,7 +159,7 @@ def device_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> di
     print(f"\nauto picks the first available of cuda > mps > cpu -> {auto} ({reason}); this run: "
           f"--device {ctx.args.device} -> {ctx.device}")
     try:
-        torch.zeros(1).to("cuda")  # exactly what the seed's `model = model.to("cuda")` does to every weight
+        torch.zeros(1).to("cuda")  # exactly what the course notes' `model = model.to("cuda")` does to every weight
         raw = "no error here (CUDA is present), but the same line crashes on any machine without it"
     except (AssertionError, RuntimeError) as error:
         raw = first_line(error)

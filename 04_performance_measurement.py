@@ -2,7 +2,7 @@
 """04 · Performance measurement: the PerformanceMeter as an instrument you can trust and cite.
 
 Checks the meter against torch.utils.benchmark, then benchmarks model loads, four pipeline tasks, batch sizes and
-devices, re-measures the seed's DistilBERT/BERT table, and writes report.json, results.csv and report.md. A later
+devices, re-measures the course notes' DistilBERT/BERT table, and writes report.json, results.csv and report.md. A later
 run with `--compare report.json` checks the machine and the environment first, then gives every shared
 measurement a verdict from both runs' raw samples.
 """
@@ -23,7 +23,7 @@ from common.calibration import calibrate
 from common.device import mps_available
 from common.memory import MIB, CudaPeak, PeakRSSSampler, cleanup, weights_bytes
 from common.meter import SAME_BAND, PerformanceMeter, measure_generation
-from common.report import REPORT_VERSION, print_table
+from common.report import REPORT_VERSION, print_table, say
 from common.sweep import find_knee, fitting_batches
 
 
@@ -50,7 +50,7 @@ PROMPT = "The best way to measure the speed of a language model is"
 MEMORY_FRACTION = 0.5  # stop the sweep before a batch is predicted to need more than this share of free memory
 SEED_INPUT_TOKENS = 128
 SEED_MODELS = {"distilbert-base-uncased": "DistilBERT", "bert-base-uncased": "BERT-base"}
-# The seed write-up's "typical performance (example system)" table: another machine, input shape not given.
+# The course notes' "typical performance (example system)" table: another machine, input shape not given.
 SEED_TABLE = {("DistilBERT", "CPU"): (0.045, 1.2), ("DistilBERT", "GPU"): (0.012, 2.1),  # (time_s, memory_gb)
               ("BERT-base", "CPU"): (0.089, 2.1), ("BERT-base", "GPU"): (0.021, 3.2)}
 AUTO_CLASSES = {"encoder": AutoModel, "decoder": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM}
@@ -404,47 +404,49 @@ def seed_models_on(ctx: cli.Context, device: torch.device, text: str) -> tuple[d
 
 
 def seed_table_section(ctx: cli.Context) -> dict:
-    """The seed published DistilBERT/BERT-base time and memory from another machine; here both are re-measured
+    """The course notes publish DistilBERT/BERT-base time and memory from another machine; here both are measured
     with the input shape stated, timed round-robin so that their ratio on this machine is a verdict."""
     devices = {"CPU": torch.device("cpu")}
     if len(gpus := available_devices(ctx.device)[0]) > 1:
         devices["GPU"] = gpus[1]
     else:
-        ctx.report.skip("seed table, GPU rows", "this run has no CUDA or MPS GPU (--device); the seed's GPU numbers "
-                        "stand alone")
+        ctx.report.skip("notes' table, GPU rows", "this run has no CUDA or MPS GPU (--device); the course notes' GPU "
+                        "numbers stand alone")
     text = " ".join(texts.SENTENCES * 2)  # long enough that truncation leaves exactly SEED_INPUT_TOKENS real tokens
     measured, ratios, twins = {}, {}, False
     for kind, device in devices.items():
         forwards, memory, shape = seed_models_on(ctx, device, text)
         comparison = ctx.meter(device).compare(forwards, items=shape[0], tokens=shape[0] * shape[1],
-                                               progress=f"seed table on {kind}")
+                                               progress=f"notes' table on {kind}")
         for name, m in comparison.measurements.items():
-            ctx.report.add_rows("6. The seed's table, reproduced", [runs.result_row(
-                m, measurement=f"seed table: forward {shape}", model=memory[name]["label"], device=str(device),
+            ctx.report.add_rows("6. The course notes' table, reproduced", [runs.result_row(
+                m, measurement=f"notes' table: forward {shape}", model=memory[name]["label"], device=str(device),
                 batch=shape[0])])
             measured[(name, kind)] = {
                 "ours_time_s": m.stats.median, "ours_ci95_s": m.stats.ci_text(1, "s"),
-                "ours_over_seed_time": m.stats.median / SEED_TABLE[(name, kind)][0],
+                "ours_over_notes_time": m.stats.median / SEED_TABLE[(name, kind)][0],
                 "ours_memory_gib": memory[name]["bytes"] / 2**30,
                 "memory_measured_as": "CUDA allocated by load + one pass" if device.type == "cuda" else
                 "RSS added by load + one pass"}
             twins = twins or not memory[name]["meaningful"]
-        seed = SEED_TABLE[("BERT-base", kind)][0] / SEED_TABLE[("DistilBERT", kind)][0]
-        ratios[kind] = {"ours": comparison.ratio("DistilBERT", "BERT-base")[0], "seed": seed,
+        notes = SEED_TABLE[("BERT-base", kind)][0] / SEED_TABLE[("DistilBERT", kind)][0]
+        ratios[kind] = {"ours": comparison.ratio("DistilBERT", "BERT-base")[0], "notes": notes,
                         "verdict": comparison.verdict("DistilBERT", "BERT-base")}
-        print(f"on {kind}: {comparison.sentence('DistilBERT', 'BERT-base')}; the seed's table says {seed:.2f}x "
-              "(one machine's ratio compares models fairly)")
+        say(f"on {kind}: {comparison.sentence('DistilBERT', 'BERT-base')}; the course notes' table says "
+            f"{notes:.2f}x (one machine's ratio compares models fairly)")
         del forwards
         cleanup()
-    rows = [{"model": model, "device": kind, "input_shape": f"{shape} tokens", "seed_time_s": time_s,
-             "seed_memory_gb": memory_gb, **measured.get((model, kind), {"memory_measured_as": "not measured here"})}
+    rows = [{"model": model, "device": kind, "input_shape": f"{shape} tokens", "notes_time_s": time_s,
+             "notes_memory_gb": memory_gb, **measured.get((model, kind), {"memory_measured_as": "not measured here"})}
             for (model, kind), (time_s, memory_gb) in SEED_TABLE.items()]
-    print_table(rows, ["model", "device", "input_shape", "ours_time_s", "ours_ci95_s", "seed_time_s",
-                       "ours_over_seed_time", "ours_memory_gib", "memory_measured_as", "seed_memory_gb"],
-                title="The seed's table: THIS machine (ours_*) next to the seed's published numbers (ANOTHER machine)")
-    print(f"ours: median of one forward pass, batch {shape[0]} x {shape[1]} real tokens, float32, under "
-          "torch.inference_mode(); the seed stated neither its input shape nor what its memory counted, so ours/seed "
-          "compares machines, not code.")
+    print_table(rows, ["model", "device", "ours_time_s", "ours_ci95_s", "notes_time_s", "ours_over_notes_time",
+                       "ours_memory_gib", "notes_memory_gb"],
+                title=f"The course notes' table: THIS machine (ours_*, input {shape} tokens) next to the notes' "
+                      "published numbers (ANOTHER machine)")
+    say(f"ours: median of one forward pass, batch {shape[0]} x {shape[1]} real tokens, float32, under "
+        "torch.inference_mode(); memory: " + "; ".join(sorted({row["memory_measured_as"] for row in rows})) +
+        ". The notes stated neither their input shape nor what their memory counted, so ours/notes compares "
+        "machines, not code.")
     if twins:
         print(f"({TWIN_NOTE}: that is why the input is cut to exactly {SEED_INPUT_TOKENS} tokens here)")
     return {"input_shape": str(shape), "rows": rows, "distilbert_vs_bert": ratios}
@@ -522,15 +524,15 @@ def draw_devices(ax, rows: list[dict]) -> None:
 
 
 def draw_seed_table(ax, seed: dict) -> None:
-    """Our measured time next to the seed's published one, per model and device."""
+    """Our measured time next to the course notes' published one, per model and device."""
     rows = seed["rows"]
     ours = [None if row.get("ours_time_s") is None else row["ours_time_s"] * 1e3 for row in rows]
     plots.grouped_bars(ax, [f"{row['model']}\n{row['device']}" for row in rows],
-                       [("this run, this machine", ours), ("seed (another machine)",
-                                                           [row["seed_time_s"] * 1e3 for row in rows])],
+                       [("this run, this machine", ours), ("course notes (another machine)",
+                                                           [row["notes_time_s"] * 1e3 for row in rows])],
                        missing="not\nmeasured\nhere")
-    ax.set(yscale="log", title=f"The seed's table: forward pass {rows[0]['input_shape']}", xlabel="model and device",
-           ylabel="inference time (ms, log scale)")
+    ax.set(yscale="log", title=f"The course notes' table: forward pass {rows[0]['input_shape']}",
+           xlabel="model and device", ylabel="inference time (ms, log scale)")
 
 
 def draw_summary(ctx: cli.Context, results: dict) -> None:
@@ -551,7 +553,8 @@ def draw_summary(ctx: cli.Context, results: dict) -> None:
 
 SECTIONS = {"meter": ("1. Meet the meter", meet_the_meter_section), "loads": ("2. Model load time", load_time_section),
             "tasks": ("3. Task benchmarks", task_section), "sweep": ("4. Batch-size sweep", batch_sweep_section),
-            "devices": ("5. Devices", devices_section), "seed": ("6. The seed's table, reproduced", seed_table_section)}
+            "devices": ("5. Devices", devices_section),
+            "seed": ("6. The course notes' table, reproduced", seed_table_section)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ script = load_script("04_performance_measurement")
 CHARTS = ["latency_per_task", "memory_per_task", "throughput_vs_batch", "devices_side_by_side", "summary", "compare"]
 TASKS = ["feature-extraction", "text-classification", "text-generation", "text-to-text"]
 SECTIONS = ["1. Meet the meter", "2. Model load time", "3. Task benchmarks", "4. Batch-size sweep", "5. Devices",
-            "6. The seed's table, reproduced", "7. Report and comparison"]
+            "6. The course notes' table, reproduced", "7. Report and comparison"]
 # A previous run on a machine far faster than any this test runs on, with an older torch, whose instrument check
 # failed, and whose one pipeline call took 1000 s: the run must say all of that, and call its own call "faster".
 SHARED_KEY = {"section": "1. Meet the meter", "measurement": "one pipeline call", "model": "all-MiniLM-L6-v2",
@@ -135,13 +135,13 @@ def test_devices_and_seed_table_cover_what_this_machine_has(run):
     devices = report["sections"]["5. Devices"]
     assert devices[0]["workload"] == "cpu" and devices[0]["speedup"] == pytest.approx(1.0)
     assert devices[0]["verdict"] == "baseline"
-    seed = report["sections"]["6. The seed's table, reproduced"]
+    seed = report["sections"]["6. The course notes' table, reproduced"]
     assert seed["input_shape"] == f"[1, {script.SEED_INPUT_TOKENS}]"
-    assert [(row["model"], row["device"], row["seed_time_s"]) for row in seed["rows"]] == \
+    assert [(row["model"], row["device"], row["notes_time_s"]) for row in seed["rows"]] == \
         [(model, device, time_s) for (model, device), (time_s, _) in script.SEED_TABLE.items()]
     for row in seed["rows"]:
         if row["device"] == "CPU":
-            assert row["ours_over_seed_time"] == pytest.approx(row["ours_time_s"] / row["seed_time_s"])
+            assert row["ours_over_notes_time"] == pytest.approx(row["ours_time_s"] / row["notes_time_s"])
     assert seed["distilbert_vs_bert"]["CPU"]["verdict"] in ("faster", "slower", "same")
     if not torch.cuda.is_available():
         assert len(devices) == 1 and "device cuda" in report["skipped"]
@@ -166,7 +166,7 @@ def test_gpu_rows_are_measured_with_cuda_memory(run):
     cpu_row, gpu_row = (next(row for row in report["rows"] if row["section"] == "5. Devices" and row["device"] == name)
                         for name in ("cpu", gpu))
     assert gpu_row["cuda_alloc_mib"] > 0 and cpu_row["gpu_util_pct"] is None
-    for row in report["sections"]["6. The seed's table, reproduced"]["rows"]:
+    for row in report["sections"]["6. The course notes' table, reproduced"]["rows"]:
         if row["device"] == "GPU":
             assert row["ours_time_s"] > 0 and row["memory_measured_as"].startswith("CUDA")
 
