@@ -567,6 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = runs.load_report(args.compare, SCRIPT, REPORT_VERSION) if args.compare else None
     hf_logging.disable_progress_bar()
     ctx = cli.start(__file__, args)
+    ctx.report.latex = True  # the timed rows also as report.tex, a booktabs table a paper can \input
     results = cli.run_sections(ctx, SECTIONS)
     ctx.report.run_section("7. Report and comparison", report_section.__doc__, report_section, ctx, results,
                            previous)

@@ -150,6 +150,39 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None)
     return "\n".join(lines)
 
 
+LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+LATEX_COLUMNS = ("Measurement", "Model", "Device", "Batch", "Median (ms)", "Interval (ms)", "Coverage (\\%)",
+                 "Throughput (items/s)")
+
+
+def latex_escape(text: Any) -> str:
+    """Text with LaTeX's special characters escaped."""
+    return "".join(LATEX_SPECIAL.get(char, char) for char in str(text))
+
+
+def latex_number(value: float) -> str:
+    """Four significant figures, plain digits (no thousands separator, no exponent below 1e6)."""
+    return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+
+
+def latex_table(rows: list[dict[str, Any]], caption: str) -> str:
+    """Every row with a median and its interval (runs.result_row's keys) as a booktabs table for a paper."""
+    timed = [row for row in rows if row.get("p50_ms") is not None and row.get("ci95_low_ms") is not None]
+    body = [" & ".join([latex_escape(row.get("measurement") or row.get("section", "")),
+                        latex_escape(row.get("model") or ""), latex_escape(row.get("device") or ""),
+                        latex_escape(row.get("batch") or "--"),
+                        latex_number(row["p50_ms"]),
+                        f"[{latex_number(row['ci95_low_ms'])}, {latex_number(row['ci95_high_ms'])}]",
+                        f"{100 * row['ci_coverage']:.0f}", latex_number(row["items_per_s"])]) + r" \\"
+            for row in timed]
+    return "\n".join([
+        r"\begin{table}[htbp]", r"\centering", r"\small",
+        f"\\caption{{{latex_escape(caption)}}}", r"\label{tab:results}",
+        r"\begin{tabular}{llllrlrr}", r"\toprule", " & ".join(LATEX_COLUMNS) + r" \\", r"\midrule",
+        *body, r"\bottomrule", r"\end{tabular}", r"\end{table}", ""])
+
+
 def interval_status(low: float, high: float, target: float) -> str:
     """A bar's status from its interval: PASS when all of it reaches the target, MISS when none does."""
     if low >= target:
@@ -222,6 +255,7 @@ class Report:
         self.partial = False
         self.interrupted: str | None = None  # why the run stopped early: Ctrl-C or SIGTERM
         self.finished = False  # until finish(), a report on disk is the last section's checkpoint
+        self.latex = False  # True: also report.tex, the timed rows as a booktabs table (04's reports for a paper)
         self.started = time.perf_counter()
 
     def run_section(self, title: str, why: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -317,6 +351,14 @@ class Report:
             "rows": self.rows,
         })
 
+    def latex_caption(self) -> str:
+        """What report.tex's numbers are and the machine they were measured on."""
+        env = self.environment
+        return (f"{self.script}: median latency per call and the exact distribution-free interval of the median "
+                f"(coverage as stated); throughput = items per call / median. Measured on {env.get('cpu')}, device "
+                f"{env.get('device')}, {env.get('torch_threads')} threads, torch {env.get('torch')}, transformers "
+                f"{env.get('transformers')}" + (" (--quick run)" if env.get("quick") else "") + ".")
+
     def markdown(self, data: dict[str, Any]) -> str:
         """A paste-able Markdown rendering: environment, models, each section's tables and scalars."""
         lines = [f"# {self.script}", ""]
@@ -344,6 +386,8 @@ class Report:
         texts = {"report.json": json.dumps(data, indent=2, allow_nan=False), "report.md": self.markdown(data)}
         if data["rows"]:
             texts["results.csv"] = rows_to_csv(data["rows"])
+        if data["rows"] and self.latex:
+            texts["report.tex"] = latex_table(data["rows"], self.latex_caption())
         try:
             return [atomic_write(self.out_dir / name, text) for name, text in texts.items()]
         except OSError as error:  # e.g. the disk filled during the run: the measurements must survive it

@@ -130,6 +130,28 @@ def test_sweep_knee_matches_the_pure_function(run):
         assert sweep["table"][0]["throughput_vs_batch1"] == pytest.approx(1.0)
 
 
+def test_report_tex_is_a_booktabs_table_of_the_csv_medians_and_intervals(run):
+    _, out, report = run
+    tex = (out / "report.tex").read_text()
+    lines = tex.splitlines()
+    assert lines.index(r"\toprule") < lines.index(r"\midrule") < lines.index(r"\bottomrule")
+    header = lines[lines.index(r"\toprule") + 1]
+    assert "Median (ms)" in header and "Interval (ms)" in header and "(items/s)" in header
+    caption = next(line for line in lines if line.startswith(r"\caption"))
+    assert report["environment"]["cpu"].replace("_", r"\_") in caption  # the machine it was measured on
+    body = lines[lines.index(r"\midrule") + 1:lines.index(r"\bottomrule")]
+    with open(out / "results.csv", newline="") as stream:
+        timed = [row for row in csv.DictReader(stream) if row["p50_ms"] and row.get("ci95_low_ms")]
+    assert len(body) == len(timed) > 5
+    for line, row in zip(body, timed):
+        cells = line.removesuffix(r" \\").split(" & ")
+        assert cells[2] == row["device"]
+        assert float(cells[4]) == pytest.approx(float(row["p50_ms"]), rel=1e-3)
+        low, high = (float(x) for x in cells[5].strip("[]").split(", "))
+        assert low == pytest.approx(float(row["ci95_low_ms"]), rel=1e-3)
+        assert high == pytest.approx(float(row["ci95_high_ms"]), rel=1e-3)
+        assert low <= float(cells[4]) <= high
+
 def test_devices_and_seed_table_cover_what_this_machine_has(run):
     report = run[2]
     devices = report["sections"]["5. Devices"]
