@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm import tqdm
-from transformers import AutoModel, AutoTokenizer, pipeline, set_seed
+from transformers import AutoModel, AutoTokenizer, Pipeline, pipeline, set_seed
+from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.base import pad_collate_fn
 from transformers.utils import logging as hf_logging
 
@@ -437,11 +438,40 @@ def overhead_breakdown(ctx: cli.Context, s: Settings, encoder: models.LoadedMode
 # -------------------------------------------------------------------------------------- 5. custom pipelines
 
 
+class SentenceSimilarityPipeline(Pipeline):
+    """{"text": a, "text_pair": b} -> {"score": cosine similarity of their mean-pooled embeddings}.
+
+    A pipeline call runs _sanitize_parameters (which call kwargs go to which stage), then preprocess (Python, CPU),
+    _forward (the model, on its device, under no_grad) and postprocess (tensors back to Python values).
+    """
+
+    _load_tokenizer = True  # pipeline() then loads the tokenizer with the model when given only a path
+
+    def _sanitize_parameters(self, **kwargs: Any):
+        return {}, {}, {}  # kwargs for preprocess, _forward, postprocess: this task takes none
+
+    def preprocess(self, inputs: dict[str, str]) -> dict[str, torch.Tensor]:
+        if not isinstance(inputs, dict) or not {"text", "text_pair"} <= inputs.keys():
+            raise ValueError('sentence-similarity takes {"text": ..., "text_pair": ...}')
+        return self.tokenizer([inputs["text"], inputs["text_pair"]], padding=True, truncation=True, return_tensors="pt")
+
+    def _forward(self, model_inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        hidden = self.model(**model_inputs).last_hidden_state
+        return {"embeddings": pipelines.mean_pool(hidden, model_inputs["attention_mask"])}
+
+    def postprocess(self, model_outputs: dict[str, torch.Tensor]) -> dict[str, float]:
+        first, second = model_outputs["embeddings"].float()
+        return {"score": torch.nn.functional.cosine_similarity(first, second, dim=0).item()}
+
+
 def custom_pipelines_section(ctx: cli.Context, s: Settings) -> dict:
     """New tasks plug into pipeline() by splitting work into
     preprocess / _forward / postprocess; each stage is timed."""
+    # Registering gives the pipeline function a new task name; pt_model: the Auto class it loads a model path with.
+    PIPELINE_REGISTRY.register_pipeline("sentence-similarity", pipeline_class=SentenceSimilarityPipeline,
+                                        pt_model=AutoModel, type="text")
     encoder = ctx.load("encoder")
-    similarity = pipeline(task=pipelines.SENTENCE_SIMILARITY, model=encoder.model, tokenizer=encoder.tokenizer,
+    similarity = pipeline(task="sentence-similarity", model=encoder.model, tokenizer=encoder.tokenizer,
                           device=encoder.model.device)
     reference = pipelines.embed(encoder.model, encoder.tokenizer, SIMILARITY_TEXTS)
     scores = [{"pair": f"S{i + 1}-S{j + 1}", "kind": kind,

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModel
+from transformers.pipelines import PIPELINE_REGISTRY
 from conftest import UNDECIDED_WORDS, is_png, load_script, verdict_of
 
 from common import cli
@@ -167,6 +169,8 @@ def test_custom_pipelines_section(run, lesson):
     _, _, report, printed = run
     section = report["sections"][S5]
     assert section["ordering_ok"] and section["max_diff_vs_manual"] < 1e-5
+    _, task, _ = PIPELINE_REGISTRY.check_task("sentence-similarity")  # registered by the lesson's own section 5
+    assert task["impl"] is lesson.SentenceSimilarityPipeline and task["pt"] == (AutoModel,)
     t2t = section["text_to_text"]
     assert t2t["source"] == "twin" and t2t["meaningful"] is False
     assert t2t["output_tokens"] == lesson.QUICK.text_to_text_tokens + 1  # decoder start token + new tokens
