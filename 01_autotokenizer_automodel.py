@@ -541,7 +541,9 @@ def time_stages(meter: PerformanceMeter, pipe: Any, name: str, item: Any, **call
 
 def plot_tokenisation_throughput(ctx: cli.Context, rows: list[dict]) -> None:
     """Texts per second of each way to tokenise, labelled with its speed-up over single calls."""
-    fig, ax = plots.figure(f"Tokenisation throughput, {THROUGHPUT_TEXTS:,} texts", "texts per second (median)", "")
+    batched = next(row for row in rows if row["workload"] == "one batched call")
+    fig, ax = plots.figure(f"One batched call: {batched['speedup']:.1f}x the texts/s of single calls "
+                           f"({batched['verdict']}, {THROUGHPUT_TEXTS:,} texts)", "texts per second (median)", "")
     speeds = [row["items_per_s"] for row in rows]
     ax.barh([row["workload"] for row in rows], speeds, color=["#b0b0b0", "#1f77b4", "#2ca02c"])
     for y, row in enumerate(rows):
@@ -563,17 +565,20 @@ def plot_similarity_heatmap(ctx: cli.Context, similarity: torch.Tensor, labels: 
 
 
 def plot_manual_vs_pipeline(ctx: cli.Context, timings: list[dict]) -> None:
-    """Median time per text against batch size for both paths, with IQR bars."""
-    fig, ax = plots.figure("Pipeline vs manual: latency per text", "batch size (texts per call)",
-                           "median time per text (ms)")
+    """Median time per text against batch size for both paths, with the median's interval as error bars."""
+    manual = {row["batch"]: row["ms_per_text"] for row in timings if row["workload"] == "manual"}
+    first, last = min(manual), max(manual)
+    fig, ax = plots.figure(f"Batching cuts the time per text {manual[first] / manual[last]:.1f}x (manual path, "
+                           f"batch {first} to {last})", "batch size (texts per call)", "median time per text (ms)")
     for path, colour in [("manual", "#1f77b4"), ("pipeline", "#ff7f0e")]:
         rows = [row for row in timings if row["workload"] == path]
         ax.errorbar([r["batch"] for r in rows], [r["ms_per_text"] for r in rows],
-                    yerr=[r["iqr_ms_per_text"] / 2 for r in rows], marker="o", capsize=4, color=colour,
-                    label=f"{path} (bars: IQR)")
+                    yerr=[[(r["p50_ms"] - r["ci95_low_ms"]) / r["batch"] for r in rows],
+                          [(r["ci95_high_ms"] - r["p50_ms"]) / r["batch"] for r in rows]],
+                    marker="o", capsize=4, color=colour, label=path)
     plots.log2_x(ax, BATCH_SIZES)
     ax.set_ylim(bottom=0)
-    ax.legend()
+    plots.legend_outside(ax, "bars: the median's interval")
     ctx.report.add_chart(plots.save(fig, ctx.out_dir, "manual_vs_pipeline_latency"))
 
 

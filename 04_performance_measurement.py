@@ -373,9 +373,10 @@ def devices_section(ctx: cli.Context) -> list[dict]:
     print_table(table, title=f"Same workload on every device (encoder, {len(batch)} texts per call, round-robin)")
     for name in list(workloads)[1:]:
         print(comparison.sentence(name, "cpu"))
-    if len(devices) == 1:
+    if len(devices) == 1:  # one bar says nothing: the number is printed in the table above instead of a chart
         print("only the CPU is available here, so there is nothing to put beside it (see the skipped lines above)")
-    ctx.report.add_chart(plots.chart(ctx.out_dir, "devices_side_by_side", draw_devices, table))
+    else:
+        ctx.report.add_chart(plots.chart(ctx.out_dir, "devices_side_by_side", draw_devices, table))
     return table
 
 
@@ -483,19 +484,26 @@ def draw_latency(ax, outcome: dict) -> None:
     tasks = outcome["tasks"]
     ax.boxplot([outcome["latency_samples_ms"][task["task"]] for task in tasks], showfliers=True)
     ax.set_xticks(range(1, len(tasks) + 1), [f"{task['task']}\n({task['per_call']})" for task in tasks], fontsize=8)
-    ax.set(yscale="log", title="Latency of one call per task (box: IQR, line: median)",
+    slowest = max(tasks, key=lambda task: task["p50_ms"])
+    fastest = min(tasks, key=lambda task: task["p50_ms"])
+    plots.log_y(ax)
+    ax.set(title=f"{slowest['task']} takes {slowest['p50_ms'] / fastest['p50_ms']:.0f}x as long per call as "
+                 f"{fastest['task']} (box: IQR, line: median)",
            ylabel="latency per call (ms, log scale)", xlabel="task (work done per call)")
 
 
 def draw_memory(ax, outcome: dict) -> None:
-    """Weights beside the working memory the timed calls added; CUDA peak beside them when present."""
+    """Weights beside the working memory the timed calls added (each bar labelled, so a small one still reads);
+    CUDA peak beside them when present."""
     tasks = outcome["tasks"]
     series = [("model weights (exact)", [task["weights_mib"] for task in tasks]),
               ("working RSS: peak during calls - before them", [task["working_rss_mib"] for task in tasks])]
     if any(task["cuda_alloc_mib"] is not None for task in tasks):
         series.append(("CUDA peak allocated", [task["cuda_alloc_mib"] or 0 for task in tasks]))
-    plots.grouped_bars(ax, [task["task"] for task in tasks], series)
-    ax.set(title="Memory per task", ylabel="memory (MiB)", xlabel="task")
+    plots.grouped_bars(ax, [task["task"] for task in tasks], series, value_format="%.0f")
+    heaviest = max(tasks, key=lambda task: task["weights_mib"])
+    ax.set(title=f"The weights dominate: {heaviest['task']} holds {heaviest['weights_mib']:.0f} MiB",
+           ylabel="memory (MiB)", xlabel="task")
 
 
 def draw_sweep(ax, sweeps: dict) -> None:
@@ -508,19 +516,22 @@ def draw_sweep(ax, sweeps: dict) -> None:
             ax.plot([knee["batch"]], [knee["items_per_s"]], marker="*", markersize=16, color=line.get_color(),
                     linestyle="none", label=f"{sweep['role']} knee (batch {knee['batch']})")
     plots.log2_x(ax, [row["batch"] for sweep in sweeps.values() for row in sweep["table"]])
-    ax.set(title="Throughput vs batch size", xlabel="batch size (texts per call, log2 scale)",
-           ylabel="throughput (texts/s, from the median call)")
-    ax.legend(fontsize=8)
+    knees = [f"{sweep['role']} at batch {sweep['knee_batch']}" for sweep in sweeps.values() if sweep["knee_batch"]]
+    ax.set(title="Throughput stops paying for latency: " + (", ".join(knees) or "no knee in the sizes tried"),
+           xlabel="batch size (texts per call, log2 scale)", ylabel="throughput (texts/s, from the median call)")
+    plots.legend_outside(ax)
 
 
 def draw_devices(ax, rows: list[dict]) -> None:
-    """Median latency per device with the IQR as the error bar."""
+    """Median latency per device with the median's interval as the error bar; the title is the best's speed-up."""
     bars = ax.bar([row["workload"] for row in rows], [row["p50_ms"] for row in rows],
-                  yerr=[row["iqr_ms"] / 2 for row in rows], capsize=6, width=0.5)
+                  yerr=[[row["p50_ms"] - row["ci95_low_ms"] for row in rows],
+                        [row["ci95_high_ms"] - row["p50_ms"] for row in rows]], capsize=6, width=0.5)
     ax.bar_label(bars, [f"{row['items_per_s']:.1f} texts/s" for row in rows], label_type="center", color="white")
-    ax.set_xlim(-0.75, max(len(rows), 2) - 0.25)  # keep one lone bar from filling the whole chart
-    ax.set(title=f"Same workload on every device ({rows[0]['per_call']})", xlabel="device",
-           ylabel="median latency per call (ms; bar: IQR)")
+    best = max(rows, key=lambda row: row["speedup"])
+    ax.set(title=f"{best['workload']} is {best['speedup']:.1f}x the CPU's speed ({best['verdict']}; "
+                 f"{rows[0]['per_call']} per call)", xlabel="device",
+           ylabel="median latency per call (ms; bar: the median's interval)")
 
 
 def draw_seed_table(ax, seed: dict) -> None:
@@ -531,7 +542,8 @@ def draw_seed_table(ax, seed: dict) -> None:
                        [("this run, this machine", ours), ("course notes (another machine)",
                                                            [row["notes_time_s"] * 1e3 for row in rows])],
                        missing="not\nmeasured\nhere")
-    ax.set(yscale="log", title=f"The course notes' table: forward pass {rows[0]['input_shape']}",
+    plots.log_y(ax)
+    ax.set(title=f"The course notes' table: forward pass {rows[0]['input_shape']}, this machine vs theirs",
            xlabel="model and device", ylabel="inference time (ms, log scale)")
 
 

@@ -86,7 +86,8 @@ def format_value(value: Any) -> str:
 
 
 # Kept in the CSV/JSON, folded out of console tables: noise shows in the p50 cell, the interval in the speedup cell.
-RECORD_ONLY = ("iqr_ms", "runs", "rounds", "speedup_low", "speedup_high", "noisy", "sentence")
+RECORD_ONLY = ("iqr_ms", "runs", "rounds", "speedup_low", "speedup_high", "noisy", "sentence", "ci95_low_ms",
+               "ci95_high_ms", "ci_coverage")
 WRAP = 100  # evidence sentences under a table wrap here; tables themselves stay within 120 columns
 
 
