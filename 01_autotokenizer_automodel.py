@@ -18,7 +18,7 @@ from transformers.utils import logging as hf_logging
 
 from common import cli, memory, models, pipelines, plots, texts
 from common.meter import Comparison, PerformanceMeter, median_ci
-from common.report import print_table
+from common.report import print_table, say
 
 
 @dataclass(frozen=True)
@@ -90,13 +90,13 @@ def tokenizer_section(ctx: cli.Context, s: Settings, user_texts: list[str]) -> d
     and whether one batched call is faster than many single ones."""
     where = models.checkpoint("encoder", ctx.source)
     tokenizer = AutoTokenizer.from_pretrained(where.path)
-    print(f"[tokenizer] {where.name}  source={where.source} ({where.origin})  "
+    say(f"[tokenizer] {where.name}  source={where.source} ({where.origin})  "
           f"model_max_length={tokenizer.model_max_length}\n")
 
     encoded = tokenizer(WALKTHROUGH_TEXT)
     print(f"text:           {WALKTHROUGH_TEXT!r}")
-    print(f"tokens:         {encoded.tokens()}")
-    print(f"input_ids:      {encoded['input_ids']}")
+    say(f"tokens:         {encoded.tokens()}")
+    say(f"input_ids:      {encoded['input_ids']}")
     print(f"attention_mask: {encoded['attention_mask']}   (1 = a real token the model attends to)")
     print(f"decode:         {tokenizer.decode(encoded['input_ids'])!r}")
     print(f"decode(skip_special_tokens=True): {tokenizer.decode(encoded['input_ids'], skip_special_tokens=True)!r}")
@@ -107,14 +107,14 @@ def tokenizer_section(ctx: cli.Context, s: Settings, user_texts: list[str]) -> d
 
     batch = tokenizer(PADDING_DEMO_TEXTS, padding=True, truncation=True, max_length=PADDING_DEMO_MAX_LENGTH,
                       return_tensors="pt")
-    print(f"\nA batch of {len(PADDING_DEMO_TEXTS)} texts, padding=True, truncation=True, "
+    say(f"\nA batch of {len(PADDING_DEMO_TEXTS)} texts, padding=True, truncation=True, "
           f"max_length={PADDING_DEMO_MAX_LENGTH}: every row has the same length, padding carries mask 0")
     print(f"input_ids {tuple(batch['input_ids'].shape)}:\n{batch['input_ids']}")
     print(f"attention_mask:\n{batch['attention_mask']}")
     untruncated = [len(ids) for ids in tokenizer(PADDING_DEMO_TEXTS)["input_ids"]]
     for text, total in zip(PADDING_DEMO_TEXTS, untruncated):
         if total > PADDING_DEMO_MAX_LENGTH:
-            print(f"[truncated] {texts.shorten(text)!r}: {total} tokens cut to {PADDING_DEMO_MAX_LENGTH}")
+            say(f"[truncated] {texts.shorten(text)!r}: {total} tokens cut to {PADDING_DEMO_MAX_LENGTH}")
 
     offsets = tokenizer(OFFSETS_DEMO_TEXT, return_offsets_mapping=True)
     offset_rows = [{"token": token, "span": f"{start}-{end}",
@@ -167,12 +167,12 @@ def tokenisation_throughput(ctx: cli.Context, s: Settings, tokenizer: Any) -> di
 
     parallelism = os.environ.get("TOKENIZERS_PARALLELISM", "unset (Rust threads on)")
     sentence, verdict = comparison.sentence(batched, single), comparison.verdict(batched, single)
-    print(sentence)
+    say(sentence)
     if verdict == "faster":
-        print(f"  why: it crosses from Python into the Rust tokenizer once instead of {THROUGHPUT_TEXTS:,} times and "
+        say(f"  why: it crosses from Python into the Rust tokenizer once instead of {THROUGHPUT_TEXTS:,} times and "
               f"can split the work over threads (TOKENIZERS_PARALLELISM={parallelism})")
-    print(comparison.sentence(padded, batched))
-    print(f"Padding to one tensor pads every text to the longest ({max(lengths)} tokens): "
+    say(comparison.sentence(padded, batched))
+    say(f"Padding to one tensor pads every text to the longest ({max(lengths)} tokens): "
           f"{1 - sum(lengths) / (len(lengths) * max(lengths)):.0%} of that tensor is padding, the waste that padding "
           "each small batch on its own (dynamic padding, lesson 03) reduces.")
     plot_tokenisation_throughput(ctx, rows)
@@ -198,7 +198,7 @@ def automodel_section(ctx: cli.Context, s: Settings, user_texts: list[str]) -> d
     with torch.inference_mode():  # no autograd graph is recorded: inference needs no gradients
         hidden = model(**batch).last_hidden_state
     texts_n, positions, width = hidden.shape
-    print(f"last_hidden_state shape {tuple(hidden.shape)} = {texts_n} texts x {positions} token positions "
+    say(f"last_hidden_state shape {tuple(hidden.shape)} = {texts_n} texts x {positions} token positions "
           f"(the longest text; shorter ones are padded) x {width} numbers per token (config.hidden_size)")
 
     # Mean pooling: average only the real tokens; the mask zeroes the padding rows before summing.
@@ -207,7 +207,7 @@ def automodel_section(ctx: cli.Context, s: Settings, user_texts: list[str]) -> d
     naive = hidden.mean(dim=1)  # what you get if you forget the mask
     padded_rows = int((batch["attention_mask"] == 0).any(dim=1).sum())
     mask_effect = float((pooled - naive).abs().max())
-    print(f"pooled embeddings {tuple(pooled.shape)}; forgetting the mask changes the {padded_rows} padded texts' "
+    say(f"pooled embeddings {tuple(pooled.shape)}; forgetting the mask changes the {padded_rows} padded texts' "
           f"embeddings by up to {mask_effect:.3f} (max abs)")
 
     unit = torch.nn.functional.normalize(pooled.float(), dim=-1)
@@ -220,7 +220,7 @@ def automodel_section(ctx: cli.Context, s: Settings, user_texts: list[str]) -> d
     related = [float(similarity[i, j]) for i, j in RELATED_PAIRS]
     unrelated = [float(similarity[i, j]) for i, j in UNRELATED_PAIRS]
     ordering_ok = min(related) > max(unrelated)
-    print(f"related pairs {[round(v, 3) for v in related]} vs unrelated pairs {[round(v, 3) for v in unrelated]}: "
+    say(f"related pairs {[round(v, 3) for v in related]} vs unrelated pairs {[round(v, 3) for v in unrelated]}: "
           + (f"every related pair beats every unrelated one by at least {min(related) - max(unrelated):.3f}"
              if ordering_ok else "WARNING: an unrelated pair scores as high as a related one"))
     plot_similarity_heatmap(ctx, similarity, labels, sentences)
@@ -240,15 +240,15 @@ def pipeline_section(ctx: cli.Context, s: Settings, user_texts: list[str]) -> di
     extractor = pipeline("feature-extraction", model=encoder.model, tokenizer=encoder.tokenizer,
                          device=encoder.model.device)
     features = extractor(SIMILARITY_TEXTS[0], return_tensors=True)
-    print(f'pipeline("feature-extraction") on one text -> tensor {tuple(features.shape)}: the token vectors, '
+    say(f'pipeline("feature-extraction") on one text -> tensor {tuple(features.shape)}: the token vectors, '
           "no pooling; mean over the tokens gives the sentence embedding")
     padded = extractor(PADDING_DEMO_TEXTS[:2], batch_size=2, return_tensors=True)
     own = [len(ids) for ids in encoder.tokenizer(PADDING_DEMO_TEXTS[:2])["input_ids"]]
-    print(f"with batch_size=2 the two texts come back with {[f.shape[1] for f in padded]} token rows although they "
+    say(f"with batch_size=2 the two texts come back with {[f.shape[1] for f in padded]} token rows although they "
           f"have {own} tokens: rows past a text's own length are padding, so pool only its own tokens")
 
     clf, info = ctx.classifier()
-    print("classifier: " + ("the real SST-2 fine-tuned DistilBERT from the Hub" if info.source == "hub" else
+    say("classifier: " + ("the real SST-2 fine-tuned DistilBERT from the Hub" if info.source == "hub" else
                             "offline stand-in (bundled MiniLM + nearest example sentences), not a fine-tuned sentiment "
                             "model; with the Hub this role is the real SST-2 DistilBERT"))
     inputs = [text for text, _ in SENTIMENT_CHECKS] + user_texts
@@ -284,7 +284,7 @@ def generation_demo(ctx: cli.Context, s: Settings) -> dict:
                                  **kwargs)[0]["generated_text"])
         generations.append({"mode": mode, "seconds": time.perf_counter() - started,
                             "continuation": outputs[-1] if where.meaningful else None})  # a twin's text is noise
-    print(f"\ntext-generation with {where.label}, prompt {GENERATION_PROMPT!r}, max_new_tokens={s.generation_tokens}"
+    say(f"\ntext-generation with {where.label}, prompt {GENERATION_PROMPT!r}, max_new_tokens={s.generation_tokens}"
           " (one call each, not a benchmark: lesson 04 measures generation)")
     for row in generations:
         print(f"  {row['mode']:<24} {row['seconds']:5.2f} s  "
@@ -323,15 +323,15 @@ def manual_vs_pipeline_section(ctx: cli.Context, s: Settings, user_texts: list[s
                 title="Sentence embeddings: one manual batched call vs pipeline(batch_size=), speedup over pipeline")
     ctx.report.add_rows("manual_vs_pipeline", timings)
     verdicts = {str(batch): comparison.sentence("manual", "pipeline") for batch, comparison in comparisons.items()}
-    print("\n".join(f"batch {batch:>2}: {sentence}" for batch, sentence in verdicts.items()))
+    say("\n".join(f"batch {batch:>2}: {sentence}" for batch, sentence in verdicts.items()))
     manual = {row["batch"]: row for row in timings if row["workload"] == "manual"}  # speedup = pipeline / manual time
     small, large = manual[min(BATCH_SIZES)], manual[max(BATCH_SIZES)]
     if small["verdict"] == "faster" and small["speedup_low"] > large["speedup_high"]:
-        print(f"The pipeline's relative cost is larger at batch {small['batch']} ({small['speedup']:.2f}x) than at "
+        say(f"The pipeline's relative cost is larger at batch {small['batch']} ({small['speedup']:.2f}x) than at "
               f"batch {large['batch']} ({large['speedup']:.2f}x): a fixed per-call cost weighs most when the forward "
               "pass is short.")
     else:
-        print(f"This run does not show the pipeline's relative cost shrinking from batch {small['batch']} to "
+        say(f"This run does not show the pipeline's relative cost shrinking from batch {small['batch']} to "
               f"{large['batch']} (that takes a measurable cost at batch {small['batch']} and intervals apart).")
 
     breakdown = overhead_breakdown(ctx, s, encoder, extractor, comparisons[max(BATCH_SIZES)])
@@ -349,7 +349,7 @@ def check_agreement(ctx: cli.Context, encoder: models.LoadedModel, extractor: An
     manual = manual_embeddings(encoder, sentences)
     piped = pipeline_embeddings(extractor, sentences, token_counts, PIPELINE_BATCH_SIZE)
     max_diff = float((manual - piped).abs().max())
-    print(f"embeddings of {len(sentences)} texts, manual (one batch) vs pipeline (batch_size={PIPELINE_BATCH_SIZE}): "
+    say(f"embeddings of {len(sentences)} texts, manual (one batch) vs pipeline (batch_size={PIPELINE_BATCH_SIZE}): "
           f"max abs difference {max_diff:.2e} (tolerance {EMBEDDING_TOLERANCE:.0e})")
     if not max_diff <= EMBEDDING_TOLERANCE:
         raise AssertionError(f"manual and pipeline embeddings differ by {max_diff:.2e} > {EMBEDDING_TOLERANCE:.0e}")
@@ -417,16 +417,16 @@ def overhead_breakdown(ctx: cli.Context, s: Settings, encoder: models.LoadedMode
                       ms["pipeline"] - per_text - padding)]]
     print_table(breakdown, title=f"Where the pipeline's extra time goes at batch {largest} (the model gets "
                                  "identical padded input_ids on both paths)")
-    print("The pipeline calls the tokenizer once per text, pads the items itself (collate), then runs a DataLoader "
+    say("The pipeline calls the tokenizer once per text, pads the items itself (collate), then runs a DataLoader "
           "loop that unbatches the output and postprocesses each text.")
     tokenising = parts.sentence("tokenise batched", "tokenise per text")
-    print(f"tokenising: {tokenising}; collate adds {padding:.2f} ms")
+    say(f"tokenising: {tokenising}; collate adds {padding:.2f} ms")
     # The whole-call difference, paired by round, has an interval; what tokenising and collating explain is
     # subtracted from both ends, and the rest counts as noise only if that interval still includes zero.
     _, low, high = (1e3 * seconds for seconds in whole.difference("pipeline", "manual"))
     rest, explained = breakdown[3]["extra_ms"], (per_text - batched) + padding
     rest_interval = (low - explained, high - explained)
-    print(f"Beyond tokenising and collating, the rest of the difference is {rest:+.1f} ms (interval "
+    say(f"Beyond tokenising and collating, the rest of the difference is {rest:+.1f} ms (interval "
           f"{rest_interval[0]:+.1f} to {rest_interval[1]:+.1f} ms): " + (
               "within this run's noise." if rest_interval[0] <= 0 <= rest_interval[1] else
               "measurable: forward, DataLoader, unbatching and postprocess together."))
@@ -482,7 +482,7 @@ def custom_pipelines_section(ctx: cli.Context, s: Settings) -> dict:
     ordering_ok = (min(row["score"] for row in scores if row["kind"] == "related")
                    > max(row["score"] for row in scores if row["kind"] == "unrelated"))
     agreement = max(abs(row["score"] - row["by_hand"]) for row in scores)
-    print(f"related > unrelated: {'yes' if ordering_ok else 'NO'}; largest difference from the by-hand cosine "
+    say(f"related > unrelated: {'yes' if ordering_ok else 'NO'}; largest difference from the by-hand cosine "
           f"{agreement:.1e}")
 
     where = models.checkpoint("seq2seq", ctx.source)
@@ -503,8 +503,8 @@ def custom_pipelines_section(ctx: cli.Context, s: Settings) -> dict:
                 title="Where a pipeline call spends its time: preprocess (tokenise) -> _forward (model) "
                       "-> postprocess (tensors to Python)")
     ctx.report.add_rows("custom_pipeline_stages", similarity_stages + t2t_stages)
-    print(f"{similarity_glue}\n{t2t_glue}")
-    print("preprocess and postprocess run in Python on the CPU; _forward is the step that runs on the model's "
+    say(f"{similarity_glue}\n{t2t_glue}")
+    say("preprocess and postprocess run in Python on the CPU; _forward is the step that runs on the model's "
           "device, which is why the split exists: pipelines can batch or overlap the model step on its own.")
     return {"similarity_scores": scores, "ordering_ok": ordering_ok, "max_diff_vs_manual": agreement,
             "text_to_text": {"model": where.label, "source": where.source, "meaningful": where.meaningful,

@@ -23,7 +23,7 @@ from common import pipelines as custom_pipelines  # registers the "text-to-text"
 from common.errors import UserError
 from common.memory import MIB
 from common.meter import VERDICT_WORDS, PerformanceMeter
-from common.report import format_value, print_table
+from common.report import format_value, print_table, say
 
 
 @dataclass(frozen=True)
@@ -145,8 +145,10 @@ def architectures_section(ctx: cli.Context, contenders: list[Contender]) -> dict
     print_table(SEED_TABLE, title="What the course notes say (claims, checked below):")
     facts = for_each_model(ctx, contenders, "architecture facts", architecture_facts)
     print_table(facts, ["model", "architecture", "class", "layers", "hidden", "heads", "kv_heads", "vocab",
-                        "max_positions", "masking"], title="Read from each model:")
-    print(f"\nMasking probe: edit only the LAST token of a {len(PROBE_TEXT.split())}-word input and compare the "
+                        "max_positions"], title="Read from each model (its masking: the probe below):")
+    say("kv_heads: the key/value heads; fewer than heads means grouped-query attention (several query heads share "
+        "one key/value head, so the KV cache of generation is smaller).")
+    say(f"\nMasking probe: edit only the LAST token of a {len(PROBE_TEXT.split())}-word input and compare the "
           "earlier tokens' final hidden states. Unchanged (relative change < "
           f"{CAUSAL_TOLERANCE:g}) = they cannot see later tokens = causal; changed = bidirectional.")
     print_table(facts, ["model", "earlier_change", "decoder_earlier_change", "masking"])
@@ -267,7 +269,7 @@ def speed_section(ctx: cli.Context, contenders: list[Contender]) -> dict:
     """Forward cost grows with sequence length and batch; generation pays per new token, and the KV cache
     decides how much. Every number is a median from this run; every A-vs-B is timed round-robin."""
     s = ctx.pick(FULL, QUICK)
-    print(f"Forward: batch {list(s.batch_sizes)} x length {list(s.seq_lengths)} (random token ids). Generation: a "
+    say(f"Forward: batch {list(s.batch_sizes)} x length {list(s.seq_lengths)} (random token ids). Generation: a "
           f"{s.prompt_tokens}-token prompt (common.texts sentences cut to exactly {s.prompt_tokens} ids by each "
           f"model's own tokenizer), then {s.new_tokens} new greedy tokens. {s.warmup} warm-up call each.")
     pairs = [(encoder, decoder) for encoder in contenders if encoder.kind == "encoder"
@@ -287,15 +289,15 @@ def speed_section(ctx: cli.Context, contenders: list[Contender]) -> dict:
                           "speedup", "speedup_low", "speedup_high", "rounds", "verdict", "same_greedy_tokens"],
                 title="KV cache on vs off (same run, same prompt, timed round-robin):")
     for row in kv_rows:
-        print(f"  {row['model']}: {row['sentence']}; greedy tokens "
+        say(f"{row['model']}: {row['sentence']}; greedy tokens "
               f"{'identical' if row['same_greedy_tokens'] else 'DIFFER'} with and without it")
     faster = [row["model"] for row in kv_rows if row["verdict"] == "faster"]
     if faster:  # the mechanism, said only for the models whose verdict shows it
-        print(f"  Why the cache won for {', '.join(faster)}: without it every step re-runs the whole sequence so far "
+        say(f"Why the cache won for {', '.join(faster)}: without it every step re-runs the whole sequence so far "
               f"(for a decoder-only model, the {s.prompt_tokens}-token prompt too); with it each step runs only the "
               "newest token against the stored keys and values.")
     for pair in same_shape:
-        print(f"\nSame depth and width, different architecture (forward, batch 1 x {SUMMARY_LENGTH} tokens, "
+        say(f"\nSame depth and width, different architecture (forward, batch 1 x {SUMMARY_LENGTH} tokens, "
               f"{pair['layers']} layers x {pair['hidden']}): {pair['sentence']}")
     ctx.report.add_rows("forward", forward)
     ctx.report.add_rows("generation", generation)
@@ -454,7 +456,7 @@ def memory_section(ctx: cli.Context, contenders: list[Contender]) -> list[dict]:
                   "peak above the loaded weights; after release = still allocated, and reserved, after cleanup()")
     print_table(rows, columns, title=title)
     for row in rows:
-        print(f"  {memory_note(row, ctx.device)}")
+        say(memory_note(row, ctx.device), "  ")
     ctx.report.add_rows("memory", [phase for row in rows for phase in memory_phases(row)])
     if rows:
         memory_chart(ctx, rows)
@@ -532,7 +534,9 @@ def summary_section(ctx: cli.Context, contenders: list[Contender], facts: dict |
     rows = summary_rows(contenders, facts, speed, memory_rows)
     print_table(rows, title="Summary (fwd = batch 1; tokens/s = with KV cache; peak = MiB above pre-load RSS):")
     advice = family_advice(rows, speed or {}, s.prompt_tokens)
-    print("\n" + "\n".join(f"- {line}" for line in advice))
+    print()
+    for line in advice:
+        say(f"- {line}")
     twins = None
     if any(not contender.where.meaningful for contender in contenders):
         twins = (f"Twins have the real model's layer shapes and parameter count (section 1); speed was measured at "
@@ -540,7 +544,7 @@ def summary_section(ctx: cli.Context, contenders: list[Contender], facts: dict |
                  f"prompt plus {s.new_tokens} new tokens per generation), which a twin and its real model process "
                  "alike. A twin's borrowed tokenizer makes a different number of tokens of the same text (section 2 "
                  "prints each count), so its time per text is not the real model's; its outputs are noise.")
-        print(f"\n{twins}")
+        say(f"\n{twins}")
     return {"models": rows, "when_to_use": advice, "twins": twins}
 
 
@@ -671,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     contenders = plan_models(args.source, args.models)  # a bad name stops here, before any output or measurement
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per load buries the lesson's own lines
     ctx = cli.start(__file__, args)
-    print("Comparing: " + ", ".join(f"{c.label} [{c.family}]" for c in contenders))
+    say("Comparing: " + ", ".join(f"{c.label} [{c.family}]" for c in contenders))
     run = ctx.report.run_section  # each section's docstring is the why it prints under the title
     facts = run("1. Architectures", architectures_section.__doc__, architectures_section, ctx, contenders)
     run("2. One input, one line each", pipelines_section.__doc__, pipelines_section, ctx, contenders)

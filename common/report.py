@@ -302,7 +302,7 @@ class Report:
     def skip(self, what: str, reason: str) -> None:
         """Record and print that something was not run, and why."""
         self.skipped[what] = reason
-        print(f"[skipped] {what}: {reason}")
+        say(f"[skipped] {what}: {reason}")
 
     def attempt(self, what: str, work: Callable[[], T], fails_run: bool = False) -> T | None:
         """work()'s result; if it raises, record why and return None so the next item goes on: a skip, or with
@@ -314,7 +314,7 @@ class Report:
                 self.skip(what, first_line(error))
                 return None
             self.failures[what] = first_line(error)
-            print(f"[failed] {what}: {first_line(error)}")
+            say(f"[failed] {what}: {first_line(error)}")
             return None
 
     def add_rows(self, section: str, rows: list[dict[str, Any]]) -> None:
