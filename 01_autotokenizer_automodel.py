@@ -247,7 +247,7 @@ def pipeline_section(ctx: cli.Context, s: Settings, user_texts: list[str]) -> di
     say(f"with batch_size=2 the two texts come back with {[f.shape[1] for f in padded]} token rows although they "
           f"have {own} tokens: rows past a text's own length are padding, so pool only its own tokens")
 
-    clf, info = ctx.classifier()
+    clf, info = sentiment_classifier(ctx)
     say("classifier: " + ("the real SST-2 fine-tuned DistilBERT from the Hub" if info.source == "hub" else
                             "offline stand-in (bundled MiniLM + nearest example sentences), not a fine-tuned sentiment "
                             "model; with the Hub this role is the real SST-2 DistilBERT"))
@@ -265,6 +265,17 @@ def pipeline_section(ctx: cli.Context, s: Settings, user_texts: list[str]) -> di
     return {"feature_shape": list(features.shape), "padded_rows": [f.shape[1] for f in padded], "own_tokens": own,
             "classifier_source": info.source, "classifier": info.name, "sentiment": rows,
             "sentiment_correct": correct, "sentiment_checked": len(SENTIMENT_CHECKS), **generation}
+
+
+def sentiment_classifier(ctx: cli.Context) -> tuple[Any, models.ModelInfo]:
+    """pipeline("text-classification") with the SST-2 DistilBERT when the Hub has it, built once per run; offline
+    the bundled stand-in (MiniLM plus the nearest example sentences: common.models.load_classifier)."""
+    if not models.use_hub(models.CATALOG["distilbert-sst2"].hub_id, ctx.source):
+        return ctx.classifier()
+    loaded = ctx.load("classifier")
+    classifier = ctx.once(("text-classification", str(ctx.device)), lambda: pipeline(
+        "text-classification", model=loaded.model, tokenizer=loaded.tokenizer, device=loaded.model.device))
+    return classifier, loaded.info
 
 
 def generation_demo(ctx: cli.Context, s: Settings) -> dict:
@@ -354,7 +365,7 @@ def check_agreement(ctx: cli.Context, encoder: models.LoadedModel, extractor: An
     if not max_diff <= EMBEDDING_TOLERANCE:
         raise AssertionError(f"manual and pipeline embeddings differ by {max_diff:.2e} > {EMBEDDING_TOLERANCE:.0e}")
 
-    clf, info = ctx.classifier()
+    clf, info = sentiment_classifier(ctx)
     by_hand = manual_labels(clf, sentences)
     by_pipeline = [p["label"] for p in clf(sentences, batch_size=PIPELINE_BATCH_SIZE, truncation=True)]
     mismatches = [(texts.shorten(t), a, b) for t, a, b in zip(sentences, by_hand, by_pipeline) if a != b]
