@@ -77,7 +77,7 @@ def classifier_pipeline(ctx: cli.Context):
     """The classifier role as a pipeline; offline it is the registered embedding-classification stand-in."""
     classifier, info = ctx.classifier()
     if info.source != "hub":
-        print("(offline: the classifier role is the registered 'embedding-classification' stand-in, MiniLM plus "
+        say("(offline: the classifier role is the registered 'embedding-classification' stand-in, MiniLM plus "
               "similarity to example sentences, not a fine-tuned DistilBERT; its speed is a MiniLM encoder's)")
     return classifier, info
 
@@ -116,7 +116,7 @@ def meet_the_meter_section(ctx: cli.Context) -> dict:
         print(f"[noise] {warning}")
 
     overhead_s = meter.overhead_per_call_s(OVERHEAD_RUNS)
-    print(f"\nmeter overhead: {overhead_s * 1e6:.2f} µs per timed call (an empty function, {OVERHEAD_RUNS} calls; "
+    say(f"\nmeter overhead: {overhead_s * 1e6:.2f} µs per timed call (an empty function, {OVERHEAD_RUNS} calls; "
           f"target < {OVERHEAD_TARGET_S * 1e6:.0f} µs: {'OK' if overhead_s < OVERHEAD_TARGET_S else 'OVER'}) "
           f"= 1/{s.median / overhead_s:,.0f} of this call's median")
     row = runs.result_row(m, measurement="one pipeline call", model=loaded.info.label, device=str(ctx.device),
@@ -143,10 +143,10 @@ def instrument_check(ctx: cli.Context, meter: PerformanceMeter, call, workload: 
     ratio, low, high, coverage = runs.ratio_interval(timer_samples, meter_samples)  # meter / Timer
     verdict = runs.agreement(ratio, low, high, INSTRUMENT_TOLERANCE)
     meter_ms, timer_ms = float(np.median(meter_samples)) * 1e3, float(np.median(timer_samples)) * 1e3
-    print(f"\ninstrument check, {s.instrument_rounds} alternating rounds: PerformanceMeter.measure median "
+    say(f"\ninstrument check, {s.instrument_rounds} alternating rounds: PerformanceMeter.measure median "
           f"{meter_ms:.3g} ms of {len(meter_samples)} calls; torch Timer.blocked_autorange median {timer_ms:.3g} ms of "
           f"{len(timer_samples)} blocks of {'/'.join(map(str, sorted(per_block)))} call(s) (a block's mean)")
-    print(f"meter / Timer median: {ratio:.3f} (interval {low:.3f}-{high:.3f}, {coverage:.0%} coverage) -> " + {
+    say(f"meter / Timer median: {ratio:.3f} (interval {low:.3f}-{high:.3f}, {coverage:.0%} coverage) -> " + {
         "agree": "they agree within 5%",
         "disagree": "DISAGREE by more than 5%: do not trust small differences from this run; --compare repeats this",
         "inconclusive": "inconclusive: the interval is wider than 5% either side, the machine is too busy to check "
@@ -181,10 +181,11 @@ def load_time_section(ctx: cli.Context) -> list[dict]:
                       "cold_s": cold.seconds, "warm_s": warm.seconds, "cold_over_warm": cold.seconds / warm.seconds,
                       "cold_peak_rss_delta_mib": cold.peak_rss_delta_bytes / MIB,
                       "warm_peak_rss_delta_mib": warm.peak_rss_delta_bytes / MIB})
-    print_table(table, title=f"Model load time on {ctx.device}: Auto*.from_pretrained(path, dtype=torch.float32, "
-                             f"device_map={str(ctx.device)!r})")
+    print_table(table, [key for key in table[0] if key != "class"],  # the class is in the report; the width is not
+                title=f"Model load time on {ctx.device}: Auto*.from_pretrained(path, dtype=torch.float32, "
+                      f"device_map={str(ctx.device)!r})")
     above = [row["model"] for row in table if row["cold_peak_rss_delta_mib"] > row["weights_mib"]]
-    print("cold = first load of that checkpoint in this process (section 1 already imported the loading code), warm = "
+    say("cold = first load of that checkpoint in this process (section 1 already imported the loading code), warm = "
           "the same load again; both may read the OS page cache. One load each: cold/warm is one ratio, not a verdict.")
     if ctx.device.type == "cpu":  # on a GPU the weights do not live in RSS, so the comparison would mean nothing
         print(f"peak RSS delta (kernel high-water mark minus RSS before) exceeded the weights in {len(above)} of "
@@ -241,7 +242,7 @@ def bench_text_to_text(ctx: cli.Context, meter: PerformanceMeter) -> dict:
     output = rewriter(text, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     if output["output_tokens"] - 1 != new_tokens:  # the output also holds the decoder's start token
         raise RuntimeError(f"asked for {new_tokens} new tokens, the model produced {output['output_tokens'] - 1}")
-    print(f"text-to-text output: {output['generated_text']!r}" +
+    say(f"text-to-text output: {output['generated_text']!r}" +
           ("" if loaded.info.meaningful else f"  ({TWIN_NOTE}; its text is noise)"))
     m = meter.measure("text-to-text", lambda: rewriter(text, max_new_tokens=new_tokens, min_new_tokens=new_tokens),
                       items=1, tokens=new_tokens)
@@ -274,9 +275,9 @@ def task_section(ctx: cli.Context) -> dict:
     if not tasks:
         raise RuntimeError("every task failed")
     print_table(tasks, ["task", "model", "per_call", "runs", "p50_ms", "p90_ms", "p99_ms", "max_ms", "items_per_s",
-                        "tokens_per_s", "tokens_counted", "noisy"],
+                        "tokens_per_s", "noisy"],
                 title=f"Task latency and throughput on {ctx.device}")
-    print("throughput = work per call / median call; tokens/s counts real tokens only: input tokens without padding "
+    say("throughput = work per call / median call; tokens/s counts real tokens only: input tokens without padding "
           "for the encoder tasks, generated tokens for the generation tasks. p99 needs 100 samples (else '-': max).")
     print_table(tasks, ["task", "weights_mib", "working_rss_mib", "peak_rss_mib", "cuda_alloc_mib", "cpu_util_pct",
                         "gpu_util_pct"], title="Memory and utilisation while measuring")
@@ -483,7 +484,8 @@ def draw_latency(ax, outcome: dict) -> None:
     """Box plot of every call's latency per task (log scale: generation is slower by orders of magnitude)."""
     tasks = outcome["tasks"]
     ax.boxplot([outcome["latency_samples_ms"][task["task"]] for task in tasks], showfliers=True)
-    ax.set_xticks(range(1, len(tasks) + 1), [f"{task['task']}\n({task['per_call']})" for task in tasks], fontsize=8)
+    ax.set_xticks(range(1, len(tasks) + 1), [f"{task['task']}\n({task['per_call']})" for task in tasks], fontsize=7,
+                  rotation=15, ha="right")
     slowest = max(tasks, key=lambda task: task["p50_ms"])
     fastest = min(tasks, key=lambda task: task["p50_ms"])
     plots.log_y(ax)
@@ -501,6 +503,7 @@ def draw_memory(ax, outcome: dict) -> None:
     if any(task["cuda_alloc_mib"] is not None for task in tasks):
         series.append(("CUDA peak allocated", [task["cuda_alloc_mib"] or 0 for task in tasks]))
     plots.grouped_bars(ax, [task["task"] for task in tasks], series, value_format="%.0f")
+    ax.tick_params(axis="x", labelrotation=15)
     heaviest = max(tasks, key=lambda task: task["weights_mib"])
     ax.set(title=f"The weights dominate: {heaviest['task']} holds {heaviest['weights_mib']:.0f} MiB",
            ylabel="memory (MiB)", xlabel="task")

@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import NullFormatter, ScalarFormatter, StrMethodFormatter  # noqa: E402
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter, StrMethodFormatter  # noqa: E402
 
 DPI = 130
 plt.rcParams.update({
@@ -39,8 +39,9 @@ def figure(title: str, xlabel: str, ylabel: str, size: tuple[float, float] | Non
 def log_y(ax: Axes) -> None:
     """A log y axis whose ticks read 10, 20, 50 (ScalarFormatter), not 2x10^1."""
     ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.yaxis.set_major_formatter(ScalarFormatter())
-    ax.yaxis.set_minor_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.ticklabel_format(axis="y", style="plain")
 
 
