@@ -175,3 +175,21 @@ def test_build_each_skips_what_cannot_run_and_says_why(tmp_path):
                            labels={"ok": "the ok one"})
     assert list(built) == ["ok"] and built["ok"]["model"] == 3 and built["ok"]["output"] == 6
     assert ctx.report.skipped == {"toy absent": "not installed", "toy broken": "ValueError: no kernel"}
+
+
+def test_context_once_builds_a_key_once_per_run_until_forgotten(tmp_path):
+    from common.report import Report
+
+    ctx = cli.Context(SimpleNamespace(quick=True, source="bundled"), torch.device("cpu"), tmp_path,
+                      Report("05_example", tmp_path, {}))
+    builds = []
+
+    def build() -> object:
+        builds.append(object())
+        return builds[-1]
+
+    first = ctx.once(("model", "a"), build)
+    assert ctx.once(("model", "a"), build) is first and len(builds) == 1  # a later section reuses the same model
+    assert ctx.once(("model", "b"), build) is not first and len(builds) == 2
+    ctx.forget_loaded()  # before a memory measurement: every kept model is let go
+    assert ctx.once(("model", "a"), build) is not first and len(builds) == 3
