@@ -125,7 +125,8 @@ def tokenizer_section(ctx: cli.Context, s: Settings, user_texts: list[str]) -> d
     cases = EDGE_CASES + [("Over-long", " ".join(texts.SENTENCES * OVERLONG_REPEATS))]
     cases += [(f"--text {i + 1}", text) for i, text in enumerate(user_texts)]
     round_trip = [round_trip_row(tokenizer, label, text) for label, text in cases]
-    print_table(round_trip, title="Round trip decode(encode(text)): exact, lossless after normalisation, what is lost")
+    print_table(round_trip, ["case", "text", "tokens", "exact", "lossless_after_norm", "lost"],
+                title="Round trip decode(encode(text)): exact, lossless after normalisation, what is lost")
     truncated = texts.report_truncation(tokenizer, [text for _, text in cases])
 
     throughput = tokenisation_throughput(ctx, s, tokenizer)
@@ -141,7 +142,7 @@ def round_trip_row(tokenizer: Any, label: str, text: str) -> dict:
     decoded = tokenizer.decode(ids, skip_special_tokens=True)
     normaliser = tokenizer.backend_tokenizer.normalizer  # lower-casing, accent stripping, ... before splitting
     normalised = normaliser.normalize_str(text) if normaliser else text
-    return {"case": label, "text": texts.shorten(text, 30), "chars": len(text), "tokens": total, "kept": len(ids),
+    return {"case": label, "text": texts.shorten(text, 22), "chars": len(text), "tokens": total, "kept": len(ids),
             "exact": decoded == text,
             # lossless up to normalisation: same characters as the normaliser's output, ignoring spaces
             "lossless_after_norm": "".join(decoded.split()) == "".join(normalised.split()),
