@@ -608,7 +608,8 @@ def family_advice(rows: list[dict], speed: dict, prompt: int) -> list[str]:
 
 def parameters_chart(ctx: cli.Context, facts: list[dict]) -> None:
     """Stacked bars: how much of each model is its embedding tables."""
-    fig, ax = plots.figure("Where the parameters are: embeddings vs transformer blocks", "model",
+    shares = [row["embedding_pct"] for row in facts]
+    fig, ax = plots.figure(f"Embedding tables hold {min(shares):.0f}-{max(shares):.0f}% of the parameters", "model",
                            "parameters (millions)")
     labels = [row["model"] for row in facts]
     embeddings = [row["embedding_params"] / 1e6 for row in facts]
@@ -619,14 +620,22 @@ def parameters_chart(ctx: cli.Context, facts: list[dict]) -> None:
     ax.bar_label(tops, labels=[f"{row['embedding_pct']:.0f}% emb." for row in facts], fontsize=8)
     ax.set_ylim(0, 1.35 * max(row["params"] / 1e6 for row in facts))
     ax.tick_params(axis="x", labelrotation=20)
-    ax.legend(loc="upper right", fontsize=8)
+    plots.legend_outside(ax)
     ctx.report.add_chart(plots.save(fig, ctx.out_dir, "params_stacked"))
 
 
 def latency_chart(ctx: cli.Context, forward: list[dict]) -> None:
-    """One colour per model, one line style per batch size: how cost grows with sequence length."""
-    fig, ax = plots.figure("Forward latency vs sequence length", "sequence length (tokens)",
-                           "median forward latency (ms)")
+    """One colour per model, one line style per batch size: how cost grows with sequence length (the title: by how
+    much, at the smallest batch)."""
+    batch, lengths = min(row["batch"] for row in forward), sorted({row["seq_len"] for row in forward})
+    ends = {}
+    for row in forward:
+        if row["batch"] == batch and row["seq_len"] in (lengths[0], lengths[-1]):
+            ends.setdefault(row["model"], {})[row["seq_len"]] = row["p50_ms"]
+    growth = [end[lengths[-1]] / end[lengths[0]] for end in ends.values() if len(end) == 2]
+    title = (f"From {lengths[0]} to {lengths[-1]} tokens, forward latency grows {min(growth):.1f}-{max(growth):.1f}x "
+             f"(batch {batch})" if growth else "Forward latency vs sequence length")
+    fig, ax = plots.figure(title, "sequence length (tokens)", "median forward latency (ms)")
     colours = {label: f"C{i}" for i, label in enumerate(dict.fromkeys(row["model"] for row in forward))}
     styles = dict(zip(sorted({row["batch"] for row in forward}), ["-", "--", ":"]))
     for label, batch in dict.fromkeys((row["model"], row["batch"]) for row in forward):
@@ -637,18 +646,21 @@ def latency_chart(ctx: cli.Context, forward: list[dict]) -> None:
     plots.log2_x(ax, [row["seq_len"] for row in forward])
     values = [row["p50_ms"] for row in forward]
     if max(values) / min(values) > 20:
-        ax.set_yscale("log")
-    ax.legend(fontsize=8)
+        plots.log_y(ax)
+    plots.legend_outside(ax)
     ctx.report.add_chart(plots.save(fig, ctx.out_dir, "latency_vs_seq_length"))
 
 
 def generation_chart(ctx: cli.Context, generation: list[dict]) -> None:
     """Tokens/s with and without the KV cache, side by side per model."""
     first = generation[0]
-    fig, ax = plots.figure(f"Greedy generation speed ({first['prompt_tokens']}-token prompt, {first['new_tokens']} "
-                           "new tokens, batch 1)", "model", "tokens per second")
     speed = {(row["model"], row["kv_cache"]): row["tokens_per_s"] for row in generation}
     labels = list(dict.fromkeys(row["model"] for row in generation))
+    gains = [speed[(label, True)] / speed[(label, False)] for label in labels
+             if speed.get((label, True)) and speed.get((label, False))]
+    fig, ax = plots.figure((f"The KV cache gives {min(gains):.1f}-{max(gains):.1f}x the tokens/s" if gains else
+                            "Greedy generation speed") + f" ({first['prompt_tokens']}-token prompt, "
+                           f"{first['new_tokens']} new tokens, batch 1)", "model", "tokens per second")
     plots.grouped_bars(ax, labels, [(f"KV cache {'on' if on else 'off'}", [speed.get((label, on)) for label in labels])
                                     for on in (True, False)], value_format="%.3g")
     ax.tick_params(axis="x", labelrotation=15)
@@ -657,7 +669,9 @@ def generation_chart(ctx: cli.Context, generation: list[dict]) -> None:
 
 def memory_chart(ctx: cli.Context, rows: list[dict]) -> None:
     """Per model: peak during load, peak during the forwards, and what is left after release."""
-    fig, ax = plots.figure("Peak memory per model (process RSS above the level before loading)", "model", "MiB")
+    fig, ax = plots.figure(f"cleanup() gives back all but {max(row['after_release_mib'] for row in rows):.0f} MiB of "
+                           f"peaks up to {max(row['forward_peak_mib'] or 0 for row in rows):.0f} MiB",
+                           "model", "MiB above the process RSS before loading")
     plots.grouped_bars(ax, [row["model"] for row in rows], [(name, [row[key] for row in rows]) for name, key in (
         ("load peak", "load_peak_mib"), ("forward peak (batch 1)", "forward_peak_mib"),
         ("after release + cleanup()", "after_release_mib"))], value_format="%.0f")
