@@ -619,7 +619,7 @@ def parameters_chart(ctx: cli.Context, facts: list[dict]) -> None:
                   color="#4e79a7")
     ax.bar_label(tops, labels=[f"{row['embedding_pct']:.0f}% emb." for row in facts], fontsize=8)
     ax.set_ylim(0, 1.35 * max(row["params"] / 1e6 for row in facts))
-    ax.tick_params(axis="x", labelrotation=20)
+    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")  # long names must not overlap
     plots.legend_outside(ax)
     ctx.report.add_chart(plots.save(fig, ctx.out_dir, "params_stacked"))
 
