@@ -17,14 +17,15 @@ import torch
 from tqdm.auto import tqdm
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM,
                           AutoTokenizer, pipeline)
+from transformers.utils import logging as hf_logging
 
 from common import cli, memory, models, plots, texts
 from common import pipelines as custom_pipelines  # registers the "text-to-text" pipeline
 from common.device import synchronize
-from common.errors import UserError, first_line
+from common.errors import UserError
 from common.memory import MIB
 from common.meter import VERDICT_WORDS, GenerationMeasurement, PerformanceMeter, verdict_of
-from common.report import format_value, print_table
+from common.report import format_value, print_table, say
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ PROBE_TEXT = "Attention decides which other words each word is allowed to see"
 CAUSAL_TOLERANCE = 1e-5  # relative change of earlier positions' hidden states below which they did not see the edit
 TWIN_NOTE = "(twin: random weights, text is noise; shown only to prove the plumbing)"
 FAMILIES = {"decoder": "decoder-only", "encoder": "encoder-only", "seq2seq": "encoder-decoder"}
-# The seed write-up's table, translated; sections 1-5 check it against measured facts.
+# The course notes' table, translated; sections 1-5 check it against measured facts.
 SEED_TABLE = [dict(zip(("model", "architecture", "strengths", "typical uses"), row)) for row in (
     ("GPT", "decoder-only", "long text generation", "creative writing, conversational AI"),
     ("BERT", "encoder-only", "bidirectional understanding", "classification, NER, QA"),
@@ -98,11 +99,16 @@ def plan_models(source: str, values: list[str] | None) -> list[Contender]:
     return list(contenders.values())
 
 
-def load_by_architecture(ctx: cli.Context, contender: Contender, masked_lm: bool = False) -> models.LoadedModel:
+def load_by_architecture(ctx: cli.Context, contender: Contender, masked_lm: bool = False,
+                         fresh: bool = False) -> models.LoadedModel:
     """Each architecture needs the Auto class that puts its own head on the Transformer; the tokenizer comes alongside.
 
-    The catalog only says WHERE the weights are (Hub, bundled or twin); `ctx.record` prints the provenance line."""
+    The catalog only says WHERE the weights are (Hub, bundled or twin); `ctx.record` prints the provenance line.
+    A model is loaded once per run and reused by later sections; `fresh` loads it again (memory measures a load)."""
     where = replace(contender.where, kind="masked-lm") if masked_lm else contender.where
+    if not fresh:
+        return ctx.once(("architecture", where.path, where.kind),
+                        lambda: load_by_architecture(ctx, contender, masked_lm, fresh=True))
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(where.path)
     if where.kind == "decoder":  # decoder-only: a causal LM head predicts the next token
@@ -126,12 +132,10 @@ def for_each_model(ctx: cli.Context, groups: list[Contender] | list[tuple[Conten
     results = []
     for group in groups:
         group = group if isinstance(group, tuple) else (group,)
-        try:
-            results.append(work(ctx, *group))
-        except Exception as error:  # one odd checkpoint must not cost the other models their numbers
-            ctx.report.skip(f"{what}: {' vs '.join(c.label for c in group)}", first_line(error))
-        finally:
-            memory.cleanup()  # the model lived only in work's frame (and the traceback, gone by now)
+        result = ctx.report.attempt(f"{what}: {' vs '.join(c.label for c in group)}", lambda: work(ctx, *group))
+        memory.cleanup()  # what work built for itself (and a failure's traceback) is gone by now
+        if result is not None:
+            results.append(result)
     return results
 
 
@@ -139,13 +143,15 @@ def for_each_model(ctx: cli.Context, groups: list[Contender] | list[tuple[Conten
 
 
 def architectures_section(ctx: cli.Context, contenders: list[Contender]) -> dict:
-    """The seed's table says GPT is decoder-only, BERT encoder-only, T5 encoder-decoder. Here each model
+    """The course notes' table says GPT is decoder-only, BERT encoder-only, T5 encoder-decoder. Here each model
     shows it: its structure, a masking experiment, and where its parameters sit."""
-    print_table(SEED_TABLE, title="What the seed write-up says (claims, checked below):")
+    print_table(SEED_TABLE, title="What the course notes say (claims, checked below):")
     facts = for_each_model(ctx, contenders, "architecture facts", architecture_facts)
     print_table(facts, ["model", "architecture", "class", "layers", "hidden", "heads", "kv_heads", "vocab",
-                        "max_positions", "masking"], title="Read from each model:")
-    print(f"\nMasking probe: edit only the LAST token of a {len(PROBE_TEXT.split())}-word input and compare the "
+                        "max_positions"], title="Read from each model (its masking: the probe below):")
+    say("kv_heads: the key/value heads; fewer than heads means grouped-query attention (several query heads share "
+        "one key/value head, so the KV cache of generation is smaller).")
+    say(f"\nMasking probe: edit only the LAST token of a {len(PROBE_TEXT.split())}-word input and compare the "
           "earlier tokens' final hidden states. Unchanged (relative change < "
           f"{CAUSAL_TOLERANCE:g}) = they cannot see later tokens = causal; changed = bidirectional.")
     print_table(facts, ["model", "earlier_change", "decoder_earlier_change", "masking"])
@@ -155,7 +161,7 @@ def architectures_section(ctx: cli.Context, contenders: list[Contender]) -> dict
                       "disk = weight files loaded):")
     if facts:
         parameters_chart(ctx, facts)
-    return {"seed_table": SEED_TABLE, "facts": facts}
+    return {"notes_table": SEED_TABLE, "facts": facts}
 
 
 def architecture_facts(ctx: cli.Context, contender: Contender) -> dict:
@@ -266,7 +272,7 @@ def speed_section(ctx: cli.Context, contenders: list[Contender], facts: dict | N
     """Forward cost grows with sequence length and batch; generation pays per new token, and the KV cache
     decides how much. Every number is a median from this run; every A-vs-B is timed round-robin."""
     s = ctx.pick(FULL, QUICK)
-    print(f"Forward: batch {list(s.batch_sizes)} x length {list(s.seq_lengths)} (random token ids). Generation: a "
+    say(f"Forward: batch {list(s.batch_sizes)} x length {list(s.seq_lengths)} (random token ids). Generation: a "
           f"{s.prompt_tokens}-token prompt (common.texts sentences cut to exactly {s.prompt_tokens} ids by each "
           f"model's own tokenizer), then {s.new_tokens} new greedy tokens. {s.warmup} warm-up call each.")
     pairs = [(encoder, decoder) for encoder in contenders if encoder.kind == "encoder"
@@ -293,11 +299,11 @@ def speed_section(ctx: cli.Context, contenders: list[Contender], facts: dict | N
                 title="KV cache on vs off (same run, same prompt, timed round-robin): speedup = whole generate() "
                       "call;\nper_token = each decoded token after the first:")
     for row in kv_rows:
-        print(f"  {row['model']}: {row['sentence']}; per decoded token {per_token_text(row)}; greedy tokens "
+        say(f"{row['model']}: {row['sentence']}; per decoded token {per_token_text(row)}; greedy tokens "
               f"{'identical' if row['same_greedy_tokens'] else 'DIFFER'} with and without it")
     faster = [row["model"] for row in kv_rows if row["verdict"] == "faster"]
     if faster:  # the mechanism, said only for the models whose verdict shows it
-        print(f"  Why the cache won for {', '.join(faster)}: without it every step re-runs the whole sequence so far "
+        say(f"Why the cache won for {', '.join(faster)}: without it every step re-runs the whole sequence so far "
               f"(for a decoder-only model, the {s.prompt_tokens}-token prompt too); with it each step runs only the "
               "newest token against the stored keys and values.")
     if kv_rows:
@@ -309,14 +315,14 @@ def speed_section(ctx: cli.Context, contenders: list[Contender], facts: dict | N
         for row in kv_rows:
             print(textwrap.fill(kv_cache_note(row, facts), 118, initial_indent="  ", subsequent_indent="    "))
     for pair in same_shape:
-        print(f"\nSame depth and width, different architecture (forward, batch 1 x {SUMMARY_LENGTH} tokens, "
+        say(f"\nSame depth and width, different architecture (forward, batch 1 x {SUMMARY_LENGTH} tokens, "
               f"{pair['layers']} layers x {pair['hidden']}): {pair['sentence']}")
     ctx.report.add_rows("forward", forward)
     ctx.report.add_rows("generation", generation)
     if forward:
         latency_chart(ctx, forward)
     if generation:
-        generation_chart(ctx, generation)
+        generation_chart(ctx, generation, kv_rows)
     return {"settings": s, "forward": forward, "generation": generation, "kv_cache": kv_rows, "same_shape": same_shape}
 
 
@@ -515,9 +521,11 @@ def same_shape_comparison(ctx: cli.Context, encoder: Contender, decoder: Contend
 
 
 def memory_section(ctx: cli.Context, contenders: list[Contender]) -> list[dict]:
-    """The seed says memory use differs by architecture: here it is measured, one model at a time. safetensors
-    weights are memory-mapped, not read, at load: their pages come in when the first forward touches them. So the
-    load time and RSS after it understate both; time to first inference and RSS after the first forward do not."""
+    """The course notes say memory use differs by architecture: here it is measured, one model at a time.
+    safetensors weights are memory-mapped, not read, at load: their pages come in when the first forward touches
+    them. So the load time and RSS after it understate both; time to first inference and RSS after the first forward
+    do not."""
+    ctx.forget_loaded()  # the models kept for sections 1-3 go, so each load below is measured from a lean process
     rows = for_each_model(ctx, contenders, "memory", model_memory)
     lengths = ctx.pick(FULL, QUICK).seq_lengths
     columns = ["model", "weights_mib", "load_s", "ttfi_s", "after_load_mib", "resident_mib",
@@ -532,7 +540,7 @@ def memory_section(ctx: cli.Context, contenders: list[Contender]) -> list[dict]:
                   "peak above the loaded weights; after release = still allocated, and reserved, after cleanup()")
     print_table(rows, columns, title=title)
     for row in rows:
-        print(textwrap.fill(memory_note(row, ctx.device), 118, initial_indent="  ", subsequent_indent="    "))
+        say(memory_note(row, ctx.device), "  ")
     ctx.report.add_rows("memory", [phase for row in rows for phase in memory_phases(row)])
     if rows:
         memory_chart(ctx, rows)
@@ -546,7 +554,7 @@ def model_memory(ctx: cli.Context, contender: Contender) -> dict:
     memory.cleanup()
     before, gpu_before = memory.rss_bytes(), memory.snapshot(ctx.device)
     with memory.PeakRSSSampler() as rss, memory.CudaPeak(ctx.device) as cuda_peak:
-        loaded = load_by_architecture(ctx, contender)
+        loaded = load_by_architecture(ctx, contender, fresh=True)
     row = {"model": contender.label, "architecture": contender.family, "rss_before_mib": before / MIB,
            "load_s": loaded.info.load_s, "weights_mib": memory.weights_bytes(loaded.model) / MIB,
            "load_peak_mib": (rss.peak_bytes - before) / MIB, "after_load_mib": (memory.rss_bytes() - before) / MIB,
@@ -625,7 +633,9 @@ def summary_section(ctx: cli.Context, contenders: list[Contender], facts: dict |
     print_table(rows, title="Summary (fwd = batch 1; ttft and decode tokens/s with the KV cache; resident = RSS "
                             "above pre-load after the\nfirst forward; activation = peak above that):")
     advice = family_advice(rows, speed or {}, s.prompt_tokens)
-    print("\n" + "\n".join(f"- {line}" for line in advice))
+    print()
+    for line in advice:
+        say(f"- {line}")
     twins = None
     if any(not contender.where.meaningful for contender in contenders):
         twins = (f"Twins have the real model's layer shapes and parameter count (section 1); speed was measured at "
@@ -633,7 +643,7 @@ def summary_section(ctx: cli.Context, contenders: list[Contender], facts: dict |
                  f"prompt plus {s.new_tokens} new tokens per generation), which a twin and its real model process "
                  "alike. A twin's borrowed tokenizer makes a different number of tokens of the same text (section 2 "
                  "prints each count), so its time per text is not the real model's; its outputs are noise.")
-        print(f"\n{twins}")
+        say(f"\n{twins}")
     return {"models": rows, "when_to_use": advice, "twins": twins}
 
 
@@ -700,7 +710,8 @@ def family_advice(rows: list[dict], speed: dict, prompt: int) -> list[str]:
 
 def parameters_chart(ctx: cli.Context, facts: list[dict]) -> None:
     """Stacked bars: how much of each model is its embedding tables."""
-    fig, ax = plots.figure("Where the parameters are: embeddings vs transformer blocks", "model",
+    shares = [row["embedding_pct"] for row in facts]
+    fig, ax = plots.figure(f"Embedding tables hold {min(shares):.0f}-{max(shares):.0f}% of the parameters", "model",
                            "parameters (millions)")
     labels = [row["model"] for row in facts]
     embeddings = [row["embedding_params"] / 1e6 for row in facts]
@@ -710,15 +721,23 @@ def parameters_chart(ctx: cli.Context, facts: list[dict]) -> None:
                   color="#4e79a7")
     ax.bar_label(tops, labels=[f"{row['embedding_pct']:.0f}% emb." for row in facts], fontsize=8)
     ax.set_ylim(0, 1.35 * max(row["params"] / 1e6 for row in facts))
-    ax.tick_params(axis="x", labelrotation=20)
-    ax.legend(loc="upper right", fontsize=8)
+    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")  # long names must not overlap
+    plots.legend_outside(ax)
     ctx.report.add_chart(plots.save(fig, ctx.out_dir, "params_stacked"))
 
 
 def latency_chart(ctx: cli.Context, forward: list[dict]) -> None:
-    """One colour per model, one line style per batch size: how cost grows with sequence length."""
-    fig, ax = plots.figure("Forward latency vs sequence length", "sequence length (tokens)",
-                           "median forward latency (ms)")
+    """One colour per model, one line style per batch size: how cost grows with sequence length (the title: by how
+    much, at the smallest batch)."""
+    batch, lengths = min(row["batch"] for row in forward), sorted({row["seq_len"] for row in forward})
+    ends = {}
+    for row in forward:
+        if row["batch"] == batch and row["seq_len"] in (lengths[0], lengths[-1]):
+            ends.setdefault(row["model"], {})[row["seq_len"]] = row["p50_ms"]
+    growth = [end[lengths[-1]] / end[lengths[0]] for end in ends.values() if len(end) == 2]
+    title = (f"From {lengths[0]} to {lengths[-1]} tokens, forward latency grows {min(growth):.1f}-{max(growth):.1f}x "
+             f"(batch {batch})" if growth else "Forward latency vs sequence length")
+    fig, ax = plots.figure(title, "sequence length (tokens)", "median forward latency (ms)")
     colours = {label: f"C{i}" for i, label in enumerate(dict.fromkeys(row["model"] for row in forward))}
     styles = dict(zip(sorted({row["batch"] for row in forward}), ["-", "--", ":"]))
     for label, batch in dict.fromkeys((row["model"], row["batch"]) for row in forward):
@@ -729,19 +748,21 @@ def latency_chart(ctx: cli.Context, forward: list[dict]) -> None:
     plots.log2_x(ax, [row["seq_len"] for row in forward])
     values = [row["p50_ms"] for row in forward]
     if max(values) / min(values) > 20:
-        ax.set_yscale("log")
-    ax.legend(fontsize=8)
+        plots.log_y(ax)
+    plots.legend_outside(ax)
     ctx.report.add_chart(plots.save(fig, ctx.out_dir, "latency_vs_seq_length"))
 
 
-def generation_chart(ctx: cli.Context, generation: list[dict]) -> None:
+def generation_chart(ctx: cli.Context, generation: list[dict], kv_rows: list[dict]) -> None:
     """Decode-only and end-to-end tokens/s, with and without the KV cache, side by side per model."""
     first = generation[0]
-    fig, ax = plots.figure(f"Greedy generation speed ({first['prompt_tokens']}-token prompt, {first['new_tokens']} "
-                           "new tokens, batch 1)", "model", "tokens per second")
+    labels = list(dict.fromkeys(row["model"] for row in generation))
+    gains = [row["per_token_speedup"] for row in kv_rows if row["per_token_speedup"] is not None]  # the table's ratio
+    fig, ax = plots.figure((f"Per decoded token, the KV cache gives {min(gains):.1f}-{max(gains):.1f}x the tokens/s"
+                            if gains else "Greedy generation speed") + f" ({first['prompt_tokens']}-token prompt, "
+                           f"{first['new_tokens']} new tokens, batch 1)", "model", "tokens per second")
     speed = {(row["model"], row["kv_cache"], key): row[key] for row in generation
              for key in ("decode_tokens_per_s", "e2e_tokens_per_s")}
-    labels = list(dict.fromkeys(row["model"] for row in generation))
     plots.grouped_bars(ax, labels, [(f"{what}, KV cache {'on' if on else 'off'}",
                                      [speed.get((label, on, key)) for label in labels])
                                     for key, what in (("decode_tokens_per_s", "decode only: 1 / per-token cost"),
@@ -754,7 +775,7 @@ def generation_chart(ctx: cli.Context, generation: list[dict]) -> None:
 def memory_chart(ctx: cli.Context, rows: list[dict]) -> None:
     """Per model: RSS after the load, after the first forward (weights paged in), the largest activation peak above
     that, and what is left after release."""
-    fig, ax = plots.figure("Memory per model: the weights arrive at the first forward, not at the load",
+    fig, ax = plots.figure("The weights arrive at the first forward, not at the load (memory-mapped safetensors)",
                            "model", "MiB of RSS above the level before loading")
     plots.grouped_bars(ax, [row["model"] for row in rows], [(name, [row[key] for row in rows]) for name, key in (
         ("after load (weights mapped)", "after_load_mib"), ("after first forward (weights resident)", "resident_mib"),
@@ -772,8 +793,9 @@ def main(argv: list[str] | None = None) -> int:
                              "bert-base-uncased t5-small online; offline also the bundled decoder and encoder)")
     args = parser.parse_args(argv)
     contenders = plan_models(args.source, args.models)  # a bad name stops here, before any output or measurement
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per load buries the lesson's own lines
     ctx = cli.start(__file__, args)
-    print("Comparing: " + ", ".join(f"{c.label} [{c.family}]" for c in contenders))
+    say("Comparing: " + ", ".join(f"{c.label} [{c.family}]" for c in contenders))
     run = ctx.report.run_section  # each section's docstring is the why it prints under the title
     facts = run("1. Architectures", architectures_section.__doc__, architectures_section, ctx, contenders)
     run("2. One input, one line each", pipelines_section.__doc__, pipelines_section, ctx, contenders)

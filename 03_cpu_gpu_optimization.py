@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""03 · CPU/GPU optimisation: every speed and memory technique from the seed, each timed round-robin against its
-baseline in the same run with a verdict, and what it costs in output fidelity (embedding cosine or greedy-token
+"""03 · CPU/GPU optimisation: every speed and memory technique from the course notes, each timed round-robin against
+its baseline in the same run with a verdict, and what it costs in output fidelity (embedding cosine or greedy-token
 agreement with fp32). Ends with the best combination for this machine as a ready-to-paste snippet."""
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import os
 import tempfile
 import textwrap
 import time
-from collections import Counter
 from statistics import median
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from common.memory import MIB, peak_while_held, saved_for_backward_bytes
 from common.meter import Comparison
 from common.pipelines import embed, mean_pool
 from common.quantize import bnb_compute_dtype, int8_dynamic, variant_unavailable
-from common.report import collect_bars, limit_bar, performance_bar, print_table, ratio_bar
+from common.report import collect_bars, limit_bar, performance_bar, print_table, ratio_bar, say
 from common.runtimes import PEERS, SENTENCE_TRANSFORMERS as PEER_BASELINE
 from common.sweep import fitting_batches
 
@@ -162,7 +161,7 @@ def device_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> di
     print(f"\nauto picks the first available of cuda > mps > cpu -> {auto} ({reason}); this run: "
           f"--device {ctx.args.device} -> {ctx.device}")
     try:
-        torch.zeros(1).to("cuda")  # exactly what the seed's `model = model.to("cuda")` does to every weight
+        torch.zeros(1).to("cuda")  # exactly what the course notes' `model = model.to("cuda")` does to every weight
         raw = "no error here (CUDA is present), but the same line crashes on any machine without it"
     except (AssertionError, RuntimeError) as error:
         raw = first_line(error)
@@ -489,10 +488,11 @@ def quantization_section(ctx: cli.Context, s: Settings, results: dict[str, Any])
     is measured on real weights: the encoder's embeddings and the decoder's greedy tokens."""
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its notice on every CPU call
     activation, torchao_problem = quantize.choose_activation_range(), quantize.torchao_unavailable()
-    print(f"dynamic int8: torch.ao.quantization.quantize_dynamic (torch {torch.__version__} deprecates it for "
+    say(f"dynamic int8: torch.ao.quantization.quantize_dynamic (torch {torch.__version__} deprecates it for "
           f"torchao: {torchao_problem or 'installed, measured below'}). bitsandbytes "
           f"{devices.package_version('bitsandbytes') or 'missing'}: BitsAndBytesConfig as quantization_config.\n"
-          f"activations: {activation.bits}-bit (reduce_range={activation.reduce_range}) because {activation.reason}\n"
+          f"activations: {activation.bits}-bit (reduce_range={activation.reduce_range}; True keeps a bit of "
+          f"headroom by using 7 of the 8 bits) because {activation.reason}\n"
           f"bitsandbytes 8-bit is LLM.int8(): activation columns holding any |value| > llm_int8_threshold "
           f"({BitsAndBytesConfig(load_in_8bit=True).llm_int8_threshold:g}) run in {bnb_compute_dtype(ctx.device)} "
           "against those weight columns, the rest as int8 x int8.")
@@ -882,7 +882,7 @@ def memory_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> di
         offload, offload_line = offload_rows(ctx, s)
     except Exception as error:  # accelerate missing or a dispatch this version refuses
         ctx.report.skip("device_map='auto' offloading", first_line(error))
-    ctx.report.add_chart(memory_chart(loads, streams, offload, ctx.out_dir))
+    ctx.report.add_chart(memory_chart(loads, offload, ctx.out_dir))
     ctx.report.add_rows("memory", loads + streams + offload)
     return {"loads": loads, "findings": findings, "streaming": streams, "cleanup": cleanup, "offload": offload,
             "verdicts": [offload_line] if offload_line else []}
@@ -1223,54 +1223,88 @@ def threads_chart(rows: list[dict], out_dir: Any) -> Any:
     fig, ax = plots.figure(f"Threads: {batched['threads']} is fastest for batch {batched['batch']} "
                            f"({batched['speedup']:.2f}x vs 1 thread)", "torch threads", "speed-up vs 1 thread (x)")
     ax.axvline(os.cpu_count() or 1, color="grey", linestyle=":", label="logical cores")
-    plots.lines_by(ax, rows, "threads", "speedup", lambda r: f"batch {r['batch']}", ("speedup_low", "speedup_high"))
+    plots.lines_by(ax, rows, "threads", "speedup", lambda r: f"batch {r['batch']}", ("speedup_low", "speedup_high"),
+                   "bars: the ratio's interval")
     return plots.save(fig, out_dir, "threads")
 
 
 def precision_chart(rows: list[dict], out_dir: Any) -> Any:
-    """Throughput per precision variant, annotated with speed-up and worst cosine."""
-    fig, ax = plots.figure("Lower precision: speed vs fp32, with fidelity", "variant", "throughput (texts/s)")
+    """Throughput per precision variant, annotated with speed-up and worst cosine; titled with the fastest one."""
+    others = [r for r in rows if r["verdict"] != "baseline"]
+    if not others:  # fp32 alone: one bar says nothing (the table has its number)
+        return None
+    best = max(others, key=lambda r: r["speedup"])
+    fig, ax = plots.figure(f"{best['variant']}: {best['speedup']:.2f}x fp32 at worst cosine {best['cosine_min']:.4f}"
+                           if best["verdict"] == "faster" else f"No lower precision is measurably faster than fp32 "
+                           f"here (best: {best['variant']}, {best['speedup']:.2f}x)", "variant", "throughput (texts/s)")
     plots.annotated_bars(ax, [r["variant"] for r in rows], [r["items_per_s"] for r in rows],
                          [f"{r['speedup']:.2f}x ({r['verdict']})\ncos {r['cosine_min']:.4f}" for r in rows])
     return plots.save(fig, out_dir, "precision")
 
 
 def quantization_chart(encoder_rows: list[dict], decoder_rows: list[dict], out_dir: Any) -> Any:
-    """Speed-up vs size for each quantised variant, labelled with its fidelity."""
-    fig, ax = plots.figure("Quantisation: smaller and faster, at what fidelity?", "weights in memory (% of fp32)",
-                           "speed-up vs fp32 (x)")
-    for rows, marker, key, short in ((encoder_rows, "o", "cosine_mean", "cos"),
-                                     (decoder_rows, "s", "tokens_before_divergence", "same tokens")):
-        ax.scatter([r["size_pct"] for r in rows], [r["speedup"] for r in rows], marker=marker, s=60,
-                   label=rows[0]["model"] if rows else None)
-        for r in rows[1:]:  # rows[0] is fp32 itself: (100%, 1x), labelled once below
-            ax.annotate(f"{r['variant']}\n{short} {r[key]:.4g}", (r["size_pct"], r["speedup"]),
-                        textcoords="offset points", xytext=(6, 4), fontsize=7)
-    ax.annotate("fp32 (the reference)", (100, 1), textcoords="offset points", xytext=(-10, 8), ha="right", fontsize=7)
-    ax.axhline(1.0, color="grey", linestyle=":")
-    ax.legend()
+    """One column per model: speed-up over fp32 with the ratio's interval, then fidelity (the encoder's cosine mean
+    and min coloured pass/fail against the bar; the decoder's tokens before the first divergence); titled with the
+    encoder's verdict."""
+    winners = [r for r in encoder_rows if r["key"] != "fp32" and keeps_fidelity(r) and r["verdict"] == "faster"]
+    best = max(winners, key=lambda r: r["speedup"], default=None)
+    fig, axes = plots.plt.subplots(2, 2, figsize=(12, 7.5), squeeze=False)
+    fig.suptitle(f"Encoder: {best['variant']} is {best['speedup']:.2f}x fp32 and keeps {FIDELITY_TEXT}" if best else
+                 f"Encoder: no quantised variant is measurably faster than fp32 at {FIDELITY_TEXT}",
+                 fontweight="bold")
+    for column, rows in enumerate((encoder_rows, decoder_rows)):
+        speed, fidelity = axes[0][column], axes[1][column]
+        if not rows:
+            speed.set_axis_off(), fidelity.set_axis_off()
+            continue
+        labels = [f"{r['variant']}\n{r['size_pct']:.0f}% size" for r in rows]
+        speed.bar(labels, [r["speedup"] for r in rows], color="tab:blue", capsize=4,
+                  yerr=[[r["speedup"] - r["speedup_low"] for r in rows],
+                        [r["speedup_high"] - r["speedup"] for r in rows]])
+        speed.axhline(1.0, color="grey", linestyle=":")
+        speed.set_title(f"{rows[0]['model']}: speed-up vs fp32 (bars: the ratio's interval)", fontsize=10)
+        speed.set_ylabel("x fp32")
+        speed.tick_params(axis="x", labelsize=7)
+        if "cosine_mean" in rows[0]:
+            colours = ["tab:green" if keeps_fidelity(r) else "tab:red" for r in rows]
+            x = list(range(len(rows)))
+            fidelity.bar([i - 0.2 for i in x], [r["cosine_mean"] for r in rows], 0.4, color=colours)
+            fidelity.bar([i + 0.2 for i in x], [r["cosine_min"] for r in rows], 0.4, color=colours, alpha=0.55)
+            for bar, style in zip(FIDELITY_BAR, ("--", ":")):
+                fidelity.axhline(bar, color="black", linestyle=style, linewidth=0.8)
+            low = min(min(r["cosine_min"] for r in rows), FIDELITY_BAR[1])
+            fidelity.set_ylim(max(0.0, low - (1 - low) * 0.3), 1.0 + (1 - low) * 0.05)
+            fidelity.set_title("cosine vs fp32 (dark: mean, light: worst text; lines: the bar)\n"
+                               "green: passes the bar, red: fails it", fontsize=10)
+            fidelity.set_ylabel("cosine")
+        else:
+            x = list(range(len(rows)))
+            fidelity.bar(x, [r["tokens_before_divergence"] for r in rows], 0.5, color="tab:purple")
+            fidelity.set_title("greedy tokens identical to fp32's before the first divergence", fontsize=10)
+            fidelity.set(ylabel="tokens", ylim=(0, None))
+        fidelity.set_xticks(x, labels, fontsize=7)
     return plots.save(fig, out_dir, "quantization")
 
 
 def batching_chart(rows: list[dict], sorted_ratio: float, out_dir: Any) -> Any:
-    """Texts/s by batch size for each padding strategy, with each strategy's waste at its largest batch."""
+    """Texts/s by batch size for each padding strategy (the waste is in the table: it is the same for every one)."""
     fig, ax = plots.figure(f"Sorted dynamic padding: {sorted_ratio:.1f}x the texts/s of pad-to-max (each at its best)",
                            "batch size (texts)", "throughput (texts/s)")
-    largest = {r["strategy"]: r for r in rows}  # the last row of each strategy: its largest batch
-    plots.lines_by(ax, rows, "batch", "items_per_s", lambda r: f"{r['strategy']} (waste "
-                   f"{largest[r['strategy']]['waste_pct']:.0f}% at batch {largest[r['strategy']]['batch']})")
+    plots.lines_by(ax, rows, "batch", "items_per_s", lambda r: r["strategy"])
     return plots.save(fig, out_dir, "batching")
 
 
-def memory_chart(loads: list[dict], streams: list[dict], offload: list[dict], out_dir: Any) -> Any:
-    """One horizontal bar per technique: MiB above the start."""
+def memory_chart(loads: list[dict], offload: list[dict], out_dir: Any) -> Any:
+    """One horizontal bar per load and offload technique, one quantity: MiB resident above the start after the first
+    forward (the streamed lists' peaks are a different quantity: their table has them)."""
     bars = [(f"load: {r['technique']}", r["after_first_forward_mib"]) for r in loads]
-    bars += [(f"embed list: {r['technique'].split(' (')[0]}", r["peak_rss_delta_mib"]) for r in streams]
     bars += [(f"offload: {'cap ' + OFFLOAD_CAP if 'max_memory' in r['technique'] else 'none'}",
               r["after_first_forward_mib"]) for r in offload]
-    fig, ax = plots.figure("What each technique costs in memory", "MiB above the start (loads, offload: after the "
-                           "first forward; lists: peak)", "", size=(8, 5.2))
-    ax.barh(*zip(*bars[::-1]), color="tab:purple")
+    leanest, heaviest = min(bars, key=lambda bar: bar[1]), max(bars, key=lambda bar: bar[1])
+    fig, ax = plots.figure(f"Resident after the first forward: {leanest[1]:.0f} MiB ({leanest[0]}) to "
+                           f"{heaviest[1]:.0f} MiB ({heaviest[0]})", "MiB above the start, after the first forward",
+                           "", size=(8, 5.2))
+    ax.bar_label(ax.barh(*zip(*bars[::-1]), color="tab:purple"), fmt="%.0f", fontsize=8)
     return plots.save(fig, out_dir, "memory")
 
 

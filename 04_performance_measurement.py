@@ -2,7 +2,7 @@
 """04 · Performance measurement: the PerformanceMeter as an instrument you can trust and cite.
 
 Checks the meter against torch.utils.benchmark, then benchmarks model loads, four pipeline tasks, batch sizes and
-devices, re-measures the seed's DistilBERT/BERT table, and writes report.json, results.csv and report.md. A later
+devices, re-measures the course notes' DistilBERT/BERT table, and writes report.json, results.csv and report.md. A later
 run with `--compare report.json` checks the machine and the environment first, then gives every shared
 measurement a verdict from both runs' raw samples.
 """
@@ -23,7 +23,7 @@ from common.calibration import calibrate
 from common.device import mps_available, synchronize
 from common.memory import MIB, CudaPeak, PeakRSSSampler, cleanup, rss_bytes, weights_bytes
 from common.meter import VERDICT_WORDS, PerformanceMeter, measure_generation, verdict_of
-from common.report import REPORT_VERSION, print_table
+from common.report import REPORT_VERSION, print_table, say
 from common.sweep import find_knee, fitting_batches
 
 
@@ -50,7 +50,7 @@ PROMPT = "The best way to measure the speed of a language model is"
 MEMORY_FRACTION = 0.5  # stop the sweep before a batch is predicted to need more than this share of free memory
 SEED_INPUT_TOKENS = 128
 SEED_MODELS = {"distilbert-base-uncased": "DistilBERT", "bert-base-uncased": "BERT-base"}
-# The seed write-up's "typical performance (example system)" table: another machine, input shape not given.
+# The course notes' "typical performance (example system)" table: another machine, input shape not given.
 SEED_TABLE = {("DistilBERT", "CPU"): (0.045, 1.2), ("DistilBERT", "GPU"): (0.012, 2.1),  # (time_s, memory_gb)
               ("BERT-base", "CPU"): (0.089, 2.1), ("BERT-base", "GPU"): (0.021, 3.2)}
 AUTO_CLASSES = {"encoder": AutoModel, "decoder": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM}
@@ -77,7 +77,7 @@ def classifier_pipeline(ctx: cli.Context):
     """The classifier role as a pipeline; offline it is the registered embedding-classification stand-in."""
     classifier, info = ctx.classifier()
     if info.source != "hub":
-        print("(offline: the classifier role is the registered 'embedding-classification' stand-in, MiniLM plus "
+        say("(offline: the classifier role is the registered 'embedding-classification' stand-in, MiniLM plus "
               "similarity to example sentences, not a fine-tuned DistilBERT; its speed is a MiniLM encoder's)")
     return classifier, info
 
@@ -116,7 +116,7 @@ def meet_the_meter_section(ctx: cli.Context) -> dict:
         print(f"[noise] {warning}")
 
     overhead_s = meter.overhead_per_call_s(OVERHEAD_RUNS)
-    print(f"\nmeter overhead: {overhead_s * 1e6:.2f} µs per timed call (an empty function, {OVERHEAD_RUNS} calls; "
+    say(f"\nmeter overhead: {overhead_s * 1e6:.2f} µs per timed call (an empty function, {OVERHEAD_RUNS} calls; "
           f"target < {OVERHEAD_TARGET_S * 1e6:.0f} µs: {'OK' if overhead_s < OVERHEAD_TARGET_S else 'OVER'}) "
           f"= 1/{s.median / overhead_s:,.0f} of this call's median")
     row = runs.result_row(m, measurement="one pipeline call", model=loaded.info.label, device=str(ctx.device),
@@ -143,10 +143,10 @@ def instrument_check(ctx: cli.Context, meter: PerformanceMeter, call, workload: 
     ratio, low, high, coverage = runs.ratio_interval(timer_samples, meter_samples)  # meter / Timer
     verdict = runs.agreement(ratio, low, high, INSTRUMENT_TOLERANCE)
     meter_ms, timer_ms = float(np.median(meter_samples)) * 1e3, float(np.median(timer_samples)) * 1e3
-    print(f"\ninstrument check, {s.instrument_rounds} alternating rounds: PerformanceMeter.measure median "
+    say(f"\ninstrument check, {s.instrument_rounds} alternating rounds: PerformanceMeter.measure median "
           f"{meter_ms:.3g} ms of {len(meter_samples)} calls; torch Timer.blocked_autorange median {timer_ms:.3g} ms of "
           f"{len(timer_samples)} blocks of {'/'.join(map(str, sorted(per_block)))} call(s) (a block's mean)")
-    print(f"meter / Timer median: {ratio:.3f} (interval {low:.3f}-{high:.3f}, {coverage:.0%} coverage) -> " + {
+    say(f"meter / Timer median: {ratio:.3f} (interval {low:.3f}-{high:.3f}, {coverage:.0%} coverage) -> " + {
         "agree": "they agree within 5%",
         "disagree": "DISAGREE by more than 5%: do not trust small differences from this run; --compare repeats this",
         "inconclusive": "inconclusive: the interval is wider than 5% either side, the machine is too busy to check "
@@ -193,13 +193,14 @@ def load_time_section(ctx: cli.Context) -> list[dict]:
                       "cold_s": cold.seconds, "cold_ttfi_s": cold.seconds + cold_first, "warm_s": warm.seconds,
                       "warm_ttfi_s": warm.seconds + warm_first, "cold_over_warm": cold.seconds / warm.seconds,
                       "cold_load_peak_mib": cold.peak_rss_delta_bytes / MIB, "cold_resident_mib": cold_resident})
-    print_table(table, title=f"Model load time on {ctx.device}: Auto*.from_pretrained(path, dtype=torch.float32, "
-                             f"device_map={str(ctx.device)!r}), then one first inference")
-    print("cold = first load of that checkpoint in this process (section 1 already imported the loading code), warm = "
-          "the same\nload again; both may read the OS page cache. One load each: cold/warm is one ratio, not a "
-          "verdict.\nttfi = time to first inference: the load plus one forward of a short prompt (an encoder-decoder: "
-          "its first token).\nload_peak = the kernel's RSS high-water mark during the load minus RSS before it; "
-          "resident = RSS after the first\ninference minus RSS before the load.")
+    print_table(table, [key for key in table[0] if key != "class"],  # the class is in the report; the width is not
+                title=f"Model load time on {ctx.device}: Auto*.from_pretrained(path, dtype=torch.float32, "
+                      f"device_map={str(ctx.device)!r}), then one first inference")
+    say("cold = first load of that checkpoint in this process (section 1 already imported the loading code), warm = "
+        "the same load again; both may read the OS page cache. One load each: cold/warm is one ratio, not a verdict. "
+        "ttfi = time to first inference: the load plus one forward of a short prompt (an encoder-decoder: its first "
+        "token). load_peak = the kernel's RSS high-water mark during the load minus RSS before it; resident = RSS "
+        "after the first inference minus RSS before the load.")
     if ctx.device.type == "cpu":  # on a GPU the weights do not live in RSS, so the comparison would mean nothing
         mapped = [row["model"] for row in table if row["cold_load_peak_mib"] < 0.5 * row["weights_mib"]
                   <= row["cold_resident_mib"]]
@@ -257,7 +258,7 @@ def bench_text_to_text(ctx: cli.Context, meter: PerformanceMeter) -> dict:
     output = rewriter(text, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     if output["output_tokens"] - 1 != new_tokens:  # the output also holds the decoder's start token
         raise RuntimeError(f"asked for {new_tokens} new tokens, the model produced {output['output_tokens'] - 1}")
-    print(f"text-to-text output: {output['generated_text']!r}" +
+    say(f"text-to-text output: {output['generated_text']!r}" +
           ("" if loaded.info.meaningful else f"  ({TWIN_NOTE}; its text is noise)"))
     m = meter.measure("text-to-text", lambda: rewriter(text, max_new_tokens=new_tokens, min_new_tokens=new_tokens),
                       items=1, tokens=new_tokens)
@@ -274,14 +275,11 @@ def task_section(ctx: cli.Context) -> dict:
                "text-generation": bench_text_generation, "text-to-text": bench_text_to_text}
     for name, bench in benches.items():
         print(f"\n--- {name}")
-        try:
-            result = bench(ctx, meter, name) if bench is bench_texts else bench(ctx, meter)
-        except Exception as error:  # recorded like a failed section, so the exit code still says something broke
-            ctx.report.failures[f"{section}: {name}"] = f"{type(error).__name__}: {error}"
-            print(f"[task failed] {name}: {type(error).__name__}: {error}")
+        result = ctx.report.attempt(f"{section}: {name}", lambda: bench(ctx, meter, name) if bench is bench_texts
+                                    else bench(ctx, meter), fails_run=True)  # the exit code still says it broke
+        cleanup()
+        if result is None:
             continue
-        finally:
-            cleanup()
         *first, m = result.pop("measurements")  # generation also measured its first token alone
         generation = result.pop("generation", generation)
         rows = [runs.result_row(x, measurement=f"{name} ({per_call})", model=result["model"], device=str(ctx.device))
@@ -293,9 +291,9 @@ def task_section(ctx: cli.Context) -> dict:
     if not tasks:
         raise RuntimeError("every task failed")
     print_table(tasks, ["task", "model", "per_call", "runs", "p50_ms", "p90_ms", "p99_ms", "max_ms", "items_per_s",
-                        "tokens_per_s", "tokens_counted", "noisy"],
+                        "tokens_per_s", "noisy"],
                 title=f"Task latency and throughput on {ctx.device}")
-    print("throughput = work per call / median call; tokens/s counts real tokens only: input tokens without padding "
+    say("throughput = work per call / median call; tokens/s counts real tokens only: input tokens without padding "
           "for the encoder tasks, generated tokens for the generation tasks. p99 needs 100 samples (else '-': max).")
     print_table(tasks, ["task", "weights_mib", "working_rss_mib", "peak_rss_mib", "cuda_alloc_mib", "cpu_util_pct",
                         "gpu_util_pct"], title="Memory and utilisation while measuring")
@@ -397,9 +395,10 @@ def devices_section(ctx: cli.Context) -> list[dict]:
     print_table(table, title=f"Same workload on every device (encoder, {len(batch)} texts per call, round-robin)")
     for name in list(workloads)[1:]:
         print(comparison.sentence(name, "cpu"))
-    if len(devices) == 1:
+    if len(devices) == 1:  # one bar says nothing: the number is printed in the table above instead of a chart
         print("only the CPU is available here, so there is nothing to put beside it (see the skipped lines above)")
-    ctx.report.add_chart(plots.chart(ctx.out_dir, "devices_side_by_side", draw_devices, table))
+    else:
+        ctx.report.add_chart(plots.chart(ctx.out_dir, "devices_side_by_side", draw_devices, table))
     return table
 
 
@@ -428,47 +427,49 @@ def seed_models_on(ctx: cli.Context, device: torch.device, text: str) -> tuple[d
 
 
 def seed_table_section(ctx: cli.Context) -> dict:
-    """The seed published DistilBERT/BERT-base time and memory from another machine; here both are re-measured
+    """The course notes publish DistilBERT/BERT-base time and memory from another machine; here both are measured
     with the input shape stated, timed round-robin so that their ratio on this machine is a verdict."""
     devices = {"CPU": torch.device("cpu")}
     if len(gpus := available_devices(ctx.device)[0]) > 1:
         devices["GPU"] = gpus[1]
     else:
-        ctx.report.skip("seed table, GPU rows", "this run has no CUDA or MPS GPU (--device); the seed's GPU numbers "
-                        "stand alone")
+        ctx.report.skip("notes' table, GPU rows", "this run has no CUDA or MPS GPU (--device); the course notes' GPU "
+                        "numbers stand alone")
     text = " ".join(texts.SENTENCES * 2)  # long enough that truncation leaves exactly SEED_INPUT_TOKENS real tokens
     measured, ratios, twins = {}, {}, False
     for kind, device in devices.items():
         forwards, memory, shape = seed_models_on(ctx, device, text)
         comparison = ctx.meter(device).compare(forwards, items=shape[0], tokens=shape[0] * shape[1],
-                                               progress=f"seed table on {kind}")
+                                               progress=f"notes' table on {kind}")
         for name, m in comparison.measurements.items():
-            ctx.report.add_rows("6. The seed's table, reproduced", [runs.result_row(
-                m, measurement=f"seed table: forward {shape}", model=memory[name]["label"], device=str(device),
+            ctx.report.add_rows("6. The course notes' table, reproduced", [runs.result_row(
+                m, measurement=f"notes' table: forward {shape}", model=memory[name]["label"], device=str(device),
                 batch=shape[0])])
             measured[(name, kind)] = {
                 "ours_time_s": m.stats.median, "ours_ci95_s": m.stats.ci_text(1, "s"),
-                "ours_over_seed_time": m.stats.median / SEED_TABLE[(name, kind)][0],
+                "ours_over_notes_time": m.stats.median / SEED_TABLE[(name, kind)][0],
                 "ours_memory_gib": memory[name]["bytes"] / 2**30,
                 "memory_measured_as": "CUDA allocated by load + one pass" if device.type == "cuda" else
                 "RSS added by load + one pass"}
             twins = twins or not memory[name]["meaningful"]
-        seed = SEED_TABLE[("BERT-base", kind)][0] / SEED_TABLE[("DistilBERT", kind)][0]
-        ratios[kind] = {"ours": comparison.ratio("DistilBERT", "BERT-base")[0], "seed": seed,
+        notes = SEED_TABLE[("BERT-base", kind)][0] / SEED_TABLE[("DistilBERT", kind)][0]
+        ratios[kind] = {"ours": comparison.ratio("DistilBERT", "BERT-base")[0], "notes": notes,
                         "verdict": comparison.verdict("DistilBERT", "BERT-base")}
-        print(f"on {kind}: {comparison.sentence('DistilBERT', 'BERT-base')}; the seed's table says {seed:.2f}x "
-              "(one machine's ratio compares models fairly)")
+        say(f"on {kind}: {comparison.sentence('DistilBERT', 'BERT-base')}; the course notes' table says "
+            f"{notes:.2f}x (one machine's ratio compares models fairly)")
         del forwards
         cleanup()
-    rows = [{"model": model, "device": kind, "input_shape": f"{shape} tokens", "seed_time_s": time_s,
-             "seed_memory_gb": memory_gb, **measured.get((model, kind), {"memory_measured_as": "not measured here"})}
+    rows = [{"model": model, "device": kind, "input_shape": f"{shape} tokens", "notes_time_s": time_s,
+             "notes_memory_gb": memory_gb, **measured.get((model, kind), {"memory_measured_as": "not measured here"})}
             for (model, kind), (time_s, memory_gb) in SEED_TABLE.items()]
-    print_table(rows, ["model", "device", "input_shape", "ours_time_s", "ours_ci95_s", "seed_time_s",
-                       "ours_over_seed_time", "ours_memory_gib", "memory_measured_as", "seed_memory_gb"],
-                title="The seed's table: THIS machine (ours_*) next to the seed's published numbers (ANOTHER machine)")
-    print(f"ours: median of one forward pass, batch {shape[0]} x {shape[1]} real tokens, float32, under "
-          "torch.inference_mode(); the seed stated neither its input shape nor what its memory counted, so ours/seed "
-          "compares machines, not code.")
+    print_table(rows, ["model", "device", "ours_time_s", "ours_ci95_s", "notes_time_s", "ours_over_notes_time",
+                       "ours_memory_gib", "notes_memory_gb"],
+                title=f"The course notes' table: THIS machine (ours_*, input {shape} tokens) next to the notes' "
+                      "published numbers (ANOTHER machine)")
+    say(f"ours: median of one forward pass, batch {shape[0]} x {shape[1]} real tokens, float32, under "
+        "torch.inference_mode(); memory: " + "; ".join(sorted({row["memory_measured_as"] for row in rows})) +
+        ". The notes stated neither their input shape nor what their memory counted, so ours/notes compares "
+        "machines, not code.")
     if twins:
         print(f"({TWIN_NOTE}: that is why the input is cut to exactly {SEED_INPUT_TOKENS} tokens here)")
     return {"input_shape": str(shape), "rows": rows, "distilbert_vs_bert": ratios}
@@ -504,20 +505,29 @@ def draw_latency(ax, outcome: dict) -> None:
     """Box plot of every call's latency per task (log scale: generation is slower by orders of magnitude)."""
     tasks = outcome["tasks"]
     ax.boxplot([outcome["latency_samples_ms"][task["task"]] for task in tasks], showfliers=True)
-    ax.set_xticks(range(1, len(tasks) + 1), [f"{task['task']}\n({task['per_call']})" for task in tasks], fontsize=8)
-    ax.set(yscale="log", title="Latency of one call per task (box: IQR, line: median)",
+    ax.set_xticks(range(1, len(tasks) + 1), [f"{task['task']}\n({task['per_call']})" for task in tasks], fontsize=7,
+                  rotation=15, ha="right")
+    slowest = max(tasks, key=lambda task: task["p50_ms"])
+    fastest = min(tasks, key=lambda task: task["p50_ms"])
+    plots.log_y(ax)
+    ax.set(title=f"{slowest['task']} takes {slowest['p50_ms'] / fastest['p50_ms']:.0f}x as long per call as "
+                 f"{fastest['task']} (box: IQR, line: median)",
            ylabel="latency per call (ms, log scale)", xlabel="task (work done per call)")
 
 
 def draw_memory(ax, outcome: dict) -> None:
-    """Weights beside the working memory the timed calls added; CUDA peak beside them when present."""
+    """Weights beside the working memory the timed calls added (each bar labelled, so a small one still reads);
+    CUDA peak beside them when present."""
     tasks = outcome["tasks"]
     series = [("model weights (exact)", [task["weights_mib"] for task in tasks]),
               ("working RSS: peak during calls - before them", [task["working_rss_mib"] for task in tasks])]
     if any(task["cuda_alloc_mib"] is not None for task in tasks):
         series.append(("CUDA peak allocated", [task["cuda_alloc_mib"] or 0 for task in tasks]))
-    plots.grouped_bars(ax, [task["task"] for task in tasks], series)
-    ax.set(title="Memory per task", ylabel="memory (MiB)", xlabel="task")
+    plots.grouped_bars(ax, [task["task"] for task in tasks], series, value_format="%.0f")
+    ax.tick_params(axis="x", labelrotation=15)
+    heaviest = max(tasks, key=lambda task: task["weights_mib"])
+    ax.set(title=f"The weights dominate: {heaviest['task']} holds {heaviest['weights_mib']:.0f} MiB",
+           ylabel="memory (MiB)", xlabel="task")
 
 
 def draw_sweep(ax, sweeps: dict) -> None:
@@ -534,32 +544,36 @@ def draw_sweep(ax, sweeps: dict) -> None:
             ax.plot([knee["batch"]], [knee["items_per_s"]], marker="*", markersize=16, color=line.get_color(),
                     linestyle="none", label=f"{sweep['role']} knee (batch {knee['batch']})")
     plots.log2_x(ax, [row["batch"] for sweep in sweeps.values() for row in sweep["table"]])
-    ax.set(title="Throughput vs batch size (bars: the paired ratio's interval)",
+    knees = [f"{sweep['role']} at batch {sweep['knee_batch']}" for sweep in sweeps.values() if sweep["knee_batch"]]
+    ax.set(title="Throughput stops paying for latency: " + (", ".join(knees) or "no knee in the sizes tried"),
            xlabel="batch size (texts per call, log2 scale)",
-           ylabel="texts/s (batch 1's median x paired ratio)")
-    ax.legend(fontsize=8)
+           ylabel="texts/s (batch 1's median x paired ratio; bars: its interval)")
+    plots.legend_outside(ax)
 
 
 def draw_devices(ax, rows: list[dict]) -> None:
-    """Median latency per device with the IQR as the error bar."""
+    """Median latency per device with the median's interval as the error bar; the title is the best's speed-up."""
     bars = ax.bar([row["workload"] for row in rows], [row["p50_ms"] for row in rows],
-                  yerr=[row["iqr_ms"] / 2 for row in rows], capsize=6, width=0.5)
+                  yerr=[[row["p50_ms"] - row["ci95_low_ms"] for row in rows],
+                        [row["ci95_high_ms"] - row["p50_ms"] for row in rows]], capsize=6, width=0.5)
     ax.bar_label(bars, [f"{row['items_per_s']:.1f} texts/s" for row in rows], label_type="center", color="white")
-    ax.set_xlim(-0.75, max(len(rows), 2) - 0.25)  # keep one lone bar from filling the whole chart
-    ax.set(title=f"Same workload on every device ({rows[0]['per_call']})", xlabel="device",
-           ylabel="median latency per call (ms; bar: IQR)")
+    best = max(rows, key=lambda row: row["speedup"])
+    ax.set(title=f"{best['workload']} is {best['speedup']:.1f}x the CPU's speed ({best['verdict']}; "
+                 f"{rows[0]['per_call']} per call)", xlabel="device",
+           ylabel="median latency per call (ms; bar: the median's interval)")
 
 
 def draw_seed_table(ax, seed: dict) -> None:
-    """Our measured time next to the seed's published one, per model and device."""
+    """Our measured time next to the course notes' published one, per model and device."""
     rows = seed["rows"]
     ours = [None if row.get("ours_time_s") is None else row["ours_time_s"] * 1e3 for row in rows]
     plots.grouped_bars(ax, [f"{row['model']}\n{row['device']}" for row in rows],
-                       [("this run, this machine", ours), ("seed (another machine)",
-                                                           [row["seed_time_s"] * 1e3 for row in rows])],
+                       [("this run, this machine", ours), ("course notes (another machine)",
+                                                           [row["notes_time_s"] * 1e3 for row in rows])],
                        missing="not\nmeasured\nhere")
-    ax.set(yscale="log", title=f"The seed's table: forward pass {rows[0]['input_shape']}", xlabel="model and device",
-           ylabel="inference time (ms, log scale)")
+    plots.log_y(ax)
+    ax.set(title=f"The course notes' table: forward pass {rows[0]['input_shape']}, this machine vs theirs",
+           xlabel="model and device", ylabel="inference time (ms, log scale)")
 
 
 def draw_summary(ctx: cli.Context, results: dict) -> None:
@@ -580,7 +594,8 @@ def draw_summary(ctx: cli.Context, results: dict) -> None:
 
 SECTIONS = {"meter": ("1. Meet the meter", meet_the_meter_section), "loads": ("2. Model load time", load_time_section),
             "tasks": ("3. Task benchmarks", task_section), "sweep": ("4. Batch-size sweep", batch_sweep_section),
-            "devices": ("5. Devices", devices_section), "seed": ("6. The seed's table, reproduced", seed_table_section)}
+            "devices": ("5. Devices", devices_section),
+            "seed": ("6. The course notes' table, reproduced", seed_table_section)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -593,6 +608,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = runs.load_report(args.compare, SCRIPT, REPORT_VERSION) if args.compare else None
     hf_logging.disable_progress_bar()
     ctx = cli.start(__file__, args)
+    ctx.report.latex = True  # the timed rows also as report.tex, a booktabs table a paper can \input
     results = cli.run_sections(ctx, SECTIONS)
     ctx.report.run_section("7. Report and comparison", report_section.__doc__, report_section, ctx, results,
                            previous)

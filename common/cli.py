@@ -19,7 +19,7 @@ from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from common.device import DEVICE_CHOICES, describe_environment, pick_device
-from common.errors import OutputClosed, Terminated, UserError, first_line
+from common.errors import OutputClosed, Terminated, UserError
 from common import models
 from common.calibration import calibrate
 from common.memory import MIB, peak_rss_method
@@ -179,19 +179,32 @@ class Context:
                    labels: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
         """Build each variant that can run here (timed; recorded when `where` is given) with check(built)'s output;
         a variant with a problem, or whose build raises, is skipped with the reason."""
+        def one(build: Callable[[], Any]) -> dict[str, Any]:
+            started = time.perf_counter()
+            model = build()
+            entry = {"model": model, "prepare_s": time.perf_counter() - started, "output": check(model)}
+            if where:
+                self.record(where.info(model, entry["prepare_s"], verbose=False))
+            return entry
+
         built = {}
         for key, build in tqdm(builders.items(), desc=f"{what} variants", disable=None, leave=False):
-            try:
-                if problem(key):
-                    raise RuntimeError(problem(key))
-                started = time.perf_counter()
-                model = build()
-                built[key] = {"model": model, "prepare_s": time.perf_counter() - started, "output": check(model)}
-                if where:
-                    self.record(where.info(model, built[key]["prepare_s"], verbose=False))
-            except Exception as error:  # a missing package, a failed export, a build without this device's backend
-                self.report.skip(f"{what} {(labels or {}).get(key, key)}", problem(key) or first_line(error))
+            label = f"{what} {(labels or {}).get(key, key)}"
+            if problem(key):
+                self.report.skip(label, problem(key))
+            elif (entry := self.report.attempt(label, lambda: one(build))) is not None:
+                built[key] = entry  # a missing package, a failed export or a missing backend was recorded as a skip
         return built
+
+    def once(self, key: tuple, build: Callable[[], T]) -> T:
+        """build() the first time a key is asked for in this run; the same object every later time."""
+        if key not in self._loaded:
+            self._loaded[key] = build()
+        return self._loaded[key]
+
+    def forget_loaded(self) -> None:
+        """Drop every model kept for reuse, so a memory measurement that follows starts without them."""
+        self._loaded.clear()
 
     def classifier(self) -> tuple[Any, models.ModelInfo]:
         """The sentiment classifier pipeline on this run's device, loaded once per run and recorded in the report."""

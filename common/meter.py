@@ -120,9 +120,11 @@ class Measurement:
         return self.stats.median * 1e3
 
     def row(self, **labels: Any) -> dict[str, Any]:
-        """One table/CSV row with the house keys: labels, p50_ms, iqr_ms, runs, items_per_s (from the median), noisy."""
-        row = {**labels, "p50_ms": self.stats.median * 1e3, "iqr_ms": self.stats.iqr * 1e3, "runs": self.stats.count,
-               "items_per_s": self.items_per_s}
+        """One table/CSV row with the house keys: labels, p50_ms and its interval, iqr_ms, runs, items_per_s (from the
+        median), noisy."""
+        row = {**labels, "p50_ms": self.stats.median * 1e3, "ci95_low_ms": self.stats.ci95_low * 1e3,
+               "ci95_high_ms": self.stats.ci95_high * 1e3, "ci_coverage": self.stats.ci_coverage,
+               "iqr_ms": self.stats.iqr * 1e3, "runs": self.stats.count, "items_per_s": self.items_per_s}
         if self.tokens_per_call:
             row["tokens_per_s"] = self.tokens_per_s
         row["noisy"] = self.noisy
@@ -321,7 +323,7 @@ class Comparison:
         """Print every other workload's verdict against the baseline, one indented line each; return the lines."""
         lines = [self.sentence(name, baseline) for name in self.measurements if name != baseline]
         for line in lines:
-            print(f"  {line}")
+            print(textwrap.fill(line, 100, initial_indent="  ", subsequent_indent="    ", break_on_hyphens=False))
         return lines
 
     def rows(self, baseline: str | None = None, **labels: Any) -> list[dict[str, Any]]:

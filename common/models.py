@@ -99,10 +99,10 @@ class ModelInfo:
         return {**asdict(self), "label": self.label}
 
     def line(self) -> str:
-        """The one-line load record every script prints."""
+        """The short load record every script prints (the origin, package and licence, goes to the report)."""
         role = f"role={self.role}  " if self.role else ""
-        return (f"[model] {role}{self.name}  source={self.source} ({self.origin})  params={self.params:,}  "
-                f"dtype={self.dtype}  device={self.device}  load={self.load_s:.2f}s")
+        return (f"[model] {role}{self.name}  source={self.source}  {self.params / 1e6:.1f}M params  {self.dtype}  "
+                f"{self.device}  loaded in {self.load_s:.2f} s")
 
 
 @dataclass

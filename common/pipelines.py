@@ -1,4 +1,7 @@
-"""Custom pipelines registered with PIPELINE_REGISTRY: sentence similarity, text-to-text, embedding classification."""
+"""Custom pipelines other lessons reuse, registered with PIPELINE_REGISTRY: text-to-text, embedding classification.
+
+01 defines and registers its own (sentence similarity) in the lesson, where it is taught.
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -7,7 +10,6 @@ import torch
 from transformers import AutoModel, AutoModelForSeq2SeqLM, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-SENTENCE_SIMILARITY = "sentence-similarity"
 TEXT_TO_TEXT = "text-to-text"
 EMBEDDING_CLASSIFICATION = "embedding-classification"
 
@@ -29,28 +31,6 @@ def embed(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 32) ->
             hidden = model(**batch).last_hidden_state
             chunks.append(torch.nn.functional.normalize(mean_pool(hidden, batch["attention_mask"]).float(), dim=-1))
     return torch.cat(chunks)
-
-
-class SentenceSimilarityPipeline(Pipeline):
-    """{"text": a, "text_pair": b} -> {"score": cosine similarity of their mean-pooled embeddings}."""
-
-    _load_tokenizer = True
-
-    def _sanitize_parameters(self, **kwargs: Any):
-        return {}, {}, {}
-
-    def preprocess(self, inputs: dict[str, str]) -> dict[str, torch.Tensor]:
-        if not isinstance(inputs, dict) or not {"text", "text_pair"} <= inputs.keys():
-            raise ValueError('sentence-similarity takes {"text": ..., "text_pair": ...}')
-        return self.tokenizer([inputs["text"], inputs["text_pair"]], padding=True, truncation=True, return_tensors="pt")
-
-    def _forward(self, model_inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        hidden = self.model(**model_inputs).last_hidden_state
-        return {"embeddings": mean_pool(hidden, model_inputs["attention_mask"])}
-
-    def postprocess(self, model_outputs: dict[str, torch.Tensor]) -> dict[str, float]:
-        first, second = model_outputs["embeddings"].float()
-        return {"score": torch.nn.functional.cosine_similarity(first, second, dim=0).item()}
 
 
 class TextToTextPipeline(Pipeline):
@@ -114,8 +94,6 @@ class EmbeddingClassificationPipeline(Pipeline):
         return results[0] if top_k == 1 else results
 
 
-PIPELINE_REGISTRY.register_pipeline(SENTENCE_SIMILARITY, pipeline_class=SentenceSimilarityPipeline, pt_model=AutoModel,
-                                    type="text")
 PIPELINE_REGISTRY.register_pipeline(TEXT_TO_TEXT, pipeline_class=TextToTextPipeline, pt_model=AutoModelForSeq2SeqLM,
                                     type="text")
 PIPELINE_REGISTRY.register_pipeline(EMBEDDING_CLASSIFICATION, pipeline_class=EmbeddingClassificationPipeline,

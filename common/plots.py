@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import NullFormatter, StrMethodFormatter  # noqa: E402
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter, StrMethodFormatter  # noqa: E402
 
 DPI = 130
 plt.rcParams.update({
@@ -36,6 +36,21 @@ def figure(title: str, xlabel: str, ylabel: str, size: tuple[float, float] | Non
     return fig, ax
 
 
+def log_y(ax: Axes) -> None:
+    """A log y axis whose ticks read 10, 20, 50 (ScalarFormatter), not 2x10^1."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.ticklabel_format(axis="y", style="plain")
+
+
+def legend_outside(ax: Axes, title: str | None = None) -> None:
+    """The legend to the right of the axes, where it can never cover data."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8, title=title,
+              title_fontsize=8)
+
+
 def log2_x(ax: Axes, values: Iterable[float]) -> None:
     """A log2 x axis ticked at exactly these values (batch sizes, thread counts, lengths), no minor ticks."""
     ticks = sorted(set(values))
@@ -53,8 +68,9 @@ def log_axes(ax: Axes) -> None:
 
 
 def lines_by(ax: Axes, rows: list[dict], x: str, y: str, group: Callable[[dict], str],
-             interval: tuple[str, str] | None = None) -> None:
-    """One line per group of rows on a log2 x axis ticked at its x values; `interval`: (low, high) keys, error bars."""
+             interval: tuple[str, str] | None = None, legend_title: str | None = None) -> None:
+    """One line per group of rows on a log2 x axis ticked at its x values; `interval`: (low, high) keys, error bars
+    (say which interval in legend_title); the legend sits outside the data."""
     groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(group(row), []).append(row)
@@ -64,7 +80,7 @@ def lines_by(ax: Axes, rows: list[dict], x: str, y: str, group: Callable[[dict],
                                                 [p[interval[1]] - v for v, p in zip(ys, points)]]
         ax.errorbar([p[x] for p in points], ys, yerr=errors, marker="o", capsize=3, label=label)
     log2_x(ax, [row[x] for row in rows])
-    ax.legend()
+    legend_outside(ax, legend_title)
 
 
 def annotated_bars(ax: Axes, labels: list[str], values: list[float], notes: list[str]) -> None:
@@ -90,7 +106,7 @@ def grouped_bars(ax: Axes, groups: list[str], series: list[tuple[str, list[float
                 top = max((v[i] for _, v in series if v[i] is not None), default=0)  # where the group's bars end
                 ax.annotate(missing, (x[i], top), ha="center", va="bottom", fontsize=7)
     ax.set_xticks(positions, groups, fontsize=8)
-    ax.legend(fontsize=8)
+    legend_outside(ax)
 
 
 def annotated_heatmap(fig: Figure, ax: Axes, matrix: Any, xlabels: list[str], ylabels: list[str], label: str) -> None:
@@ -118,7 +134,7 @@ def save(fig: Figure, out_dir: Path, name: str) -> Path | None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.tight_layout()
-        fig.savefig(path, dpi=DPI)
+        fig.savefig(path, dpi=DPI, bbox_inches="tight")  # long tick labels and outside legends are never clipped
     except OSError as error:  # a full disk must not cost the section its measured numbers
         print(f"[chart] could not save {path} ({error.strerror or error}); the numbers are in the report",
               file=sys.stderr)

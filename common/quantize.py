@@ -50,11 +50,13 @@ def choose_activation_range(flags: Sequence[str] | None = None) -> ActivationRan
     flags = cpu_flags() if flags is None else list(flags)
     safe = [flag for flag in INT32_ACCUMULATING_FLAGS if flag in flags]
     if safe:
-        return ActivationRange(False, f"CPU has {', '.join(safe)}: int8 products accumulate in int32, so 8-bit "
-                                      "activations cannot saturate", measure_both=False)
+        return ActivationRange(False, f"this CPU has {', '.join(safe)} (instructions that add int8 products up in "
+                                      "32-bit integers), so a sum of 8-bit activations cannot overflow",
+                               measure_both=False)
     if "avx2" in flags:
-        return ActivationRange(True, "AVX2 without VNNI: fbgemm sums pairs of int8 products in int16, which 8-bit "
-                                     "activations can saturate, so 7-bit is the safe default", measure_both=True)
+        return ActivationRange(True, "AVX2 without VNNI (the int8 dot-product instructions): fbgemm, PyTorch's int8 "
+                                     "CPU kernels, adds pairs of int8 products in 16-bit integers, which 8-bit "
+                                     "activations can overflow, so 7-bit is the safe default", measure_both=True)
     return ActivationRange(True, "no x86 int8 features reported (flags: "
                                  f"{', '.join(flags) or 'none'}): keeping PyTorch's safe 7-bit default",
                            measure_both=False)

@@ -10,22 +10,24 @@ import math
 import os
 import sys
 import tempfile
+import textwrap
 import time
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import numpy as np
 import torch
 
 from common.calibration import calibrate
-from common.errors import UserError
+from common.errors import UserError, first_line
 from common.meter import rounds_to_settle, settle_text
 
 if TYPE_CHECKING:
     from common.cli import OutputLock
 
 REPORT_VERSION = 1
+T = TypeVar("T")
 
 
 def to_jsonable(value: Any) -> Any:
@@ -83,12 +85,31 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+# Kept in the CSV/JSON, folded out of console tables: noise shows in the p50 cell, the interval in the speedup cell.
+RECORD_ONLY = ("iqr_ms", "runs", "rounds", "speedup_low", "speedup_high", "noisy", "sentence", "ci95_low_ms",
+               "ci95_high_ms", "ci_coverage")
+WRAP = 100  # evidence sentences under a table wrap here; tables themselves stay within 120 columns
+
+
+def console_cell(row: dict[str, Any], column: str) -> str:
+    """One console cell: a noisy p50 reads `41.2 (! 12%)`, a speed-up `2.04x [1.91-2.16]`, a baseline's is blank."""
+    value = row.get(column)
+    if column == "p50_ms" and row.get("noisy") and row.get("iqr_ms") is not None and value:
+        return f"{format_value(value)} (! {row['iqr_ms'] / value:.0%})"
+    if column == "speedup" and value is not None and row.get("speedup_low") is not None:
+        if row.get("verdict") == "baseline":
+            return ""
+        return f"{value:.2f}x [{row['speedup_low']:.2f}-{row['speedup_high']:.2f}]"
+    return format_value(value)
+
+
 def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
-    """Rows of dicts as an aligned text table (numbers right-aligned)."""
+    """Rows of dicts as an aligned text table (numbers right-aligned), without the RECORD_ONLY columns."""
     if not rows:
         return "(no rows)"
     columns = columns or list(dict.fromkeys(key for row in rows for key in row))
-    cells = [[format_value(row.get(column)) for column in columns] for row in rows]
+    columns = [column for column in columns if column not in RECORD_ONLY]
+    cells = [[console_cell(row, column) for column in columns] for row in rows]
     widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
     numeric = [all(isinstance(row.get(c), (int, float)) or row.get(c) is None for row in rows) for c in columns]
 
@@ -101,10 +122,22 @@ def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[str] | None = None, title: str | None = None) -> None:
-    """Print a titled aligned table."""
+    """Print a titled aligned table (a long title wraps)."""
     if title:
-        print(f"\n{title}")
+        print("\n" + wrap(title))
     print(format_table(rows, columns))
+
+
+def wrap(text: str, indent: str = "") -> str:
+    """A sentence wrapped at WRAP columns, continuation lines indented two more spaces; existing newlines kept."""
+    return "\n".join(textwrap.fill(line, WRAP, initial_indent=indent, subsequent_indent=indent + "  ",
+                                    break_on_hyphens=False, break_long_words=False) or line
+                      for line in text.splitlines())
+
+
+def say(text: str, indent: str = "") -> None:
+    """Print an evidence sentence wrapped at WRAP columns."""
+    print(wrap(text, indent))
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
@@ -116,6 +149,39 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None)
     for row in rows:
         lines.append("| " + " | ".join(format_value(row.get(c)).replace("|", "\\|") for c in columns) + " |")
     return "\n".join(lines)
+
+
+LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+LATEX_COLUMNS = ("Measurement", "Model", "Device", "Batch", "Median (ms)", "Interval (ms)", "Coverage (\\%)",
+                 "Throughput (items/s)")
+
+
+def latex_escape(text: Any) -> str:
+    """Text with LaTeX's special characters escaped."""
+    return "".join(LATEX_SPECIAL.get(char, char) for char in str(text))
+
+
+def latex_number(value: float) -> str:
+    """Four significant figures, plain digits (no thousands separator, no exponent below 1e6)."""
+    return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+
+
+def latex_table(rows: list[dict[str, Any]], caption: str) -> str:
+    """Every row with a median and its interval (runs.result_row's keys) as a booktabs table for a paper."""
+    timed = [row for row in rows if row.get("p50_ms") is not None and row.get("ci95_low_ms") is not None]
+    body = [" & ".join([latex_escape(row.get("measurement") or row.get("section", "")),
+                        latex_escape(row.get("model") or ""), latex_escape(row.get("device") or ""),
+                        latex_escape(row.get("batch") or "--"),
+                        latex_number(row["p50_ms"]),
+                        f"[{latex_number(row['ci95_low_ms'])}, {latex_number(row['ci95_high_ms'])}]",
+                        f"{100 * row['ci_coverage']:.0f}", latex_number(row["items_per_s"])]) + r" \\"
+            for row in timed]
+    return "\n".join([
+        r"\begin{table}[htbp]", r"\centering", r"\small",
+        f"\\caption{{{latex_escape(caption)}}}", r"\label{tab:results}",
+        r"\begin{tabular}{llllrlrr}", r"\toprule", " & ".join(LATEX_COLUMNS) + r" \\", r"\midrule",
+        *body, r"\bottomrule", r"\end{tabular}", r"\end{table}", ""])
 
 
 def interval_status(low: float, high: float, target: float) -> str:
@@ -132,7 +198,7 @@ def performance_bar(name: str, target: str, measured: str, value: float | None, 
     BROKEN REFERENCE when the measurement exceeds what its reference claims is the limit."""
     if status not in ("PASS", "MISS", "INCONCLUSIVE", "REPORTED", "BROKEN REFERENCE"):
         raise ValueError(f"unknown bar status {status!r}")
-    print(f"[{status}] {name}: measured {measured}  (target {target})")
+    say(f"[{status}] {name}: measured {measured}  (target {target})")
     return {"bar": name, "target": target, "measured": measured, "value": value, "status": status}
 
 
@@ -190,6 +256,7 @@ class Report:
         self.partial = False
         self.interrupted: str | None = None  # why the run stopped early: Ctrl-C or SIGTERM
         self.finished = False  # until finish(), a report on disk is the last section's checkpoint
+        self.latex = False  # True: also report.tex, the timed rows as a booktabs table (04's reports for a paper)
         self.started = time.perf_counter()
 
     def run_section(self, title: str, why: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -235,7 +302,20 @@ class Report:
     def skip(self, what: str, reason: str) -> None:
         """Record and print that something was not run, and why."""
         self.skipped[what] = reason
-        print(f"[skipped] {what}: {reason}")
+        say(f"[skipped] {what}: {reason}")
+
+    def attempt(self, what: str, work: Callable[[], T], fails_run: bool = False) -> T | None:
+        """work()'s result; if it raises, record why and return None so the next item goes on: a skip, or with
+        fails_run a failure that gives the run exit code 1."""
+        try:
+            return work()
+        except Exception as error:  # one item (a model, a variant, a task) must not cost the others their numbers
+            if not fails_run:
+                self.skip(what, first_line(error))
+                return None
+            self.failures[what] = first_line(error)
+            say(f"[failed] {what}: {first_line(error)}")
+            return None
 
     def add_rows(self, section: str, rows: list[dict[str, Any]]) -> None:
         """Append tidy measurement rows (one per measurement) for results.csv."""
@@ -272,6 +352,14 @@ class Report:
             "rows": self.rows,
         })
 
+    def latex_caption(self) -> str:
+        """What report.tex's numbers are and the machine they were measured on."""
+        env = self.environment
+        return (f"{self.script}: median latency per call and the exact distribution-free interval of the median "
+                f"(coverage as stated); throughput = items per call / median. Measured on {env.get('cpu')}, device "
+                f"{env.get('device')}, {env.get('torch_threads')} threads, torch {env.get('torch')}, transformers "
+                f"{env.get('transformers')}" + (" (--quick run)" if env.get("quick") else "") + ".")
+
     def markdown(self, data: dict[str, Any]) -> str:
         """A paste-able Markdown rendering: environment, models, each section's tables and scalars."""
         lines = [f"# {self.script}", ""]
@@ -299,6 +387,8 @@ class Report:
         texts = {"report.json": json.dumps(data, indent=2, allow_nan=False), "report.md": self.markdown(data)}
         if data["rows"]:
             texts["results.csv"] = rows_to_csv(data["rows"])
+        if data["rows"] and self.latex:
+            texts["report.tex"] = latex_table(data["rows"], self.latex_caption())
         try:
             return [atomic_write(self.out_dir / name, text) for name, text in texts.items()]
         except OSError as error:  # e.g. the disk filled during the run: the measurements must survive it

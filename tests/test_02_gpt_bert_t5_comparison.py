@@ -1,7 +1,9 @@
 """End-to-end --quick run of lesson 02 plus checks of its facts, verdicts and claims against known values."""
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import json
 import subprocess
 import sys
@@ -25,10 +27,19 @@ def lesson():
 @pytest.fixture(scope="module")
 def run(lesson, tmp_path_factory):
     """One quick offline run of the default offline models, named both comma- and space-separated."""
-    out = tmp_path_factory.mktemp("lesson02")
-    code = lesson.main(["--quick", "--source", "bundled", "--output-dir", str(out),
-                        "--models", "decoder,encoder", "gpt2", "bert-base-uncased,t5-small"])
-    return code, out, json.loads((out / "report.json").read_text(encoding="utf-8"))
+    out, printed = tmp_path_factory.mktemp("lesson02"), io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = lesson.main(["--quick", "--source", "bundled", "--output-dir", str(out),
+                            "--models", "decoder,encoder", "gpt2", "bert-base-uncased,t5-small"])
+    return code, out, json.loads((out / "report.json").read_text(encoding="utf-8")), printed.getvalue()
+
+
+def test_each_model_is_loaded_once_for_sections_1_to_3_and_once_to_measure_its_memory(run):
+    printed = run[3]
+    loads = [line for line in printed.splitlines() if line.startswith("[model]")]
+    assert len(loads) == 2 * len(MODELS), loads
+    assert "Loading weights" not in printed  # transformers' progress bars are off
+    assert max(len(line) for line in loads) <= 120
 
 
 def facts_by_model(report: dict) -> dict[str, dict]:
@@ -36,7 +47,7 @@ def facts_by_model(report: dict) -> dict[str, dict]:
 
 
 def test_run_completes_with_every_chart_and_one_summary_row_per_model(run):
-    code, out, report = run
+    code, out, report, _ = run
     assert code == 0, report["failures"]
     assert report["failures"] == {}
     for name in CHARTS:

@@ -16,10 +16,10 @@ from conftest import ROOT, cuda_test, is_png, load_script
 
 
 script = load_script("04_performance_measurement")
-CHARTS = ["latency_per_task", "memory_per_task", "throughput_vs_batch", "devices_side_by_side", "summary", "compare"]
+CHARTS = ["latency_per_task", "memory_per_task", "throughput_vs_batch", "summary", "compare"]  # + devices with a GPU
 TASKS = ["feature-extraction", "text-classification", "text-generation", "text-to-text"]
 SECTIONS = ["1. Meet the meter", "2. Model load time", "3. Task benchmarks", "4. Batch-size sweep", "5. Devices",
-            "6. The seed's table, reproduced", "7. Report and comparison"]
+            "6. The course notes' table, reproduced", "7. Report and comparison"]
 # A previous run on a machine far faster than any this test runs on, with an older torch, whose instrument check
 # failed, and whose one pipeline call took 1000 s: the run must say all of that, and withhold every verdict.
 SHARED_KEY = {"section": "1. Meet the meter", "measurement": "one pipeline call", "model": "all-MiniLM-L6-v2",
@@ -65,6 +65,8 @@ def test_every_chart_is_a_png_listed_in_the_report(run):
     for name in CHARTS:
         assert is_png(out / f"{name}.png"), name
         assert str(out / f"{name}.png") in report["charts"]
+    one_device = len(report["sections"]["5. Devices"]) == 1  # one bar says nothing: no chart, the table has it
+    assert (out / "devices_side_by_side.png").exists() != one_device
 
 
 def test_whys_are_the_section_docstrings_and_removed_claims_stay_gone(run):
@@ -137,18 +139,40 @@ def test_sweep_has_one_estimator_and_a_knee_that_agrees_with_the_best(run):
             assert low <= row["items_per_s"] <= high
 
 
+def test_report_tex_is_a_booktabs_table_of_the_csv_medians_and_intervals(run):
+    _, out, report = run
+    tex = (out / "report.tex").read_text()
+    lines = tex.splitlines()
+    assert lines.index(r"\toprule") < lines.index(r"\midrule") < lines.index(r"\bottomrule")
+    header = lines[lines.index(r"\toprule") + 1]
+    assert "Median (ms)" in header and "Interval (ms)" in header and "(items/s)" in header
+    caption = next(line for line in lines if line.startswith(r"\caption"))
+    assert report["environment"]["cpu"].replace("_", r"\_") in caption  # the machine it was measured on
+    body = lines[lines.index(r"\midrule") + 1:lines.index(r"\bottomrule")]
+    with open(out / "results.csv", newline="") as stream:
+        timed = [row for row in csv.DictReader(stream) if row["p50_ms"] and row.get("ci95_low_ms")]
+    assert len(body) == len(timed) > 5
+    for line, row in zip(body, timed):
+        cells = line.removesuffix(r" \\").split(" & ")
+        assert cells[2] == row["device"]
+        assert float(cells[4]) == pytest.approx(float(row["p50_ms"]), rel=1e-3)
+        low, high = (float(x) for x in cells[5].strip("[]").split(", "))
+        assert low == pytest.approx(float(row["ci95_low_ms"]), rel=1e-3)
+        assert high == pytest.approx(float(row["ci95_high_ms"]), rel=1e-3)
+        assert low <= float(cells[4]) <= high
+
 def test_devices_and_seed_table_cover_what_this_machine_has(run):
     report = run[2]
     devices = report["sections"]["5. Devices"]
     assert devices[0]["workload"] == "cpu" and devices[0]["speedup"] == pytest.approx(1.0)
     assert devices[0]["verdict"] == "baseline"
-    seed = report["sections"]["6. The seed's table, reproduced"]
+    seed = report["sections"]["6. The course notes' table, reproduced"]
     assert seed["input_shape"] == f"[1, {script.SEED_INPUT_TOKENS}]"
-    assert [(row["model"], row["device"], row["seed_time_s"]) for row in seed["rows"]] == \
+    assert [(row["model"], row["device"], row["notes_time_s"]) for row in seed["rows"]] == \
         [(model, device, time_s) for (model, device), (time_s, _) in script.SEED_TABLE.items()]
     for row in seed["rows"]:
         if row["device"] == "CPU":
-            assert row["ours_over_seed_time"] == pytest.approx(row["ours_time_s"] / row["seed_time_s"])
+            assert row["ours_over_notes_time"] == pytest.approx(row["ours_time_s"] / row["notes_time_s"])
     assert seed["distilbert_vs_bert"]["CPU"]["verdict"] in ("faster", "slower", "same")
     if not torch.cuda.is_available():
         assert len(devices) == 1 and "device cuda" in report["skipped"]
@@ -173,7 +197,7 @@ def test_gpu_rows_are_measured_with_cuda_memory(run):
     cpu_row, gpu_row = (next(row for row in report["rows"] if row["section"] == "5. Devices" and row["device"] == name)
                         for name in ("cpu", gpu))
     assert gpu_row["cuda_alloc_mib"] > 0 and cpu_row["gpu_util_pct"] is None
-    for row in report["sections"]["6. The seed's table, reproduced"]["rows"]:
+    for row in report["sections"]["6. The course notes' table, reproduced"]["rows"]:
         if row["device"] == "GPU":
             assert row["ours_time_s"] > 0 and row["memory_measured_as"].startswith("CUDA")
 

@@ -58,7 +58,7 @@ def test_shorten_flattens_whitespace_and_marks_the_cut():
 def test_report_truncation_reads_the_limit_from_the_tokenizer(capsys):
     rows = texts.report_truncation(WordTokenizer(), ["three short words", "one two three four five six"])
     assert rows == [{"text": "one two three four five six", "chars": 27, "tokens": 8, "kept": 5}]
-    assert "reads only the first 5 tokens; 38% of the text is ignored" in capsys.readouterr().out
+    assert "only the first 5 tokens are read (38% ignored)" in capsys.readouterr().out
     assert texts.report_truncation(WordTokenizer(), ["one two three four five six"], limit=8) == []
 
 
@@ -187,3 +187,21 @@ def test_documentation_paragraphs_are_real_prose_of_mixed_length_and_stable():
     assert texts.documentation_paragraphs(4)[0] == paragraphs[0]  # evenly spaced from the first
     with pytest.raises(ValueError):
         texts.documentation_paragraphs(100_000)
+
+
+def test_context_once_builds_a_key_once_per_run_until_forgotten(tmp_path):
+    from common.report import Report
+
+    ctx = cli.Context(SimpleNamespace(quick=True, source="bundled"), torch.device("cpu"), tmp_path,
+                      Report("05_example", tmp_path, {}))
+    builds = []
+
+    def build() -> object:
+        builds.append(object())
+        return builds[-1]
+
+    first = ctx.once(("model", "a"), build)
+    assert ctx.once(("model", "a"), build) is first and len(builds) == 1  # a later section reuses the same model
+    assert ctx.once(("model", "b"), build) is not first and len(builds) == 2
+    ctx.forget_loaded()  # before a memory measurement: every kept model is let go
+    assert ctx.once(("model", "a"), build) is not first and len(builds) == 3

@@ -1,4 +1,4 @@
-"""Unit tests of the custom pipelines in common/pipelines.py, on the bundled encoder and the t5-small twin."""
+"""Unit tests of the custom pipelines (common/pipelines.py and 01's own), on the bundled encoder and the t5-small twin."""
 from __future__ import annotations
 
 import re
@@ -8,7 +8,7 @@ import torch
 from transformers import pipeline
 
 from common import models, pipelines
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_script
 
 RELATED = ("The cat slept on the warm windowsill all afternoon.", "A kitten napped in the sunshine by the window.")
 UNRELATED = ("The cat slept on the warm windowsill all afternoon.", "Heavy snowfall made the railway service run late.")
@@ -21,7 +21,8 @@ def encoder():
 
 @pytest.fixture(scope="module")
 def similarity(encoder):
-    return pipeline(task=pipelines.SENTENCE_SIMILARITY, model=encoder.model, tokenizer=encoder.tokenizer)
+    return load_script("01_autotokenizer_automodel").SentenceSimilarityPipeline(model=encoder.model,
+                                                                               tokenizer=encoder.tokenizer)
 
 
 @pytest.fixture(scope="module")

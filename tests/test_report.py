@@ -57,6 +57,50 @@ def test_format_table_aligns_numbers_right_and_text_left():
     assert lines[3] == "distilbert  1,234"
 
 
+
+def full_width_rows() -> list[dict]:
+    """Rows as a lesson's widest timing table has them: long labels, every record key, a noisy slow workload."""
+    base = {"model": "SmolLM2-135M-Instruct (twin)", "batch": 32, "seq_len": 512}
+    return [
+        {**base, "workload": "whole model in memory", "p50_ms": 1234.5678, "iqr_ms": 12.0, "runs": 5,
+         "items_per_s": 25.9, "tokens_per_s": 13254.0, "noisy": False, "speedup": 1.0, "speedup_low": 1.0,
+         "speedup_high": 1.0, "verdict": "baseline"},
+        {**base, "workload": "length-sorted dynamic padding", "p50_ms": 41.2371, "iqr_ms": 4.95, "runs": 1000,
+         "items_per_s": 77612.25, "tokens_per_s": 1234567.8, "noisy": True, "speedup": 12.04, "speedup_low": 10.91,
+         "speedup_high": 13.16, "verdict": "inconclusive", "sentence": "x" * 300},
+    ]
+
+
+def test_console_table_keeps_record_keys_out_and_a_full_width_row_fits_120_columns():
+    rows = full_width_rows()
+    columns = ["batch", "workload", "p50_ms", "iqr_ms", "runs", "items_per_s", "tokens_per_s", "noisy", "speedup",
+               "speedup_low", "speedup_high", "verdict", "sentence"]  # a batch label and two throughputs: the widest
+    lines = format_table(rows, columns).splitlines()
+    assert max(len(line) for line in lines) <= 120
+    header = lines[0].split()
+    assert header == ["batch", "workload", "p50_ms", "items_per_s", "tokens_per_s", "speedup", "verdict"]
+    assert "41.2 (! 12%)" in lines[3]  # noise marked in the cell: IQR 4.95 of 41.2 ms
+    assert "12.04x [10.91-13.16]" in lines[3] and lines[3].endswith("inconclusive")
+    assert " 1.00x" not in lines[2] and "1,235" in lines[2] and "(!" not in lines[2]  # baseline: no 1 1 1
+    assert lines[2].endswith("baseline")
+
+
+def test_record_keys_stay_in_the_csv(tmp_path):
+    rep = Report("05_example", tmp_path, {"device": "cpu"})
+    rep.add_rows("s", full_width_rows())
+    rep.write()
+    with open(tmp_path / "results.csv", newline="") as stream:
+        first = next(csv.DictReader(stream))
+    assert {"iqr_ms", "runs", "speedup_low", "speedup_high", "noisy"} <= first.keys()
+    assert first["speedup_low"] == "1.0" and first["runs"] == "5"
+
+
+def test_evidence_sentences_wrap_at_100_columns(capsys):
+    report.say("word " * 60 + "end")
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and max(len(line) for line in lines) <= report.WRAP
+    assert lines[1].startswith("  word") and lines[-1].endswith("end")
+
 def test_failed_section_is_recorded_and_the_next_section_still_runs(tmp_path, capsys):
     rep = Report("05_example", tmp_path, {"device": "cpu"})
     rep.run_section("1. works", "why", lambda: {"speedup": 2.0, "table": [{"a": 1}]})
@@ -146,3 +190,40 @@ def test_collect_bars_keeps_the_named_order_and_marks_missing_ones_not_run():
     results = {"a": {"bars": [{"bar": "second", "status": "PASS"}]}, "b": None, "c": {"rows": []}}
     bars = report.collect_bars(results, ("first", "second"))
     assert [(bar["bar"], bar["status"]) for bar in bars] == [("first", "NOT RUN"), ("second", "PASS")]
+
+
+def test_attempt_records_a_failing_item_and_goes_on(tmp_path, capsys):
+    rep = Report("05_example", tmp_path, {"device": "cpu"})
+    results = [rep.attempt(f"item {n}", lambda n=n: 10 // n) for n in (1, 0, 2)]
+    assert results == [10, None, 5]  # the item after the failing one still ran
+    assert rep.skipped == {"item 0": "ZeroDivisionError: integer division or modulo by zero"}
+    assert rep.failures == {}
+    assert rep.attempt("task x", lambda: int("x"), fails_run=True) is None
+    assert rep.failures["task x"].startswith("ValueError: invalid literal")
+    assert "[failed] task x: ValueError" in capsys.readouterr().out
+    assert rep.finish() == 1  # a failed item gives exit code 1, a skipped one does not
+
+
+def test_attempt_lets_ctrl_c_through(tmp_path):
+    rep = Report("05_example", tmp_path, {"device": "cpu"})
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        rep.attempt("item", interrupted)
+
+
+def test_report_tex_only_when_asked_with_escaped_labels_and_the_machine(tmp_path):
+    rep = Report("05_example", tmp_path, {"cpu": "Xeon_8480 & co", "device": "cpu", "torch_threads": 2})
+    row = {"measurement": "batch sweep: 100% _real_", "model": "m", "device": "cpu", "batch": 8, "p50_ms": 12.3456,
+           "ci95_low_ms": 11.0, "ci95_high_ms": 13.52, "ci_coverage": 0.75, "items_per_s": 648.01}
+    rep.add_rows("s", [row, {"measurement": "a load", "load_s": 1.0}])  # a row without an interval is left out
+    rep.write()
+    assert not (tmp_path / "report.tex").exists()
+    rep.latex = True
+    rep.write()
+    tex = (tmp_path / "report.tex").read_text()
+    assert r"batch sweep: 100\% \_real\_ & m & cpu & 8 & 12.35 & [11, 13.52] & 75 & 648 \\" in tex
+    assert r"Xeon\_8480 \& co" in tex and "a load" not in tex
+    assert tex.count(r"\toprule") == tex.count(r"\midrule") == tex.count(r"\bottomrule") == 1
