@@ -14,7 +14,6 @@ from tqdm import tqdm
 from transformers import AutoModel, AutoTokenizer, Pipeline, pipeline, set_seed
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.base import pad_collate_fn
-from transformers.utils import logging as hf_logging
 
 from common import cli, memory, models, pipelines, plots, texts
 from common.meter import Comparison, PerformanceMeter, median_ci
@@ -605,7 +604,6 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_text_options(parser)
     args = parser.parse_args(argv)
     given = cli.read_user_texts(args) or []
-    hf_logging.disable_progress_bar()  # a "Loading weights" bar per load buries the lesson's own lines
     ctx = cli.start(__file__, args)
     s = ctx.pick(FULL, QUICK)
     if given:

@@ -17,7 +17,6 @@ import torch
 from tqdm.auto import tqdm
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM,
                           AutoTokenizer, pipeline)
-from transformers.utils import logging as hf_logging
 
 from common import cli, memory, models, plots, texts
 from common import pipelines as custom_pipelines  # registers the "text-to-text" pipeline
@@ -793,7 +792,6 @@ def main(argv: list[str] | None = None) -> int:
                              "bert-base-uncased t5-small online; offline also the bundled decoder and encoder)")
     args = parser.parse_args(argv)
     contenders = plan_models(args.source, args.models)  # a bad name stops here, before any output or measurement
-    hf_logging.disable_progress_bar()  # a "Loading weights" bar per load buries the lesson's own lines
     ctx = cli.start(__file__, args)
     say("Comparing: " + ", ".join(f"{c.label} [{c.family}]" for c in contenders))
     run = ctx.report.run_section  # each section's docstring is the why it prints under the title

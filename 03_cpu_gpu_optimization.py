@@ -19,7 +19,6 @@ from typing import Any, Callable, Iterator
 
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-from transformers.utils import logging as hf_logging
 
 from common import (calibration, cli, device as devices, memory, models, plots, quantize, recipe as recipes, runtimes,
                     texts)
@@ -1362,7 +1361,6 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_text_options(parser)  # the recipe is chosen on the learner's own texts when given
     args = parser.parse_args(argv)
     cli.read_user_texts(args)  # an unreadable --text-file is refused here, before any work
-    hf_logging.disable_progress_bar()
     ctx = cli.start(__file__, args)
     results = cli.run_sections(ctx, SECTIONS, ctx.pick(FULL, QUICK), only=args.only, results={})
     ctx.report.run_section("Performance bars", bars_section.__doc__, bars_section, ctx, results)

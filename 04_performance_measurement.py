@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from torch.utils.benchmark import Timer
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, pipeline
-from transformers.utils import logging as hf_logging
 
 from common import cli, models, pipelines, plots, runs, texts
 from common.calibration import calibrate
@@ -606,7 +605,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # fail before minutes of measuring
     previous = runs.load_report(args.compare, SCRIPT, REPORT_VERSION) if args.compare else None
-    hf_logging.disable_progress_bar()
     ctx = cli.start(__file__, args)
     ctx.report.latex = True  # the timed rows also as report.tex, a booktabs table a paper can \input
     results = cli.run_sections(ctx, SECTIONS)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import random
 import shutil
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
 from common.device import DEVICE_CHOICES, describe_environment, pick_device
 from common.errors import OutputClosed, Terminated, UserError
@@ -281,6 +283,23 @@ def claim_output_dir(out_dir: Path, script: str) -> OutputLock:
 _current: Context | None = None  # this process's run: one at a time, so a new start() ends the previous one
 
 
+class _UnusedHeadsOnly(logging.Filter):
+    """Drops transformers' load report when it lists only UNEXPECTED keys: a checkpoint's heads (masked-LM,
+    pooler) that the chosen Auto class does not use, as with the real bert-base-uncased. MISSING keys still show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "LOAD REPORT" not in message or "MISSING" in message or "MISMATCH" in message
+
+
+def quiet_transformers() -> None:
+    """transformers' progress bars off and its unused-heads load reports dropped: they bury the lesson's own lines."""
+    hf_logging.disable_progress_bar()
+    logger = logging.getLogger("transformers.modeling_utils")
+    if not any(isinstance(f, _UnusedHeadsOnly) for f in logger.filters):
+        logger.addFilter(_UnusedHeadsOnly())
+
+
 def start(script_file: str, args: argparse.Namespace) -> Context:
     """Check the device and model caches, claim the output folder, apply threads and seed, print the banner, open
     the report."""
@@ -288,6 +307,7 @@ def start(script_file: str, args: argparse.Namespace) -> Context:
     if _current is not None:
         _current.close()
         _current = None
+    quiet_transformers()
     device = pick_device(args.device)
     if args.source != "hub":  # twins and the converted decoder are built there
         models.check_cache_root()

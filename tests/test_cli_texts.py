@@ -205,3 +205,18 @@ def test_context_once_builds_a_key_once_per_run_until_forgotten(tmp_path):
     assert ctx.once(("model", "b"), build) is not first and len(builds) == 2
     ctx.forget_loaded()  # before a memory measurement: every kept model is let go
     assert ctx.once(("model", "a"), build) is not first and len(builds) == 3
+
+
+def test_load_reports_of_unused_heads_are_dropped_but_missing_weights_still_show(caplog):
+    import logging
+
+    cli.quiet_transformers()
+    cli.quiet_transformers()  # a second lesson in the same process adds no second filter
+    logger = logging.getLogger("transformers.modeling_utils")
+    assert sum(isinstance(f, cli._UnusedHeadsOnly) for f in logger.filters) == 1
+    with caplog.at_level(logging.WARNING, logger="transformers.modeling_utils"):
+        logger.warning("BertModel LOAD REPORT from: x\ncls.predictions.bias | UNEXPECTED")
+        logger.warning("BertModel LOAD REPORT from: y\nencoder.layer.0.weight | MISSING")
+        logger.warning("some other warning")
+    assert [r.getMessage().split("\n")[0] for r in caplog.records] == ["BertModel LOAD REPORT from: y",
+                                                                       "some other warning"]
