@@ -1116,9 +1116,8 @@ def event_ms(device: torch.device, fn: Callable[[], Any], calls: int = 20) -> tu
 
 
 def gpu_memory_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dict:
-    """On a GPU, memory decides which model and batch fit: what each precision holds as weights and adds as
-    activations, what the caching allocator keeps, how far a batch grows, what each generated token costs, and
-    where the time goes between the host's clock and the GPU's."""
+    """On a GPU, memory decides which model and batch fit: weights and activations per precision, the caching
+    allocator, the largest batch, the KV cache per token, and host versus GPU time."""
     if ctx.device.type != "cuda":
         reason = f"this run is on {ctx.device}; these are CUDA allocator, pinned-memory and CUDA-graph measurements"
         for part in GPU_MEMORY_PARTS:

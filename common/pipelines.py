@@ -21,16 +21,23 @@ def mean_pool(last_hidden_state: torch.Tensor, attention_mask: torch.Tensor) -> 
 
 
 def embed(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 32) -> torch.Tensor:
-    """L2-normalised mean-pooled embeddings of texts, computed in batches under inference_mode."""
+    """L2-normalised mean-pooled embeddings of texts under inference_mode, in input order.
+
+    Batches are formed shortest-first, so one long text does not pad a whole batch to its length; masked mean
+    pooling makes the result independent of the padding."""
     device = next(model.parameters()).device
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True)["input_ids"]]
+    order = sorted(range(len(texts)), key=lengths.__getitem__)
     chunks = []
     with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, return_tensors="pt")
+        for start in range(0, len(order), batch_size):
+            batch = tokenizer([texts[i] for i in order[start:start + batch_size]], padding=True, truncation=True,
+                              return_tensors="pt")
             batch = {k: v.to(device) for k, v in batch.items()}
             hidden = model(**batch).last_hidden_state
             chunks.append(torch.nn.functional.normalize(mean_pool(hidden, batch["attention_mask"]).float(), dim=-1))
-    return torch.cat(chunks)
+    embeddings = torch.cat(chunks)
+    return embeddings[torch.argsort(torch.tensor(order))]
 
 
 class TextToTextPipeline(Pipeline):

@@ -114,3 +114,12 @@ def test_a_pipeline_given_a_loaded_model_is_told_its_device(monkeypatch):
         for call in PIPELINE_CALL.findall(lesson.read_text()):
             if re.search(r"model=(?!where\.path)\w", call):
                 assert "device=" in call, f"{lesson.name}: pipeline({call}) has no device="
+
+
+def test_embed_batches_shortest_first_but_returns_input_order(encoder):
+    texts = ["A much longer sentence about tokenizers, padding and the cost of attention over many positions.",
+             "Short.", "A middle-sized sentence here.", "Hi"]
+    batched = pipelines.embed(encoder.model, encoder.tokenizer, texts, batch_size=2)
+    one_by_one = torch.cat([pipelines.embed(encoder.model, encoder.tokenizer, [text]) for text in texts])
+    assert torch.allclose(batched, one_by_one, atol=1e-5)  # padding never changes a masked mean
+    assert batched.shape == (4, encoder.model.config.hidden_size)
