@@ -157,8 +157,8 @@ def device_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> di
     auto = devices.pick_device("auto")
     reason = {"cuda": "a CUDA GPU is visible", "mps": "no CUDA, but Apple's MPS is available",
               "cpu": "neither CUDA nor MPS is available"}[auto.type]
-    print(f"\nauto picks the first available of cuda > mps > cpu -> {auto} ({reason}); this run: "
-          f"--device {ctx.args.device} -> {ctx.device}")
+    say(f"\nauto picks the first available of cuda > mps > cpu -> {auto} ({reason}); this run: "
+        f"--device {ctx.args.device} -> {ctx.device}")
     try:
         torch.zeros(1).to("cuda")  # exactly what the course notes' `model = model.to("cuda")` does to every weight
         raw = "no error here (CUDA is present), but the same line crashes on any machine without it"
@@ -258,12 +258,12 @@ def grad_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dict
             for row in comparison.rows(baseline="grad enabled")]
     print_table(rows, ["mode", *SPEED, "kept_for_backward_mib", "peak_mem_delta_mib", "noisy"],
                 title=f"{loaded.info.label}, batch {s.speed_batch}")
-    print("kept_for_backward: activations autograd stores for a backward pass nobody runs (exact, counted with "
+    say("kept_for_backward: activations autograd stores for a backward pass nobody runs (exact, counted with "
           "saved_tensors_hooks);\npeak_mem_delta: high-water mark above the start while the output is held "
           f"({'CUDA allocator' if ctx.device.type == 'cuda' else 'process RSS'}).")
     lines = comparison.print_verdicts("grad enabled")
     lines.append(comparison.sentence("torch.inference_mode()", "torch.no_grad()"))
-    print(f"  {lines[-1]}")
+    say(lines[-1], "  ")
     ctx.report.add_rows("grad", rows)
     return {"model": loaded.info.label, "rows": rows, "verdicts": lines, "inference_mode_verdict": lines[1],
             "kept_by_grad_mib": held["grad enabled"]["kept_for_backward_mib"]}
@@ -312,7 +312,7 @@ def precision_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) ->
         + (f": it has {', '.join(native)}, yet these kernels did not win on this workload." if native else
            ": no avx512_bf16 or amx_bf16, so bf16 matmuls run on fallback kernels; only the memory halves."))
     if note:
-        print(f"\nnote: {note}")
+        say(f"\nnote: {note}")
     ctx.report.add_chart(precision_chart(rows, ctx.out_dir))
     ctx.report.add_rows("precision", rows)
     return {"model": fp32.info.label, "rows": rows, "verdicts": lines, "cpu_flags": flags, "note": note}
@@ -417,10 +417,9 @@ def quantized_encoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], Compa
     rows, comparison = compare_variants(ctx, built, "encoder", lambda key, model: forward(model, batch), lambda key:
                                         embedding_fidelity(built["fp32"]["output"], built[key]["output"]), s.rounds,
                                         items=s.speed_batch)
-    print_table(rows, ["variant", "size_mib", "quantized_share", *SPEED, "cosine_mean", "cosine_min",
-                       "similarity_spearman", "noisy"], title=f"encoder {fp32.info.label}, batch {s.speed_batch}; "
-                f"fidelity on {len(FIDELITY_TEXTS)} texts = embedding cosine vs fp32 and Spearman of all pairwise "
-                "similarities; quantized_share = share of matmul weights stored quantised (int8 or 4-bit)")
+    print_table(rows, ["variant", *SPEED, "cosine_mean", "cosine_min"],
+                title=f"encoder {fp32.info.label}, batch {s.speed_batch}; fidelity on {len(FIDELITY_TEXTS)} texts = "
+                "embedding cosine vs fp32 (size, quantised share and\nSpearman of pairwise similarities: results.csv)")
     per_tensor = None
     if "int8-dynamic" in built:  # one weight scale per matrix instead of one per output row
         per_tensor = cosine_fidelity(built["fp32"]["output"], embed(int8_dynamic(fp32.model, per_channel=False),
@@ -456,8 +455,8 @@ def quantized_decoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], list[
                            lambda model: greedy(model, 1), where, VARIANT_LABELS)  # 1 token: it runs
     rows, comparison = compare_variants(ctx, built, "decoder", generate, lambda key: decoder_fidelity(
         tokens["fp32"], tokens[key]), DECODER_ROUNDS, tokens=s.greedy_tokens)
-    print_table(rows, ["variant", "size_mib", "quantized_share", "p50_ms", "tokens_per_s", "speedup", "verdict",
-                       "tokens_before_divergence", "token_agreement", "noisy"], title=f"decoder {fp32.info.label}, "
+    print_table(rows, ["variant", "p50_ms", "tokens_per_s", "speedup", "tokens_before_divergence",
+                       "token_agreement"], title=f"decoder {fp32.info.label}, "
                 f"{s.greedy_tokens} greedy tokens, {DECODER_ROUNDS} rounds (these ratios decide no bar or recipe); "
                 "fidelity = greedy tokens identical to fp32's before the first difference, then the share at the same "
                 "position (after a difference the text shifts, so positions disagree even when it reads alike)")
@@ -961,7 +960,7 @@ def peers_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dic
     all on the same real paragraphs in one round-robin: the recipe is the fastest that keeps the fidelity bar."""
     corpus, source = recipe_corpus(ctx, s)
     builders, config, problems = candidates(ctx, s, results)
-    print(f"fused int8 via PT2E (X86InductorQuantizer, prepare_pt2e/convert_pt2e): {quantize.pt2e_problem()}")
+    say(f"fused int8 via PT2E (X86InductorQuantizer, prepare_pt2e/convert_pt2e): {quantize.pt2e_problem()}")
     built = ctx.build_each("recipe", builders, problems.get, lambda embedder: embedder(EXAMPLE_TEXTS))  # it runs
     embedders = {name: candidate["model"] for name, candidate in built.items()}
     outputs: dict[str, torch.Tensor] = {}
@@ -1050,13 +1049,14 @@ def recipe_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> di
     measured = (f"{row['vs_encode']} the speed of sentence-transformers' encode on {peers['texts']} "
                 f"{peers['text_source']}, "
                 f"worst cosine {row['cosine_min']:.4f}")
-    print(f"recipe: {winner}\n  measured: {measured}\n  others that could not win: {len(peers['excluded'])} "
-          f"(section 9 lists why)")
+    say(f"recipe: {winner}\n  measured: {measured}\n  others that could not win: {len(peers['excluded'])} "
+        f"(section 9 lists why)")
     snippet = (runtimes.peer_snippet(winner, model_id, EXAMPLE_TEXTS, config["reduce_range"], max_length=s.max_length)
                if winner in PEERS else recipes.pytorch_snippet(config, model_id, EXAMPLE_TEXTS, inspect.getsource(
                    embed_sorted), s.max_length, ctx.device.type))
+    measured_comment = textwrap.fill(f"measured here: {measured}", 96, initial_indent="# ", subsequent_indent="#   ")
     print("\nready to paste (" + ("a peer runtime won, so this is its code" if winner in PEERS else "PyTorch") + "):\n"
-          + "-" * 78 + f"\n# measured here: {measured}\n{snippet}\n" + "-" * 78)
+          + "-" * 78 + f"\n{measured_comment}\n{snippet}\n" + "-" * 78)
     return {"winner": winner, "config": config, "snippet": snippet, "model_id": model_id,
             "example_texts": EXAMPLE_TEXTS, "example_embeddings": peers["example_embeddings"],
             "bars": peers["bars"] if ran_here else []}
@@ -1207,7 +1207,8 @@ def gpu_memory_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -
 def bars_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
     """What this lesson set out to show, target vs measured; a bar whose section did not run says so."""
     bars = collect_bars(results, BAR_NAMES)
-    print_table(bars, ["bar", "status", "measured", "target"])
+    for bar in bars:
+        say(f"[{bar['status']}] {bar['bar']}: {bar['measured']} (target {bar['target']})")
     return {"bars": bars, "pass": sum(b["status"] == "PASS" for b in bars),
             "miss": sum(b["status"] == "MISS" for b in bars)}
 
