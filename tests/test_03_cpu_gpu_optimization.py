@@ -486,3 +486,10 @@ def test_cuda_memory_lesson_numbers_hold_together(tmp_path):
     growth = [row["peak_above_weights_mib"] for row in result["kv_cache"]]
     assert growth == sorted(growth) and "largest batch" in result["largest_batch"]
     assert all(row["gpu_ms"] > 0 for row in result["copies"])
+
+
+def test_a_theoretical_peak_that_a_measurement_beats_is_not_called_a_ceiling():
+    beaten = lesson.theory_text(82.1e9, 78.3e9, "1 core(s) x 2.45 GHz x 32 FLOPs/cycle")
+    assert "105% of it" in beaten and "not a ceiling here" in beaten
+    held = lesson.theory_text(60e9, 78.3e9, "1 core(s) x 2.45 GHz x 32 FLOPs/cycle")
+    assert "reaches 77% of it" in held and "ceiling" not in held
