@@ -52,16 +52,17 @@ class Settings:
     recipe_batches: tuple[int, ...]  # batch sizes tried for the lead int8 configuration
     torch_compile: bool  # torch.compile spends about a minute compiling on a small CPU
     decoder_bnb: bool  # bitsandbytes generation on a CPU takes seconds per call
+    sensitivity_stride: int  # every n-th varied text ranks the Linears: one pass per Linear is the whole cost
 
 
 FULL = Settings(speed_role="bert-base-uncased", speed_batch=16, corpus_size=64, max_length=128,
                 batch_sizes=(1, 2, 4, 8, 16, 32, 64), rounds=5, greedy_tokens=32, matmul_size=2048,
                 stream_texts=512, recipe_texts=512, recipe_batches=(16, 32, 64), torch_compile=True,
-                decoder_bnb=True)
+                decoder_bnb=True, sensitivity_stride=6)
 QUICK = Settings(speed_role="encoder", speed_batch=4, corpus_size=12, max_length=32,
                  batch_sizes=(1, 4, 8), rounds=3, greedy_tokens=4, matmul_size=1024,
                  stream_texts=64, recipe_texts=24, recipe_batches=(8, 32), torch_compile=False,
-                 decoder_bnb=False)
+                 decoder_bnb=False, sensitivity_stride=18)
 
 ENCODER_ROLE = "encoder"  # real weights (all-MiniLM-L6-v2): fidelity, batching, compile, the recipe
 DECODER_ROLE = "decoder"  # real weights (SmolLM2-135M offline): greedy-token fidelity
@@ -380,7 +381,7 @@ def mixed_int8(ctx: cli.Context, s: Settings, fp32: models.LoadedModel) -> tuple
     reduce_range = max(worst, key=worst.get)  # where both ranges are safe to try, the more faithful one
     print(f"mixed precision starts from int8 with {7 if reduce_range else 8}-bit activations (worst cosine "
           + ", ".join(f"{7 if r else 8}-bit {c:.4f}" for r, c in worst.items()) + ")")
-    subset = FIDELITY_TEXTS[::6]  # a dozen varied texts: one pass per Linear is the whole cost
+    subset = FIDELITY_TEXTS[::s.sensitivity_stride]
     ranking = quantize.rank_sensitivity(fp32.model, lambda model: embed(model, fp32.tokenizer, subset), reduce_range,
                                         progress="sensitivity")
     rows = [{"layer": layer.name, "cosine_drop": layer.drop, "cosine_min": layer.cosine_min} for layer in ranking]
