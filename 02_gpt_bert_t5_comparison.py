@@ -146,18 +146,18 @@ def architectures_section(ctx: cli.Context, contenders: list[Contender]) -> dict
     shows it: its structure, a masking experiment, and where its parameters sit."""
     print_table(SEED_TABLE, title="What the course notes say (claims, checked below):")
     facts = for_each_model(ctx, contenders, "architecture facts", architecture_facts)
-    print_table(facts, ["model", "architecture", "class", "layers", "hidden", "heads", "kv_heads", "vocab",
-                        "max_positions"], title="Read from each model (its masking: the probe below):")
+    print_table(facts, ["model", "architecture", "class", "layers", "hidden", "heads", "kv_heads", "vocab"],
+                title="Read from each model (its masking: the probe below; max positions in results.csv):")
     say("kv_heads: the key/value heads; fewer than heads means grouped-query attention (several query heads share "
         "one key/value head, so the KV cache of generation is smaller).")
     say(f"\nMasking probe: edit only the LAST token of a {len(PROBE_TEXT.split())}-word input and compare the "
           "earlier tokens' final hidden states. Unchanged (relative change < "
           f"{CAUSAL_TOLERANCE:g}) = they cannot see later tokens = causal; changed = bidirectional.")
     print_table(facts, ["model", "earlier_change", "decoder_earlier_change", "masking"])
-    print_table(facts, ["model", "params", "embedding_params", "other_params", "embedding_pct", "weights_mib",
-                        "fp32_mib", "fp16_mib", "int8_mib", "disk_mib"],
-                title="Parameters and size (weights = as loaded; fp32/fp16/int8 = params x 4/2/1 bytes; "
-                      "disk = weight files loaded):")
+    print_table(facts, ["model", "params", "embedding_params", "embedding_pct", "fp32_mib", "fp16_mib", "int8_mib",
+                        "disk_mib"],
+                title="Parameters and size (fp32/fp16/int8 = params x 4/2/1 bytes; disk = weight files loaded; "
+                      "the rest in results.csv):")
     if facts:
         parameters_chart(ctx, facts)
     return {"notes_table": SEED_TABLE, "facts": facts}
@@ -527,8 +527,8 @@ def memory_section(ctx: cli.Context, contenders: list[Contender]) -> list[dict]:
     ctx.forget_loaded()  # the models kept for sections 1-3 go, so each load below is measured from a lean process
     rows = for_each_model(ctx, contenders, "memory", model_memory)
     lengths = ctx.pick(FULL, QUICK).seq_lengths
-    columns = ["model", "weights_mib", "load_s", "ttfi_s", "after_load_mib", "resident_mib",
-               *[f"activation_mib@{n}" for n in lengths], "after_release_mib"]
+    columns = ["model", "weights_mib", "ttfi_s", "after_load_mib", "resident_mib", "activation_peak_mib",
+               "after_release_mib"]  # load_s and the activation peak per length: results.csv
     title = ("Memory (MiB of RSS above the level just before each load; ttfi = time to first inference:\nload + first "
              "batch-1 forward; resident = after that forward; activation = a forward's peak above the RSS just "
              "before it):")
@@ -629,7 +629,8 @@ def summary_section(ctx: cli.Context, contenders: list[Contender], facts: dict |
     this run's measurements and verdicts back it."""
     s = ctx.pick(FULL, QUICK)
     rows = summary_rows(contenders, facts, speed, memory_rows)
-    print_table(rows, title="Summary (fwd = batch 1; ttft and decode tokens/s with the KV cache; resident = RSS "
+    print_table(rows, [key for key in rows[0] if key not in ("architecture", "masking", "disk_mib")] if rows else None,
+                title="Summary (fwd = batch 1; ttft and decode tokens/s with the KV cache; resident = RSS "
                             "above pre-load after the\nfirst forward; activation = peak above that):")
     advice = family_advice(rows, speed or {}, s.prompt_tokens)
     print()

@@ -22,7 +22,7 @@ from common.calibration import calibrate
 from common.device import mps_available, synchronize
 from common.memory import MIB, CudaPeak, PeakRSSSampler, cleanup, rss_bytes, weights_bytes
 from common.meter import VERDICT_WORDS, PerformanceMeter, measure_generation, verdict_of
-from common.report import REPORT_VERSION, print_table, say
+from common.report import REPORT_VERSION, format_value, print_table, say
 from common.sweep import find_knee, fitting_batches
 
 
@@ -112,7 +112,7 @@ def meet_the_meter_section(ctx: cli.Context) -> dict:
     print(f"  noise         IQR {s.iqr * 1e3:.2f} ms = {s.iqr / s.median:.1%} of the median; above 10% the meter "
           f"warns: {'WARNED' if m.noisy else 'quiet enough'}")
     for warning in m.warnings:
-        print(f"[noise] {warning}")
+        say(f"[noise] {warning}")
 
     overhead_s = meter.overhead_per_call_s(OVERHEAD_RUNS)
     say(f"\nmeter overhead: {overhead_s * 1e6:.2f} µs per timed call (an empty function, {OVERHEAD_RUNS} calls; "
@@ -192,7 +192,7 @@ def load_time_section(ctx: cli.Context) -> list[dict]:
                       "cold_s": cold.seconds, "cold_ttfi_s": cold.seconds + cold_first, "warm_s": warm.seconds,
                       "warm_ttfi_s": warm.seconds + warm_first, "cold_over_warm": cold.seconds / warm.seconds,
                       "cold_load_peak_mib": cold.peak_rss_delta_bytes / MIB, "cold_resident_mib": cold_resident})
-    print_table(table, [key for key in table[0] if key != "class"],  # the class is in the report; the width is not
+    print_table(table, [key for key in table[0] if key not in ("class", "warm_ttfi_s", "cold_over_warm")],  # CSV
                 title=f"Model load time on {ctx.device}: Auto*.from_pretrained(path, dtype=torch.float32, "
                       f"device_map={str(ctx.device)!r}), then one first inference")
     say("cold = first load of that checkpoint in this process (section 1 already imported the loading code), warm = "
@@ -203,7 +203,7 @@ def load_time_section(ctx: cli.Context) -> list[dict]:
     if ctx.device.type == "cpu":  # on a GPU the weights do not live in RSS, so the comparison would mean nothing
         mapped = [row["model"] for row in table if row["cold_load_peak_mib"] < 0.5 * row["weights_mib"]
                   <= row["cold_resident_mib"]]
-        print(f"memory-mapped (under half the weights resident after the load, at least half after the first "
+        say(f"memory-mapped (under half the weights resident after the load, at least half after the first "
               f"inference): {len(mapped)} of {len(table)} cold loads{': ' + ', '.join(mapped) if mapped else ''}")
     return table
 
@@ -284,16 +284,16 @@ def task_section(ctx: cli.Context) -> dict:
         rows = [runs.result_row(x, measurement=f"{name} ({per_call})", model=result["model"], device=str(ctx.device))
                 for x, per_call in zip([*first, m], ["1 prompt, 1 new token"] * len(first) + [result["per_call"]])]
         for warning in [w for x in (*first, m) for w in x.warnings]:
-            print(f"[noise] {warning}")
+            say(f"[noise] {warning}")
         ctx.report.add_rows(section, rows)
         tasks.append({**result, **rows[-1]})
     if not tasks:
         raise RuntimeError("every task failed")
-    print_table(tasks, ["task", "model", "per_call", "runs", "p50_ms", "p90_ms", "p99_ms", "max_ms", "items_per_s",
-                        "tokens_per_s", "noisy"],
+    print_table(tasks, ["task", "model", "per_call", "p50_ms", "items_per_s"],
                 title=f"Task latency and throughput on {ctx.device}")
     say("throughput = work per call / median call; tokens/s counts real tokens only: input tokens without padding "
-          "for the encoder tasks, generated tokens for the generation tasks. p99 needs 100 samples (else '-': max).")
+          "for the encoder tasks, generated tokens for the generation tasks. tokens/s, p90, p99 (it needs 100 "
+          "samples), the maximum and the run count are in results.csv.")
     print_table(tasks, ["task", "weights_mib", "working_rss_mib", "peak_rss_mib", "cuda_alloc_mib", "cpu_util_pct",
                         "gpu_util_pct"], title="Memory and utilisation while measuring")
     print("weights: memory.weights_bytes; working RSS: the kernel's peak RSS during the timed calls above RSS before "
@@ -344,13 +344,13 @@ def sweep_one(ctx: cli.Context, role: str, label: str, pipe, **options) -> dict:
     knee = find_knee(sizes, gain)
     best = max(table, key=lambda r: r["throughput_vs_batch1"])["batch"]
     if knee is None:
-        print(f"{workload}: no knee in batch sizes {sizes[0]}..{sizes[-1]}: batch {sizes[-1]} still beats "
+        say(f"{workload}: no knee in batch sizes {sizes[0]}..{sizes[-1]}: batch {sizes[-1]} still beats "
               f"batch {sizes[-2]}, so throughput has not levelled off")
     elif knee == best:
-        print(f"{workload}: knee at batch {knee}: no larger batch beats it, and it is also the best measured")
+        say(f"{workload}: knee at batch {knee}: no larger batch beats it, and it is also the best measured")
     else:
         estimate, low, high = gain(best, knee)
-        print(f"{workload}: knee at batch {knee}: no larger batch beats it; batch {best}'s {estimate:.2f}x its "
+        say(f"{workload}: knee at batch {knee}: no larger batch beats it; batch {best}'s {estimate:.2f}x its "
               f"throughput (interval {low:.2f}-{high:.2f}) is {VERDICT_WORDS[verdict_of(low, high)]}")
     return {"role": role, "model": label, "workload": workload, "knee_batch": knee, "best_batch": best,
             "stopped_because": stop_reason, "table": table,
@@ -461,16 +461,17 @@ def seed_table_section(ctx: cli.Context) -> dict:
     rows = [{"model": model, "device": kind, "input_shape": f"{shape} tokens", "notes_time_s": time_s,
              "notes_memory_gb": memory_gb, **measured.get((model, kind), {"memory_measured_as": "not measured here"})}
             for (model, kind), (time_s, memory_gb) in SEED_TABLE.items()]
-    print_table(rows, ["model", "device", "ours_time_s", "ours_ci95_s", "notes_time_s", "ours_over_notes_time",
-                       "ours_memory_gib", "notes_memory_gb"],
+    print_table(rows, ["model", "device", "ours_time_s", "ours_ci95_s", "notes_time_s", "ours_over_notes_time"],
                 title=f"The course notes' table: THIS machine (ours_*, input {shape} tokens) next to the notes' "
                       "published numbers (ANOTHER machine)")
+    say("memory, ours (GiB) vs the notes (GB): " + "; ".join(
+        f"{row['model']} {row['device']} {format_value(row.get('ours_memory_gib'))} vs {row['notes_memory_gb']}" for row in rows))
     say(f"ours: median of one forward pass, batch {shape[0]} x {shape[1]} real tokens, float32, under "
         "torch.inference_mode(); memory: " + "; ".join(sorted({row["memory_measured_as"] for row in rows})) +
         ". The notes stated neither their input shape nor what their memory counted, so ours/notes compares "
         "machines, not code.")
     if twins:
-        print(f"({TWIN_NOTE}: that is why the input is cut to exactly {SEED_INPUT_TOKENS} tokens here)")
+        say(f"({TWIN_NOTE}: that is why the input is cut to exactly {SEED_INPUT_TOKENS} tokens here)")
     return {"input_shape": str(shape), "rows": rows, "distilbert_vs_bert": ratios}
 
 
