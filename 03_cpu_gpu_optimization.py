@@ -1264,7 +1264,7 @@ def quantization_chart(encoder_rows: list[dict], decoder_rows: list[dict], out_d
         if not rows:
             speed.set_axis_off(), fidelity.set_axis_off()
             continue
-        labels = [f"{r['variant']}\n{r['size_pct']:.0f}% size" for r in rows]
+        labels = ["\n".join(textwrap.wrap(r["variant"], 16)) + f"\n{r['size_pct']:.0f}% size" for r in rows]
         speed.bar(labels, [r["speedup"] for r in rows], color="tab:blue", capsize=4,
                   yerr=[[r["speedup"] - r["speedup_low"] for r in rows],
                         [r["speedup_high"] - r["speedup"] for r in rows]])
@@ -1319,10 +1319,15 @@ def roofline_chart(points: list[dict], peak_flops: float, bandwidth: float, out_
     """Useful FLOP/s against arithmetic intensity, under this run's matmul roof and memory-bandwidth roof."""
     ridge, first = peak_flops / bandwidth, next(p for p in points if p["label"] == "batch 1")
     roof_there = min(peak_flops, bandwidth * first["intensity"])
-    title = (f"Batch 1 sits under the memory roof: at {first['intensity']:.0f} FLOP/byte it can reach at most\n"
-             f"{roof_there / 1e9:.0f} of {peak_flops / 1e9:.0f} GFLOP/s; batches reuse each weight they read"
-             if first["intensity"] < ridge else f"Batch 1 ({first['intensity']:.0f} FLOP/byte) is past the ridge "
-             f"({ridge:.0f}):\nits slowness is per-call overhead, not memory traffic")
+    if first["intensity"] < ridge / 1.5:
+        title = (f"Batch 1 sits under the memory roof: at {first['intensity']:.0f} FLOP/byte it can reach at most\n"
+                 f"{roof_there / 1e9:.0f} of {peak_flops / 1e9:.0f} GFLOP/s; batches reuse each weight they read")
+    elif first["intensity"] <= ridge * 1.5:  # within 1.5x of the ridge neither roof alone explains it
+        title = (f"Batch 1 ({first['intensity']:.0f} FLOP/byte) sits at the ridge ({ridge:.0f}): memory and compute "
+                 "both bound it;\nthe gap below the roof is per-call overhead that batches spread out")
+    else:
+        title = (f"Batch 1 ({first['intensity']:.0f} FLOP/byte) is past the ridge ({ridge:.0f}):\nits slowness is "
+                 "per-call overhead, not memory traffic")
     fig, ax = plots.figure(title, "arithmetic intensity (useful FLOPs per byte moved: weights + activations)",
                            "useful GFLOP/s", size=(8, 6))
     span = [min(p["intensity"] for p in points) / 2, max(max(p["intensity"] for p in points), ridge) * 3]

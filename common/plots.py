@@ -60,9 +60,10 @@ def log2_x(ax: Axes, values: Iterable[float]) -> None:
 
 
 def log_axes(ax: Axes) -> None:
-    """Both axes logarithmic, ticks written as plain numbers (0.5, 10, 100, not 10^2) and no minor-tick labels."""
+    """Both axes logarithmic, ticked at 1-2-5 steps written as plain numbers (20, 50, 100, not 10^2)."""
     for axis, scale in ((ax.xaxis, ax.set_xscale), (ax.yaxis, ax.set_yscale)):
         scale("log")
+        axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         axis.set_major_formatter(StrMethodFormatter("{x:g}"))
         axis.set_minor_formatter(NullFormatter())
 
