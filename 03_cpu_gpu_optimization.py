@@ -257,7 +257,7 @@ def grad_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dict
     comparison = ctx.meter().compare(runs, items=s.speed_batch, min_rounds=s.rounds, progress="gradient modes")
     rows = [{"mode": row["workload"], **row, **held[row["workload"]]}
             for row in comparison.rows(baseline="grad enabled")]
-    print_table(rows, ["mode", *SPEED, "kept_for_backward_mib", "peak_mem_delta_mib", "noisy"],
+    print_table(rows, ["mode", *SPEED, "kept_for_backward_mib", "peak_mem_delta_mib"],
                 title=f"{loaded.info.label}, batch {s.speed_batch}")
     say("kept_for_backward: activations autograd stores for a backward pass nobody runs (exact, counted with "
           "saved_tensors_hooks);\npeak_mem_delta: high-water mark above the start while the output is held "
@@ -581,7 +581,7 @@ def batching_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> 
 def theory_text(measured: float, theory: float, how: str) -> str:
     """The theoretical peak beside the measured one; a theory that a measurement beats is no ceiling, and says so."""
     if measured > theory:
-        return (f"{theory / 1e9:.1f} GFLOP/s at the reported clock ({how}); the measured peak is "
+        return (f"{theory / 1e9:.1f} GFLOP/s at the reported clock\n  ({how});\n  the measured peak is "
                 f"{measured / theory:.0%} of it, so the core ran faster than reported (turbo): not a ceiling here")
     return f"{theory / 1e9:.1f} GFLOP/s; the measured peak reaches {measured / theory:.0%} of it\n  = {how}"
 
@@ -596,7 +596,8 @@ def batching_bars(comparison: Comparison, rows: list[dict], peak: dict) -> tuple
     batch1 = "dynamic, batch 1"
     lines = [comparison.sentence(best["workload"], batch1),
              comparison.sentence(best_sorted["workload"], best_padded["workload"])]
-    print("\n".join(f"  {line}" for line in lines))
+    for line in lines:
+        say(line, "  ")
     sorted_ratio = comparison.ratio(best_sorted["workload"], best_padded["workload"])
     # the FLOP/s bar on the strategy this section recommends, counting real tokens only; the median's interval
     # turns into the fraction's (a longer time is a smaller fraction)
@@ -847,7 +848,7 @@ def offload_rows(ctx: cli.Context, s: Settings) -> tuple[list[dict], str]:
         comparison = ctx.meter().compare(runs, items=4, warmup=1, min_rounds=s.rounds, progress="offloading")
     rows = [{**row, "technique": row["workload"], "load_s": loads[row["workload"]].seconds, **first[row["workload"]]}
             for row in comparison.rows(baseline="whole model in memory")]
-    print_table(rows, ["technique", "load_s", "first_inference_s", "after_first_forward_mib", "p50_ms", "speedup",
+    print_table(rows, ["technique", "first_inference_s", "after_first_forward_mib", "p50_ms", "speedup",
                        "verdict"], title=f"{where.label}: whole, or device_map='auto' under a {OFFLOAD_CAP} cap; MiB "
                 f"above the start ({'CUDA allocated' if ctx.device.type == 'cuda' else 'RSS'})")
     print("\n".join(f"  weights placed, {row['technique']}: {row['placement']}" for row in rows))
@@ -1005,7 +1006,9 @@ def peers_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dic
     pytorch = recipes.fastest(ours, comparison.ratio)  # our best, for the line that tells PyTorch and peers apart
     pairs = {(choice.winner, reference), (choice.winner, choice.best_peer), (pytorch, choice.best_peer)}
     lines = [comparison.sentence(a, b) for a, b in sorted(pairs, key=str) if a and b and a != b]
-    print(f"fastest at {FIDELITY_TEXT} on both text sets: {choice.winner}\n" + "\n".join(f"  {l}" for l in lines))
+    print(f"fastest at {FIDELITY_TEXT} on both text sets: {choice.winner}")
+    for line in lines:
+        say(line, "  ")
     result = {"rows": rows, "baseline": reference, "texts": len(corpus), "text_source": source, "verdicts": lines,
               "winner": choice.winner, "best_peer": choice.best_peer, "excluded": choice.excluded,
               "config": config.get(choice.winner), "pairs": recipes.pairwise(list(embedders), comparison.ratio),
