@@ -360,16 +360,6 @@ def kv_cache_bytes(cache: Any) -> tuple[int, int]:
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers), cache.get_seq_length()
 
 
-def kv_formula(config: Any, dtype_bytes: int) -> dict:
-    """layers x 2 (K and V) x kv_heads x head_dim x bytes, with each factor read from the config."""
-    heads = config.num_attention_heads
-    factors = {"layers": getattr(config, "num_decoder_layers", None) or config.num_hidden_layers,
-               "kv_heads": getattr(config, "num_key_value_heads", None) or heads, "heads": heads,
-               "head_dim": getattr(config, "head_dim", None) or getattr(config, "d_kv", None)
-               or config.hidden_size // heads, "dtype_bytes": dtype_bytes}
-    return {**factors, "formula_bytes": factors["layers"] * 2 * factors["kv_heads"] * factors["head_dim"] * dtype_bytes}
-
-
 def model_speed(ctx: cli.Context, contender: Contender, measured: dict | None) -> tuple[list[dict], list[dict], dict]:
     """Forward grid for every model; generation (KV cache on and off) for the families that can generate."""
     loaded = load_by_architecture(ctx, contender)
@@ -493,7 +483,7 @@ def generation_speed(meter: PerformanceMeter, loaded: models.LoadedModel, conten
                   "per_token_speedup": per_token[0], "per_token_low": per_token[1], "per_token_high": per_token[2],
                   "per_token_verdict": None if per_token[0] is None else verdict_of(*per_token[1:]),
                   "same_greedy_tokens": same_tokens, "kv_bytes_per_token": stored // cached_tokens,
-                  "cached_tokens": cached_tokens, **kv_formula(model.config, dtype_bytes)}
+                  "cached_tokens": cached_tokens, **memory.kv_cache_factors(model.config, dtype_bytes)}
 
 
 def same_shape_comparison(ctx: cli.Context, encoder: Contender, decoder: Contender) -> dict:

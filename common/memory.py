@@ -219,11 +219,20 @@ def cuda_free_bytes(device: torch.device) -> int:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
+def kv_cache_factors(config: Any, dtype_bytes: int) -> dict[str, int]:
+    """layers x 2 (K and V) x kv_heads x head_dim x bytes, each factor read from the config (an encoder-decoder's
+    decoder layers and d_kv included), with their product as formula_bytes: one more token's cache, per sequence."""
+    heads = config.num_attention_heads
+    factors = {"layers": getattr(config, "num_decoder_layers", None) or config.num_hidden_layers,
+               "kv_heads": getattr(config, "num_key_value_heads", None) or heads, "heads": heads,
+               "head_dim": getattr(config, "head_dim", None) or getattr(config, "d_kv", None)
+               or config.hidden_size // heads, "dtype_bytes": dtype_bytes}
+    return {**factors, "formula_bytes": factors["layers"] * 2 * factors["kv_heads"] * factors["head_dim"] * dtype_bytes}
+
+
 def kv_cache_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
     """Bytes one more token adds to a decoder's KV cache, per sequence: a key and a value per layer and KV head."""
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype.itemsize
+    return kv_cache_factors(config, dtype.itemsize)["formula_bytes"]
 
 
 def weights_bytes(model: torch.nn.Module) -> int:

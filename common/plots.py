@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter, StrMethodFormatter  # noqa: E402
+from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter  # noqa: E402
 
 DPI = 130
 plt.rcParams.update({
@@ -37,12 +37,9 @@ def figure(title: str, xlabel: str, ylabel: str, size: tuple[float, float] | Non
 
 
 def log_y(ax: Axes) -> None:
-    """A log y axis whose ticks read 10, 20, 50 (ScalarFormatter), not 2x10^1."""
+    """A log y axis ticked at 1-2-5 steps written as plain numbers (10, 20, 50, not 2x10^1)."""
     ax.set_yscale("log")
-    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-    ax.yaxis.set_major_formatter(ScalarFormatter())
-    ax.yaxis.set_minor_formatter(NullFormatter())
-    ax.ticklabel_format(axis="y", style="plain")
+    _plain_log_ticks(ax.yaxis)
 
 
 def legend_outside(ax: Axes, title: str | None = None) -> None:
@@ -61,11 +58,17 @@ def log2_x(ax: Axes, values: Iterable[float]) -> None:
 
 def log_axes(ax: Axes) -> None:
     """Both axes logarithmic, ticked at 1-2-5 steps written as plain numbers (20, 50, 100, not 10^2)."""
-    for axis, scale in ((ax.xaxis, ax.set_xscale), (ax.yaxis, ax.set_yscale)):
-        scale("log")
-        axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-        axis.set_major_formatter(StrMethodFormatter("{x:g}"))
-        axis.set_minor_formatter(NullFormatter())
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    _plain_log_ticks(ax.xaxis)
+    _plain_log_ticks(ax.yaxis)
+
+
+def _plain_log_ticks(axis: Any) -> None:
+    """Major ticks of a log axis at 1, 2 and 5 times each power of ten, labelled like 0.5, 20, 100; no minor labels."""
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(StrMethodFormatter("{x:g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def lines_by(ax: Axes, rows: list[dict], x: str, y: str, group: Callable[[dict], str],

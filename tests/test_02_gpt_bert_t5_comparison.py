@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from common import memory
 from common.meter import VERDICT_WORDS
 from tests.conftest import ROOT, is_png
 
@@ -182,7 +183,7 @@ def test_kv_formula_matches_a_real_cache(lesson, kind):
                               d_ff=32)
             cache = T5ForConditionalGeneration(config)(input_ids=ids, decoder_input_ids=ids[:, :5], use_cache=True).cache
     stored, tokens = lesson.kv_cache_bytes(cache)
-    formula = lesson.kv_formula(config, 4)
+    formula = memory.kv_cache_factors(config, 4)
     assert tokens == (10 if kind == "decoder" else 5)
     assert stored // tokens == formula["formula_bytes"] == (3 * 2 * 2 * 8 * 4 if kind == "decoder" else 3 * 2 * 4 * 8 * 4)
     assert formula["kv_heads"] == (2 if kind == "decoder" else 4)
