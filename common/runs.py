@@ -23,24 +23,30 @@ from common.calibration import MATMUL_SIZE
 from common.errors import UserError
 from common.memory import MIB
 from common.meter import Measurement
-from common.report import print_table
+from common.report import print_table, say
 
 # The machine "differs" when the calibration interval excludes 1 (a real difference) and the estimate is more than
 # 10% away from it (a difference big enough to matter): then no row gets a verdict, because one scalar cannot undo a
 # busy machine (a matmul on two threads slows differently from a tokenizer on one).
 MACHINE_BAND = 0.10
 # Two runs are two processes: each row's interval comes from samples within one run, which miss how much a whole
-# run moves against another on the same quiet machine. Quiet A/A pairs (no code change) of 04 --quick moved whole
-# rows by about 5% (sd), so a row is called faster or slower only when its whole interval lies beyond +-15%: that
-# keeps false verdicts of such pairs to about 1 row in 20 (tests/test_runs.py simulates it).
+# run moves against another. A row is called faster or slower only when its whole interval lies beyond a run band:
+# at least +-15% (synthetic A/A pairs with 5% run-to-run sd then give about 1 false verdict in 20), and wider when
+# the shared rows themselves moved more. On a VM with noisy neighbours, quiet A/A pairs of 04 --quick (no code
+# change, calibration unchanged) moved rows 1.1-1.7x together, so the rows are replicates of that movement: their
+# robust sd (1.4826 x the median |log ratio|) times RUN_SPREAD_Z sets the band once there are enough of them. A code
+# change that moves a few rows stands out; one that moves most rows looks like machine state and is not called.
 RUN_BAND = 0.15
-NOT_COMPARABLE = "machine changed: not comparable"
+RUN_SPREAD_Z = 2.5
+MIN_ROWS_FOR_SPREAD = 8
+NOT_COMPARABLE = "not comparable"  # the machine changed between the runs
+WITHIN_NOISE = "run-to-run noise"
 MIN_COVERAGE = 0.80  # an interval covering less than this is no basis for a verdict ("too few samples")
 MW_EXACT_MAX = 25  # exact Mann-Whitney counts up to this many samples a side
 Z95 = 1.959963984540054
 ROW_KEY = ("section", "measurement", "model", "device", "batch", "workload")
-TABLE_COLUMNS = ["measurement", "model", "device", "batch", "before_ms", "now_ms", "runs", "raw_x", "raw_interval",
-                 "normalised_x", "normalised_interval", "coverage", "verdict", "verdict_on"]
+TABLE_COLUMNS = ["measurement", "model", "before", "now", "now/before", "verdict"]  # the rest: report.json
+CELL_WIDTHS = {"measurement": 40, "model": 20}  # compare-table cells cut with "..." so that it fits 120 columns
 ENVIRONMENT = {"python": "python", "torch": "torch", "transformers": "transformers", "bitsandbytes": "bitsandbytes",
                "device": "device", "torch_threads": "torch threads", "cpu": "CPU", "cpu_flags": "CPU flags",
                "source": "--source", "quick": "--quick", "gpu": "GPU",
@@ -130,18 +136,27 @@ def ratio_interval(before: list[float], now: list[float]) -> tuple[float, float,
     return estimate, float(pairwise[k - 1]), float(pairwise[pairwise.size - k]), coverage
 
 
-def verdict(low: float, high: float, coverage: float) -> str:
-    """Now against before: "slower" / "faster" when the whole interval lies beyond the run-to-run band (RUN_BAND),
-    "within run-to-run variation" when it lies inside it, else "inconclusive"."""
+def verdict(low: float, high: float, coverage: float, band: float = RUN_BAND) -> str:
+    """Now against before: "slower" / "faster" when the whole interval lies beyond the run band, "run-to-run noise"
+    when it lies inside it, else "inconclusive"."""
     if coverage < MIN_COVERAGE:
         return "too few samples"
-    if low > 1 + RUN_BAND:
+    if low > 1 + band:
         return "slower"
-    if high < 1 / (1 + RUN_BAND):
+    if high < 1 / (1 + band):
         return "faster"
-    if 1 / (1 + RUN_BAND) <= low and high <= 1 + RUN_BAND:
-        return "within run-to-run variation"
+    if 1 / (1 + band) <= low and high <= 1 + band:
+        return WITHIN_NOISE
     return "inconclusive"
+
+
+def run_band(ratios: list[float]) -> float:
+    """The band a row's now/before interval must clear: RUN_BAND, widened to RUN_SPREAD_Z robust sds of how far the
+    shared rows moved when there are at least MIN_ROWS_FOR_SPREAD of them."""
+    if len(ratios) < MIN_ROWS_FOR_SPREAD:
+        return RUN_BAND
+    spread = 1.4826 * float(np.median(np.abs(np.log(ratios))))
+    return max(RUN_BAND, math.exp(RUN_SPREAD_Z * spread) - 1)
 
 
 def _calibration_samples(calibration: dict[str, Any], when: str) -> list[float]:
@@ -256,13 +271,14 @@ class RowChange:
     basis: str  # "raw": the verdict is on raw times; "withheld": the machine changed, so there is no verdict
 
 
-def row_change(before: dict[str, Any], now: dict[str, Any], factor: float | None, machine_changed: bool) -> RowChange:
+def row_change(before: dict[str, Any], now: dict[str, Any], factor: float | None, machine_changed: bool,
+               band: float = RUN_BAND) -> RowChange:
     """The change of one measurement from both runs' samples; CPU rows also normalised by the machine factor, as
     information. When the machine changed, the verdict is withheld."""
     old, new = before["samples_ms"], now["samples_ms"]
     ratio, low, high, coverage = ratio_interval(old, new)
     scale = factor if factor and str(now.get("device", "cpu")).startswith("cpu") else 1.0
-    said = NOT_COMPARABLE if machine_changed else verdict(low, high, coverage)
+    said = NOT_COMPARABLE if machine_changed else verdict(low, high, coverage, band)
     return RowChange({name: now.get(name) for name in ROW_KEY if now.get(name) is not None},
                      float(np.median(old)), float(np.median(new)), f"{len(old)}/{len(new)}", ratio, low, high,
                      coverage, ratio / scale, low / scale, high / scale, said,
@@ -278,6 +294,7 @@ class RunComparison:
     changes: list[RowChange]
     only_before: int
     only_now: int
+    band: float = RUN_BAND  # faster/slower needs the whole interval beyond +-band
 
     def counts(self) -> dict[str, int]:
         """How many rows got each verdict."""
@@ -287,16 +304,35 @@ class RunComparison:
         return counts
 
     def table(self) -> list[dict[str, Any]]:
-        """Printable rows: labels, medians, raw and normalised now/before with intervals, coverage, verdict."""
+        """Every row in full: labels, medians, raw and normalised now/before with intervals, coverage, verdict."""
         return [{**c.key, "before_ms": c.before_ms, "now_ms": c.now_ms, "runs": c.runs, "raw_x": c.ratio,
                  "raw_interval": f"{c.low:.2f}-{c.high:.2f}", "normalised_x": c.normalised_ratio,
                  "normalised_interval": f"{c.normalised_low:.2f}-{c.normalised_high:.2f}",
                  "coverage": c.coverage, "verdict": c.verdict, "verdict_on": c.basis} for c in self.changes]
 
+    def console_table(self) -> list[dict[str, Any]]:
+        """What fits 120 columns: what was measured, both medians, the ratio the verdict is on, the verdict."""
+        shown = "normalised" if self.machine.differs else "raw"
+        rows = []
+        for c, full in zip(self.changes, self.table()):
+            batch = f" [batch {c.key['batch']}]" if c.key.get("batch") is not None else ""
+            rows.append({"measurement": _cut(f"{c.key.get('measurement')}{batch}", CELL_WIDTHS["measurement"]),
+                         "model": _cut(str(c.key.get("model", "-")), CELL_WIDTHS["model"]),
+                         "before": c.before_ms, "now": c.now_ms,
+                         "now/before": f"{full[shown + '_x']:.2f}x [{full[shown + '_interval']}]",
+                         "verdict": c.verdict})
+        return rows
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary for report.json."""
         return {"machine": asdict(self.machine), "environment_changes": self.environment, "counts": self.counts(),
-                "only_before": self.only_before, "only_now": self.only_now, "comparison": self.table()}
+                "band": self.band, "only_before": self.only_before, "only_now": self.only_now,
+                "comparison": self.table()}
+
+
+def _cut(text: str, width: int) -> str:
+    """text, or its first width - 3 characters and "..." when it is longer."""
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def compare_reports(before: dict[str, Any], now: dict[str, Any]) -> RunComparison:
@@ -305,9 +341,11 @@ def compare_reports(before: dict[str, Any], now: dict[str, Any]) -> RunCompariso
     old_rows = {row_key(row): row for row in before.get("rows", []) if row.get("samples_ms")}
     new_rows = {row_key(row): row for row in now.get("rows", []) if row.get("samples_ms")}
     shared = [key for key in new_rows if key in old_rows]
-    changes = [row_change(old_rows[key], new_rows[key], machine.factor, machine.differs) for key in shared]
+    band = run_band([float(np.median(new_rows[key]["samples_ms"]) / np.median(old_rows[key]["samples_ms"]))
+                     for key in shared])
+    changes = [row_change(old_rows[key], new_rows[key], machine.factor, machine.differs, band) for key in shared]
     return RunComparison(machine, environment_changes(before, now), changes,
-                         len(old_rows) - len(shared), len(new_rows) - len(shared))
+                         len(old_rows) - len(shared), len(new_rows) - len(shared), band)
 
 
 def print_comparison(comparison: RunComparison, title: str) -> None:
@@ -317,22 +355,40 @@ def print_comparison(comparison: RunComparison, title: str) -> None:
     print("[environment] " + ("changed since the earlier run, a likely cause of any difference below: " +
                               "; ".join(comparison.environment) if comparison.environment else
                               "same versions, device, threads, CPU, model sources and --quick as the earlier run"))
-    print_table(comparison.table(), TABLE_COLUMNS, title=f"{title}: x = median now / median before; interval: "
-                "Moses (95% where the samples allow, else the coverage shown), from both runs' raw samples")
+    basis = "normalised by the calibration, as information" if comparison.machine.differs else "raw"
+    print_table(comparison.console_table(), TABLE_COLUMNS, title=f"{title}: medians in ms; now/before {basis}, with "
+                "its Moses interval (95% where the samples allow) from both runs' raw samples; every column in "
+                "report.json")
     unmatched = f"{comparison.only_before} only in the earlier run, {comparison.only_now} only in this one"
     if comparison.machine.differs:
-        print(f"{len(comparison.changes)} shared measurements: verdicts withheld, because the machine changed beyond "
-              "its own noise between the runs (see [machine] above); the normalised ratios are information, not "
-              f"verdicts. Rerun both on a quiet machine to compare code. {unmatched}")
+        say(f"{len(comparison.changes)} shared measurements: verdicts withheld, because the machine changed beyond "
+            "its own noise between the runs (see [machine] above); the normalised ratios are information, not "
+            f"verdicts. Rerun both on a quiet machine to compare code. {unmatched}")
     else:
-        print(f"{len(comparison.changes)} shared measurements, verdicts on raw times: " +
-              ", ".join(f"{count} {verdict}" for verdict, count in sorted(comparison.counts().items())) +
-              f"; {unmatched}")
-        print(f"faster/slower needs the whole interval beyond +-{RUN_BAND:.0%}: each interval comes from one run's "
-              "samples, and whole runs on a quiet machine differ by up to that much")
+        print_band(comparison, unmatched)
     if comparison.machine.drifted:
-        print("the machine changed within a run, so part of any difference above is machine state the calibration "
-              "did not see: rerun both on a quiet machine before acting on one row")
+        say("the machine changed within a run, so part of any difference above is machine state the calibration "
+            "did not see: rerun both on a quiet machine before acting on one row")
+
+
+def print_band(comparison: RunComparison, unmatched: str) -> None:
+    """The verdict tally, the band the verdicts needed and why, and a warning when most rows moved together."""
+    say(f"{len(comparison.changes)} shared measurements, verdicts on raw times: " +
+        ", ".join(f"{count} {verdict}" for verdict, count in sorted(comparison.counts().items())) + f"; {unmatched}")
+    ratios = [change.ratio for change in comparison.changes]
+    if comparison.band > RUN_BAND:
+        say(f"faster/slower needs the whole interval beyond +-{comparison.band:.0%}: whole runs move against each "
+            f"other, and the shared rows moved this much between these two (typical change "
+            f"{math.exp(float(np.median(np.abs(np.log(ratios))))):.2f}x either way), so only a row that moved "
+            "clearly more than the others gets a verdict")
+    else:
+        say(f"faster/slower needs the whole interval beyond +-{RUN_BAND:.0%}: each interval comes from one run's "
+            "samples, and whole runs on a quiet machine differ by up to that much")
+    shift = math.exp(float(np.median(np.log(ratios)))) if ratios else 1.0
+    if abs(math.log(shift)) > math.log(1 + RUN_BAND):
+        say(f"most rows moved together ({'slower' if shift > 1 else 'faster'}, median now/before {shift:.2f}x) "
+            "while the calibration matmul did not: a change that moves everything (threads, versions) and a busier "
+            "machine look the same here; rerun both on a quiet machine before acting on it")
 
 
 def draw_comparison(comparison: RunComparison, out_dir: Path) -> Path:

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from common import cli, texts
+from common import cli, runs, texts
 from common.report import REPORT_VERSION
 from conftest import ROOT, cuda_test, is_png, load_script
 
@@ -225,9 +225,9 @@ def test_compare_checks_machine_environment_and_instrument_before_the_table(run)
     assert any(change.startswith("torch: 1.0.0") for change in result["environment_changes"])
     (row,) = result["comparison"]
     # the machine changed, so even a 1000 s call before gets no verdict: only its ratios, as information
-    assert row["measurement"] == "one pipeline call" and row["verdict"] == "machine changed: not comparable"
+    assert row["measurement"] == "one pipeline call" and row["verdict"] == runs.NOT_COMPARABLE
     assert row["verdict_on"] == "withheld" and row["raw_x"] < 0.1
-    assert (result["only_before"], result["counts"]) == (1, {"machine changed: not comparable": 1})
+    assert (result["only_before"], result["counts"]) == (1, {runs.NOT_COMPARABLE: 1})
     assert "verdicts withheld, because the machine changed beyond its own noise" in stdout
 
 

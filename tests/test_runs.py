@@ -11,6 +11,7 @@ import torch
 
 from common import runs
 from common.errors import UserError
+from common.report import format_table
 
 ENVIRONMENT = {"python": "3.11.7", "torch": "2.13.0+cpu", "transformers": "5.24.0", "bitsandbytes": "0.50.2",
                "device": "cpu", "torch_threads": 2, "cpu": "AMD EPYC", "cpu_flags": ["avx2", "fma"],
@@ -47,8 +48,8 @@ def verdicts(comparison: runs.RunComparison) -> dict[str, str]:
 
 def test_identical_reports_show_no_difference_anywhere():
     comparison = runs.compare_reports(report(), report())
-    assert verdicts(comparison) == {"encode": "within run-to-run variation", "generate": "within run-to-run variation",
-                                    "sweep": "within run-to-run variation", "cold load": "too few samples"}
+    assert verdicts(comparison) == {"encode": runs.WITHIN_NOISE, "generate": runs.WITHIN_NOISE,
+                                    "sweep": runs.WITHIN_NOISE, "cold load": "too few samples"}
     assert not comparison.machine.differs and comparison.machine.lines == []
     assert comparison.machine.factor == pytest.approx(1.0)
     assert comparison.environment == []
@@ -85,9 +86,9 @@ def test_earlier_run_on_a_slower_machine_is_named_the_other_way_round():
 def test_only_samples_scaled_gives_slower_on_exactly_those_rows():
     comparison = runs.compare_reports(report(), report(rows_scale={0: 3.0, 2: 3.0}))
     assert not comparison.machine.differs
-    assert verdicts(comparison) == {"encode": "slower", "generate": "within run-to-run variation", "sweep": "slower",
+    assert verdicts(comparison) == {"encode": "slower", "generate": runs.WITHIN_NOISE, "sweep": "slower",
                                     "cold load": "too few samples"}
-    assert comparison.counts() == {"slower": 2, "within run-to-run variation": 1, "too few samples": 1}
+    assert comparison.counts() == {"slower": 2, runs.WITHIN_NOISE: 1, "too few samples": 1}
 
 
 def test_busy_then_quiet_pair_withholds_every_verdict_and_says_why(capsys):
@@ -296,3 +297,53 @@ def test_a_cuda_run_calibrates_the_gpu_and_compare_sees_a_gpu_change(monkeypatch
     changes = runs.environment_changes(before, now)
     assert any(c.startswith("GPU: ") and "A100" in c for c in changes)
     assert "fp32 matmul precision: highest -> high" in changes
+
+
+def shared_rows_report(scales: list[float], seed: int) -> dict:
+    """A report with one row per scale (12 samples each, 5% spread within the run), the calibration unchanged."""
+    rows = [{"section": "4. Sweep", "measurement": f"row {i}", "model": "m", "device": "cpu", "batch": 8,
+             "samples_ms": [x * scale for x in samples(50.0 + 10 * i, 12, seed=100 * seed + i)]}
+            for i, scale in enumerate(scales)]
+    return {"environment": dict(ENVIRONMENT), "models": copy.deepcopy(MODELS), "rows": rows,
+            "calibration": calibration()}
+
+
+def test_rows_that_move_together_widen_the_band_so_a_quiet_a_a_pair_calls_nothing(capsys):
+    """As seen in a quiet A/A pair of 04 --quick on a shared VM: the calibration did not move, but most rows ran
+    1.2-1.7x slower in the second run. No code changed, so no row may be called faster or slower."""
+    moved = [1.3, 1.3, 1.35, 1.3, 1.55, 1.5, 1.7, 1.5, 1.1, 1.2, 1.2, 1.0, 0.9, 1.25, 1.4, 1.3]
+    comparison = runs.compare_reports(shared_rows_report([1.0] * len(moved), 1), shared_rows_report(moved, 2))
+    assert not comparison.machine.differs
+    assert comparison.band > 0.5
+    assert not {"faster", "slower"} & set(verdicts(comparison).values())
+    runs.print_comparison(comparison, "A/A")
+    out = capsys.readouterr().out
+    assert f"beyond +-{comparison.band:.0%}" in out and "most rows moved together (slower" in out
+
+
+def test_a_few_rows_that_really_changed_stand_out_from_many_that_did_not():
+    scales = [1.0] * 13 + [2.0, 2.5, 0.4]
+    comparison = runs.compare_reports(shared_rows_report([1.0] * 16, 3), shared_rows_report(scales, 4))
+    assert comparison.band == pytest.approx(runs.RUN_BAND)  # the 13 unchanged rows barely moved
+    said = verdicts(comparison)
+    assert [said[f"row {i}"] for i in (13, 14, 15)] == ["slower", "slower", "faster"]
+    assert all(said[f"row {i}"] == runs.WITHIN_NOISE for i in range(13))
+
+
+def test_run_band_needs_enough_rows_to_widen():
+    assert runs.run_band([1.5] * (runs.MIN_ROWS_FOR_SPREAD - 1)) == runs.RUN_BAND
+    wide = runs.run_band([1.5] * runs.MIN_ROWS_FOR_SPREAD)
+    assert wide == pytest.approx(math.exp(runs.RUN_SPREAD_Z * 1.4826 * math.log(1.5)) - 1)
+
+
+def test_console_table_fits_120_columns_and_keeps_every_column_in_the_json():
+    long = shared_rows_report([1.0] * 3, 5)
+    for row in long["rows"]:
+        row.update(measurement="text-generation (1 prompt, 8 new tokens)", model="all-MiniLM-L6-v2 prototype classifier")
+    long["rows"][0]["measurement"] += " x"  # keep keys distinct
+    long["rows"][1]["measurement"] += " y"
+    comparison = runs.compare_reports(long, copy.deepcopy(long))
+    text = format_table(comparison.console_table(), runs.TABLE_COLUMNS)
+    assert max(len(line) for line in text.splitlines()) <= 120
+    assert "all-MiniLM-L6-v2 ..." in text and "text-generation (1 prompt, 8 new toke..." in text
+    assert {"raw_interval", "normalised_x", "coverage", "verdict_on"} <= set(comparison.to_dict()["comparison"][0])
