@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import common  # noqa: F401  (first: it quiets torchao's import-time warnings; see common/__init__.py)
 import numpy as np
 import torch
 from tqdm import tqdm

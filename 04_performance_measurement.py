@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import common  # noqa: F401  (first: it quiets torchao's import-time warnings; see common/__init__.py)
 import numpy as np
 import torch
 from torch.utils.benchmark import Timer

@@ -44,6 +44,14 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message} (see --help)")
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: ...)" to an option's help unless the help already says its default in words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        return text if "(default:" in text else super()._get_help_string(action)
+
+
 def int_in_range(low: int, high: int, why: str = "") -> Callable[[str], int]:
     """An argparse type: a whole number from low to high, else a one-line error naming the allowed range."""
 
@@ -62,7 +70,7 @@ def int_in_range(low: int, high: int, why: str = "") -> Callable[[str], int]:
 
 def base_parser(description: str) -> argparse.ArgumentParser:
     """A parser with --device, --source, --quick, --output-dir, --threads and --seed."""
-    parser = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(description=description, formatter_class=_DefaultsFormatter)
     parser.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICE_CHOICES)} (or cuda:N)")
     parser.add_argument("--source", default="auto", choices=SOURCES,
                         help="hub: Hugging Face checkpoints; bundled: the pip-installed models and twins; "
