@@ -4,6 +4,7 @@ pipeline convenience costs. Tokenise and decode, run the encoder by hand, do the
 check both paths agree and time them, then build custom pipelines on preprocess/_forward/postprocess."""
 
 import os
+import textwrap
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -299,8 +300,8 @@ def generation_demo(ctx: cli.Context, s: Settings) -> dict:
     say(f"\ntext-generation with {where.label}, prompt {GENERATION_PROMPT!r}, max_new_tokens={s.generation_tokens}"
           " (one call each, not a benchmark: lesson 04 measures generation)")
     for row in generations:
-        print(f"  {row['mode']:<24} {row['seconds']:5.2f} s  "
-              + (repr(row["continuation"]) if where.meaningful else "(twin: random weights, text not shown)"))
+        text = repr(row["continuation"]) if where.meaningful else "(twin: random weights, text not shown)"
+        print(f"  {row['mode']:<22} {row['seconds']:5.2f} s  {textwrap.shorten(text, 84, placeholder='...')}")
     reproducible = outputs[1] == outputs[2]
     print(f"same seed, same sampled text: {'yes' if reproducible else 'NO'}")
     return {"generation": generations, "generation_meaningful": where.meaningful,
@@ -504,8 +505,8 @@ def custom_pipelines_section(ctx: cli.Context, s: Settings) -> dict:
     t2t_kwargs = {"prefix": "summarize: ", "max_new_tokens": s.text_to_text_tokens}
     output = text_to_text(TEXT_TO_TEXT_INPUT, **t2t_kwargs)
     new_tokens = output["output_tokens"] - 1  # generate's output ids start with the decoder start token
-    print(f'\npipeline(task="text-to-text") with {where.label}: {new_tokens} new tokens (max_new_tokens='
-          f'{s.text_to_text_tokens}), {output["output_tokens"]} output ids with the decoder start token')
+    say(f'\npipeline(task="text-to-text") with {where.label}: {new_tokens} new tokens (max_new_tokens='
+        f'{s.text_to_text_tokens}), {output["output_tokens"]} output ids with the decoder start token')
     print(f"  summary: {output['generated_text']!r}" if where.meaningful else
           "(twin: random weights, its text is noise and is not shown; the call proves the plumbing and timing)")
 
@@ -551,7 +552,11 @@ def time_stages(meter: PerformanceMeter, pipe: Any, name: str, item: Any, **call
     interval = f"interval {low:.2f} to {high:.2f} ms" + (f", {coverage:.0%} coverage" if coverage < 0.95 else "")
     if low > 0:
         return rows, f"{name}: its own glue (whole call minus its stages) is {np.median(glue):.2f} ms, {interval}"
-    return rows, f"{name}: no glue measurable above this run's noise (whole call minus its stages: {interval})"
+    whole_ms, stages_ms = stages["whole call"].stats.median * 1e3, total * 1e3
+    below = (f"; the whole call's median even came out below the sum of its stages' ({whole_ms:,.0f} vs "
+             f"{stages_ms:,.0f} ms): each is timed in its own turn of the round, and this machine's noise is larger "
+             "than the glue") if whole_ms < stages_ms else ""
+    return rows, f"{name}: no glue measurable above this run's noise (whole call minus its stages: {interval}){below}"
 
 
 # ------------------------------------------------------------------------------------------------ charts

@@ -260,7 +260,8 @@ def pipeline_demo(ctx: cli.Context, contender: Contender, fill_mask: bool = Fals
     if not contender.where.meaningful and task != "feature-extraction":  # a twin's words are noise, its shapes real
         output = TWIN_NOTE
     tokens = texts.count_tokens(tokenizer, [given])  # how many tokens this model's tokenizer made of the input
-    print(f"{contender.label:<32} {task:<18} {given!r} ({tokens} tokens)\n{'':<32} -> {output}")
+    print(f"{contender.label:<32} {task:<18} {given!r} ({tokens} tokens)\n{'':<32} -> "
+          + textwrap.shorten(output, 84, placeholder="..."))
     return {"model": contender.label, "architecture": contender.family, "pipeline": task, "input": given,
             "input_tokens": tokens, "output": output, "meaningful": contender.where.meaningful}
 

@@ -100,9 +100,9 @@ class ModelInfo:
 
     def line(self) -> str:
         """The short load record every script prints (the origin, package and licence, goes to the report)."""
-        role = f"role={self.role}  " if self.role else ""
-        return (f"[model] {role}{self.name}  source={self.source}  {self.params / 1e6:.1f}M params  {self.dtype}  "
-                f"{self.device}  loaded in {self.load_s:.2f} s")
+        role = f"role={self.role} " if self.role and self.role != self.name else ""
+        return (f"[model] {role}{self.name} source={self.source} | {self.params / 1e6:.1f}M params | {self.dtype} | "
+                f"{self.device} | loaded in {self.load_s:.2f} s")
 
 
 @dataclass

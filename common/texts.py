@@ -62,8 +62,8 @@ def report_truncation(tokenizer: Any, documents: list[str], limit: int | None = 
         total = len(tokenizer(text, verbose=False)["input_ids"])  # verbose=False: we report it ourselves
         if total > limit:
             truncated.append({"text": shorten(text, 30), "chars": len(text), "tokens": total, "kept": limit})
-            print(f"[truncated] {shorten(text, 30)!r} ({len(text):,} chars, {total:,} tokens): only the first "
-                  f"{limit} tokens are read ({1 - limit / total:.0%} ignored)")
+            print(f"[truncated] {shorten(text, 30)!r} ({len(text):,} chars, {total:,} tokens): the model reads "
+                  f"the first {limit} ({1 - limit / total:.0%} ignored)")
     return truncated
 
 

@@ -58,7 +58,7 @@ def test_shorten_flattens_whitespace_and_marks_the_cut():
 def test_report_truncation_reads_the_limit_from_the_tokenizer(capsys):
     rows = texts.report_truncation(WordTokenizer(), ["three short words", "one two three four five six"])
     assert rows == [{"text": "one two three four five six", "chars": 27, "tokens": 8, "kept": 5}]
-    assert "only the first 5 tokens are read (38% ignored)" in capsys.readouterr().out
+    assert "the model reads the first 5 (38% ignored)" in capsys.readouterr().out
     assert texts.report_truncation(WordTokenizer(), ["one two three four five six"], limit=8) == []
 
 
