@@ -297,8 +297,9 @@ def task_section(ctx: cli.Context) -> dict:
           "samples), the maximum and the run count are in results.csv.")
     print_table(tasks, ["task", "weights_mib", "working_rss_mib", "peak_rss_mib", "cuda_alloc_mib", "cpu_util_pct",
                         "gpu_util_pct"], title="Memory and utilisation while measuring")
-    print("weights: memory.weights_bytes; working RSS: the kernel's peak RSS during the timed calls above RSS before "
-          "them;\npeak RSS: the whole process (earlier sections' models included); cpu_util: CPU time / wall time.")
+    say("weights: memory.weights_bytes; working RSS: the kernel's peak RSS during the timed calls above RSS before "
+        "them (0: the warm-up calls already made the process hold what the timed calls need); peak RSS: the whole "
+        "process (earlier sections' models included); cpu_util: CPU time / wall time.")
     if generation:
         print_table([generation], title="Generation latency (greedy; medians of 1-token and N-token calls; its "
                                         "tokens/s is in the table above)")
@@ -468,7 +469,8 @@ def seed_table_section(ctx: cli.Context) -> dict:
     say("memory, ours (GiB) vs the notes (GB): " + "; ".join(
         f"{row['model']} {row['device']} {format_value(row.get('ours_memory_gib'))} vs {row['notes_memory_gb']}" for row in rows))
     say(f"ours: median of one forward pass, batch {shape[0]} x {shape[1]} real tokens, float32, under "
-        "torch.inference_mode(); memory: " + "; ".join(sorted({row["memory_measured_as"] for row in rows})) +
+        "torch.inference_mode(); memory: " + "; ".join(f"{kind} rows: {how}" for kind, how in sorted(
+            {(row["device"], row["memory_measured_as"]) for row in rows})) +
         ". The notes stated neither their input shape nor what their memory counted, so ours/notes compares "
         "machines, not code.")
     if twins:
@@ -490,8 +492,8 @@ def report_section(ctx: cli.Context, results: dict, previous: dict | None) -> di
     for name, report in (("the earlier run", previous), ("this run", current)):
         check = report.get("sections", {}).get("1. Meet the meter") or {}
         if check.get("instrument_check", "agree") != "agree":
-            print(f"[instrument] in {name} the meter-vs-Timer check said '{check['instrument_check']}' "
-                  f"({check['meter_over_timer']:.3f}x): its times are less trustworthy than their intervals say")
+            say(f"[instrument] in {name} the meter-vs-Timer check said '{check['instrument_check']}' "
+                f"({check['meter_over_timer']:.3f}x): its times are less trustworthy than their intervals say")
     runs.print_comparison(comparison, f"Now vs {ctx.args.compare}")
     if comparison.changes:
         ctx.report.add_chart(runs.draw_comparison(comparison, ctx.out_dir))
