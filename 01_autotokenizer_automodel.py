@@ -283,9 +283,8 @@ def sentiment_classifier(ctx: cli.Context) -> tuple[Any, models.ModelInfo]:
 def generation_demo(ctx: cli.Context, s: Settings) -> dict:
     """pipeline("text-generation") loads the decoder by itself; greedy once, then sampling twice with one seed."""
     where = models.checkpoint("decoder", ctx.source)
-    started = time.perf_counter()
-    generator = pipeline("text-generation", model=where.path, dtype=torch.float32, device_map=ctx.device)
-    ctx.record(where.info(generator.model, time.perf_counter() - started))
+    generator = ctx.record_load(where, lambda: pipeline("text-generation", model=where.path, dtype=torch.float32,
+                                                        device_map=ctx.device))
     models.prepare_tokenizer(generator.tokenizer, generator.model)  # GPT-2 ships without a pad token
     sampling = {"do_sample": True, "temperature": 0.8, "top_p": 0.9}
     generations, outputs = [], []
@@ -499,9 +498,8 @@ def custom_pipelines_section(ctx: cli.Context, s: Settings) -> dict:
           f"{agreement:.1e}")
 
     where = models.checkpoint("seq2seq", ctx.source)
-    started = time.perf_counter()
-    text_to_text = pipeline(task=pipelines.TEXT_TO_TEXT, model=where.path, dtype=torch.float32, device_map=ctx.device)
-    ctx.record(where.info(text_to_text.model, time.perf_counter() - started))
+    text_to_text = ctx.record_load(where, lambda: pipeline(task=pipelines.TEXT_TO_TEXT, model=where.path,
+                                                           dtype=torch.float32, device_map=ctx.device))
     t2t_kwargs = {"prefix": "summarize: ", "max_new_tokens": s.text_to_text_tokens}
     output = text_to_text(TEXT_TO_TEXT_INPUT, **t2t_kwargs)
     new_tokens = output["output_tokens"] - 1  # generate's output ids start with the decoder start token

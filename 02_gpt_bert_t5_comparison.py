@@ -21,11 +21,11 @@ from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModel
 
 from common import cli, memory, models, plots, texts
 from common import pipelines as custom_pipelines  # registers the "text-to-text" pipeline
-from common.device import synchronize
+from common.device import timed_once
 from common.errors import UserError
 from common.memory import MIB
 from common.meter import VERDICT_WORDS, GenerationMeasurement, PerformanceMeter, verdict_of
-from common.report import format_value, print_table, say
+from common.report import format_value, print_table, ratio_cell, say
 
 
 @dataclass(frozen=True)
@@ -291,10 +291,10 @@ def speed_section(ctx: cli.Context, contenders: list[Contender], facts: dict | N
                 title="Generation, three figures: ttft = time to first token (prefill + 1 token); decode = 1 / "
                       "per-token cost,\nthe median over rounds of (t(N) - t(1)) / (N - 1); e2e = N / t(N), prefill "
                       "included:")
-    print_table([{"model": row["model"], "end_to_end": f"{row['speedup']:.2f}x [{row['speedup_low']:.2f}-"
-                                                       f"{row['speedup_high']:.2f}]", "verdict": row["verdict"],
+    print_table([{"model": row["model"], "end_to_end": ratio_cell(row["speedup"], row["speedup_low"],
+                                                                  row["speedup_high"]), "verdict": row["verdict"],
                   "per_decoded_token": "-" if row["per_token_speedup"] is None else
-                  f"{row['per_token_speedup']:.2f}x [{row['per_token_low']:.2f}-{row['per_token_high']:.2f}]",
+                  ratio_cell(row["per_token_speedup"], row["per_token_low"], row["per_token_high"]),
                   "per_token_verdict": row["per_token_verdict"], "rounds": row["rounds"],
                   "same_greedy_tokens": row["same_greedy_tokens"]} for row in kv_rows],
                 title="KV cache on vs off (same run, same prompt, timed round-robin): speedup = whole generate() "
@@ -555,11 +555,8 @@ def model_memory(ctx: cli.Context, contender: Contender) -> dict:
     for length in sorted(set(ctx.pick(FULL, QUICK).seq_lengths) - set(lengths)):
         ctx.report.skip(f"memory {contender.label} length {length}", f"above the model's {limit} positions")
     first = forward_inputs(loaded, contender.kind, 1, lengths[0], ctx.args.seed)
-    started = time.perf_counter()
     with torch.inference_mode():
-        loaded.model(**first)
-    synchronize(ctx.device)
-    row["first_forward_s"] = time.perf_counter() - started
+        row["first_forward_s"] = timed_once(lambda model=loaded.model: model(**first), ctx.device)
     row["ttfi_s"] = row["load_s"] + row["first_forward_s"]
     row["resident_mib"] = (memory.rss_bytes() - before) / MIB
     for length in lengths:

@@ -11,8 +11,6 @@ import logging
 import os
 import tempfile
 import textwrap
-import time
-from statistics import median
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -31,7 +29,7 @@ from common.memory import MIB, peak_while_held, saved_for_backward_bytes
 from common.meter import Comparison
 from common.pipelines import embed, mean_pool
 from common.quantize import bnb_compute_dtype, int8_dynamic, variant_unavailable
-from common.report import collect_bars, limit_bar, performance_bar, print_table, ratio_bar, say
+from common.report import collect_bars, limit_bar, performance_bar, print_table, ratio_bar, ratio_cell, say
 from common.runtimes import PEERS, SENTENCE_TRANSFORMERS as PEER_BASELINE
 from common.sweep import fitting_batches
 
@@ -280,9 +278,8 @@ def precision_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) ->
     where = models.checkpoint(ENCODER_ROLE, ctx.source)
     fp32 = ctx.load(ENCODER_ROLE)
     half = torch.float16 if ctx.device.type == "cuda" else torch.bfloat16  # GPUs: fp16 tensor cores; CPUs: bf16
-    started = time.perf_counter()
-    half_model = AutoModel.from_pretrained(where.path, dtype=half, device_map=ctx.device)
-    ctx.record(where.info(half_model, time.perf_counter() - started))
+    half_model = ctx.record_load(where, lambda: AutoModel.from_pretrained(where.path, dtype=half,
+                                                                          device_map=ctx.device))
     short = "fp16" if half == torch.float16 else "bf16"
     variants = {"fp32": (fp32.model, None), f"{short}-autocast": (fp32.model, half),
                 f"{short}-weights": (half_model, None)}
@@ -475,7 +472,7 @@ def int8_bar(rows: list[dict], comparison: Comparison, rounds: int) -> dict:
     passing = [name for name, row in int8.items() if keeps_fidelity(row)]
     int8 = int8[recipes.fastest(passing, comparison.ratio) or VARIANT_LABELS["int8-dynamic"]]
     name, target = BAR_NAMES[2], f">= {INT8_SPEEDUP_TARGET}x fp32 throughput at {FIDELITY_TEXT}"
-    measured = (f"{int8['variant']} {int8['speedup']:.2f}x [{int8['speedup_low']:.2f}-{int8['speedup_high']:.2f}] "
+    measured = (f"{int8['variant']} {ratio_cell(int8['speedup'], int8['speedup_low'], int8['speedup_high'])} "
                 f"({int8['verdict']}) at cosine mean {int8['cosine_mean']:.4f}, min {int8['cosine_min']:.4f}")
     if not keeps_fidelity(int8):
         return performance_bar(name, target, measured + ": fails the fidelity bar", int8["speedup"], "MISS")
@@ -512,6 +509,13 @@ def quantization_section(ctx: cli.Context, s: Settings, results: dict[str, Any])
 # ---------------------------------------------------------------------------------------- 6. batching
 
 
+def tokenized_corpus(ctx: cli.Context, s: Settings, tokenizer: Any) -> tuple[list[str], Any, list[int]]:
+    """The mixed-length corpus, its token ids (once up front: the passes time the model) and each text's length."""
+    corpus = texts.mixed_length_corpus(s.corpus_size, seed=ctx.args.seed, long=LONG_TEXT_WORDS)
+    encoded = tokenizer(corpus, truncation=True, max_length=s.max_length)
+    return corpus, encoded, [len(ids) for ids in encoded["input_ids"]]
+
+
 def corpus_pass(model: Any, groups: list[list[int]], batches: list[Any], out: torch.Tensor) -> Callable[[], None]:
     """One pass of the model over prepared batches, writing each text's mean-pooled embedding into `out`."""
     def run() -> None:
@@ -526,9 +530,7 @@ def batching_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> 
     Every (padding strategy, batch size) pass over the same corpus is timed round-robin."""
     loaded = ctx.load(ENCODER_ROLE)
     model, tokenizer = loaded.model, loaded.tokenizer
-    corpus = texts.mixed_length_corpus(s.corpus_size, seed=ctx.args.seed, long=LONG_TEXT_WORDS)
-    encoded = tokenizer(corpus, truncation=True, max_length=s.max_length)  # once up front: the passes time the model
-    lengths = [len(ids) for ids in encoded["input_ids"]]
+    corpus, encoded, lengths = tokenized_corpus(ctx, s, tokenizer)
     print(f"corpus: {len(corpus)} texts, {min(lengths)}-{max(lengths)} tokens (median "
           f"{sorted(lengths)[len(lengths) // 2]}, max_length {s.max_length}); model {loaded.info.label}")
     strategies = {"pad to max_length": (False, s.max_length), "dynamic": (False, None),
@@ -560,7 +562,7 @@ def batching_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> 
                    if ctx.device.type == "cpu" else (None, "not derived for GPUs here"))
     print(f"fp32 matmul peak here: {peak['flops'] / 1e9:.1f} GFLOP/s, the fastest of {2 * peak['calls']} timed "
           f"matmuls\n  ({'/'.join(map(str, sizes))} square, before and after the sweep; reached at {peak['size']})\n"
-          "theoretical peak: " + (theory_text(peak["flops"], theory, how) if theory else how))
+          "theoretical peak: " + (calibration.theory_text(peak["flops"], theory, how) if theory else how))
     reference = outputs["dynamic, batch 1"].float().cpu()
     agreement = {strategy: min(cosine_fidelity(reference, outputs[name].float().cpu())["cosine_min"]
                                for name in outputs if work[name]["strategy"] == strategy) for strategy in strategies}
@@ -577,14 +579,6 @@ def batching_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> 
             "theoretical_peak_gflop_per_s": theory / 1e9 if theory else None, "theoretical_peak_how": how,
             "copy_gb_s": bandwidth, "cosine_vs_batch1": agreement, "verdicts": lines,
             "best_sorted_batch": best_sorted["batch"], "bars": bars}
-
-
-def theory_text(measured: float, theory: float, how: str) -> str:
-    """The theoretical peak beside the measured one; a theory that a measurement beats is no ceiling, and says so."""
-    if measured > theory:
-        return (f"{theory / 1e9:.1f} GFLOP/s at the reported clock\n  ({how});\n  the measured peak is "
-                f"{measured / theory:.0%} of it, so the core ran faster than reported (turbo): not a ceiling here")
-    return f"{theory / 1e9:.1f} GFLOP/s; the measured peak reaches {measured / theory:.0%} of it\n  = {how}"
 
 
 def batching_bars(comparison: Comparison, rows: list[dict], peak: dict) -> tuple[list[dict], list[str], dict]:
@@ -621,7 +615,7 @@ def batching_bars(comparison: Comparison, rows: list[dict], peak: dict) -> tuple
 
 def roofline_points(batching: list[dict], precision: list[dict]) -> list[dict]:
     """Where the recommended batching rows and the precision rows sit: useful FLOPs per byte moved, useful FLOP/s."""
-    points = [{"group": "length-sorted dynamic padding (section 6)", "label": f"batch {r['batch']}",
+    points = [{"group": "length-sorted dynamic padding (section 6)", "label": f"batch {r['batch']}", "joined": True,
                "intensity": r["flop_per_byte"], "flops": r["useful_gflop_per_s"] * 1e9}
               for r in batching if r["strategy"] == "dynamic + sorted"]
     return points + [{"group": f"precision, batch {r['batch']} (section 4)", "label": r["variant"],
@@ -640,10 +634,8 @@ def attention_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) ->
     batch = sentence_batch(tokenizer, s.speed_batch, ctx.device)
     runs = {}
     for implementation in ("eager", "sdpa"):
-        started = time.perf_counter()
-        model = AutoModel.from_pretrained(where.path, attn_implementation=implementation, dtype=torch.float32,
-                                          device_map=ctx.device)
-        ctx.record(where.info(model, time.perf_counter() - started))
+        model = ctx.record_load(where, lambda: AutoModel.from_pretrained(
+            where.path, attn_implementation=implementation, dtype=torch.float32, device_map=ctx.device))
         runs[implementation] = forward(model, batch)
     comparison = ctx.meter().compare(runs, items=s.speed_batch, min_rounds=s.rounds, progress="attention")
     rows = comparison.rows(baseline="eager", model=where.label)
@@ -673,9 +665,7 @@ def compile_on_corpus(ctx: cli.Context, s: Settings, results: dict[str, Any]) ->
     """torch.compile on the recipe's many-shaped sorted batches: first calls, recompiles, then steady state vs eager."""
     loaded = ctx.load(ENCODER_ROLE)
     batch_size = (results.get("batching") or {}).get("best_sorted_batch", RECIPE_DEFAULT_BATCH)
-    corpus = texts.mixed_length_corpus(s.corpus_size, seed=ctx.args.seed, long=LONG_TEXT_WORDS)
-    encoded = loaded.tokenizer(corpus, truncation=True, max_length=s.max_length)
-    lengths = [len(ids) for ids in encoded["input_ids"]]
+    corpus, encoded, lengths = tokenized_corpus(ctx, s, loaded.tokenizer)
     groups = make_batches(lengths, batch_size, sort_by_length=True)
     batches = padded_batches(loaded.tokenizer, encoded, groups, None, ctx.device)
     compiled = torch.compile(loaded.model)
@@ -730,7 +720,7 @@ def load_rows(ctx: cli.Context, s: Settings) -> list[dict]:
         start = memory.resident_bytes(ctx.device)
         model, load = ctx.meter().time_load(label, lambda: load_on(ctx.device, where.path, **kwargs))
         after_load, run = memory.resident_bytes(ctx.device), forward(model, batch)
-        first_s = timed_once(run, ctx.device)
+        first_s = devices.timed_once(run, ctx.device)
         rows.append({"technique": label, "load_s": load.seconds, "first_inference_s": load.seconds + first_s,
                      "load_peak_mib": load.peak_rss_delta_bytes / MIB, "after_load_mib": (after_load - start) / MIB,
                      "after_first_forward_mib": (memory.resident_bytes(ctx.device) - start) / MIB,
@@ -739,14 +729,6 @@ def load_rows(ctx: cli.Context, s: Settings) -> list[dict]:
                      "dtype": str(model.dtype).removeprefix("torch.")})
         del model, run
     return rows
-
-
-def timed_once(run: Callable[[], Any], device: torch.device) -> float:
-    """Seconds of one call of `run`, queued device work included: a first call is not repeatable, so one sample."""
-    started = time.perf_counter()
-    run()
-    devices.synchronize(device)
-    return time.perf_counter() - started
 
 
 def load_peak_notes(rows: list[dict], stored: dict[str, int]) -> list[str]:
@@ -841,7 +823,7 @@ def offload_rows(ctx: cli.Context, s: Settings) -> tuple[list[dict], str]:
                 where.path, dtype=torch.float32, **kwargs))
             ctx.record(where.info(model, loads[label].seconds))
             runs[label] = forward(model, batch)
-            first_s = timed_once(runs[label], ctx.device)
+            first_s = devices.timed_once(runs[label], ctx.device)
             placed = memory.placement_bytes(model, getattr(model, "hf_device_map", None), str(ctx.device))
             first[label] = {"first_inference_s": loads[label].seconds + first_s,
                             "after_first_forward_mib": (memory.resident_bytes(ctx.device) - start) / MIB,
@@ -1076,9 +1058,8 @@ def recipe_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> di
 
 # ------------------------------------------------------------------------------------- 11. GPU memory
 
-GPU_MEMORY_PARTS = ("weights and activations per precision", "allocated vs reserved, empty_cache()",
-                    "largest batch before out-of-memory", "KV-cache growth", "pinned host-to-device copies",
-                    "CUDA-event GPU time vs host latency", 'torch.compile(mode="reduce-overhead")')
+GPU_MEMORY_PARTS = ("memory per precision", "caching allocator", "largest batch", "KV-cache growth", "pinned copies",
+                    "CUDA-event timing", "CUDA graphs")
 
 
 def footprint(device: torch.device, load: Callable[[], Any], batch: dict, autocast: torch.dtype | None) -> dict:
@@ -1094,46 +1075,12 @@ def footprint(device: torch.device, load: Callable[[], Any], batch: dict, autoca
             "peak_above_baseline_mib": (weights + peak.delta_bytes) / MIB}
 
 
-def allocator_rows(device: torch.device, run: Callable[[], Any]) -> list[dict]:
-    """Allocated vs reserved after a workload's output is dropped, and what empty_cache() hands back to the driver."""
-    run()  # its output is dropped at once: the blocks go back to the caching allocator, not to the driver
-    rows, first_free = [], None
-    for step in ("output dropped", "after torch.cuda.empty_cache()"):
-        if rows:
-            torch.cuda.empty_cache()
-        free, _ = torch.cuda.mem_get_info(device)
-        first_free = free if first_free is None else first_free
-        allocated, reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
-        rows.append({"step": step, "allocated_mib": allocated / MIB, "reserved_mib": reserved / MIB,
-                     "cached_mib": (reserved - allocated) / MIB, "driver_free_mib": free / MIB,
-                     "returned_to_driver_mib": (free - first_free) / MIB})
-    return rows
-
-
-def event_ms(device: torch.device, fn: Callable[[], Any], calls: int = 20) -> tuple[float, float]:
-    """Median host latency (until fn returns, no synchronise) and GPU time between two CUDA events, in ms."""
-    host, gpu = [], []
-    with torch.cuda.device(device):
-        for _ in range(calls):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(device)
-            started = time.perf_counter()
-            start.record()
-            fn()
-            end.record()
-            host.append((time.perf_counter() - started) * 1e3)
-            end.synchronize()
-            gpu.append(start.elapsed_time(end))
-    return median(host), median(gpu)
-
-
 def gpu_memory_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dict:
     """On a GPU, memory decides which model and batch fit: weights and activations per precision, the caching
     allocator, the largest batch, the KV cache per token, and host versus GPU time."""
     if ctx.device.type != "cuda":
-        reason = f"this run is on {ctx.device}; these are CUDA allocator, pinned-memory and CUDA-graph measurements"
-        for part in GPU_MEMORY_PARTS:
-            ctx.report.skip(f"GPU memory: {part}", reason)
+        reason = f"this run is on {ctx.device}; each part measures CUDA's own memory and timing"
+        ctx.report.skip_parts("GPU memory", GPU_MEMORY_PARTS, reason)
         return {"skipped": reason}
     device, where = ctx.device, models.checkpoint(ENCODER_ROLE, ctx.source)
     tokenizer = AutoTokenizer.from_pretrained(where.path)
@@ -1155,7 +1102,7 @@ def gpu_memory_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -
 
     model = fp32()
     big = sentence_batch(tokenizer, 64 * s.speed_batch, device)
-    allocator = allocator_rows(device, forward(model, big))
+    allocator = memory.allocator_rows(device, forward(model, big))
     print_table(allocator, title="the caching allocator after a batch of "
                 f"{64 * s.speed_batch}: freed blocks stay reserved until torch.cuda.empty_cache()")
 
@@ -1185,8 +1132,8 @@ def gpu_memory_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -
     copies = {"pageable .to(device)": lambda: host.to(device), "pinned .to(device)": lambda: pinned.to(device),
               "pinned, non_blocking=True": lambda: pinned.to(device, non_blocking=True)}
     copy_rows = [{"copy": name, "host_ms": host_ms, "gpu_ms": gpu_ms, "gb_per_s": host.nbytes / gpu_ms / 1e6}
-                 for name, (host_ms, gpu_ms) in ((name, event_ms(device, fn)) for name, fn in copies.items())]
-    encoder_host, encoder_gpu = event_ms(device, forward(model, sentence_batch(tokenizer, 1, device)))
+                 for name, (host_ms, gpu_ms) in ((name, devices.event_ms(device, fn)) for name, fn in copies.items())]
+    encoder_host, encoder_gpu = devices.event_ms(device, forward(model, sentence_batch(tokenizer, 1, device)))
     copy_rows.append({"copy": "encoder forward, batch 1 (not a copy)", "host_ms": encoder_host, "gpu_ms": encoder_gpu,
                       "gb_per_s": None})
     print_table(copy_rows, title="host latency (until the call returns) beside GPU time (CUDA events): "
@@ -1269,31 +1216,21 @@ def quantization_chart(encoder_rows: list[dict], decoder_rows: list[dict], out_d
             speed.set_axis_off(), fidelity.set_axis_off()
             continue
         labels = ["\n".join(textwrap.wrap(r["variant"], 16)) + f"\n{r['size_pct']:.0f}% size" for r in rows]
-        speed.bar(labels, [r["speedup"] for r in rows], color="tab:blue", capsize=4,
-                  yerr=[[r["speedup"] - r["speedup_low"] for r in rows],
-                        [r["speedup_high"] - r["speedup"] for r in rows]])
-        speed.axhline(1.0, color="grey", linestyle=":")
+        plots.ratio_bars(speed, labels, rows)
         speed.set_title(f"{rows[0]['model']}: speed-up vs fp32 (bars: the ratio's interval)", fontsize=10)
         speed.set_ylabel("x fp32")
         speed.tick_params(axis="x", labelsize=7)
         if "cosine_mean" in rows[0]:
-            colours = ["tab:green" if keeps_fidelity(r) else "tab:red" for r in rows]
-            x = list(range(len(rows)))
-            fidelity.bar([i - 0.2 for i in x], [r["cosine_mean"] for r in rows], 0.4, color=colours)
-            fidelity.bar([i + 0.2 for i in x], [r["cosine_min"] for r in rows], 0.4, color=colours, alpha=0.55)
-            for bar, style in zip(FIDELITY_BAR, ("--", ":")):
-                fidelity.axhline(bar, color="black", linestyle=style, linewidth=0.8)
-            low = min(min(r["cosine_min"] for r in rows), FIDELITY_BAR[1])
-            fidelity.set_ylim(max(0.0, low - (1 - low) * 0.3), 1.0 + (1 - low) * 0.05)
+            plots.pass_fail_pairs(fidelity, [r["cosine_mean"] for r in rows], [r["cosine_min"] for r in rows],
+                                  [keeps_fidelity(r) for r in rows], FIDELITY_BAR)
             fidelity.set_title("cosine vs fp32 (dark: mean, light: worst text; lines: the bar)\n"
                                "green: passes the bar, red: fails it", fontsize=10)
             fidelity.set_ylabel("cosine")
         else:
-            x = list(range(len(rows)))
-            fidelity.bar(x, [r["tokens_before_divergence"] for r in rows], 0.5, color="tab:purple")
+            fidelity.bar(range(len(rows)), [r["tokens_before_divergence"] for r in rows], 0.5, color="tab:purple")
             fidelity.set_title("greedy tokens identical to fp32's before the first divergence", fontsize=10)
             fidelity.set(ylabel="tokens", ylim=(0, None))
-        fidelity.set_xticks(x, labels, fontsize=7)
+        fidelity.set_xticks(range(len(rows)), labels, fontsize=7)
     return plots.save(fig, out_dir, "quantization")
 
 
@@ -1334,22 +1271,8 @@ def roofline_chart(points: list[dict], peak_flops: float, bandwidth: float, out_
                  "per-call overhead, not memory traffic")
     fig, ax = plots.figure(title, "arithmetic intensity (useful FLOPs per byte moved: weights + activations)",
                            "useful GFLOP/s", size=(8, 6))
-    span = [min(p["intensity"] for p in points) / 2, max(max(p["intensity"] for p in points), ridge) * 3]
-    xs = [span[0], ridge, span[1]]
-    ax.plot(xs, [min(peak_flops, bandwidth * x) / 1e9 for x in xs], color="black", linewidth=1.5,
-            label=f"roofs: {bandwidth / 1e9:.1f} GB/s memory copy (calibration), {peak_flops / 1e9:.1f} GFLOP/s "
-                  "matmul (best-of)")
-    groups: dict[str, list[dict]] = {}
-    for point in points:
-        groups.setdefault(point["group"], []).append(point)
-    for (group, members), marker in zip(groups.items(), "osD^"):
-        ax.plot([p["intensity"] for p in members], [p["flops"] / 1e9 for p in members], marker=marker,
-                linestyle="-" if group.startswith("length-sorted") else "none", label=group)
-        for p in members:
-            ax.annotate(p["label"], (p["intensity"], p["flops"] / 1e9), textcoords="offset points", xytext=(5, -10),
-                        fontsize=7)
-    plots.log_axes(ax)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), fontsize=8)  # below the axes: no point is hidden
+    plots.roofline(ax, points, peak_flops, bandwidth, f"roofs: {bandwidth / 1e9:.1f} GB/s memory copy (calibration), "
+                   f"{peak_flops / 1e9:.1f} GFLOP/s matmul (best-of)")
     return plots.save(fig, out_dir, "roofline")
 
 

@@ -20,7 +20,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM,
 
 from common import cli, models, pipelines, plots, runs, texts
 from common.calibration import calibrate
-from common.device import mps_available, synchronize
+from common.device import mps_available, timed_once
 from common.memory import MIB, CudaPeak, PeakRSSSampler, cleanup, rss_bytes, weights_bytes
 from common.meter import VERDICT_WORDS, PerformanceMeter, measure_generation, verdict_of
 from common.report import REPORT_VERSION, format_value, print_table, say
@@ -173,11 +173,9 @@ def load_time_section(ctx: cli.Context) -> list[dict]:
                 where.path, dtype=torch.float32, device_map=ctx.device))
             if not timings:
                 ctx.record(where.info(model, timing.seconds))
-            started = time.perf_counter()
             with torch.inference_mode():  # an encoder-decoder's first inference is its first generated token
-                model.generate(**inputs, max_new_tokens=1) if where.kind == "seq2seq" else model(**inputs)
-            synchronize(ctx.device)
-            first_s = time.perf_counter() - started
+                first_s = timed_once(lambda model=model: model.generate(**inputs, max_new_tokens=1)
+                                     if where.kind == "seq2seq" else model(**inputs), ctx.device)
             resident = (rss_bytes() - (timing.peak_rss_bytes - timing.peak_rss_delta_bytes)) / MIB
             weights = weights_bytes(model)
             timings.append((timing, first_s, resident))

@@ -90,6 +90,14 @@ def theoretical_peak_flops(flags: list[str], cores: int | None, mhz: float | Non
                                            "2 FMA units assumed, turbo may clock above this")
 
 
+def theory_text(measured: float, theory: float, how: str) -> str:
+    """The theoretical peak beside the measured one; a theory that a measurement beats is no ceiling, and says so."""
+    if measured > theory:
+        return (f"{theory / 1e9:.1f} GFLOP/s at the reported clock\n  ({how});\n  the measured peak is "
+                f"{measured / theory:.0%} of it, so the core ran faster than reported (turbo): not a ceiling here")
+    return f"{theory / 1e9:.1f} GFLOP/s; the measured peak reaches {measured / theory:.0%} of it\n  = {how}"
+
+
 def calibrate(device: torch.device | str = "cpu") -> dict[str, Any]:
     """fp32 matmul GFLOP/s, memory copy GB/s (medians, spread, raw timings), load average and CPU clock right now,
     and on a CUDA run the GPU's fp32 matmul GFLOP/s too (CUDA events: a slower or different GPU shows there).

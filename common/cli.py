@@ -184,6 +184,14 @@ class Context:
         self.report.add_model(info.to_dict())
         return info
 
+    def record_load(self, where: models.Checkpoint, load: Callable[[], T]) -> T:
+        """load() a model or a pipeline, timed, and record it in the report as `where`'s."""
+        started = time.perf_counter()
+        made = load()
+        model = made if isinstance(made, torch.nn.Module) else made.model  # a pipeline holds its model
+        self.record(where.info(model, time.perf_counter() - started))
+        return made
+
     def build_each(self, what: str, builders: dict[str, Callable[[], Any]], problem: Callable[[str], str | None],
                    check: Callable[[Any], Any] = lambda built: None, where: models.Checkpoint | None = None,
                    labels: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:

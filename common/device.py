@@ -5,6 +5,7 @@ import importlib.util
 import os
 import platform
 import shutil
+import statistics
 import time
 from importlib import metadata
 from typing import Any, Callable, TypeVar
@@ -95,6 +96,31 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)  # this run's GPU, which need not be the current one
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def timed_once(run: Callable[[], Any], device: torch.device) -> float:
+    """Seconds of one call of `run`, queued device work included: a first call is not repeatable, so one sample."""
+    started = time.perf_counter()
+    run()
+    synchronize(device)
+    return time.perf_counter() - started
+
+
+def event_ms(device: torch.device, fn: Callable[[], Any], calls: int = 20) -> tuple[float, float]:
+    """Median host latency (until fn returns, no synchronise) and GPU time between two CUDA events, in ms."""
+    host, gpu = [], []
+    with torch.cuda.device(device):
+        for _ in range(calls):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            start.record()
+            fn()
+            end.record()
+            host.append((time.perf_counter() - started) * 1e3)
+            end.synchronize()
+            gpu.append(start.elapsed_time(end))
+    return statistics.median(host), statistics.median(gpu)
 
 
 def cpu_model() -> str:

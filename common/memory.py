@@ -293,6 +293,23 @@ def resident_bytes(device: torch.device) -> int:
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else rss_bytes()
 
 
+def allocator_rows(device: torch.device, run: Callable[[], Any]) -> list[dict[str, float | str]]:
+    """Allocated vs reserved after a workload's output is dropped, and what empty_cache() hands back to the driver."""
+    run()  # its output is dropped at once: the blocks go back to the caching allocator, not to the driver
+    rows: list[dict[str, float | str]] = []
+    first_free = None
+    for step in ("output dropped", "after torch.cuda.empty_cache()"):
+        if rows:
+            torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info(device)
+        first_free = free if first_free is None else first_free
+        allocated, reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+        rows.append({"step": step, "allocated_mib": allocated / MIB, "reserved_mib": reserved / MIB,
+                     "cached_mib": (reserved - allocated) / MIB, "driver_free_mib": free / MIB,
+                     "returned_to_driver_mib": (free - first_free) / MIB})
+    return rows
+
+
 def peak_while_held(run: Callable[[], Any], device: torch.device) -> int:
     """Peak memory above the start while `run` executes and its output is held: CUDA allocator on a GPU, RSS else."""
     cleanup()

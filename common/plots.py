@@ -113,6 +113,46 @@ def grouped_bars(ax: Axes, groups: list[str], series: list[tuple[str, list[float
     legend_outside(ax)
 
 
+def ratio_bars(ax: Axes, labels: list[str], rows: list[dict]) -> None:
+    """Each row's `speedup` as a bar, its interval (`speedup_low`-`speedup_high`) as error bars, a dotted line at 1x."""
+    ax.bar(labels, [r["speedup"] for r in rows], color="tab:blue", capsize=4,
+           yerr=[[r["speedup"] - r["speedup_low"] for r in rows], [r["speedup_high"] - r["speedup"] for r in rows]])
+    ax.axhline(1.0, color="grey", linestyle=":")
+
+
+def pass_fail_pairs(ax: Axes, means: list[float], minimums: list[float], passed: list[bool],
+                    lines: tuple[float, float]) -> None:
+    """Two bars per position, a mean (dark) and a minimum (light), green where passed else red, on an axis up to 1
+    with dashed and dotted lines at the mean's and the minimum's bar."""
+    colours = ["tab:green" if ok else "tab:red" for ok in passed]
+    x = np.arange(len(means))
+    ax.bar(x - 0.2, means, 0.4, color=colours)
+    ax.bar(x + 0.2, minimums, 0.4, color=colours, alpha=0.55)
+    for line, style in zip(lines, ("--", ":")):
+        ax.axhline(line, color="black", linestyle=style, linewidth=0.8)
+    low = min(*minimums, lines[1])
+    ax.set_ylim(max(0.0, low - (1 - low) * 0.3), 1.0 + (1 - low) * 0.05)
+
+
+def roofline(ax: Axes, points: list[dict], peak_flops: float, bandwidth: float, roof_label: str) -> None:
+    """The two roofs (bandwidth x intensity, capped at the peak) and each point (`intensity`, `flops` in FLOP/s,
+    `label`), one marker per `group` (joined by a line where `joined`), on log axes with the legend below."""
+    ridge = peak_flops / bandwidth
+    xs = [min(p["intensity"] for p in points) / 2, ridge, max(max(p["intensity"] for p in points), ridge) * 3]
+    ax.plot(xs, [min(peak_flops, bandwidth * x) / 1e9 for x in xs], color="black", linewidth=1.5, label=roof_label)
+    groups: dict[str, list[dict]] = {}
+    for point in points:
+        groups.setdefault(point["group"], []).append(point)
+    for (group, members), marker in zip(groups.items(), "osD^"):
+        ax.plot([p["intensity"] for p in members], [p["flops"] / 1e9 for p in members], marker=marker,
+                linestyle="-" if members[0].get("joined") else "none", label=group)
+        for p in members:
+            ax.annotate(p["label"], (p["intensity"], p["flops"] / 1e9), textcoords="offset points", xytext=(5, -10),
+                        fontsize=7)
+    log_axes(ax)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), fontsize=8)  # below the axes: no point is hidden
+
+
 def annotated_heatmap(fig: Figure, ax: Axes, matrix: Any, xlabels: list[str], ylabels: list[str], label: str) -> None:
     """Show a square matrix (values up to 1) as a heat-map with each value written in its cell, and a colour bar."""
     values = np.asarray(matrix, dtype=float)

@@ -99,8 +99,13 @@ def console_cell(row: dict[str, Any], column: str) -> str:
     if column == "speedup" and value is not None and row.get("speedup_low") is not None:
         if row.get("verdict") == "baseline":
             return ""
-        return f"{value:.2f}x [{row['speedup_low']:.2f}-{row['speedup_high']:.2f}]"
+        return ratio_cell(value, row["speedup_low"], row["speedup_high"])
     return format_value(value)
+
+
+def ratio_cell(estimate: float, low: float, high: float) -> str:
+    """A ratio with its interval as a table cell reads it: `2.04x [1.91-2.16]`."""
+    return f"{estimate:.2f}x [{low:.2f}-{high:.2f}]"
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
@@ -303,6 +308,11 @@ class Report:
         """Record and print that something was not run, and why."""
         self.skipped[what] = reason
         say(f"[skipped] {what}: {reason}")
+
+    def skip_parts(self, what: str, parts: tuple[str, ...], reason: str) -> None:
+        """Record each part of `what` as skipped for one reason, and print it as one line."""
+        self.skipped.update({f"{what}: {part}": reason for part in parts})
+        say(f"[skipped] {what} ({', '.join(parts)}): {reason}")
 
     def attempt(self, what: str, work: Callable[[], T], fails_run: bool = False) -> T | None:
         """work()'s result; if it raises, record why and return None so the next item goes on: a skip, or with

@@ -19,7 +19,7 @@ from conftest import UNDECIDED_WORDS, cuda_test, expected_sentence, is_png, verd
 
 from common import cli
 from common.meter import VERDICT_WORDS
-from common.report import interval_status
+from common.report import Report, interval_status
 
 lesson = importlib.import_module("03_cpu_gpu_optimization")  # registered in sys.modules, as dataclasses need
 TITLES = ["1. Device selection", "2. CPU threads", "3. Gradients off", "4. Precision", "5. Quantization",
@@ -444,12 +444,13 @@ def test_every_load_row_includes_the_copy_to_the_device(monkeypatch):
     assert moved == [gpu, gpu]
 
 
-def test_gpu_memory_lesson_is_skipped_part_by_part_off_cuda():
-    skipped = {}
-    ctx = SimpleNamespace(device=torch.device("cpu"), report=SimpleNamespace(skip=skipped.__setitem__))
-    result = lesson.gpu_memory_section(ctx, lesson.QUICK, {})
-    assert list(skipped) == [f"GPU memory: {part}" for part in lesson.GPU_MEMORY_PARTS]
-    assert set(skipped.values()) == {result["skipped"]} and "this run is on cpu" in result["skipped"]
+def test_gpu_memory_lesson_is_skipped_part_by_part_off_cuda_in_one_line(capsys):
+    report = SimpleNamespace(skipped={})
+    report.skip_parts = functools.partial(Report.skip_parts, report)
+    result = lesson.gpu_memory_section(SimpleNamespace(device=torch.device("cpu"), report=report), lesson.QUICK, {})
+    assert list(report.skipped) == [f"GPU memory: {part}" for part in lesson.GPU_MEMORY_PARTS]
+    assert set(report.skipped.values()) == {result["skipped"]} and "this run is on cpu" in result["skipped"]
+    assert capsys.readouterr().out.count("[skipped]") == 1
 
 
 def test_footprint_splits_weights_from_activations_above_the_baseline(pretend_gpu):
@@ -461,13 +462,6 @@ def test_footprint_splits_weights_from_activations_above_the_baseline(pretend_gp
 
     row = lesson.footprint(torch.device("cuda", 0), load, {}, None)
     assert row == {"weights_mib": 100.0, "activations_mib": 40.0, "peak_above_baseline_mib": 140.0}
-
-
-def test_empty_cache_returns_the_cached_blocks_to_the_driver(pretend_gpu):
-    pretend_gpu.hold(500 * 2**20)
-    before, after = lesson.allocator_rows(torch.device("cuda", 0), lambda: pretend_gpu.spike(200 * 2**20))
-    assert (before["allocated_mib"], before["reserved_mib"], before["cached_mib"]) == (500, 700, 200)
-    assert (after["reserved_mib"], after["cached_mib"], after["returned_to_driver_mib"]) == (500, 0, 200)
 
 
 @cuda_test
@@ -486,10 +480,3 @@ def test_cuda_memory_lesson_numbers_hold_together(tmp_path):
     growth = [row["peak_above_weights_mib"] for row in result["kv_cache"]]
     assert growth == sorted(growth) and "largest batch" in result["largest_batch"]
     assert all(row["gpu_ms"] > 0 for row in result["copies"])
-
-
-def test_a_theoretical_peak_that_a_measurement_beats_is_not_called_a_ceiling():
-    beaten = lesson.theory_text(82.1e9, 78.3e9, "1 core(s) x 2.45 GHz x 32 FLOPs/cycle")
-    assert "105% of it" in beaten and "not a ceiling here" in beaten
-    held = lesson.theory_text(60e9, 78.3e9, "1 core(s) x 2.45 GHz x 32 FLOPs/cycle")
-    assert "reaches 77% of it" in held and "ceiling" not in held

@@ -50,3 +50,10 @@ def test_on_a_gpu_the_matmul_peak_comes_from_cuda_events_not_the_host_clock(monk
 
     peak = calibration.matmul_peak((256, 512), 3, torch.device("cuda", 1), clock=host_clock)
     assert peak["flops"] == 5e13 and asked == [(torch.device("cuda", 1), 50)]
+
+
+def test_a_theoretical_peak_that_a_measurement_beats_is_not_called_a_ceiling():
+    beaten = calibration.theory_text(82.1e9, 78.3e9, "1 core(s) x 2.45 GHz x 32 FLOPs/cycle")
+    assert "105% of it" in beaten and "not a ceiling here" in beaten
+    held = calibration.theory_text(60e9, 78.3e9, "1 core(s) x 2.45 GHz x 32 FLOPs/cycle")
+    assert "reaches 77% of it" in held and "ceiling" not in held

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import subprocess
+from types import SimpleNamespace
 import sys
 
 import pytest
@@ -215,3 +216,19 @@ def test_break_even_says_never_only_when_the_whole_saving_interval_is_at_most_ze
                                    "overhead_s": 49.0}).startswith("compiling never pays back")
     slower_maybe = device.break_even_passes(49.0, (-0.01, -0.1, 0.1))  # estimate loses, the interval allows a gain
     assert slower_maybe["break_even_passes"] is None and slower_maybe["break_even_low"] == 490.0
+
+
+def test_timed_once_waits_for_the_queued_work_before_stopping_the_clock(monkeypatch):
+    events = []
+    monkeypatch.setattr(device, "synchronize", lambda where: events.append(("synchronize", str(where))))
+    seconds = device.timed_once(lambda: events.append(("run", None)), torch.device("cuda", 0))
+    assert events == [("run", None), ("synchronize", "cuda:0")] and seconds >= 0
+
+
+def test_record_load_records_a_pipelines_model_and_returns_the_pipeline():
+    recorded, model = [], torch.nn.Linear(2, 2)
+    ctx = SimpleNamespace(record=recorded.append)
+    where = SimpleNamespace(info=lambda loaded, seconds: (loaded, seconds >= 0))
+    made = cli.Context.record_load(ctx, where, lambda: SimpleNamespace(model=model))
+    assert made.model is model and recorded == [(model, True)]
+    assert cli.Context.record_load(ctx, where, lambda: model) is model and recorded[-1] == (model, True)

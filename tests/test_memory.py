@@ -6,7 +6,7 @@ import mmap
 import numpy as np
 import torch
 
-from common.memory import MIB, PeakRSSSampler, cleanup, rss_bytes, saved_for_backward_bytes, snapshot
+from common.memory import MIB, PeakRSSSampler, allocator_rows, cleanup, rss_bytes, saved_for_backward_bytes, snapshot
 
 
 def _short_lived_allocation(megabytes: int) -> None:
@@ -104,3 +104,10 @@ def test_kv_cache_per_token_counts_keys_and_values_per_layer_and_kv_head():
     assert kv_cache_bytes_per_token(gpt2, torch.float32) == 73_728
     grouped = LlamaConfig(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576)
     assert kv_cache_bytes_per_token(grouped, torch.float16) == 2 * 30 * 3 * 64 * 2  # only the 3 KV heads are cached
+
+
+def test_empty_cache_returns_the_cached_blocks_to_the_driver(pretend_gpu):
+    pretend_gpu.hold(500 * 2**20)
+    before, after = allocator_rows(torch.device("cuda", 0), lambda: pretend_gpu.spike(200 * 2**20))
+    assert (before["allocated_mib"], before["reserved_mib"], before["cached_mib"]) == (500, 700, 200)
+    assert (after["reserved_mib"], after["cached_mib"], after["returned_to_driver_mib"]) == (500, 0, 200)

@@ -227,3 +227,17 @@ def test_report_tex_only_when_asked_with_escaped_labels_and_the_machine(tmp_path
     assert r"batch sweep: 100\% \_real\_ & m & cpu & 8 & 12.35 & [11, 13.52] & 75 & 648 \\" in tex
     assert r"Xeon\_8480 \& co" in tex and "a load" not in tex
     assert tex.count(r"\toprule") == tex.count(r"\midrule") == tex.count(r"\bottomrule") == 1
+
+
+def test_parts_skipped_for_one_reason_are_recorded_each_and_printed_once(tmp_path, capsys):
+    rep = Report("05_example", tmp_path, {})
+    rep.skip_parts("GPU memory", ("allocator", "CUDA graphs"), "this run is on cpu")
+    assert rep.skipped == {"GPU memory: allocator": "this run is on cpu",
+                           "GPU memory: CUDA graphs": "this run is on cpu"}
+    assert capsys.readouterr().out == "[skipped] GPU memory (allocator, CUDA graphs): this run is on cpu\n"
+
+
+def test_ratio_cell_reads_the_estimate_then_its_interval():
+    assert report.ratio_cell(2.044, 1.906, 2.164) == "2.04x [1.91-2.16]"
+    assert report.console_cell({"speedup": 0.5, "speedup_low": 0.4, "speedup_high": 0.6}, "speedup") == \
+        "0.50x [0.40-0.60]"
