@@ -701,6 +701,20 @@ def load_on(device: torch.device, path: Any, **kwargs: Any) -> Any:
     return model if "device_map" in kwargs else model.to(device)
 
 
+def load_and_first_forward(ctx: cli.Context, label: str, load: Callable[[], Any],
+                           batch: dict) -> tuple[Any, Callable[[], Any], dict]:
+    """The model, its forward, and what loading it and its first forward cost: seconds, and MiB above the start."""
+    memory.cleanup()
+    start = memory.resident_bytes(ctx.device)
+    model, timing = ctx.meter().time_load(label, load)
+    after_load, run = memory.resident_bytes(ctx.device), forward(model, batch)
+    first_s = devices.timed_once(run, ctx.device)
+    return model, run, {"load_s": timing.seconds, "first_inference_s": timing.seconds + first_s,
+                        "load_peak_mib": timing.peak_rss_delta_bytes / MIB,
+                        "after_load_mib": (after_load - start) / MIB,
+                        "after_first_forward_mib": (memory.resident_bytes(ctx.device) - start) / MIB}
+
+
 def load_rows(ctx: cli.Context, s: Settings) -> list[dict]:
     """Load time and memory of the speed model (plain, low_cpu_mem_usage, device_map, half-precision dtype), then the
     first forward that a memory-mapped load defers the reading to, and what a forward adds above the weights."""
@@ -716,15 +730,8 @@ def load_rows(ctx: cli.Context, s: Settings) -> list[dict]:
     AutoModel.from_pretrained(where.path)  # the file is now in the page cache, so the loads below compare alike
     rows = []
     for label, kwargs in variants.items():
-        memory.cleanup()
-        start = memory.resident_bytes(ctx.device)
-        model, load = ctx.meter().time_load(label, lambda: load_on(ctx.device, where.path, **kwargs))
-        after_load, run = memory.resident_bytes(ctx.device), forward(model, batch)
-        first_s = devices.timed_once(run, ctx.device)
-        rows.append({"technique": label, "load_s": load.seconds, "first_inference_s": load.seconds + first_s,
-                     "load_peak_mib": load.peak_rss_delta_bytes / MIB, "after_load_mib": (after_load - start) / MIB,
-                     "after_first_forward_mib": (memory.resident_bytes(ctx.device) - start) / MIB,
-                     "activations_mib": peak_while_held(run, ctx.device) / MIB,  # weights resident by now
+        model, run, row = load_and_first_forward(ctx, label, lambda: load_on(ctx.device, where.path, **kwargs), batch)
+        rows.append({"technique": label, **row, "activations_mib": peak_while_held(run, ctx.device) / MIB,
                      "weights_mib": memory.weights_bytes(model) / MIB,
                      "dtype": str(model.dtype).removeprefix("torch.")})
         del model, run
@@ -800,9 +807,9 @@ def cleanup_rows(ctx: cli.Context, s: Settings) -> list[dict]:
     if memory.trim_heap():
         steps.append(("after glibc malloc_trim(0)", memory.snapshot(ctx.device)))
     (_, deleted), (_, collected) = steps[2:4]
-    print(f"gc.collect() + empty_cache() freed {(deleted.rss_bytes - collected.rss_bytes) / MIB:.1f} MiB RSS, "
-          f"{(deleted.cuda_reserved_bytes - collected.cuda_reserved_bytes) / MIB:.1f} MiB CUDA reserved; malloc_trim "
-          f"then returned {(collected.rss_bytes - steps[-1][1].rss_bytes) / MIB:.1f} MiB the C allocator had kept")
+    say(f"gc.collect() + empty_cache() freed {(deleted.rss_bytes - collected.rss_bytes) / MIB:.1f} MiB RSS, "
+        f"{(deleted.cuda_reserved_bytes - collected.cuda_reserved_bytes) / MIB:.1f} MiB CUDA reserved; malloc_trim "
+        f"then returned {(collected.rss_bytes - steps[-1][1].rss_bytes) / MIB:.1f} MiB the C allocator had kept")
     return memory.snapshot_rows(steps)
 
 
@@ -812,24 +819,18 @@ def offload_rows(ctx: cli.Context, s: Settings) -> tuple[list[dict], str]:
     batch = sentence_batch(AutoTokenizer.from_pretrained(where.path), 4, ctx.device)
     cap = {"cpu": OFFLOAD_CAP} if ctx.device.type != "cuda" else {  # accelerate names GPUs by index: this run's one
         ctx.device.index if ctx.device.index is not None else torch.cuda.current_device(): OFFLOAD_CAP, "cpu": "64GiB"}
-    runs, loads, first = {}, {}, {}
+    runs, first = {}, {}
     with tempfile.TemporaryDirectory() as folder:
         for label, kwargs in (("whole model in memory", dict(device_map=ctx.device)),
                               (f"auto, max_memory={cap}",
                                dict(device_map="auto", max_memory=cap, offload_folder=folder))):
-            memory.cleanup()
-            start = memory.resident_bytes(ctx.device)
-            model, loads[label] = ctx.meter().time_load(label, lambda: AutoModel.from_pretrained(
-                where.path, dtype=torch.float32, **kwargs))
-            ctx.record(where.info(model, loads[label].seconds))
-            runs[label] = forward(model, batch)
-            first_s = devices.timed_once(runs[label], ctx.device)
+            model, runs[label], first[label] = load_and_first_forward(ctx, label, lambda: AutoModel.from_pretrained(
+                where.path, dtype=torch.float32, **kwargs), batch)
+            ctx.record(where.info(model, first[label]["load_s"]))
             placed = memory.placement_bytes(model, getattr(model, "hf_device_map", None), str(ctx.device))
-            first[label] = {"first_inference_s": loads[label].seconds + first_s,
-                            "after_first_forward_mib": (memory.resident_bytes(ctx.device) - start) / MIB,
-                            "placement": ", ".join(f"{device} {size / MIB:.0f} MiB" for device, size in placed.items())}
+            first[label]["placement"] = ", ".join(f"{device} {size / MIB:.0f} MiB" for device, size in placed.items())
         comparison = ctx.meter().compare(runs, items=4, warmup=1, min_rounds=s.rounds, progress="offloading")
-    rows = [{**row, "technique": row["workload"], "load_s": loads[row["workload"]].seconds, **first[row["workload"]]}
+    rows = [{**row, "technique": row["workload"], **first[row["workload"]]}
             for row in comparison.rows(baseline="whole model in memory")]
     print_table(rows, ["technique", "first_inference_s", "after_first_forward_mib", "p50_ms", "speedup",
                        "verdict"], title=f"{where.label}: whole, or device_map='auto' under a {OFFLOAD_CAP} cap; MiB "
@@ -847,7 +848,7 @@ def memory_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> di
                 title=f"loading {where.label}, then one forward of {s.speed_batch} sentences (file already in the page "
                 "cache; one load each, so seconds\nare indicative); first_inference = load + first forward; MiB above "
                 f"the start ({'CUDA allocated' if ctx.device.type == 'cuda' else 'RSS'});\nactivations = a later "
-                "forward's peak above the resident weights"),
+                "forward's peak above the resident weights")
     plain, lean, _, half = loads  # each sentence below is computed from these rows' numbers
     findings = [f"low_cpu_mem_usage=True: load peak {lean['load_peak_mib']:.1f} MiB vs plain "
                 f"{plain['load_peak_mib']:.1f} MiB" + (" -- no difference: transformers 5 always loads lean and "
