@@ -284,10 +284,9 @@ def speed_section(ctx: cli.Context, contenders: list[Contender], facts: dict | N
     forward = [row for rows, _, _ in results for row in rows]
     generation = [row for _, rows, _ in results for row in rows]
     kv_rows = [kv for _, _, kv in results if kv]
-    print_table(forward, ["model", "batch", "seq_len", "p50_ms", "iqr_ms", "runs", "tokens_per_s", "noisy"],
+    print_table(forward, ["model", "batch", "seq_len", "p50_ms", "tokens_per_s"],
                 title="Forward latency (median and IQR per call):")
-    print_table(generation, ["model", "kv_cache", "ttft_ms", "per_token_ms", "decode_tokens_per_s", "e2e_tokens_per_s",
-                             "runs", "noisy"],
+    print_table(generation, ["model", "kv_cache", "ttft_ms", "per_token_ms", "decode_tokens_per_s", "e2e_tokens_per_s"],
                 title="Generation, three figures: ttft = time to first token (prefill + 1 token); decode = 1 / "
                       "per-token cost,\nthe median over rounds of (t(N) - t(1)) / (N - 1); e2e = N / t(N), prefill "
                       "included:")
@@ -295,8 +294,8 @@ def speed_section(ctx: cli.Context, contenders: list[Contender], facts: dict | N
                                                                   row["speedup_high"]), "verdict": row["verdict"],
                   "per_decoded_token": "-" if row["per_token_speedup"] is None else
                   ratio_cell(row["per_token_speedup"], row["per_token_low"], row["per_token_high"]),
-                  "per_token_verdict": row["per_token_verdict"], "rounds": row["rounds"],
-                  "same_greedy_tokens": row["same_greedy_tokens"]} for row in kv_rows],
+                  "per_token_verdict": row["per_token_verdict"], "same_greedy_tokens": row["same_greedy_tokens"]}
+                 for row in kv_rows],
                 title="KV cache on vs off (same run, same prompt, timed round-robin): speedup = whole generate() "
                       "call;\nper_token = each decoded token after the first:")
     for row in kv_rows:

@@ -87,7 +87,7 @@ VARIANT_LABELS = {"fp32": "fp32", "tf32": "TF32 matmuls", "bf16-autocast": "bf16
                   "int8-dynamic": "dynamic int8 per-channel", "int8-dynamic-8bit": "dynamic int8, 8-bit activations",
                   "torchao-int8": "torchao int8 dyn-act/int8-weight", "bnb-4bit": "bitsandbytes 4-bit nf4",
                   "int8-mixed": "int8, most sensitive Linears kept"}
-SPEED = ["p50_ms", "iqr_ms", "items_per_s", "speedup", "verdict"]  # the timing columns of every compared table
+SPEED = ["p50_ms", "items_per_s", "speedup", "verdict"]  # a compared table's timing columns (the rest: results.csv)
 
 
 # ------------------------------------------------------------------------------------------- shared helpers
@@ -219,7 +219,7 @@ def threads_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> d
             print(f"batch {size}: {decisions[str(size)]}")
     finally:
         torch.set_num_threads(default)  # later sections (and the learner's next line) get the default back
-    print_table(rows, ["threads", "batch", *SPEED, "noisy"], title=f"torch.set_num_threads on {loaded.info.label} "
+    print_table(rows, ["threads", "batch", *SPEED], title=f"torch.set_num_threads on {loaded.info.label} "
                 f"({os.cpu_count()} logical cores; {2 * (os.cpu_count() or 1)} is oversubscribed); speedup vs 1 thread")
     print(f"threads restored to {torch.get_num_threads()}")
     ctx.report.add_chart(threads_chart(rows, ctx.out_dir))
@@ -300,7 +300,7 @@ def precision_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) ->
                    useful_flops=sum(encoder_forward_flops(model.config, 1, n) for n in lengths),
                    bytes=encoder_forward_bytes(model.config, *batch["input_ids"].shape, streamed_weight_bytes(model),
                                                torch.finfo(autocast or model.dtype).bits // 8))
-    print_table(rows, ["variant", *SPEED, "weights_mib", "cosine_mean", "cosine_min", "noisy"],
+    print_table(rows, ["variant", *SPEED, "weights_mib", "cosine_mean", "cosine_min"],
                 title=f"{fp32.info.label}: speed at batch {s.speed_batch}; fidelity = embeddings of "
                       f"{len(FIDELITY_TEXTS)} sentences vs fp32")
     lines = comparison.print_verdicts("fp32")
@@ -554,7 +554,7 @@ def batching_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> 
     rows = [{**work[row["workload"]], **row, "useful_gflop_per_s": work[row["workload"]]["useful_flops"]
              / row["p50_ms"] / 1e6, "flop_per_byte": work[row["workload"]]["useful_flops"]
              / work[row["workload"]]["bytes"]} for row in comparison.rows(baseline="dynamic, batch 1")]
-    print_table(rows, ["strategy", "batch", *SPEED, "waste_pct", "useful_gflop_per_s", "noisy"],
+    print_table(rows, ["strategy", "batch", *SPEED, "waste_pct", "useful_gflop_per_s"],
                 title="one pass over the corpus per row; speedup vs dynamic batch 1 (which never pads);\n"
                       "useful_gflop_per_s counts real tokens' FLOPs only (each text as if alone), never padding")
     theory, how = (calibration.theoretical_peak_flops(devices.cpu_flags(), calibration.cores_in_use(),
@@ -639,8 +639,7 @@ def attention_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) ->
         runs[implementation] = forward(model, batch)
     comparison = ctx.meter().compare(runs, items=s.speed_batch, min_rounds=s.rounds, progress="attention")
     rows = comparison.rows(baseline="eager", model=where.label)
-    print_table(rows, ["workload", *SPEED, "noisy"],
-                title=f"attn_implementation= on {where.label}, batch {s.speed_batch}")
+    print_table(rows, ["workload", *SPEED], title=f"attn_implementation= on {where.label}, batch {s.speed_batch}")
     agreement = cosine_fidelity(runs["eager"]().flatten(1).float().cpu(), runs["sdpa"]().flatten(1).float().cpu())
     print(f"worst output cosine sdpa vs eager: {agreement['cosine_min']:.6f} (same weights: equivalence, not quality)")
     lines = comparison.print_verdicts("eager")
@@ -686,7 +685,7 @@ def compile_on_corpus(ctx: cli.Context, s: Settings, results: dict[str, Any]) ->
           f"distinct batch shapes): first call {seconds[0]:.1f} s ({graphs[0]} graph(s)); {result['recompiles']} "
           f"recompile(s) over the other shapes, {result['recompile_s']:.1f} s; {result['graphs_during_timing']} "
           "during the timed passes")
-    print_table(result["rows"], ["workload", *SPEED, "noisy"])
+    print_table(result["rows"], ["workload", *SPEED])
     result["break_even_line"] = devices.break_even_text(result) + f"; a pass embeds these {len(corpus)} texts"
     print(f"  {result['verdict_line']}\n  {result['break_even_line']}")
     return result
