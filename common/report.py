@@ -203,7 +203,7 @@ def performance_bar(name: str, target: str, measured: str, value: float | None, 
     BROKEN REFERENCE when the measurement exceeds what its reference claims is the limit."""
     if status not in ("PASS", "MISS", "INCONCLUSIVE", "REPORTED", "BROKEN REFERENCE"):
         raise ValueError(f"unknown bar status {status!r}")
-    say(f"[{status}] {name}: measured {measured}  (target {target})")
+    say(f"[{status}] {name}: measured {measured}  " + (f"(target {target})" if target else "(no target: reported)"))
     return {"bar": name, "target": target, "measured": measured, "value": value, "status": status}
 
 
