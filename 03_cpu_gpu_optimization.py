@@ -959,7 +959,8 @@ def candidates(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> tuple[
         return quantize.ExportedEncoder(torch.compile(convert_pt2e(prepared), dynamic=True), fp32.model.config,
                                         list(example))
 
-    pytorch(f"PyTorch {lead} + SmoothQuant, batch 32", smoothquant, 32, variant="int8", calibration=calibration, **settings)
+    pytorch(f"PyTorch {lead} + SmoothQuant, batch 32", smoothquant, 32, variant="int8", calibration=calibration,
+            **settings)
     pytorch("PyTorch torchao int8 compiled, batch 32", torchao_int8, 32, variant="torchao", compile=True,
             reduce_range=settings["reduce_range"])
     pytorch("PyTorch PT2E x86 int8 compiled, batch 32", pt2e_int8, 32, variant="pt2e", compile=True,
@@ -967,9 +968,14 @@ def candidates(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> tuple[
     compiling = devices.compile_problem(ctx.device) or (
         None if s.torch_compile else "--quick (compiling takes minutes on a small CPU; the full run has it)")
     problems[f"PyTorch {lead} compiled, batch 32"] = compiling
-    problems["PyTorch torchao int8 compiled, batch 32"] = quantize.torchao_unavailable() or compiling
-    problems["PyTorch PT2E x86 int8 compiled, batch 32"] = (None if cpu else "PT2E's x86 quantizer is CPU-only") or (
-        quantize.pt2e_unavailable() or compiling)
+    torchao = next((row for row in (results.get("quantization") or {}).get("encoder", [])
+                    if row["key"] == "torchao-int8"), None)  # its int8 matmul (aten::_int_mm) lacks a fast kernel
+    slow = torchao and torchao["speedup_high"] < 1 and (  # on some CPUs: one pass over the corpus would take minutes
+        f"section 5 measured torchao int8 at {torchao['speedup']:.2f}x fp32 [{torchao['speedup_low']:.2f}-"
+        f"{torchao['speedup_high']:.2f}] on this CPU: too slow to time on the corpus")
+    problems["PyTorch torchao int8 compiled, batch 32"] = quantize.torchao_unavailable() or slow or compiling
+    problems["PyTorch PT2E x86 int8 compiled, batch 32"] = (
+        None if cpu else "PT2E's x86 quantizer is CPU-only") or quantize.pt2e_unavailable() or compiling
     for name in [name for name in builders if config[name]["variant"] == "int8"]:
         problems[name] = problems.get(name) or variant_unavailable("int8-dynamic", ctx.device)
     size = dict(batch_size=32, max_length=s.max_length)

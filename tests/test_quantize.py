@@ -118,10 +118,14 @@ def test_torchao_says_why_when_it_is_missing(monkeypatch):
 
 @pytest.mark.skipif(quantize.torchao_unavailable() is not None, reason="torchao is not usable here")
 def test_torchao_int8_quantises_every_linear_and_stays_close():
+    from common.memory import weights_bytes
+
     model = tiny_bert()
     quantised = quantize.quantize_torchao_int8(model)
     assert quantize.quantized_share(quantised).of_matmul == 1.0
     assert quantize.quantized_share(model).quantized_elements == 0  # the original is untouched
+    int8 = quantize.storage_columns(quantised, weights_bytes(model))  # its weights are tensor subclasses
+    assert int8["quantized_share"] == 1.0 and int8["size_pct"] < 100
     assert cosine_fidelity(embed_tokens(model), embed_tokens(quantised))["cosine_mean"] > 0.99
 
 
