@@ -1023,7 +1023,7 @@ def peers_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dic
                         f"{len(FIDELITY_TEXTS)} varied texts. Full rows (p50, cosine mean) in results.csv.", 110))
     for name, why in choice.excluded.items():
         if name in embedders:
-            print(f"  cannot win: {name}: {why}")
+            say(f"cannot win: {name}: {why}", "  ")
     ours = [row["workload"] for row in rows if row["workload"] not in {*PEERS, *choice.excluded}]
     pytorch = recipes.fastest(ours, comparison.ratio)  # our best, for the line that tells PyTorch and peers apart
     pairs = {(choice.winner, reference), (choice.winner, choice.best_peer), (pytorch, choice.best_peer)}

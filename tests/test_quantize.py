@@ -207,7 +207,8 @@ def test_pt2e_says_why_when_torchao_is_missing(monkeypatch):
         raise ModuleNotFoundError("No module named 'torchao'")
 
     monkeypatch.setattr(quantize, "_import_torchao_quietly", missing)
-    assert quantize.pt2e_unavailable() == "torchao's PT2E does not import: ModuleNotFoundError: No module named 'torchao'"
+    reason = quantize.pt2e_unavailable()
+    assert reason == "torchao's PT2E does not import: ModuleNotFoundError: No module named 'torchao'"
 
 
 @pytest.mark.skipif(quantize.pt2e_unavailable() is not None, reason="torchao's PT2E is not usable here")
