@@ -934,8 +934,48 @@ def candidates(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> tuple[
         pytorch(f"PyTorch {lead}, batch {batch}", lead_int8, batch, variant="int8", **settings)
     pytorch(f"PyTorch {lead} compiled, batch 32", lambda: torch.compile(lead_int8(), dynamic=True), 32,
             variant="int8", compile=True, **settings)  # dynamic: one graph for every batch shape of the corpus
-    problems[f"PyTorch {lead} compiled, batch 32"] = devices.compile_problem(ctx.device) or (
+    calibration = texts.mixed_length_corpus(s.corpus_size, seed=ctx.args.seed, long=LONG_TEXT_WORDS)
+
+    def smoothquant() -> Any:  # activation outliers moved into the weights (1/s folded into the LayerNorms), then int8
+        smoothed = quantize.smooth_bert(fp32.model, lambda model: embed_sorted(model, fp32.tokenizer, calibration,
+                                                                                 32, s.max_length))
+        return quantize.quantize_mixed(smoothed, settings["kept"], getattr(torch, settings["keep_dtype"]),
+                                       settings["reduce_range"])
+
+    def torchao_int8() -> Any:  # int8 weights and per-token int8 activations; inductor compiles its int8 matmuls
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+        model = copy.deepcopy(fp32.model)
+        quantize_(model, Int8DynamicActivationInt8WeightConfig(reduce_range=settings["reduce_range"]))
+        return torch.compile(model, dynamic=True)
+
+    def pt2e_int8() -> Any:  # export, annotate for x86 int8, convert: inductor fuses quantise + int8 matmul
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+        example = dict(fp32.tokenizer(calibration[:8], padding=True, return_tensors="pt"))
+        prepared = prepare_pt2e(quantize.export_encoder(fp32.model, example),  # dynamic batch and sequence dims
+                                quantize.x86_dynamic_quantizer(settings["reduce_range"]))
+        prepared(*example.values())  # dynamic activations need no statistics: this call only checks the graph runs
+        return quantize.ExportedEncoder(torch.compile(convert_pt2e(prepared), dynamic=True), fp32.model.config,
+                                        list(example))
+
+    pytorch(f"PyTorch {lead} + SmoothQuant, batch 32", smoothquant, 32, variant="int8", calibration=calibration,
+            **settings)
+    pytorch("PyTorch torchao int8 compiled, batch 32", torchao_int8, 32, variant="torchao", compile=True,
+            reduce_range=settings["reduce_range"])
+    pytorch("PyTorch PT2E x86 int8 compiled, batch 32", pt2e_int8, 32, variant="pt2e", compile=True,
+            reduce_range=settings["reduce_range"])
+    compiling = devices.compile_problem(ctx.device) or (
         None if s.torch_compile else "--quick (compiling takes minutes on a small CPU; the full run has it)")
+    problems[f"PyTorch {lead} compiled, batch 32"] = compiling
+    torchao = next((row for row in (results.get("quantization") or {}).get("encoder", [])
+                    if row["key"] == "torchao-int8"), None)  # its int8 matmul (aten::_int_mm) lacks a fast kernel
+    slow = torchao and torchao["speedup_high"] < 1 and (  # on some CPUs: one pass over the corpus would take minutes
+        f"section 5 measured torchao int8 at {torchao['speedup']:.2f}x fp32 [{torchao['speedup_low']:.2f}-"
+        f"{torchao['speedup_high']:.2f}] on this CPU: too slow to time on the corpus")
+    problems["PyTorch torchao int8 compiled, batch 32"] = quantize.torchao_unavailable() or slow or compiling
+    problems["PyTorch PT2E x86 int8 compiled, batch 32"] = (
+        None if cpu else "PT2E's x86 quantizer is CPU-only") or quantize.pt2e_unavailable() or compiling
     for name in [name for name in builders if config[name]["variant"] == "int8"]:
         problems[name] = problems.get(name) or variant_unavailable("int8-dynamic", ctx.device)
     size = dict(batch_size=32, max_length=s.max_length)
@@ -952,7 +992,6 @@ def peers_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dic
     all on the same real paragraphs in one round-robin: the recipe is the fastest that keeps the fidelity bar."""
     corpus, source = recipe_corpus(ctx, s)
     builders, config, problems = candidates(ctx, s, results)
-    say(f"fused int8 via PT2E (X86InductorQuantizer, prepare_pt2e/convert_pt2e): {quantize.pt2e_problem()}")
     built = ctx.build_each("recipe", builders, problems.get, lambda embedder: embedder(EXAMPLE_TEXTS))  # it runs
     embedders = {name: candidate["model"] for name, candidate in built.items()}
     outputs: dict[str, torch.Tensor] = {}
@@ -984,7 +1023,7 @@ def peers_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dic
                         f"{len(FIDELITY_TEXTS)} varied texts. Full rows (p50, cosine mean) in results.csv.", 110))
     for name, why in choice.excluded.items():
         if name in embedders:
-            print(f"  cannot win: {name}: {why}")
+            say(f"cannot win: {name}: {why}", "  ")
     ours = [row["workload"] for row in rows if row["workload"] not in {*PEERS, *choice.excluded}]
     pytorch = recipes.fastest(ours, comparison.ratio)  # our best, for the line that tells PyTorch and peers apart
     pairs = {(choice.winner, reference), (choice.winner, choice.best_peer), (pytorch, choice.best_peer)}

@@ -242,7 +242,10 @@ def weights_bytes(model: torch.nn.Module) -> int:
 
     def add(value: object) -> None:
         nonlocal total
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, torch.Tensor) and hasattr(value, "__tensor_flatten__"):
+            for name in value.__tensor_flatten__()[0]:  # torchao's int8 tensors: no storage, their parts have one
+                add(getattr(value, name))
+        elif isinstance(value, torch.Tensor):
             if value.is_quantized:
                 key, size = (value.data_ptr(), value.numel()), value.numel() * value.element_size()
             else:

@@ -1,4 +1,4 @@
-"""Dynamic int8 for CPU inference: the activation range this CPU can afford, GPT-2's Conv1D, selective and torchao int8.
+"""Int8 for CPU inference: the activation range this CPU affords, GPT-2's Conv1D, selective, SmoothQuant, torchao, PT2E.
 
 PyTorch's dynamic int8 (`quantize_dynamic`) stores each nn.Linear's weight as int8 (one scale per output row) and
 quantises the activations on the fly at every call. How many bits those activations get is the fidelity question:
@@ -15,7 +15,8 @@ import logging
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Collection, Iterator, Sequence
+from types import SimpleNamespace
+from typing import Any, Callable, Collection, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -312,10 +313,147 @@ def quantize_mixed(model: nn.Module, kept: Collection[str], keep_dtype: torch.dt
     return quantised
 
 
-def pt2e_problem() -> str:
-    """Why PyTorch 2's export-based x86 int8 path (PT2E: prepare_pt2e/convert_pt2e, now in torchao) is not measured."""
+def pt2e_unavailable() -> str | None:
+    """Why PyTorch 2's export-based x86 int8 path (PT2E, in torchao since torch 2.13) cannot run here, or None."""
     try:
+        _import_torchao_quietly()
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e  # noqa: F401
-    except Exception as error:  # torch 2.13 moved it out of torch.ao; a missing or broken torchao lands here
-        return f"not measured: {first_line(error)}"
-    return "torchao is installed, but this lesson measures torch.compile over dynamic int8 instead"
+        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer  # noqa: F401
+    except Exception as error:  # a missing or broken torchao lands here
+        return f"torchao's PT2E does not import: {first_line(error)}"
+    return None
+
+
+def x86_dynamic_quantizer(reduce_range: bool) -> Any:
+    """torchao's X86InductorQuantizer for dynamic int8: int8 weights, activations quantised per call (7 or 8 bits)."""
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+
+    config = x86.get_default_x86_inductor_quantization_config(is_dynamic=True, reduce_range=reduce_range)
+    return x86.X86InductorQuantizer().set_global(config)
+
+
+def export_encoder(model: nn.Module, example: dict[str, torch.Tensor]) -> nn.Module:
+    """torch.export of an encoder's last hidden state, batch and sequence dynamic, as a module taking the inputs
+    by position (in `example`'s order): what prepare_pt2e annotates.
+
+    Dynamic shapes rather than fixed buckets: one export serves every batch of a length-sorted corpus. The pooler is
+    dropped: its output is unused here, and its dead Linear+Tanh pair breaks the quantizer's fusion matching.
+    """
+    names = list(example)
+    encoder = copy.deepcopy(model).eval()
+    if getattr(encoder, "pooler", None) is not None:
+        encoder.pooler = None
+    longest = getattr(model.config, "max_position_embeddings", 4096)  # export proves the graph for every length
+    batch, sequence = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("sequence", max=longest)
+    exported = torch.export.export(_PositionalEncoder(encoder, names), tuple(example[name] for name in names),
+                                   dynamic_shapes=(tuple({0: batch, 1: sequence} for _ in names),))  # *inputs: one
+    return exported.module()
+
+
+class _PositionalEncoder(nn.Module):
+    """The encoder called with its inputs by position, returning only the last hidden state (what gets exported)."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(**dict(zip(self.names, inputs))).last_hidden_state
+
+
+class ExportedEncoder(nn.Module):
+    """An exported (and quantised, compiled) encoder graph called like the model: keywords in, .last_hidden_state
+    out, with .config and .device, so the same embedding code runs it."""
+
+    def __init__(self, graph: Callable[..., torch.Tensor], config: Any, names: list[str]) -> None:
+        super().__init__()
+        self.graph, self.config, self.names = graph, config, names
+
+    @property
+    def device(self) -> torch.device:
+        """Where the graph's inputs go: PT2E's x86 path runs on the CPU."""
+        return torch.device("cpu")
+
+    def forward(self, **inputs: torch.Tensor) -> Any:
+        return SimpleNamespace(last_hidden_state=self.graph(*(inputs[name] for name in self.names)))
+
+
+@dataclass(frozen=True)
+class SmoothGroup:
+    """A LayerNorm, the Linears reading its output, and the residual block that adds that output back in."""
+
+    norm: str
+    linears: tuple[str, ...]
+    residual: str  # the BertSelfOutput/BertOutput whose input_tensor is this LayerNorm's output
+
+
+def bert_smooth_groups(model: nn.Module) -> list[SmoothGroup]:
+    """Where a BERT-style (post-LayerNorm) encoder has a LayerNorm feeding Linears: embeddings and every sublayer,
+    except the last layer's output LayerNorm, whose output is the model's."""
+    prefix = "encoder.layer" if hasattr(model, "encoder") else "layer"
+    layers = len(model.get_submodule(prefix))
+    qkv = [tuple(f"{prefix}.{i}.attention.self.{name}" for name in ("query", "key", "value")) for i in range(layers)]
+    groups = [SmoothGroup("embeddings.LayerNorm", qkv[0], f"{prefix}.0.attention.output")]
+    for i in range(layers):
+        groups.append(SmoothGroup(f"{prefix}.{i}.attention.output.LayerNorm", (f"{prefix}.{i}.intermediate.dense",),
+                                  f"{prefix}.{i}.output"))
+        if i + 1 < layers:
+            groups.append(SmoothGroup(f"{prefix}.{i}.output.LayerNorm", qkv[i + 1],
+                                      f"{prefix}.{i + 1}.attention.output"))
+    return groups
+
+
+def activation_absmax(model: nn.Module, names: Collection[str], calibrate: Callable[[nn.Module], Any]
+                      ) -> dict[str, torch.Tensor]:
+    """Per-channel max |output| of the named modules over everything calibrate(model) runs through the model."""
+    absmax: dict[str, torch.Tensor] = {}
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            peak = output.detach().abs().reshape(-1, output.shape[-1]).amax(0).float()
+            absmax[name] = torch.maximum(absmax[name], peak) if name in absmax else peak
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_hook(record(name)) for name in names]
+    try:
+        calibrate(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return absmax
+
+
+def _rescale_residual(block: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Forward pre-hook of a residual block whose skip input arrives divided by s: multiplies s back first."""
+    hidden_states, input_tensor = args
+    return hidden_states, input_tensor * block.smooth_scale
+
+
+def smooth_bert(model: nn.Module, calibrate: Callable[[nn.Module], Any], alpha: float = 0.5) -> nn.Module:
+    """A SmoothQuant-smoothed copy, equal to the model in fp32: per input channel j of the Linears after each
+    LayerNorm, s_j = max|X_j|^alpha / max|W_j|^(1-alpha) scales their weight columns up and the LayerNorm's weight
+    and bias down: a few outlier channels no longer set the one int8 scale of a whole activation tensor, and alpha
+    shares the quantisation difficulty between activations and weights.
+
+    BERT is post-LayerNorm: the normalised output is also the next residual, so that block multiplies s back in
+    (one elementwise product per block, against the smoothed LayerNorm's free fold).
+    """
+    smoothed = copy.deepcopy(model).eval()
+    groups = bert_smooth_groups(smoothed)
+    absmax = activation_absmax(smoothed, [group.norm for group in groups], calibrate)
+    scales = {}
+    with torch.no_grad():
+        for group in groups:
+            linears = [smoothed.get_submodule(name) for name in group.linears]
+            weight_max = torch.stack([linear.weight.abs().amax(0) for linear in linears]).amax(0)
+            scale = scales[group.residual] = (absmax[group.norm].pow(alpha) / weight_max.pow(1 - alpha)).clamp(1e-5)
+            norm = smoothed.get_submodule(group.norm)
+            norm.weight.div_(scale)
+            norm.bias.div_(scale)
+            for linear in linears:
+                linear.weight.mul_(scale)
+    for name, scale in scales.items():  # a hook, not a wrapper: every Linear keeps its name (the kept list)
+        block = smoothed.get_submodule(name)
+        block.register_buffer("smooth_scale", scale)
+        block.register_forward_pre_hook(_rescale_residual)
+    return smoothed

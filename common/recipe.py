@@ -84,25 +84,29 @@ def pytorch_snippet(config: dict[str, Any], model_id: str, texts: list[str], emb
                     device_type: str = "cpu") -> str:
     """A PyTorch winner as code a learner can paste: public APIs and a few inline lines, ending in `embeddings =`.
 
-    `config` is the candidate's: variant ("fp32", "half" with its dtype, "int8" with the kept Linears, their dtype
-    and the activation range), batch and compile; `embed_source` is the embed_sorted function the lesson timed.
+    `config` is the candidate's: variant ("fp32", "half" with its dtype, "int8" with the kept Linears, their dtype,
+    the activation range and SmoothQuant's calibration texts, "torchao", "pt2e"), batch and compile; `embed_source`
+    is the embed_sorted function the lesson timed (defined before the model is changed: calibration runs it).
     """
-    lines = ["import torch", "from transformers import AutoModel, AutoTokenizer", "",
-             f"tokenizer = AutoTokenizer.from_pretrained({model_id!r})",
-             f"model = AutoModel.from_pretrained({model_id!r}, dtype=" + (config.get("dtype") or "torch.float32")
-             + ")" + (f'.to("{device_type}")' if device_type != "cpu" else "")]
+    head = ["import torch", "from transformers import AutoModel, AutoTokenizer", "",
+            f"tokenizer = AutoTokenizer.from_pretrained({model_id!r})",
+            f"model = AutoModel.from_pretrained({model_id!r}, dtype=" + (config.get("dtype") or "torch.float32")
+            + ")" + (f'.to("{device_type}")' if device_type != "cpu" else "")]
+    lines: list[str] = []
     if config["variant"] == "int8":
-        lines[1:1] = ["from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic"]
+        if config.get("calibration"):
+            lines += _smoothquant_lines(config["calibration"], config.get("alpha", 0.5), max_length)
+        head[1:1] = ["from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic"]
         lines += ["# the Linears int8 hurts most (section 5's ranking) stay unquantised", f"kept = {config['kept']!r}",
                   "int8 = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) "
                   "and name not in kept]"]
         if not config["reduce_range"]:  # after the imports: torch, torch.ao.quantization, transformers
-            lines[3:3] = ["", "", "class FullRangeLinear(DynamicLinear):  # 8-bit activations (the stock one: 7)",
-                          "    def forward(self, x):",
-                          "        packed = self._packed_params._packed_params",
-                          "        return torch.ops.quantized.linear_dynamic(x, packed, reduce_range=False)"
-                          ".to(x.dtype)", ""]
-            lines[1:1] = ["from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear"]
+            head[3:3] = ["", "", "class FullRangeLinear(DynamicLinear):  # 8-bit activations (the stock one: 7)",
+                         "    def forward(self, x):",
+                         "        packed = self._packed_params._packed_params",
+                         "        return torch.ops.quantized.linear_dynamic(x, packed, reduce_range=False)"
+                         ".to(x.dtype)", ""]
+            head[1:1] = ["from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear"]
         mapping = ", mapping={torch.nn.Linear: FullRangeLinear}" if not config["reduce_range"] else ""
         lines.append("model = quantize_dynamic(model, dict.fromkeys(int8, per_channel_dynamic_qconfig),\n"
                      f"                         dtype=torch.qint8{mapping})")
@@ -111,11 +115,94 @@ def pytorch_snippet(config: dict[str, Any], model_id: str, texts: list[str], emb
                       "    linear = model.get_submodule(name).to(torch.bfloat16)",
                       "    model.get_submodule(name).forward = lambda x, linear=linear: torch.nn.functional.linear(",
                       "        x.to(torch.bfloat16), linear.weight, linear.bias).to(x.dtype)"]
-    if config.get("compile"):
+    elif config["variant"] == "torchao":
+        head[1:1] = ["from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_"]
+        lines.append(f"quantize_(model, Int8DynamicActivationInt8WeightConfig(reduce_range={config['reduce_range']}))")
+    elif config["variant"] == "pt2e":
+        head[1:1] = ["from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e",
+                     "from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86",
+                     "from transformers.modeling_outputs import BaseModelOutput"]
+        lines += _pt2e_lines(config["reduce_range"])
+    if config.get("compile") and config["variant"] != "pt2e":
         lines.append("model = torch.compile(model, dynamic=True)  # the first call compiles, once for every shape")
-    return ("\n".join(lines) + "\n\n\n" + embed_source + f"\n\ntexts = {list_literal(texts)}\n"
-            f"embeddings = embed_sorted(model, tokenizer, texts, batch_size={config['batch']}, "
-            f"max_length={max_length})")
+    return ("\n".join(head) + "\n\n\n" + embed_source + "\n\n\n" + "\n".join(lines) + "\n\n"
+            f"texts = {list_literal(texts)}\nembeddings = embed_sorted(model, tokenizer, texts, "
+            f"batch_size={config['batch']}, max_length={max_length})")
+
+
+def _smoothquant_lines(calibration: list[str], alpha: float, max_length: int) -> list[str]:
+    """SmoothQuant on a BERT model as pasteable lines (common.quantize.smooth_bert written out)."""
+    return [
+        "# SmoothQuant: per input channel j of the Linears after each LayerNorm, s_j = max|x_j|^a / max|w_j|^(1-a)",
+        "# multiplies their weights and divides the LayerNorm; BERT adds that LayerNorm's output back later, so",
+        "# that residual is multiplied by s again. Exact in fp32; int8 then sees smaller activation outliers.",
+        f"calibration = {list_literal(calibration)}",
+        "layers = model.encoder.layer",
+        "groups = [(model.embeddings.LayerNorm, layers[0].attention.self, layers[0].attention.output)]",
+        "for i, layer in enumerate(layers):",
+        "    groups.append((layer.attention.output.LayerNorm, layer.intermediate, layer.output))",
+        "    if i + 1 < len(layers):",
+        "        groups.append((layer.output.LayerNorm, layers[i + 1].attention.self, layers[i + 1].attention.output))",
+        "peaks = {}",
+        "",
+        "",
+        "def record(norm, inputs, out):",
+        "    peak = out.detach().abs().reshape(-1, out.shape[-1]).amax(0).float()",
+        "    peaks[norm] = torch.maximum(peaks[norm], peak) if norm in peaks else peak",
+        "",
+        "",
+        "hooks = [norm.register_forward_hook(record) for norm, _, _ in groups]",
+        f"embed_sorted(model, tokenizer, calibration, batch_size=32, max_length={max_length})",
+        "for hook in hooks:",
+        "    hook.remove()",
+        "with torch.no_grad():",
+        "    for norm, block, residual in groups:",
+        "        linears = [block.query, block.key, block.value] if hasattr(block, 'query') else [block.dense]",
+        "        weight_max = torch.stack([linear.weight.abs().amax(0) for linear in linears]).amax(0)",
+        f"        s = (peaks[norm].pow({alpha}) / weight_max.pow({1 - alpha})).clamp(1e-5)",
+        "        norm.weight.div_(s)",
+        "        norm.bias.div_(s)",
+        "        for linear in linears:",
+        "            linear.weight.mul_(s)",
+        "        residual.register_forward_pre_hook(lambda block, args, s=s: (args[0], args[1] * s))"]
+
+
+def _pt2e_lines(reduce_range: bool) -> list[str]:
+    """PT2E's x86 dynamic int8 as pasteable lines (export with dynamic shapes, prepare, convert, compile)."""
+    return [
+        "model.pooler = None  # unused, and its dead Linear+Tanh pair breaks the quantizer's fusion matching",
+        "names = list(tokenizer.model_input_names)",
+        "",
+        "",
+        "class LastHiddenState(torch.nn.Module):  # inputs by position in, one tensor out: what export traces",
+        "    def __init__(self, model):",
+        "        super().__init__()",
+        "        self.model = model",
+        "",
+        "    def forward(self, *inputs):",
+        "        return self.model(**dict(zip(names, inputs))).last_hidden_state",
+        "",
+        "",
+        "class Encoder(torch.nn.Module):  # the compiled graph called like the model, for embed_sorted",
+        "    def __init__(self, graph, config):",
+        "        super().__init__()",
+        "        self.graph, self.config, self.device = graph, config, torch.device('cpu')",
+        "",
+        "    def forward(self, **inputs):",
+        "        return BaseModelOutput(last_hidden_state=self.graph(*(inputs[name] for name in names)))",
+        "",
+        "",
+        "example = tokenizer(['a short text', 'a somewhat longer example text for the export'], padding=True,",
+        "                    return_tensors='pt')",
+        "batch = torch.export.Dim('batch', min=1, max=4096)",
+        "sequence = torch.export.Dim('sequence', max=model.config.max_position_embeddings)",
+        "exported = torch.export.export(LastHiddenState(model.eval()), tuple(example[name] for name in names),",
+        "                               dynamic_shapes=(tuple({0: batch, 1: sequence} for _ in names),)).module()",
+        "quantizer = x86.X86InductorQuantizer().set_global(",
+        f"    x86.get_default_x86_inductor_quantization_config(is_dynamic=True, reduce_range={reduce_range}))",
+        "prepared = prepare_pt2e(exported, quantizer)",
+        "prepared(*(example[name] for name in names))",
+        "model = Encoder(torch.compile(convert_pt2e(prepared), dynamic=True), model.config)"]
 
 
 def list_literal(items: Sequence[str]) -> str:

@@ -291,6 +291,8 @@ def test_recipe_is_section_9s_winner_and_its_snippet_runs_as_pasted(quick_run, t
     {"variant": "int8", "batch": 2, "kept": ["encoder.layer.0.output.dense"], "keep_dtype": "bfloat16",
      "reduce_range": False},
     {"variant": "int8", "batch": 4, "kept": [], "keep_dtype": "float32", "reduce_range": True},
+    {"variant": "int8", "batch": 4, "kept": ["encoder.layer.1.output.dense"], "keep_dtype": "float32",
+     "reduce_range": True, "calibration": lesson.texts.documentation_paragraphs(6)},  # SmoothQuant's
 ])
 def test_pytorch_snippets_compute_what_the_lesson_times(config):
     """Each kind of PyTorch winner's snippet, run as written, gives the lesson's own candidate's embeddings."""
@@ -300,7 +302,11 @@ def test_pytorch_snippets_compute_what_the_lesson_times(config):
                                              inspect.getsource(lesson.embed_sorted), 32)
     namespace: dict = {}
     exec(compile(snippet, "<snippet>", "exec"), namespace)
-    model = lesson.quantize.quantize_mixed(loaded.model, config["kept"], getattr(torch, config["keep_dtype"]),
+    model = loaded.model
+    if config.get("calibration"):
+        model = lesson.quantize.smooth_bert(model, lambda m: lesson.embed_sorted(m, loaded.tokenizer,
+                                                                                 config["calibration"], 32, 32))
+    model = lesson.quantize.quantize_mixed(model, config["kept"], getattr(torch, config["keep_dtype"]),
                                            config["reduce_range"])
     own = lesson.embed_sorted(model, loaded.tokenizer, lesson.EXAMPLE_TEXTS, config["batch"], 32)
     torch.testing.assert_close(namespace["embeddings"], own, rtol=0, atol=1e-5)

@@ -118,10 +118,14 @@ def test_torchao_says_why_when_it_is_missing(monkeypatch):
 
 @pytest.mark.skipif(quantize.torchao_unavailable() is not None, reason="torchao is not usable here")
 def test_torchao_int8_quantises_every_linear_and_stays_close():
+    from common.memory import weights_bytes
+
     model = tiny_bert()
     quantised = quantize.quantize_torchao_int8(model)
     assert quantize.quantized_share(quantised).of_matmul == 1.0
     assert quantize.quantized_share(model).quantized_elements == 0  # the original is untouched
+    int8 = quantize.storage_columns(quantised, weights_bytes(model))  # its weights are tensor subclasses
+    assert int8["quantized_share"] == 1.0 and int8["size_pct"] < 100
     assert cosine_fidelity(embed_tokens(model), embed_tokens(quantised))["cosine_mean"] > 0.99
 
 
@@ -198,9 +202,52 @@ def test_cast_linear_computes_in_its_dtype_and_returns_the_input_dtype():
     assert torch.equal(cast(x), expected) and cast(x).dtype == torch.float32
 
 
-def test_pt2e_says_why_it_is_not_measured():
-    reason = quantize.pt2e_problem()
-    if importlib.util.find_spec("torchao") is None:
-        assert reason == "not measured: ModuleNotFoundError: No module named 'torchao'"
-    else:
-        assert "torch.compile over dynamic int8" in reason or reason.startswith("not measured: ")
+def test_pt2e_says_why_when_torchao_is_missing(monkeypatch):
+    def missing(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'torchao'")
+
+    monkeypatch.setattr(quantize, "_import_torchao_quietly", missing)
+    reason = quantize.pt2e_unavailable()
+    assert reason == "torchao's PT2E does not import: ModuleNotFoundError: No module named 'torchao'"
+
+
+@pytest.mark.skipif(quantize.pt2e_unavailable() is not None, reason="torchao's PT2E is not usable here")
+def test_pt2e_export_quantises_the_linears_and_serves_other_shapes():
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    model = tiny_bert()
+    ids = torch.randint(1, 100, (3, 9), generator=torch.Generator().manual_seed(3))
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    prepared = prepare_pt2e(quantize.export_encoder(model, example), quantize.x86_dynamic_quantizer(True))
+    prepared(*example.values())
+    encoder = quantize.ExportedEncoder(convert_pt2e(prepared), model.config, list(example))
+    ops = {str(node.target) for node in encoder.graph.graph.nodes}
+    assert any("quantize_per_tensor" in op for op in ops) and any("dequantize_per_channel" in op for op in ops)
+    other = torch.randint(1, 100, (1, 4), generator=torch.Generator().manual_seed(4))  # one short text: dynamic
+    with torch.inference_mode():
+        expected = model(input_ids=other).last_hidden_state.mean(1)
+        got = encoder(input_ids=other, attention_mask=torch.ones_like(other)).last_hidden_state.mean(1)
+    assert got.shape == expected.shape and cosine_fidelity(expected, got)["cosine_mean"] > 0.99
+
+
+def test_smoothing_folds_exactly_and_moves_scale_into_the_weights():
+    model = tiny_bert()
+    with torch.no_grad():  # an outlier channel, as trained transformers have: what smoothing is for
+        model.embeddings.LayerNorm.weight[3] = 20.0
+    smoothed = quantize.smooth_bert(model, embed_tokens, alpha=0.5)
+    groups = quantize.bert_smooth_groups(model)
+    assert [group.norm for group in groups] == ["embeddings.LayerNorm", "encoder.layer.0.attention.output.LayerNorm",
+                                                "encoder.layer.0.output.LayerNorm",
+                                                "encoder.layer.1.attention.output.LayerNorm"]
+    assert groups[2].linears == tuple(f"encoder.layer.1.attention.self.{n}" for n in ("query", "key", "value"))
+    torch.testing.assert_close(embed_tokens(smoothed), embed_tokens(model), rtol=0, atol=1e-5)  # exact in fp32
+    query = "encoder.layer.0.attention.self.query"
+    ratio = smoothed.get_submodule(query).weight / model.get_submodule(query).weight
+    scale = smoothed.get_submodule("encoder.layer.0.attention.output").smooth_scale
+    torch.testing.assert_close(ratio, scale.expand_as(ratio))  # each input column times its s_j
+    assert not torch.allclose(scale, torch.ones_like(scale)) and int(scale.argmax()) == 3  # the outlier moved most
+    torch.testing.assert_close(smoothed.embeddings.LayerNorm.weight * scale, model.embeddings.LayerNorm.weight)
+    assert quantize.linear_names(smoothed) == quantize.linear_names(model)  # the kept list still names them
+    assert model.encoder.layer[0].attention.self.query.weight is not smoothed.get_submodule(query).weight  # a copy
+    int8 = quantize.quantize_dynamic_int8(smoothed, reduce_range=True)
+    assert cosine_fidelity(embed_tokens(model), embed_tokens(int8))["cosine_mean"] > 0.99
