@@ -71,6 +71,10 @@ LONG_TEXT_WORDS = (40, 100)  # the mixed-length corpus: one text in five is this
 DECODER_PROMPT = "The three most useful tips for making Python code run faster are"
 OFFLOAD_CAP = "100MiB"  # max_memory for the main device: far below the 265 MB model
 RECIPE_DEFAULT_BATCH = 32  # used when section 6 did not run
+# A variant whose one check pass takes this many times fp32's is not timed round-robin: at torchao's 0.1x here (its
+# int8 matmul has no fast kernel on an AVX2 CPU) every round would cost seconds, and its generation minutes.
+# bitsandbytes 8-bit, about 4x slower on such a CPU, stays in: its BitsAndBytesConfig is what this section teaches.
+SLOW_VARIANT = 8.0
 DECODER_ROUNDS = 3  # bitsandbytes generation on a CPU takes seconds a call, and no bar or recipe rests on these
 MIXED_KEEP_LADDER = (0, 1, 2, 3, 4, 6, 9, 12)  # how many of the most sensitive Linears (MiniLM has 37) stay unquantised
 FIDELITY_BAR = (0.99, 0.98)  # cosine mean and worst text vs the reference: what every recommendation must keep
@@ -403,7 +407,24 @@ def mixed_int8(ctx: cli.Context, s: Settings, fp32: models.LoadedModel) -> tuple
                    "ladder": ladder, "bf16_verdict": why}
 
 
-def quantized_encoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], Comparison, float | None, dict]:
+def drop_slow(ctx: cli.Context, built: dict[str, dict[str, Any]], what: str,
+              known: dict[str, str] | None = None) -> dict[str, str]:
+    """Take out of the round-robin each variant whose check pass took SLOW_VARIANT x fp32's (or that `known` already
+    found slow): timing it for every round would take minutes. The reasons, each also recorded as a skip."""
+    slow = {}
+    for key in [key for key in built if key != "fp32"]:
+        factor = built[key]["check_s"] / built["fp32"]["check_s"]
+        if key in (known or {}) or factor > SLOW_VARIANT:
+            slow[key] = (known or {}).get(key) or (
+                f"its one pass over the fidelity texts took {factor:.1f}x fp32's ({built[key]['check_s']:.1f} vs "
+                f"{built['fp32']['check_s']:.1f} s): too slow on this CPU to time in every round")
+            ctx.report.skip(f"{what} {VARIANT_LABELS[key]}", slow[key])
+            del built[key]
+    return slow
+
+
+def quantized_encoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], Comparison, float | None, dict,
+                                                                dict[str, str]]:
     """fp32, int8 and bitsandbytes 8/4-bit encoders, timed round-robin: size, speed, cosine (and per-tensor int8's)."""
     where = models.checkpoint(ENCODER_ROLE, ctx.source)
     fp32 = ctx.load(ENCODER_ROLE)
@@ -412,23 +433,24 @@ def quantized_encoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], Compa
         builders["int8-mixed"] = lambda: mixed.setdefault("model", mixed_int8(ctx, s, fp32))[0]
     built = ctx.build_each("encoder", builders, lambda key: variant_unavailable(key, ctx.device),
                            lambda model: embed(model, fp32.tokenizer, FIDELITY_TEXTS), where, VARIANT_LABELS)
+    slow = drop_slow(ctx, built, "encoder")
     batch = sentence_batch(fp32.tokenizer, s.speed_batch, ctx.device)
     rows, comparison = compare_variants(ctx, built, "encoder", lambda key, model: forward(model, batch), lambda key:
                                         embedding_fidelity(built["fp32"]["output"], built[key]["output"]), s.rounds,
                                         items=s.speed_batch)
     print_table(rows, ["variant", *SPEED, "cosine_mean", "cosine_min"],
                 title=f"encoder {fp32.info.label}, batch {s.speed_batch}; fidelity on {len(FIDELITY_TEXTS)} texts = "
-                "embedding cosine vs fp32 (size, quantised share and\nSpearman of pairwise similarities: results.csv)")
+                "embedding cosine vs fp32 (size, quantised share and Spearman of pairwise similarities: results.csv)")
     per_tensor = None
     if "int8-dynamic" in built:  # one weight scale per matrix instead of one per output row
         per_tensor = cosine_fidelity(built["fp32"]["output"], embed(int8_dynamic(fp32.model, per_channel=False),
                                                                     fp32.tokenizer, FIDELITY_TEXTS))["cosine_mean"]
         print(f"\ndynamic int8 above: one weight scale per output row (per-channel); one scale per matrix gives "
               f"encoder cosine {per_tensor:.4f}.")
-    return rows, comparison, per_tensor, mixed.get("model", (None, {}))[1]
+    return rows, comparison, per_tensor, mixed.get("model", (None, {}))[1], slow
 
 
-def quantized_decoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], list[str]]:
+def quantized_decoders(ctx: cli.Context, s: Settings, slow: dict[str, str]) -> tuple[list[dict], list[str]]:
     """The same variants of the decoder, timed round-robin: size, greedy tokens/s, agreement with fp32's tokens."""
     where = models.checkpoint(DECODER_ROLE, ctx.source)
     fp32 = ctx.load(DECODER_ROLE)
@@ -452,6 +474,8 @@ def quantized_decoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], list[
                         "seconds per call; the full run has it)")
     built = ctx.build_each("decoder", builders, lambda key: variant_unavailable(key, ctx.device),
                            lambda model: greedy(model, 1), where, VARIANT_LABELS)  # 1 token: it runs
+    drop_slow(ctx, built, "decoder", {key: f"the encoder's check found it too slow here: {why}"
+                                      for key, why in slow.items()})
     rows, comparison = compare_variants(ctx, built, "decoder", generate, lambda key: decoder_fidelity(
         tokens["fp32"], tokens[key]), DECODER_ROUNDS, tokens=s.greedy_tokens)
     print_table(rows, ["variant", "p50_ms", "tokens_per_s", "speedup", "tokens_before_divergence",
@@ -495,15 +519,15 @@ def quantization_section(ctx: cli.Context, s: Settings, results: dict[str, Any])
           "against those weight columns, the rest as int8 x int8.")
     if torchao_problem:
         ctx.report.skip("encoder/decoder torchao int8", torchao_problem)
-    encoder_rows, comparison, per_tensor_cosine, mixed = quantized_encoders(ctx, s)
+    encoder_rows, comparison, per_tensor_cosine, mixed, slow = quantized_encoders(ctx, s)
     encoder_lines = comparison.print_verdicts("fp32")
-    decoder_rows, decoder_lines = quantized_decoders(ctx, s)
+    decoder_rows, decoder_lines = quantized_decoders(ctx, s, slow)
     has_int8 = any(row["key"] == "int8-dynamic" for row in encoder_rows)
     bars = [int8_bar(encoder_rows, comparison, s.rounds)] if has_int8 else []
     ctx.report.add_chart(quantization_chart(encoder_rows, decoder_rows, ctx.out_dir))
     ctx.report.add_rows("quantization", encoder_rows + decoder_rows)
     return {"encoder": encoder_rows, "decoder": decoder_rows, "verdicts": encoder_lines + decoder_lines,
-            "int8_per_tensor_cosine_mean": per_tensor_cosine, "mixed": mixed, "bars": bars}
+            "int8_per_tensor_cosine_mean": per_tensor_cosine, "mixed": mixed, "too_slow": slow, "bars": bars}
 
 
 # ---------------------------------------------------------------------------------------- 6. batching
@@ -968,11 +992,13 @@ def candidates(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> tuple[
     compiling = devices.compile_problem(ctx.device) or (
         None if s.torch_compile else "--quick (compiling takes minutes on a small CPU; the full run has it)")
     problems[f"PyTorch {lead} compiled, batch 32"] = compiling
-    torchao = next((row for row in (results.get("quantization") or {}).get("encoder", [])
+    quantization = results.get("quantization") or {}
+    torchao = next((row for row in quantization.get("encoder", [])
                     if row["key"] == "torchao-int8"), None)  # its int8 matmul (aten::_int_mm) lacks a fast kernel
-    slow = torchao and torchao["speedup_high"] < 1 and (  # on some CPUs: one pass over the corpus would take minutes
+    too_slow = (quantization.get("too_slow") or {}).get("torchao-int8")
+    slow = (too_slow and f"section 5: {too_slow}") or (torchao and torchao["speedup_high"] < 1 and (
         f"section 5 measured torchao int8 at {torchao['speedup']:.2f}x fp32 [{torchao['speedup_low']:.2f}-"
-        f"{torchao['speedup_high']:.2f}] on this CPU: too slow to time on the corpus")
+        f"{torchao['speedup_high']:.2f}] on this CPU: too slow to time on the corpus"))
     problems["PyTorch torchao int8 compiled, batch 32"] = quantize.torchao_unavailable() or slow or compiling
     problems["PyTorch PT2E x86 int8 compiled, batch 32"] = (
         None if cpu else "PT2E's x86 quantizer is CPU-only") or quantize.pt2e_unavailable() or compiling

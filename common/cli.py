@@ -195,12 +195,14 @@ class Context:
     def build_each(self, what: str, builders: dict[str, Callable[[], Any]], problem: Callable[[str], str | None],
                    check: Callable[[Any], Any] = lambda built: None, where: models.Checkpoint | None = None,
                    labels: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
-        """Build each variant that can run here (timed; recorded when `where` is given) with check(built)'s output;
-        a variant with a problem, or whose build raises, is skipped with the reason."""
+        """Build each variant that can run here (timed; recorded when `where` is given) with check(built)'s output
+        and how long that check took; a variant with a problem, or whose build raises, is skipped with the reason."""
         def one(build: Callable[[], Any]) -> dict[str, Any]:
             started = time.perf_counter()
             model = build()
-            entry = {"model": model, "prepare_s": time.perf_counter() - started, "output": check(model)}
+            built_at = time.perf_counter()
+            entry = {"model": model, "prepare_s": built_at - started, "output": check(model)}
+            entry["check_s"] = time.perf_counter() - built_at
             if where:
                 self.record(where.info(model, entry["prepare_s"], verbose=False))
             return entry

@@ -486,3 +486,18 @@ def test_cuda_memory_lesson_numbers_hold_together(tmp_path):
     growth = [row["peak_above_weights_mib"] for row in result["kv_cache"]]
     assert growth == sorted(growth) and "largest batch" in result["largest_batch"]
     assert all(row["gpu_ms"] > 0 for row in result["copies"])
+
+
+def test_a_variant_far_slower_than_fp32_is_skipped_instead_of_timed():
+    skipped = {}
+    ctx = SimpleNamespace(report=SimpleNamespace(skip=skipped.__setitem__))
+    built = {"fp32": {"check_s": 1.0}, "int8-dynamic": {"check_s": 0.7}, "torchao-int8": {"check_s": 10.0},
+             "bnb-8bit": {"check_s": 4.2}}  # bitsandbytes 8-bit, about 4x slower on an AVX2 CPU, is still timed
+    slow = lesson.drop_slow(ctx, built, "encoder")
+    assert list(built) == ["fp32", "int8-dynamic", "bnb-8bit"]
+    assert list(slow) == ["torchao-int8"] and "took 10.0x fp32's (10.0 vs 1.0 s)" in slow["torchao-int8"]
+    assert skipped == {f"encoder {lesson.VARIANT_LABELS['torchao-int8']}": slow["torchao-int8"]}
+    decoder = {"fp32": {"check_s": 1.0}, "torchao-int8": {"check_s": 1.0}}  # generation is not checked again
+    assert lesson.drop_slow(ctx, decoder, "decoder", {"torchao-int8": "the encoder found it slow"}) == {
+        "torchao-int8": "the encoder found it slow"}
+    assert list(decoder) == ["fp32"]
