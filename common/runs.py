@@ -210,11 +210,12 @@ def machine_check(before: dict[str, Any], now: dict[str, Any]) -> MachineCheck:
             check.drifted = True
             check.lines.append(
                 f"the machine changed during {name}: calibration matmul went from {_gflops(start):.1f} to "
-                f"{_gflops(end):.1f} GFLOP/s between its start and end, so one normalisation factor describes it "
-                "only roughly")
-    # A drifting run widens the interval without making the machines alike: then the estimate alone decides.
-    check.differs = _differs(factor, low, high) or (check.drifted and _material(factor))
-    if check.differs:
+                f"{_gflops(end):.1f} GFLOP/s between its start and end, so part of that run's rows ran on another "
+                "machine state than the rest: no row gets a faster/slower verdict")
+    # A run whose machine changed between its start and end is not comparable whatever the pooled factor says: an
+    # A/A pair of 04 --quick whose second run slowed 3x for its last sections alone gave 4 false "slower" rows.
+    check.differs = _differs(factor, low, high) or check.drifted
+    if _differs(factor, low, high) or (check.drifted and _material(factor)):
         slower, how = ("this run", factor) if factor > 1 else ("the earlier run", 1 / factor)
         check.lines.insert(0, (
             f"the machine ran {how:.1f}x slower during {slower} (calibration matmul {_gflops(pooled[0]):.1f} GFLOP/s "
@@ -362,13 +363,10 @@ def print_comparison(comparison: RunComparison, title: str) -> None:
     unmatched = f"{comparison.only_before} only in the earlier run, {comparison.only_now} only in this one"
     if comparison.machine.differs:
         say(f"{len(comparison.changes)} shared measurements: verdicts withheld, because the machine changed beyond "
-            "its own noise between the runs (see [machine] above); the normalised ratios are information, not "
-            f"verdicts. Rerun both on a quiet machine to compare code. {unmatched}")
+            "its own noise between or during the runs (see [machine] above); the normalised ratios are information, "
+            f"not verdicts. Rerun both on a quiet machine to compare code. {unmatched}")
     else:
         print_band(comparison, unmatched)
-    if comparison.machine.drifted:
-        say("the machine changed within a run, so part of any difference above is machine state the calibration "
-            "did not see: rerun both on a quiet machine before acting on one row")
 
 
 def print_band(comparison: RunComparison, unmatched: str) -> None:

@@ -157,9 +157,23 @@ def test_drift_within_a_run_is_reported():
     lines = runs.machine_check(report()["calibration"], now["calibration"]).lines
     assert [line for line in lines if "changed during" in line] == [
         "the machine changed during this run: calibration matmul went from 8.8 to 4.5 GFLOP/s between its start "
-        "and end, so one normalisation factor describes it only roughly"]
-    assert runs.machine_check(report()["calibration"], now["calibration"]).drifted
+        "and end, so part of that run's rows ran on another machine state than the rest: no row gets a "
+        "faster/slower verdict"]
+    check = runs.machine_check(report()["calibration"], now["calibration"])
+    assert check.drifted and check.differs
     assert not runs.machine_check(report()["calibration"], report()["calibration"]).drifted
+
+
+def test_a_run_that_drifted_gets_no_verdict_even_when_the_pooled_factor_is_one():
+    """An A/A pair of 04 --quick: the second run slowed about 3x for its last sections only. Pooled over start and
+    end its calibration matched the first run's, yet those sections' rows looked 3x slower."""
+    now = report(rows_scale={2: 3.0})
+    now["calibration"] = {"start": {"matmul_samples_s": [0.02] * 7}, "end": {"matmul_samples_s": [0.04] * 7}}
+    before = report()
+    before["calibration"] = {"start": {"matmul_samples_s": [0.03] * 7}, "end": {"matmul_samples_s": [0.03] * 7}}
+    comparison = runs.compare_reports(before, now)
+    assert comparison.machine.drifted and comparison.machine.differs
+    assert set(verdicts(comparison).values()) == {runs.NOT_COMPARABLE}
 
 
 def test_a_drifting_run_with_a_big_difference_is_flagged_even_with_a_wide_interval():
