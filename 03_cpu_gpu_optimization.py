@@ -55,8 +55,8 @@ class Settings:
 
 
 FULL = Settings(speed_role="bert-base-uncased", speed_batch=16, corpus_size=64, max_length=128,
-                batch_sizes=(1, 2, 4, 8, 16, 32, 64), rounds=5, greedy_tokens=32, matmul_size=2048,
-                stream_texts=512, recipe_texts=512, recipe_batches=(16, 32, 64), torch_compile=True,
+                batch_sizes=(1, 4, 8, 16, 64), rounds=5, greedy_tokens=16, matmul_size=2048,
+                stream_texts=512, recipe_texts=512, recipe_batches=(32, 64), torch_compile=True,
                 decoder_bnb=True, sensitivity_stride=6)
 QUICK = Settings(speed_role="encoder", speed_batch=4, corpus_size=12, max_length=32,
                  batch_sizes=(1, 4, 8), rounds=3, greedy_tokens=4, matmul_size=1024,
@@ -484,9 +484,11 @@ def quantized_decoders(ctx: cli.Context, s: Settings, slow: dict[str, str]) -> t
                 "fidelity = greedy tokens identical to fp32's before the first difference, then the share at the same "
                 "position (after a difference the text shifts, so positions disagree even when it reads alike)")
     lines = comparison.print_verdicts("fp32")
-    for key in built if where.meaningful else ():  # a twin's text is noise
+    if where.meaningful:  # a twin's text is noise
+        print(f"greedy continuations of {DECODER_PROMPT!r}:")
+    for key in built if where.meaningful else ():
         text = fp32.tokenizer.decode(tokens[key], skip_special_tokens=True)
-        print(f"  {VARIANT_LABELS[key]:>24}: {DECODER_PROMPT} ->{text[:90]!r}")
+        print(f"  {VARIANT_LABELS[key]:>31}: {textwrap.shorten(repr(text), 84, placeholder='...')}")
     return rows, lines
 
 
@@ -705,13 +707,14 @@ def compile_on_corpus(ctx: cli.Context, s: Settings, results: dict[str, Any]) ->
               "verdict": comparison.verdict("torch.compile", "eager"),
               "verdict_line": comparison.sentence("torch.compile", "eager"),
               "rows": comparison.rows(baseline="eager", model=f"{loaded.info.label}, corpus pass")}
-    print(f"\ntorch.compile on {len(corpus)} length-sorted texts in batches of {batch_size} ({result['shapes']} "
-          f"distinct batch shapes): first call {seconds[0]:.1f} s ({graphs[0]} graph(s)); {result['recompiles']} "
-          f"recompile(s) over the other shapes, {result['recompile_s']:.1f} s; {result['graphs_during_timing']} "
-          "during the timed passes")
+    say(f"\ntorch.compile on {len(corpus)} length-sorted texts in batches of {batch_size} ({result['shapes']} "
+        f"distinct batch shapes): first call {seconds[0]:.1f} s ({graphs[0]} graph(s)); {result['recompiles']} "
+        f"recompile(s) over the other shapes, {result['recompile_s']:.1f} s; {result['graphs_during_timing']} "
+        "during the timed passes")
     print_table(result["rows"], ["workload", *SPEED])
     result["break_even_line"] = devices.break_even_text(result) + f"; a pass embeds these {len(corpus)} texts"
-    print(f"  {result['verdict_line']}\n  {result['break_even_line']}")
+    say(result["verdict_line"], "  ")
+    say(result["break_even_line"], "  ")
     return result
 
 
