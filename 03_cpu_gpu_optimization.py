@@ -29,7 +29,8 @@ from common.memory import MIB, peak_while_held, saved_for_backward_bytes
 from common.meter import Comparison
 from common.pipelines import embed, mean_pool
 from common.quantize import bnb_compute_dtype, int8_dynamic, variant_unavailable
-from common.report import collect_bars, limit_bar, performance_bar, print_table, ratio_bar, ratio_cell, say
+from common.report import (bar_line, collect_bars, limit_bar, performance_bar, print_table, ratio_bar, ratio_cell,
+                           say)
 from common.runtimes import PEERS, SENTENCE_TRANSFORMERS as PEER_BASELINE
 from common.sweep import fitting_batches
 
@@ -173,7 +174,9 @@ def device_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> di
         ours = "no error: CUDA is present"
     except UserError as error:
         ours = f"UserError (exit 2, one line): {error}"
-    print(f"\n  bad  : model.to('cuda')            -> {raw}\n  ours : pick_device('cuda')         -> {ours}")
+    print()
+    say(f"bad  : model.to('cuda')    -> {raw}", "  ")
+    say(f"ours : pick_device('cuda') -> {ours}", "  ")
     loaded = ctx.load(ENCODER_ROLE)
     output = forward(loaded.model, sentence_batch(loaded.tokenizer, 2, ctx.device))()  # inputs follow the model
     print(f"  good : device = pick_device('auto'); model.to(device); inputs moved too -> output on {output.device}")
@@ -478,7 +481,7 @@ def quantized_decoders(ctx: cli.Context, s: Settings, slow: dict[str, str]) -> t
                                       for key, why in slow.items()})
     rows, comparison = compare_variants(ctx, built, "decoder", generate, lambda key: decoder_fidelity(
         tokens["fp32"], tokens[key]), DECODER_ROUNDS, tokens=s.greedy_tokens)
-    print_table(rows, ["variant", "p50_ms", "tokens_per_s", "speedup", "tokens_before_divergence",
+    print_table(rows, ["variant", "tokens_per_s", "speedup", "tokens_before_divergence",
                        "token_agreement"], title=f"decoder {fp32.info.label}, "
                 f"{s.greedy_tokens} greedy tokens, {DECODER_ROUNDS} rounds (these ratios decide no bar or recipe); "
                 "fidelity = greedy tokens identical to fp32's before the first difference, then the share at the same "
@@ -1044,12 +1047,18 @@ def peers_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dic
         for other, column in ((reference, "vs_encode"), (runtimes.ONNX_INT8, "vs_ort_int8")):
             estimate, low, high = comparison.ratio(name, other) if other in outputs else (None, 0, 0)
             rows[-1][column] = f"{estimate:.2f}x [{low:.2f}-{high:.2f}]" if estimate else "-"
+    reference_speed = next(row["items_per_s"] for row in rows if row["workload"] == reference)
+    for row in rows:  # one estimator: texts/s follow the paired ratio, so they rank the rows as the ratios do
+        row["items_per_s_own_median"] = row["items_per_s"]
+        row["items_per_s"] = reference_speed * comparison.ratio(row["workload"], reference)[0]
     choice = recipes.choose(rows, comparison.ratio, PEERS, recipes.FidelityBar(*FIDELITY_BAR))
-    print_table(rows, ["workload", "items_per_s", "vs_encode", "vs_ort_int8", "cosine_min", "varied_min"],
+    print_table([{**row, "cosine_min": f"{row['cosine_min']:.4f}", "varied_min": f"{row['varied_min']:.4f}"}
+                 for row in rows], ["workload", "vs_encode", "vs_ort_int8", "cosine_min", "varied_min"],
                 title=f"{len(corpus)} {source} (max_length {s.max_length}), one round-robin")
-    print(textwrap.fill(f"vs_encode, vs_ort_int8: this row's speed over that row's, the paired ratio of the rounds "
-                        f"[interval]. cosine_min: worst text vs {reference} on these texts; varied_min: the same on "
-                        f"{len(FIDELITY_TEXTS)} varied texts. Full rows (p50, cosine mean) in results.csv.", 110))
+    say(f"vs_encode, vs_ort_int8: this row's speed over that row's, the paired ratio of the rounds [interval]. "
+        f"cosine_min: worst text vs {reference} on these texts; varied_min: the same on {len(FIDELITY_TEXTS)} varied "
+        f"texts. Full rows in results.csv (p50, cosine mean, texts/s = {reference}'s {reference_speed:.1f} x "
+        "vs_encode).")
     for name, why in choice.excluded.items():
         if name in embedders:
             say(f"cannot win: {name}: {why}", "  ")
@@ -1235,7 +1244,7 @@ def bars_section(ctx: cli.Context, results: dict[str, Any]) -> dict:
     """What this lesson set out to show, target vs measured; a bar whose section did not run says so."""
     bars = collect_bars(results, BAR_NAMES)
     for bar in bars:
-        say(f"[{bar['status']}] {bar['bar']}: {bar['measured']} (target {bar['target']})")
+        say(bar_line(bar))
     return {"bars": bars, "pass": sum(b["status"] == "PASS" for b in bars),
             "miss": sum(b["status"] == "MISS" for b in bars)}
 

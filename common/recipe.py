@@ -97,9 +97,14 @@ def pytorch_snippet(config: dict[str, Any], model_id: str, texts: list[str], emb
         if config.get("calibration"):
             lines += _smoothquant_lines(config["calibration"], config.get("alpha", 0.5), max_length)
         head[1:1] = ["from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic"]
-        lines += ["# the Linears int8 hurts most (section 5's ranking) stay unquantised", f"kept = {config['kept']!r}",
-                  "int8 = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) "
-                  "and name not in kept]"]
+        if config["kept"]:
+            lines += ["# the Linears int8 hurts most (section 5's ranking) stay unquantised",
+                      f"kept = {config['kept']!r}",
+                      "int8 = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) "
+                      "and name not in kept]"]
+        else:
+            lines += ["# every Linear in int8",
+                      "int8 = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]"]
         if not config["reduce_range"]:  # after the imports: torch, torch.ao.quantization, transformers
             head[3:3] = ["", "", "class FullRangeLinear(DynamicLinear):  # 8-bit activations (the stock one: 7)",
                          "    def forward(self, x):",
@@ -110,7 +115,7 @@ def pytorch_snippet(config: dict[str, Any], model_id: str, texts: list[str], emb
         mapping = ", mapping={torch.nn.Linear: FullRangeLinear}" if not config["reduce_range"] else ""
         lines.append("model = quantize_dynamic(model, dict.fromkeys(int8, per_channel_dynamic_qconfig),\n"
                      f"                         dtype=torch.qint8{mapping})")
-        if config["keep_dtype"] == "bfloat16":
+        if config["kept"] and config["keep_dtype"] == "bfloat16":
             lines += ["for name in kept:  # bf16 where this CPU ran it faster than fp32: cast in, compute, cast back",
                       "    linear = model.get_submodule(name).to(torch.bfloat16)",
                       "    model.get_submodule(name).forward = lambda x, linear=linear: torch.nn.functional.linear(",

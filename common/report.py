@@ -203,8 +203,15 @@ def performance_bar(name: str, target: str, measured: str, value: float | None, 
     BROKEN REFERENCE when the measurement exceeds what its reference claims is the limit."""
     if status not in ("PASS", "MISS", "INCONCLUSIVE", "REPORTED", "BROKEN REFERENCE"):
         raise ValueError(f"unknown bar status {status!r}")
-    say(f"[{status}] {name}: measured {measured}  " + (f"(target {target})" if target else "(no target: reported)"))
-    return {"bar": name, "target": target, "measured": measured, "value": value, "status": status}
+    bar = {"bar": name, "target": target, "measured": measured, "value": value, "status": status}
+    say(bar_line(bar))
+    return bar
+
+
+def bar_line(bar: dict[str, Any]) -> str:
+    """One bar as printed: [STATUS] name: measured ... (target ..., or "no target: reported")."""
+    target = f"(target {bar['target']})" if bar["target"] else "(no target: reported)"
+    return f"[{bar['status']}] {bar['bar']}: measured {bar['measured']}  {target}"
 
 
 def ratio_bar(name: str, target: str, measured: str, ratio: tuple[float, float, float], rounds: int,
