@@ -146,9 +146,9 @@ def roofline(ax: Axes, points: list[dict], peak_flops: float, bandwidth: float, 
     for (group, members), marker in zip(groups.items(), "osD^"):
         ax.plot([p["intensity"] for p in members], [p["flops"] / 1e9 for p in members], marker=marker,
                 linestyle="-" if members[0].get("joined") else "none", label=group)
-        for p in members:
-            ax.annotate(p["label"], (p["intensity"], p["flops"] / 1e9), textcoords="offset points", xytext=(5, -10),
-                        fontsize=7)
+        for index, p in enumerate(members):  # labels alternate below and above: neighbours do not overprint
+            ax.annotate(p["label"], (p["intensity"], p["flops"] / 1e9), textcoords="offset points",
+                        xytext=(5, -10 if index % 2 == 0 else 6), fontsize=7)
     log_axes(ax)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), fontsize=8)  # below the axes: no point is hidden
 
