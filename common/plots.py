@@ -56,6 +56,12 @@ def log2_x(ax: Axes, values: Iterable[float]) -> None:
     ax.minorticks_off()
 
 
+def log_x(ax: Axes) -> None:
+    """A log x axis ticked at 1-2-5 steps written as plain numbers (0.2, 0.5, 1, not 2x10^-1)."""
+    ax.set_xscale("log")
+    _plain_log_ticks(ax.xaxis)
+
+
 def log_axes(ax: Axes) -> None:
     """Both axes logarithmic, ticked at 1-2-5 steps written as plain numbers (20, 50, 100, not 10^2)."""
     ax.set_xscale("log")

@@ -392,7 +392,12 @@ def print_band(comparison: RunComparison, unmatched: str) -> None:
 def draw_comparison(comparison: RunComparison, out_dir: Path) -> Path:
     """compare.png: now/before per measurement with its interval, raw and normalised, the biggest change on top."""
     changes = sorted(comparison.changes, key=lambda c: abs(math.log(c.ratio)))
-    fig, ax = plots.figure("What changed since the earlier run (sorted by size of change)",
+    counts = comparison.counts()
+    decided = counts.get("faster", 0) + counts.get("slower", 0)
+    title = ("Not comparable: the machine changed between or during the runs (ratios shown as information)"
+             if comparison.machine.differs else
+             f"{decided} of {len(changes)} measurements moved beyond run-to-run noise (+-{comparison.band:.0%}, shaded)")
+    fig, ax = plots.figure(title,
                            "median now / median before (log scale; right of 1 = slower now)", "measurement",
                            size=(11, 1.8 + 0.32 * len(changes)))
     y = np.arange(len(changes))
@@ -405,7 +410,9 @@ def draw_comparison(comparison: RunComparison, out_dir: Path) -> Path:
         ax.errorbar(v[:, 0], y + offset, xerr=[v[:, 0] - v[:, 1], v[:, 2] - v[:, 0]], fmt=marker, capsize=3,
                     label=f"{kind} with interval{used}")
     ax.axvline(1, color="grey", linewidth=1)
-    ax.set_xscale("log")
+    if not comparison.machine.differs:
+        ax.axvspan(1 / (1 + comparison.band), 1 + comparison.band, color="grey", alpha=0.12, linewidth=0)
+    plots.log_x(ax)
     ax.set_ylim(-1.6, len(changes) - 0.4)  # room below the rows for the legend
     ax.set_yticks(y, [f"{c.key.get('measurement')} [{c.key.get('batch') or c.key.get('device')}]: {c.verdict}"[:80]
                       for c in changes], fontsize=7)
