@@ -84,7 +84,7 @@ def test_report_has_every_performance_bar_with_its_rounds(quick_run):
     assert [b["bar"] for b in bars] == list(lesson.BAR_NAMES)
     for b in bars:
         assert b["status"] in ("PASS", "MISS", "INCONCLUSIVE", "REPORTED", "BROKEN REFERENCE"), b
-        assert b["value"] > 0 and b["measured"] and b["target"], b
+        assert b["value"] > 0 and b["measured"] and (b["target"] or b["status"] == "REPORTED"), b
         assert f"[{b['status']}] {b['bar']}: measured {b['measured']}" in printed
     statuses = {b["bar"]: b for b in bars}
     assert statuses["batched vs batch-1 throughput"]["status"] == "REPORTED"  # the issue sets no target for it
@@ -195,8 +195,11 @@ def test_int8_is_judged_on_the_fidelity_set_with_the_chosen_activation_range(qui
         int8 = encoder["int8-dynamic"]
         assert int8["quantized_share"] == pytest.approx(1.0)  # every Linear of the encoder is int8
         assert 0.9 < int8["cosine_min"] <= int8["cosine_mean"] < 1 and 0.9 < int8["similarity_spearman"] < 1
-    assert ("torchao-int8" in encoder) == (lesson.quantize.torchao_unavailable() is None)
-    assert "torchao-int8" in encoder or report["skipped"]["encoder/decoder torchao int8"]
+    too_slow = report["sections"]["5. Quantization"]["too_slow"]  # a check pass 8x fp32's: skipped, not timed
+    assert ("torchao-int8" in encoder or "torchao-int8" in too_slow) == (lesson.quantize.torchao_unavailable() is None)
+    assert "torchao-int8" in encoder or "torchao-int8" in too_slow or report["skipped"]["encoder/decoder torchao int8"]
+    for key, why in too_slow.items():
+        assert key not in encoder and report["skipped"][f"encoder {lesson.VARIANT_LABELS[key]}"] == why
 
 
 def test_recipe_candidates_and_peers_share_one_round_robin_on_real_paragraphs(quick_run):
