@@ -151,6 +151,8 @@ def test_run_turns_user_error_into_exit_2(capsys):
 
 
 def test_script_with_missing_cuda_exits_2_with_one_line_and_no_traceback():
+    """One stderr line also means no import-time noise: 01 imports transformers' pipeline, which imports torchao,
+    whose CUDA-only kernels log a warning each unless `common` quieted them first."""
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA, so --device cuda is not an error here")
     done = subprocess.run([sys.executable, "01_autotokenizer_automodel.py", "--device", "cuda"], cwd=ROOT,

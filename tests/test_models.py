@@ -141,18 +141,23 @@ def test_cache_build_failure_leaves_no_folder(tmp_path, monkeypatch):
 
 
 def test_gguf_cache_round_trip_then_corrupt_and_partial_caches_are_rebuilt(tmp_path, monkeypatch):
-    """One real GGUF conversion (about 40 s here), then corruption checks with a stand-in builder."""
-    monkeypatch.setenv("WEEK3_MODEL_CACHE", str(tmp_path))
-    folder = models.bundled_folder("SmolLM2-135M-Instruct")
-    assert folder.parent == tmp_path
+    """The real GGUF conversion, from the shared cache (the lessons' tests build it there once: a second conversion
+    here cost about 40 s), then corruption checks on a copy with a stand-in builder."""
+    converted = models.bundled_folder("SmolLM2-135M-Instruct")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(converted)
+    tokenizer = AutoTokenizer.from_pretrained(converted)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
     output = model.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert "Paris" in tokenizer.decode(output[0, prompt["input_ids"].shape[1]:])  # real weights survived
+
+    shutil.copytree(converted, tmp_path / converted.name)  # a valid cache entry, so nothing is converted here
+    monkeypatch.setenv("WEEK3_MODEL_CACHE", str(tmp_path))
+    folder = models.bundled_folder("SmolLM2-135M-Instruct")
+    assert folder == tmp_path / converted.name and models.cache_problem(folder, models.json.loads(
+        (folder / "manifest.json").read_text())["fingerprint"]) is None
 
     fingerprint = models.json.loads((folder / "manifest.json").read_text())["fingerprint"]
     weights = folder / "model.safetensors"
