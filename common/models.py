@@ -101,8 +101,8 @@ class ModelInfo:
     def line(self) -> str:
         """The short load record every script prints (the origin, package and licence, goes to the report)."""
         role = f"role={self.role} " if self.role and self.role != self.name else ""
-        return (f"[model] {role}{self.name} source={self.source} | {self.params / 1e6:.1f}M params | {self.dtype} | "
-                f"{self.device} | loaded in {self.load_s:.2f} s")
+        return (f"[model] {role}{self.name} source={self.source} | {self.params / 1e6:.1f}M params {self.dtype} "
+                f"{self.device} | load {self.load_s:.2f} s")
 
 
 @dataclass
