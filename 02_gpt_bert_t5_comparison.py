@@ -288,7 +288,7 @@ def speed_section(ctx: cli.Context, contenders: list[Contender], facts: dict | N
                 title="Forward latency (median and IQR per call):")
     print_table(generation, ["model", "kv_cache", "ttft_ms", "per_token_ms", "decode_tokens_per_s", "e2e_tokens_per_s"],
                 title="Generation, three figures: ttft = time to first token (prefill + 1 token); decode = 1 / "
-                      "per-token cost,\nthe median over rounds of (t(N) - t(1)) / (N - 1); e2e = N / t(N), prefill "
+                      "per-token cost, the median over rounds of (t(N) - t(1)) / (N - 1); e2e = N / t(N), prefill "
                       "included:")
     print_table([{"model": row["model"], "end_to_end": ratio_cell(row["speedup"], row["speedup_low"],
                                                                   row["speedup_high"]), "verdict": row["verdict"],
@@ -297,7 +297,7 @@ def speed_section(ctx: cli.Context, contenders: list[Contender], facts: dict | N
                   "per_token_verdict": row["per_token_verdict"], "same_greedy_tokens": row["same_greedy_tokens"]}
                  for row in kv_rows],
                 title="KV cache on vs off (same run, same prompt, timed round-robin): speedup = whole generate() "
-                      "call;\nper_token = each decoded token after the first:")
+                      "call; per_token = each decoded token after the first:")
     for row in kv_rows:
         say(f"{row['model']}: {row['sentence']}; per decoded token {per_token_text(row)}; greedy tokens "
               f"{'identical' if row['same_greedy_tokens'] else 'DIFFER'} with and without it")
@@ -310,7 +310,7 @@ def speed_section(ctx: cli.Context, contenders: list[Contender], facts: dict | N
         print_table(kv_rows, ["model", "kv_bytes_per_token", "formula_bytes", "layers", "kv_heads", "heads",
                               "head_dim", "dtype_bytes"],
                     title="KV cache size per token: measured from the cache the model returns (output.cache, "
-                          "formerly past_key_values),\nchecked against layers x 2 (K and V) x kv_heads x head_dim "
+                          "formerly past_key_values), checked against layers x 2 (K and V) x kv_heads x head_dim "
                           "x bytes:")
         for row in kv_rows:
             print(textwrap.fill(kv_cache_note(row, facts), 118, initial_indent="  ", subsequent_indent="    "))
@@ -520,7 +520,7 @@ def memory_section(ctx: cli.Context, contenders: list[Contender]) -> list[dict]:
     lengths = ctx.pick(FULL, QUICK).seq_lengths
     columns = ["model", "weights_mib", "ttfi_s", "after_load_mib", "resident_mib", "activation_peak_mib",
                "after_release_mib"]  # load_s and the activation peak per length: results.csv
-    title = ("Memory (MiB of RSS above the level just before each load; ttfi = time to first inference:\nload + first "
+    title = ("Memory (MiB of RSS above the level just before each load; ttfi = time to first inference: load + first "
              "batch-1 forward; resident = after that forward; activation = a forward's peak above the RSS just "
              "before it):")
     if ctx.device.type == "cuda":
@@ -619,7 +619,7 @@ def summary_section(ctx: cli.Context, contenders: list[Contender], facts: dict |
     rows = summary_rows(contenders, facts, speed, memory_rows)
     print_table(rows, [key for key in rows[0] if key not in ("architecture", "masking", "disk_mib")] if rows else None,
                 title="Summary (fwd = batch 1; ttft and decode tokens/s with the KV cache; resident = RSS "
-                            "above pre-load after the\nfirst forward; activation = peak above that):")
+                            "above pre-load after the first forward; activation = peak above that):")
     advice = family_advice(rows, speed or {}, s.prompt_tokens)
     print()
     for line in advice:
