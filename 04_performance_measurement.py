@@ -609,7 +609,9 @@ def main(argv: list[str] | None = None) -> int:
     previous = runs.load_report(args.compare, SCRIPT, REPORT_VERSION) if args.compare else None
     ctx = cli.start(__file__, args)
     ctx.report.latex = True  # the timed rows also as report.tex, a booktabs table a paper can \input
-    results = cli.run_sections(ctx, SECTIONS)
+    # a calibration after every section as well: --compare then sees a machine that changed for a few sections only
+    results = cli.run_sections(ctx, SECTIONS, after_each=lambda: ctx.report.calibration.setdefault(
+        "sections", []).append(calibrate(ctx.device)))
     ctx.report.run_section("7. Report and comparison", report_section.__doc__, report_section, ctx, results,
                            previous)
     return ctx.report.finish()

@@ -135,8 +135,9 @@ def add_only_option(parser: argparse.ArgumentParser, sections: dict[str, Section
 
 
 def run_sections(ctx: "Context", sections: dict[str, Section], *args: Any, only: list[str] | None = None,
-                 results: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run the chosen sections in order as section(ctx, *args), plus the results so far when `results` is given."""
+                 results: dict[str, Any] | None = None, after_each: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Run the chosen sections in order as section(ctx, *args), plus the results so far when `results` is given;
+    after_each() runs after every section."""
     shared = () if results is None else (results,)  # sections that build on earlier ones read them here
     results = {} if results is None else results
     if only is not None and len(only) < len(sections):
@@ -144,6 +145,8 @@ def run_sections(ctx: "Context", sections: dict[str, Section], *args: Any, only:
     for name, (title, section) in sections.items():
         if only is None or name in only:
             results[name] = ctx.report.run_section(title, section.__doc__ or "", section, ctx, *args, *shared)
+            if after_each:
+                after_each()
     return results
 
 

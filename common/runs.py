@@ -161,7 +161,11 @@ def run_band(ratios: list[float]) -> float:
 
 def _calibration_samples(calibration: dict[str, Any], when: str) -> list[float]:
     """Matmul seconds of one calibration point; reports without raw timings give their median as one sample."""
-    point = calibration.get(when) or {}
+    return _point_samples(calibration.get(when) or {})
+
+
+def _point_samples(point: dict[str, Any]) -> list[float]:
+    """Matmul seconds of a calibration point (its median as one sample when the raw timings are missing)."""
     if point.get("matmul_samples_s"):
         return list(point["matmul_samples_s"])
     gflops = point.get("matmul_gflops")
@@ -205,13 +209,18 @@ def machine_check(before: dict[str, Any], now: dict[str, Any]) -> MachineCheck:
     factor, low, high, coverage = ratio_interval(pooled[0], pooled[1])
     check = MachineCheck(factor, low, high, coverage)
     for name, calibration in (("the earlier run", before), ("this run", now)):
-        start, end = _calibration_samples(calibration, "start"), _calibration_samples(calibration, "end")
-        if start and end and _differs(*ratio_interval(start, end)[:3]):
+        start = _calibration_samples(calibration, "start")
+        later = [samples for samples in [*map(_point_samples, calibration.get("sections") or []),
+                                         _calibration_samples(calibration, "end")] if samples]
+        moved = [samples for samples in later if start and _differs(*ratio_interval(start, samples)[:3])]
+        if moved:
+            furthest = max(moved, key=lambda samples: abs(math.log(ratio_interval(start, samples)[0])))
             check.drifted = True
             check.lines.append(
-                f"the machine changed during {name}: calibration matmul went from {_gflops(start):.1f} to "
-                f"{_gflops(end):.1f} GFLOP/s between its start and end, so part of that run's rows ran on another "
-                "machine state than the rest: no row gets a faster/slower verdict")
+                f"the machine changed during {name}: calibration matmul went from {_gflops(start):.1f} GFLOP/s at "
+                f"its start to {_gflops(furthest):.1f} at a later check ({len(moved)} of {len(later)} checks moved), "
+                "so part of that run's rows ran on another machine state than the rest: no row gets a "
+                "faster/slower verdict")
     # A run whose machine changed between its start and end is not comparable whatever the pooled factor says: an
     # A/A pair of 04 --quick whose second run slowed 3x for its last sections alone gave 4 false "slower" rows.
     check.differs = _differs(factor, low, high) or check.drifted

@@ -57,7 +57,9 @@ def test_run_succeeds_and_writes_the_three_reports(run):
     for title in SECTIONS:
         assert title in report["sections"]
         assert f"## {title}" in markdown
-    assert set(report["calibration"]) == {"start", "end"}
+    assert set(report["calibration"]) == {"start", "sections", "end"}
+    assert len(report["calibration"]["sections"]) == len(SECTIONS) - 1  # after each; section 7 is followed by "end"
+    assert all(point["matmul_samples_s"] for point in report["calibration"]["sections"])
 
 
 def test_every_chart_is_a_png_listed_in_the_report(run):

@@ -156,9 +156,9 @@ def test_drift_within_a_run_is_reported():
     now["calibration"] = calibration(end_scale=2.0)
     lines = runs.machine_check(report()["calibration"], now["calibration"]).lines
     assert [line for line in lines if "changed during" in line] == [
-        "the machine changed during this run: calibration matmul went from 8.8 to 4.5 GFLOP/s between its start "
-        "and end, so part of that run's rows ran on another machine state than the rest: no row gets a "
-        "faster/slower verdict"]
+        "the machine changed during this run: calibration matmul went from 8.8 GFLOP/s at its start to 4.5 at a "
+        "later check (1 of 1 checks moved), so part of that run's rows ran on another machine state than the rest: "
+        "no row gets a faster/slower verdict"]
     check = runs.machine_check(report()["calibration"], now["calibration"])
     assert check.drifted and check.differs
     assert not runs.machine_check(report()["calibration"], report()["calibration"]).drifted
@@ -361,3 +361,18 @@ def test_console_table_fits_120_columns_and_keeps_every_column_in_the_json():
     assert max(len(line) for line in text.splitlines()) <= 120
     assert "all-MiniLM-L6-v2 ..." in text and "text-generation (1 prompt, 8 new toke..." in text
     assert {"raw_interval", "normalised_x", "coverage", "verdict_on"} <= set(comparison.to_dict()["comparison"][0])
+
+
+def test_a_slowdown_between_sections_is_seen_by_the_checkpoint_after_it():
+    """04 calibrates after every section: a neighbour busy for two sections only, gone by the end, is caught."""
+    now = report(rows_scale={2: 3.0})
+    now["calibration"]["sections"] = [{"matmul_samples_s": [0.03 * x for x in samples(1, 7, 3)]},
+                                      {"matmul_samples_s": [0.09 * x for x in samples(1, 7, 4)]},
+                                      {"matmul_samples_s": [0.03 * x for x in samples(1, 7, 5)]}]
+    comparison = runs.compare_reports(report(), now)
+    assert comparison.machine.drifted and set(verdicts(comparison).values()) == {runs.NOT_COMPARABLE}
+    assert "(1 of 4 checks moved)" in comparison.machine.lines[-1]
+    quiet = report()
+    quiet["calibration"]["sections"] = [{"matmul_samples_s": [0.03 * x for x in samples(1, 7, 6 + i)]}
+                                        for i in range(3)]
+    assert not runs.compare_reports(report(), quiet).machine.drifted
