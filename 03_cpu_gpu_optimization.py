@@ -263,11 +263,12 @@ def grad_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dict
     comparison = ctx.meter().compare(runs, items=s.speed_batch, min_rounds=s.rounds, progress="gradient modes")
     rows = [{"mode": row["workload"], **row, **held[row["workload"]]}
             for row in comparison.rows(baseline="grad enabled")]
-    print_table(rows, ["mode", *SPEED, "kept_for_backward_mib", "peak_mem_delta_mib"],
+    print_table([{**row, "kept_mib": row["kept_for_backward_mib"], "peak_mib": row["peak_mem_delta_mib"]}
+                 for row in rows], ["mode", *SPEED, "kept_mib", "peak_mib"],
                 title=f"{loaded.info.label}, batch {s.speed_batch}")
-    say("kept_for_backward: activations autograd stores for a backward pass nobody runs (exact, counted with "
-          "saved_tensors_hooks);\npeak_mem_delta: high-water mark above the start while the output is held "
-          f"({'CUDA allocator' if ctx.device.type == 'cuda' else 'process RSS'}).")
+    say("kept_mib: activations autograd stores for a backward pass nobody runs (exact, counted with "
+        "saved_tensors_hooks); peak_mib: high-water mark above the start while the output is held "
+        f"({'CUDA allocator' if ctx.device.type == 'cuda' else 'process RSS'}).")
     lines = comparison.print_verdicts("grad enabled")
     lines.append(comparison.sentence("torch.inference_mode()", "torch.no_grad()"))
     say(lines[-1], "  ")
