@@ -237,7 +237,7 @@ def bench_text_generation(ctx: cli.Context, meter: PerformanceMeter) -> dict:
     if produced != new_tokens:
         raise RuntimeError(f"asked for {new_tokens} new tokens, the model produced {produced}")
     sample = generate(new_tokens, return_full_text=False)[0]["generated_text"]
-    print(f"{PROMPT!r} -> {sample!r}" + ("" if loaded.info.meaningful else f"  ({TWIN_NOTE}; its text is noise)"))
+    say(f"{PROMPT!r} -> {sample!r}" + ("" if loaded.info.meaningful else f"  ({TWIN_NOTE}; its text is noise)"))
     g = measure_generation(meter, "text-generation", lambda n: generate(n, return_full_text=False), new_tokens)
     return {"task": "text-generation", "model": loaded.info.label, "per_call": f"1 prompt, {new_tokens} new tokens",
             "tokens_counted": "generated", "weights_mib": weights_bytes(loaded.model) / MIB,
@@ -481,7 +481,7 @@ def report_section(ctx: cli.Context, results: dict, previous: dict | None) -> di
     the machine and environment checked against a previous run, then a verdict for every shared measurement."""
     draw_summary(ctx, results)
     if previous is None:
-        print(f"run again later with --compare {ctx.out_dir / 'report.json'} (copy it first) to see what changed")
+        say(f"run again later with --compare {ctx.out_dir / 'report.json'} (copy it first) to see what changed")
         return {"compared_with": None}
     # the comparison needs this run's end point before finish() runs
     ctx.report.calibration["end"] = calibrate(ctx.device)
