@@ -598,7 +598,7 @@ def batching_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> 
                                for name in outputs if work[name]["strategy"] == strategy) for strategy in strategies}
     print("worst embedding cosine vs unpadded batch 1: " + ", ".join(f"{k} {v:.6f}" for k, v in agreement.items()))
     bars, lines, best_sorted = batching_bars(comparison, rows, peak)
-    ctx.report.add_chart(batching_chart(rows, bars[2]["value"], ctx.out_dir))
+    ctx.report.add_chart(batching_chart(rows, bars[2], ctx.out_dir))
     bandwidth = ctx.report.calibration.get("start", {}).get("copy_gb_s")
     if ctx.device.type == "cpu" and bandwidth:  # the calibration's copy measures host memory, a CPU's roof only
         ctx.report.add_chart(roofline_chart(roofline_points(rows, (results.get("precision") or {}).get("rows", [])),
@@ -1312,10 +1312,12 @@ def quantization_chart(encoder_rows: list[dict], decoder_rows: list[dict], out_d
     return plots.save(fig, out_dir, "quantization")
 
 
-def batching_chart(rows: list[dict], sorted_ratio: float, out_dir: Any) -> Any:
+def batching_chart(rows: list[dict], bar: dict, out_dir: Any) -> Any:
     """Texts/s by batch size for each padding strategy (the waste is in the table: it is the same for every one)."""
-    fig, ax = plots.figure(f"Sorted dynamic padding: {sorted_ratio:.1f}x the texts/s of pad-to-max (each at its best)",
-                           "batch size (texts)", "throughput (texts/s)")
+    settled = ("" if bar["status"] in ("PASS", "MISS") else
+               f", {bar['status'].lower()} [{bar['low']:.2f}-{bar['high']:.2f}]")  # the bar's word when unsettled
+    fig, ax = plots.figure(f"Sorted dynamic padding: {bar['value']:.1f}x the texts/s of pad-to-max (each at its best"
+                           f"{settled})", "batch size (texts)", "throughput (texts/s)")
     plots.lines_by(ax, rows, "batch", "items_per_s", lambda r: r["strategy"])
     return plots.save(fig, out_dir, "batching")
 
