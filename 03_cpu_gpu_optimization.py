@@ -52,17 +52,18 @@ class Settings:
     recipe_batches: tuple[int, ...]  # batch sizes tried for the lead int8 configuration
     torch_compile: bool  # torch.compile spends about a minute compiling on a small CPU
     decoder_bnb: bool  # bitsandbytes generation on a CPU takes seconds per call
+    torchao: bool  # torchao int8 has no fast kernel on an AVX2 CPU: its check pass alone took ~20 s there
     sensitivity_stride: int  # every n-th varied text ranks the Linears: one pass per Linear is the whole cost
 
 
 FULL = Settings(speed_role="bert-base-uncased", speed_batch=16, corpus_size=64, max_length=128,
                 batch_sizes=(1, 4, 8, 16, 64), rounds=5, greedy_tokens=16, matmul_size=2048,
                 stream_texts=512, recipe_texts=512, recipe_batches=(32, 64), torch_compile=True,
-                decoder_bnb=True, sensitivity_stride=6)
+                decoder_bnb=True, torchao=True, sensitivity_stride=6)
 QUICK = Settings(speed_role="encoder", speed_batch=4, corpus_size=12, max_length=32,
                  batch_sizes=(1, 4, 8), rounds=3, greedy_tokens=4, matmul_size=1024,
                  stream_texts=64, recipe_texts=24, recipe_batches=(8, 32), torch_compile=False,
-                 decoder_bnb=False, sensitivity_stride=18)
+                 decoder_bnb=False, torchao=False, sensitivity_stride=18)
 
 ENCODER_ROLE = "encoder"  # real weights (all-MiniLM-L6-v2): fidelity, batching, compile, the recipe
 DECODER_ROLE = "decoder"  # real weights (SmolLM2-135M offline): greedy-token fidelity
@@ -433,6 +434,8 @@ def quantized_encoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], Compa
     where = models.checkpoint(ENCODER_ROLE, ctx.source)
     fp32 = ctx.load(ENCODER_ROLE)
     builders, mixed = {"fp32": lambda: fp32.model, **quantization_recipes(where, fp32.model, ctx.device)}, {}
+    if not s.torchao:
+        builders.pop("torchao-int8", None)
     if ctx.device.type == "cpu":
         builders["int8-mixed"] = lambda: mixed.setdefault("model", mixed_int8(ctx, s, fp32))[0]
     built = ctx.build_each("encoder", builders, lambda key: variant_unavailable(key, ctx.device),
@@ -472,6 +475,8 @@ def quantized_decoders(ctx: cli.Context, s: Settings, slow: dict[str, str]) -> t
         return run
 
     builders = {"fp32": lambda: fp32.model, **quantization_recipes(where, fp32.model, ctx.device)}
+    if not s.torchao:
+        builders.pop("torchao-int8", None)
     for key in ("bnb-8bit", "bnb-4bit") if not s.decoder_bnb and ctx.device.type == "cpu" else ():
         del builders[key]
         ctx.report.skip(f"decoder {VARIANT_LABELS[key]}", "--quick (bitsandbytes generation on a CPU takes "
@@ -523,8 +528,9 @@ def quantization_section(ctx: cli.Context, s: Settings, results: dict[str, Any])
           f"bitsandbytes 8-bit is LLM.int8(): activation columns holding any |value| > llm_int8_threshold "
           f"({BitsAndBytesConfig(load_in_8bit=True).llm_int8_threshold:g}) run in {bnb_compute_dtype(ctx.device)} "
           "against those weight columns, the rest as int8 x int8.")
-    if torchao_problem:
-        ctx.report.skip("encoder/decoder torchao int8", torchao_problem)
+    if torchao_problem or not s.torchao:
+        ctx.report.skip("encoder/decoder torchao int8", torchao_problem or "--quick (its int8 matmul has no fast "
+                        "kernel on some CPUs, where one check pass takes 20 s; the full run measures it)")
     encoder_rows, comparison, per_tensor_cosine, mixed, slow = quantized_encoders(ctx, s)
     encoder_lines = comparison.print_verdicts("fp32")
     decoder_rows, decoder_lines = quantized_decoders(ctx, s, slow)

@@ -196,8 +196,9 @@ def test_int8_is_judged_on_the_fidelity_set_with_the_chosen_activation_range(qui
         assert int8["quantized_share"] == pytest.approx(1.0)  # every Linear of the encoder is int8
         assert 0.9 < int8["cosine_min"] <= int8["cosine_mean"] < 1 and 0.9 < int8["similarity_spearman"] < 1
     too_slow = report["sections"]["5. Quantization"]["too_slow"]  # a check pass 8x fp32's: skipped, not timed
-    assert ("torchao-int8" in encoder or "torchao-int8" in too_slow) == (lesson.quantize.torchao_unavailable() is None)
-    assert "torchao-int8" in encoder or "torchao-int8" in too_slow or report["skipped"]["encoder/decoder torchao int8"]
+    assert "torchao-int8" not in encoder and not lesson.QUICK.torchao  # --quick skips it, with the reason
+    skipped = report["skipped"]["encoder/decoder torchao int8"]
+    assert skipped.startswith("--quick") == (lesson.quantize.torchao_unavailable() is None)
     for key, why in too_slow.items():
         assert key not in encoder and report["skipped"][f"encoder {lesson.VARIANT_LABELS[key]}"] == why
 

@@ -32,7 +32,7 @@ EXPECTED_SKIPS: dict[str, tuple[str, ...]] = {
                                 r"(PyTorch's dynamic int8 kernels are CPU-only|takes ~1 min)",
                                 r"^peers ONNX Runtime .*: the ONNX Runtime peers run on the CPU only",
                                 r"^peers PyTorch bf16 weights: .* has no bf16 tensor cores",  # before Ampere
-                                r"^encoder/decoder torchao int8: torchao is not installed",
+                                r"^encoder/decoder torchao int8: (torchao is not installed|--quick)",
                                 r"^recipe PyTorch .*: (PyTorch's dynamic int8 kernels are CPU-only|PT2E's x86 "
                                 r"quantizer is CPU-only|--quick \(compiling)"),
     "03 torch.compile": (),
