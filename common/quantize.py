@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import logging
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -260,7 +259,6 @@ def torchao_unavailable() -> str | None:
     if importlib.util.find_spec("torchao") is None:
         return "torchao is not installed (pip install torchao; 0.18.0 ran on CPU with torch 2.13)"
     try:
-        _import_torchao_quietly()
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_  # noqa: F401
     except Exception as error:  # a torchao built for another torch fails in many ways; the reason is what matters
         return f"torchao does not import here: {first_line(error)}"
@@ -269,25 +267,11 @@ def torchao_unavailable() -> str | None:
 
 def quantize_torchao_int8(model: nn.Module) -> nn.Module:
     """A copy quantised with torchao's int8 dynamic-activation / int8-weight config (what PyTorch now points to)."""
-    _import_torchao_quietly()
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
     quantised = copy.deepcopy(model)
     quantize_(quantised, Int8DynamicActivationInt8WeightConfig())
     return quantised
-
-
-def _import_torchao_quietly() -> None:
-    """Import torchao with its CPU-irrelevant warnings (CUDA-only kernels that do not load) silenced."""
-    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    levels = [logger.level for logger in quiet]
-    for logger in quiet:
-        logger.setLevel(logging.ERROR)
-    try:
-        import torchao  # noqa: F401
-    finally:
-        for logger, level in zip(quiet, levels):
-            logger.setLevel(level)
 
 
 class CastLinear(nn.Module):
@@ -316,7 +300,6 @@ def quantize_mixed(model: nn.Module, kept: Collection[str], keep_dtype: torch.dt
 def pt2e_unavailable() -> str | None:
     """Why PyTorch 2's export-based x86 int8 path (PT2E, in torchao since torch 2.13) cannot run here, or None."""
     try:
-        _import_torchao_quietly()
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e  # noqa: F401
         from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer  # noqa: F401
     except Exception as error:  # a missing or broken torchao lands here

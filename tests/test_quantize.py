@@ -1,6 +1,7 @@
 """Dynamic int8 engines: activation range per CPU, 8-bit activations, Conv1D conversion, selective and torchao int8."""
 from __future__ import annotations
 
+import builtins
 import importlib.util
 
 import pytest
@@ -203,10 +204,14 @@ def test_cast_linear_computes_in_its_dtype_and_returns_the_input_dtype():
 
 
 def test_pt2e_says_why_when_torchao_is_missing(monkeypatch):
-    def missing(*args, **kwargs):
-        raise ModuleNotFoundError("No module named 'torchao'")
+    real_import = builtins.__import__
 
-    monkeypatch.setattr(quantize, "_import_torchao_quietly", missing)
+    def missing(name, *args, **kwargs):
+        if name.startswith("torchao"):
+            raise ModuleNotFoundError("No module named 'torchao'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", missing)
     reason = quantize.pt2e_unavailable()
     assert reason == "torchao's PT2E does not import: ModuleNotFoundError: No module named 'torchao'"
 
