@@ -50,6 +50,7 @@ class Settings:
     stream_texts: int  # the "long list" for streaming vs materialising
     recipe_texts: int  # real paragraphs every recipe candidate and peer runtime embeds, in one round-robin
     recipe_batches: tuple[int, ...]  # batch sizes tried for the lead int8 configuration
+    screen_every: int  # every n-th recipe text (by length) screens all candidates before the full round-robin
     torch_compile: bool  # torch.compile spends about a minute compiling on a small CPU
     decoder_bnb: bool  # bitsandbytes generation on a CPU takes seconds per call
     torchao: bool  # torchao int8 has no fast kernel on an AVX2 CPU: its check pass alone took ~20 s there
@@ -57,12 +58,12 @@ class Settings:
 
 
 FULL = Settings(speed_role="bert-base-uncased", speed_batch=16, corpus_size=64, max_length=128,
-                batch_sizes=(1, 4, 8, 16, 64), rounds=5, greedy_tokens=16, matmul_size=2048,
-                stream_texts=512, recipe_texts=512, recipe_batches=(32, 64), torch_compile=True,
+                batch_sizes=(1, 8, 16, 32), rounds=5, greedy_tokens=16, matmul_size=2048,
+                stream_texts=512, recipe_texts=512, recipe_batches=(32, 64), screen_every=8, torch_compile=True,
                 decoder_bnb=True, torchao=True, sensitivity_stride=6)
 QUICK = Settings(speed_role="encoder", speed_batch=4, corpus_size=12, max_length=32,
                  batch_sizes=(1, 4, 8), rounds=3, greedy_tokens=4, matmul_size=1024,
-                 stream_texts=64, recipe_texts=24, recipe_batches=(8, 32), torch_compile=False,
+                 stream_texts=64, recipe_texts=24, recipe_batches=(8, 32), screen_every=3, torch_compile=False,
                  decoder_bnb=False, torchao=False, sensitivity_stride=18)
 
 ENCODER_ROLE = "encoder"  # real weights (all-MiniLM-L6-v2): fidelity, batching, compile, the recipe
@@ -574,6 +575,8 @@ def batching_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> 
     passes, work, outputs, streamed = {}, {}, {}, streamed_weight_bytes(model)
     for batch_size in s.batch_sizes:
         for strategy, (by_length, pad_to) in strategies.items():
+            if by_length and batch_size == 1:  # one text per batch: sorting changes nothing but the order
+                continue
             groups = make_batches(lengths, batch_size, sort_by_length=by_length)
             batches = padded_batches(tokenizer, encoded, groups, pad_to, ctx.device)
             name = f"{strategy}, batch {batch_size}"
@@ -653,7 +656,7 @@ def roofline_points(batching: list[dict], precision: list[dict]) -> list[dict]:
     """Where the recommended batching rows and the precision rows sit: useful FLOPs per byte moved, useful FLOP/s."""
     points = [{"group": "length-sorted dynamic padding (section 6)", "label": f"batch {r['batch']}", "joined": True,
                "intensity": r["flop_per_byte"], "flops": r["useful_gflop_per_s"] * 1e9}
-              for r in batching if r["strategy"] == "dynamic + sorted"]
+              for r in batching if r["strategy"] == "dynamic + sorted" or (r["strategy"], r["batch"]) == ("dynamic", 1)]
     return points + [{"group": f"precision, batch {r['batch']} (section 4)", "label": r["variant"],
                       "intensity": r["useful_flops"] / r["bytes"], "flops": r["useful_flops"] / r["p50_ms"] * 1e3}
                      for r in precision]
@@ -1026,13 +1029,9 @@ def candidates(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> tuple[
     return builders, config, problems
 
 
-def peers_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dict:
-    """What a learner could use instead (sentence-transformers' encode, ONNX Runtime) and our PyTorch configurations,
-    all on the same real paragraphs in one round-robin: the recipe is the fastest that keeps the fidelity bar."""
-    corpus, source = recipe_corpus(ctx, s)
-    builders, config, problems = candidates(ctx, s, results)
-    built = ctx.build_each("recipe", builders, problems.get, lambda embedder: embedder(EXAMPLE_TEXTS))  # it runs
-    embedders = {name: candidate["model"] for name, candidate in built.items()}
+def round_robin(ctx: cli.Context, embedders: dict[str, Callable[[list[str]], torch.Tensor]], corpus: list[str],
+                rounds: int, warmup: int, progress: str) -> tuple[Comparison, dict[str, torch.Tensor]]:
+    """Every embedder over the same texts, round-robin: the comparison and each one's embeddings of them."""
     outputs: dict[str, torch.Tensor] = {}
 
     def timed(name: str) -> Callable[[], None]:
@@ -1040,35 +1039,72 @@ def peers_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dic
             outputs[name] = embedders[name](corpus)
         return run
 
-    comparison = ctx.meter().compare({name: timed(name) for name in embedders}, items=len(corpus), warmup=1,
-                                     min_rounds=s.rounds, budget_s=0, progress="recipe candidates")
-    reference = PEER_BASELINE if PEER_BASELINE in outputs else next(iter(outputs))
-    varied = {name: embed_(FIDELITY_TEXTS) for name, embed_ in embedders.items()}
+    comparison = ctx.meter().compare({name: timed(name) for name in embedders}, items=len(corpus), warmup=warmup,
+                                     min_rounds=rounds, budget_s=0, progress=progress)
+    return comparison, outputs
+
+
+def fidelity_rows(comparison: Comparison, outputs: dict[str, torch.Tensor], varied: dict[str, torch.Tensor],
+                  reference: str, config: dict[str, dict]) -> list[dict]:
+    """The comparison's rows with each one's cosine against the reference on these texts and on the varied set."""
     rows = []
     for row in comparison.rows(baseline=reference):
         name = row["workload"]
-        corpus_fidelity = cosine_fidelity(outputs[reference], outputs[name])
         varied_fidelity = cosine_fidelity(varied[reference], varied[name])
-        rows.append({**row, **corpus_fidelity, "varied_mean": varied_fidelity["cosine_mean"],
-                     "varied_min": varied_fidelity["cosine_min"], "batch": config[name]["batch"]})
+        rows.append({**row, **cosine_fidelity(outputs[reference], outputs[name]),
+                     "varied_mean": varied_fidelity["cosine_mean"], "varied_min": varied_fidelity["cosine_min"],
+                     "batch": config[name]["batch"]})
         for other, column in ((reference, "vs_encode"), (runtimes.ONNX_INT8, "vs_ort_int8")):
             estimate, low, high = comparison.ratio(name, other) if other in outputs else (None, 0, 0)
             rows[-1][column] = f"{estimate:.2f}x [{low:.2f}-{high:.2f}]" if estimate else "-"
+    return rows
+
+
+def peers_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dict:
+    """What a learner could use instead (sentence-transformers' encode, ONNX Runtime) and our PyTorch configurations:
+    all screened on a sample of the same real paragraphs, the fastest few then timed together over all of them."""
+    corpus, source = recipe_corpus(ctx, s)
+    sample = sorted(corpus, key=len)[::s.screen_every]  # every n-th by length: the corpus's mix of short and long
+    builders, config, problems = candidates(ctx, s, results)
+    built = ctx.build_each("recipe", builders, problems.get, lambda embedder: embedder(EXAMPLE_TEXTS))  # it runs
+    embedders = {name: candidate["model"] for name, candidate in built.items()}
+    varied = {name: embed_(FIDELITY_TEXTS) for name, embed_ in embedders.items()}
+    reference = PEER_BASELINE if PEER_BASELINE in embedders else next(iter(embedders))
+    bar = recipes.FidelityBar(*FIDELITY_BAR)
+
+    screening, outputs = round_robin(ctx, embedders, sample, s.rounds, 1, "screening candidates")
+    screened = fidelity_rows(screening, outputs, varied, reference, config)
+    going, stopped = recipes.finalists(screened, screening.ratio, PEERS, bar,
+                                       keep=[name for name in (reference, runtimes.ONNX_INT8) if name in embedders])
+    print_table([{**row, "cosine_min": f"{row['cosine_min']:.4f}", "varied_min": f"{row['varied_min']:.4f}",
+                  "final": "yes" if row["workload"] in going else "no"} for row in screened],
+                ["workload", "vs_encode", "cosine_min", "varied_min", "final"],
+                title=f"screening: every candidate on {len(sample)} of the {len(corpus)} texts (every "
+                      f"{s.screen_every}th by length), one round-robin")
+    say(f"the {len(going)} finalists: up to two fastest of ours and the fastest peer that keep {FIDELITY_TEXT} on "
+        f"both text sets, with {' and '.join(name for name in (reference, runtimes.ONNX_INT8) if name in going)} "
+        "(the columns' references). Stopped here:")
+    for name, why in stopped.items():
+        say(f"{name}: {why}", "  ")
+
+    # the screening passes were every finalist's warm-up
+    comparison, outputs = round_robin(ctx, {name: embedders[name] for name in going}, corpus, s.rounds, 0,
+                                      "recipe finalists")
+    rows = fidelity_rows(comparison, outputs, varied, reference, config)
     reference_speed = next(row["items_per_s"] for row in rows if row["workload"] == reference)
     for row in rows:  # one estimator: texts/s follow the paired ratio, so they rank the rows as the ratios do
         row["items_per_s_own_median"] = row["items_per_s"]
         row["items_per_s"] = reference_speed * comparison.ratio(row["workload"], reference)[0]
-    choice = recipes.choose(rows, comparison.ratio, PEERS, recipes.FidelityBar(*FIDELITY_BAR))
+    choice = recipes.choose(rows, comparison.ratio, PEERS, bar)
     print_table([{**row, "cosine_min": f"{row['cosine_min']:.4f}", "varied_min": f"{row['varied_min']:.4f}"}
                  for row in rows], ["workload", "vs_encode", "vs_ort_int8", "cosine_min", "varied_min"],
-                title=f"{len(corpus)} {source} (max_length {s.max_length}), one round-robin")
+                title=f"the finalists on all {len(corpus)} {source} (max_length {s.max_length}), one round-robin")
     say(f"vs_encode, vs_ort_int8: this row's speed over that row's, the paired ratio of the rounds [interval]. "
         f"cosine_min: worst text vs {reference} on these texts; varied_min: the same on {len(FIDELITY_TEXTS)} varied "
         f"texts. Full rows in results.csv (p50, cosine mean, texts/s = {reference}'s {reference_speed:.1f} x "
         "vs_encode).")
     for name, why in choice.excluded.items():
-        if name in embedders:
-            say(f"cannot win: {name}: {why}", "  ")
+        say(f"cannot win: {name}: {why}", "  ")
     ours = [row["workload"] for row in rows if row["workload"] not in {*PEERS, *choice.excluded}]
     pytorch = recipes.fastest(ours, comparison.ratio)  # our best, for the line that tells PyTorch and peers apart
     pairs = {(choice.winner, reference), (choice.winner, choice.best_peer), (pytorch, choice.best_peer)}
@@ -1077,8 +1113,9 @@ def peers_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dic
     for line in lines:
         say(line, "  ")
     result = {"rows": rows, "baseline": reference, "texts": len(corpus), "text_source": source, "verdicts": lines,
-              "winner": choice.winner, "best_peer": choice.best_peer, "excluded": choice.excluded,
-              "config": config.get(choice.winner), "pairs": recipes.pairwise(list(embedders), comparison.ratio),
+              "screening": {"texts": len(sample), "rows": screened, "stopped": stopped}, "winner": choice.winner,
+              "best_peer": choice.best_peer, "excluded": {**stopped, **choice.excluded},
+              "config": config.get(choice.winner), "pairs": recipes.pairwise(going, comparison.ratio),
               "bars": []}
     if choice.winner:
         result["example_embeddings"] = built[choice.winner]["output"].tolist()

@@ -37,19 +37,19 @@ def failing_fidelity(row: dict[str, Any], bar: FidelityBar) -> str | None:
     return f"misses the fidelity bar ({', '.join(problems)})" if problems else None
 
 
-def fastest(names: Sequence[str], ratio: Ratio) -> str | None:
-    """The candidate that is faster than the most others by their direct paired ratio (Copeland count).
-
-    Ties go to the larger geometric mean of its direct ratios against the rest; None when there are no names.
-    """
-    if not names:
-        return None
-
+def ranked(names: Sequence[str], ratio: Ratio) -> list[str]:
+    """The candidates fastest first: by how many others each is faster than by their direct paired ratio (Copeland
+    count), ties by the larger geometric mean of those ratios."""
     def score(name: str) -> tuple[int, float]:
         others = [ratio(name, other)[0] for other in names if other != name]
         return sum(r > 1 for r in others), sum(math.log(r) for r in others)
 
-    return max(names, key=score)
+    return sorted(names, key=score, reverse=True)
+
+
+def fastest(names: Sequence[str], ratio: Ratio) -> str | None:
+    """The first of `ranked`: the candidate faster than the most others by direct ratio (None when there are none)."""
+    return next(iter(ranked(names, ratio)), None)
 
 
 @dataclass
@@ -73,6 +73,26 @@ def choose(rows: Sequence[dict[str, Any]], ratio: Ratio, peers: Sequence[str], b
     winner = fastest(qualified, ratio)
     best_peer = fastest([name for name in qualified if name in peers and name != winner], ratio)
     return Choice(winner, best_peer, excluded)
+
+
+def finalists(rows: Sequence[dict[str, Any]], ratio: Ratio, peers: Sequence[str], bar: FidelityBar,
+              keep: Sequence[str] = (), own: int = 2) -> tuple[list[str], dict[str, str]]:
+    """Screening: the `own` fastest non-peer candidates and the fastest peer keeping the bar go on (with `keep`,
+    in row order); every other candidate with why it stops here."""
+    choice = choose(rows, ratio, peers, bar)
+    qualified = [row["workload"] for row in rows if row["workload"] not in choice.excluded]
+    ours = ranked([name for name in qualified if name not in peers], ratio)
+    theirs = ranked([name for name in qualified if name in peers], ratio)
+    going = {*ours[:own], *theirs[:1], *keep}
+    stopped = {}
+    for row in rows:
+        name = row["workload"]
+        if name in going:
+            continue
+        leader = (theirs if name in peers else ours)[0]
+        estimate, low, high = ratio(name, leader)
+        stopped[name] = choice.excluded.get(name) or f"{estimate:.2f}x [{low:.2f}-{high:.2f}] the speed of {leader}"
+    return [row["workload"] for row in rows if row["workload"] in going], stopped
 
 
 def pairwise(names: Sequence[str], ratio: Ratio) -> dict[str, dict[str, list[float]]]:
