@@ -208,7 +208,7 @@ VERDICT_RULE = (
     "How to read a verdict: A is timed against B in alternating rounds; the ratio is the median of the per-round "
     "t_B/t_A, with an exact interval. faster/slower: the whole interval is beyond +-3%. within +-3%: the interval "
     "excludes 1 but stays inside +-3%, too small to matter. no measurable difference: the interval contains 1 and "
-    "stays inside +-3%. inconclusive: the interval is too wide to say; more rounds would settle it."
+    "stays inside +-3%. inconclusive: the interval is too wide to say; more rounds would tell."
 )
 VERDICT_WORDS = {"faster": "faster", "slower": "slower", "negligible": "within +-3%: too small to matter",
                  "same": "no measurable difference", "inconclusive": "inconclusive"}
@@ -247,11 +247,11 @@ def rounds_to_settle(estimate: float, low: float, high: float, rounds: int, boun
     return max(rounds + 1, math.ceil(rounds * (half_width / margin) ** 2))
 
 
-def settle_text(needed: int | None) -> str:
-    """How many rounds would settle an undecided result, in words."""
+def settle_text(needed: int | None, question: str = "whether it is beyond +-3%") -> str:
+    """How many rounds would settle an undecided result, in words, naming the question they would answer."""
     if needed is None or needed > MAX_SETTLE_ROUNDS:
-        return f"more than {MAX_SETTLE_ROUNDS:,} rounds would be needed to settle it"
-    return f"about {needed:,} rounds would settle it"
+        return f"more than {MAX_SETTLE_ROUNDS:,} rounds would be needed to tell {question}"
+    return f"about {needed:,} rounds would tell {question}"
 
 
 @dataclass

@@ -220,7 +220,8 @@ def ratio_bar(name: str, target: str, measured: str, ratio: tuple[float, float, 
     estimate, low, high = ratio
     status = interval_status(low, high, minimum)
     if status == "INCONCLUSIVE":
-        measured += "; " + settle_text(rounds_to_settle(estimate, low, high, rounds, (minimum,)))
+        measured += "; " + settle_text(rounds_to_settle(estimate, low, high, rounds, (minimum,)),
+                                       "whether it clears its target")
     return {**performance_bar(name, target, measured, estimate, status), "low": low, "high": high, "minimum": minimum}
 
 

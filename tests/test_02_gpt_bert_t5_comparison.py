@@ -202,6 +202,9 @@ def test_same_shape_encoder_and_decoder_are_compared_round_robin(run):
     encoder, decoder = cells["bert-base-uncased (twin)"], cells["gpt2 (twin)"]
     assert encoder["runs"] == decoder["runs"] == pair["rounds"]
     assert (encoder["p50_ms"], decoder["p50_ms"]) == (pair["encoder_p50_ms"], pair["decoder_p50_ms"])
+    # one estimator: the decoder's cell is the encoder's median at the paired ratio, so the cells agree with it
+    assert decoder["p50_ms"] == pytest.approx(encoder["p50_ms"] * pair["speedup"])
+    assert decoder["p50_ms_own_median"] > 0 and decoder["ci95_low_ms"] <= decoder["p50_ms"] <= decoder["ci95_high_ms"]
     assert pair["speedup_low"] <= pair["speedup"] <= pair["speedup_high"]
 
 

@@ -46,9 +46,9 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("lesson03")
     threads = torch.get_num_threads()
     printed = io.StringIO()
-    try:  # one thread keeps the run fast when other processes share the cores (no timing is asserted)
+    try:  # two threads: what a 2-core CI machine offers (no timing is asserted)
         with contextlib.redirect_stdout(printed):
-            code = lesson.main(["--quick", "--source", "bundled", "--threads", "1", "--output-dir", str(out)])
+            code = lesson.main(["--quick", "--source", "bundled", "--threads", "2", "--output-dir", str(out)])
     finally:
         torch.set_num_threads(threads)
     # wrapped sentences joined back into one line each: the tests look for whole sentences
@@ -91,7 +91,8 @@ def test_report_has_every_performance_bar_with_its_rounds(quick_run):
     for name in ("batched vs batch-1 throughput", "length-sorted dynamic vs pad-to-max"):
         assert f", {lesson.QUICK.rounds} rounds]" in statuses[name]["measured"]  # decided on >= 3 rounds
     fidelity = "cosine mean >= 0.99 and min >= 0.98"  # issue 11's fidelity bar, for int8 and every recommendation
-    assert statuses["dynamic int8 vs fp32"]["target"] == f">= 1.8x fp32 throughput at {fidelity}"
+    int8_target = f">= {lesson.INT8_SPEEDUP_TARGET}x fp32 throughput at {fidelity}"
+    assert statuses["dynamic int8 vs fp32"]["target"] == int8_target
     peer_bar = statuses["recipe vs best peer runtime"]
     assert peer_bar["target"] == f">= 1.0x the fastest peer runtime, both at {fidelity}"
     sorted_bar = statuses["length-sorted dynamic vs pad-to-max"]
@@ -149,7 +150,7 @@ def test_device_section_shows_the_bad_pattern_as_our_error(quick_run):
 def test_threads_are_restored_and_the_advice_follows_the_verdict(quick_run):
     _, report, _, _ = quick_run
     threads = report["sections"]["2. CPU threads"]
-    assert threads["restored_threads"] == 1  # what --threads 1 set before the section changed it
+    assert threads["restored_threads"] == 2  # what --threads 2 set before the section changed it
     measured = {(row["threads"], row["batch"]) for row in threads["rows"]}
     assert measured == {(n, b) for n in lesson.devices.thread_counts() for b in (1, lesson.QUICK.speed_batch)}
     for size, count in threads["best_threads"].items():

@@ -191,7 +191,7 @@ def test_compare_calls_a_wide_interval_inconclusive_and_says_how_many_rounds_wou
     assert comparison.verdict("a", "b") == "inconclusive"
     needed = meter_module.rounds_to_settle(estimate, low, high, 6, (1 / 1.03, 1.03))
     assert "inconclusive" in comparison.sentence("a", "b")
-    assert (f"about {needed:,} rounds would settle it" in comparison.sentence("a", "b")
+    assert (f"about {needed:,} rounds would tell whether it is beyond +-3%" in comparison.sentence("a", "b")
             or "more than" in comparison.sentence("a", "b"))
 
 

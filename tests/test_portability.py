@@ -195,7 +195,7 @@ def test_lesson_01_quick_runs_without_fcntl_and_proc(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "WEEK3_MODEL_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-c", SIMULATED_PLATFORM, LESSON, "--quick", "--source", "bundled",
-                             "--threads", "1", "--output-dir", str(out)], cwd=ROOT, env=env, text=True,
+                             "--threads", "2", "--output-dir", str(out)], cwd=ROOT, env=env, text=True,
                             capture_output=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Traceback" not in result.stderr

@@ -93,3 +93,13 @@ def test_screening_sends_the_fastest_qualified_of_each_kind_and_the_references_t
     assert stopped["int8 compiled"] == f"{estimate:.2f}x [{low:.2f}-{high:.2f}] the speed of int8 b32"
     assert estimate == pytest.approx(0.6)
     assert recipe.ranked(["fp32", "int8 b64", "int8 b32"], comparison.ratio) == ["int8 b32", "int8 b64", "fp32"]
+
+
+def test_every_batch_size_of_an_own_finalist_goes_on_since_the_sample_pads_differently(monkeypatch):
+    comparison = simulated_comparison(monkeypatch, {"int8 b32": [0.3], "int8 b64": [0.9], "fp32 b32": [0.5],
+                                                    "fp32 b64": [0.6], "encode": [1.0]})
+    rows = [row(name) for name in ("int8 b32", "int8 b64", "fp32 b32", "fp32 b64", "encode")]
+    going, stopped = recipe.finalists(rows, comparison.ratio, peers=("encode",), bar=BAR, own=1,
+                                      family=lambda name: name.split(" b")[0])
+    assert going == ["int8 b32", "int8 b64", "encode"]  # b64 screened slowest of ours, yet it is int8's family
+    assert set(stopped) == {"fp32 b32", "fp32 b64"}
