@@ -219,13 +219,14 @@ def threads_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> d
             rows += [{**row, "threads": n} for n, row in zip(counts, comparison.rows(baseline=label(1), batch=size))]
             print(f"\nbatch {size}, against 1 thread:")
             lines += comparison.print_verdicts(label(1))
-            fastest = max(counts, key=lambda n: comparison.measurements[label(n)].items_per_s)
+            by_label = {label(n): n for n in counts}  # ranked by their direct paired ratios, as every verdict
+            fastest = by_label[recipes.fastest(list(by_label), comparison.ratio)]
             faster = comparison.verdict(label(fastest), label(default)) == "faster"
             recommended[str(size)] = fastest if faster else default
             decisions[str(size)] = f"use {label(recommended[str(size)])}: " + (
                 comparison.sentence(label(fastest), label(default)) if fastest != default
-                else f"torch's default of {default} was the fastest")
-            print(f"batch {size}: {decisions[str(size)]}")
+                else f"torch's default of {default} was the fastest by direct paired ratios")
+            say(f"batch {size}: {decisions[str(size)]}")
     finally:
         torch.set_num_threads(default)  # later sections (and the learner's next line) get the default back
     print_table(rows, ["threads", "batch", *SPEED], title=f"torch.set_num_threads on {loaded.info.label} "
@@ -871,8 +872,8 @@ def offload_rows(ctx: cli.Context, s: Settings) -> tuple[list[dict], str]:
         comparison = ctx.meter().compare(runs, items=4, warmup=1, min_rounds=s.rounds, progress="offloading")
     rows = [{**row, "technique": row["workload"], **first[row["workload"]]}
             for row in comparison.rows(baseline="whole model in memory")]
-    print_table(rows, ["technique", "first_inference_s", "after_first_forward_mib", "p50_ms", "speedup",
-                       "verdict"], title=f"{where.label}: whole, or device_map='auto' under a {OFFLOAD_CAP} cap; MiB "
+    print_table(rows, ["technique", "first_inference_s", "after_first_forward_mib", "p50_ms", "speedup"],
+                title=f"{where.label}: whole, or device_map='auto' under a {OFFLOAD_CAP} cap; MiB "
                 f"above the start ({'CUDA allocated' if ctx.device.type == 'cuda' else 'RSS'})")
     print("\n".join(f"  weights placed, {row['technique']}: {row['placement']}" for row in rows))
     return rows, comparison.print_verdicts("whole model in memory")[0]
@@ -885,8 +886,8 @@ def memory_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> di
     print_table(loads, ["technique", "load_s", "first_inference_s", "load_peak_mib", "after_first_forward_mib",
                         "activations_mib", "weights_mib"],
                 title=f"loading {where.label}, then one forward of {s.speed_batch} sentences (file already in the page "
-                "cache; one load each, so seconds\nare indicative); first_inference = load + first forward; MiB above "
-                f"the start ({'CUDA allocated' if ctx.device.type == 'cuda' else 'RSS'});\nactivations = a later "
+                "cache; one load each, so seconds are indicative); first_inference = load + first forward; MiB above "
+                f"the start ({'CUDA allocated' if ctx.device.type == 'cuda' else 'RSS'}); activations = a later "
                 "forward's peak above the resident weights")
     plain, lean, _, half = loads  # each sentence below is computed from these rows' numbers
     findings = [f"low_cpu_mem_usage=True: load peak {lean['load_peak_mib']:.1f} MiB vs plain "

@@ -185,14 +185,14 @@ class MachineCheck:
     lines: list[str] = field(default_factory=list)
 
 
-def _material(estimate: float) -> bool:
-    """True when a ratio is further from 1 than MACHINE_BAND in either direction."""
-    return abs(math.log(estimate)) > math.log(1 + MACHINE_BAND)
+def _material(estimate: float, band: float = MACHINE_BAND) -> bool:
+    """True when a ratio is further from 1 than the band in either direction."""
+    return abs(math.log(estimate)) > math.log(1 + band)
 
 
-def _differs(estimate: float, low: float, high: float) -> bool:
-    """True when the interval excludes 1 and the estimate is material."""
-    return (low > 1 or high < 1) and _material(estimate)
+def _differs(estimate: float, low: float, high: float, band: float = MACHINE_BAND) -> bool:
+    """True when the interval excludes 1 and the estimate is beyond the band."""
+    return (low > 1 or high < 1) and _material(estimate, band)
 
 
 def _gflops(samples: list[float]) -> float:
@@ -200,8 +200,13 @@ def _gflops(samples: list[float]) -> float:
     return 2 * MATMUL_SIZE**3 / float(np.median(samples)) / 1e9
 
 
-def machine_check(before: dict[str, Any], now: dict[str, Any]) -> MachineCheck:
-    """Compare the two runs' calibration (start and end pooled) and each run's start against its end."""
+def machine_check(before: dict[str, Any], now: dict[str, Any], band: float = MACHINE_BAND) -> MachineCheck:
+    """Compare the two runs' calibration (start and end pooled), and each run's start against its later checks.
+
+    A check counts as drift only beyond `band`, the band every row verdict must clear: a row moved by a smaller drift
+    cannot clear it. (A/A pairs of 04 --quick on a shared VM: its 7-call calibration swung 1.3-1.9x within quiet
+    runs, so drift at MACHINE_BAND withheld all 15 pairs, while the rows' own band (0.24-1.47 there) kept the
+    verdicts from those pairs to 2 false in 255.)"""
     pooled = [_calibration_samples(c, "start") + _calibration_samples(c, "end") for c in (before, now)]
     if not pooled[0] or not pooled[1]:
         return MachineCheck(None, lines=["a report has no calibration: machine state cannot be checked, so the "
@@ -212,13 +217,14 @@ def machine_check(before: dict[str, Any], now: dict[str, Any]) -> MachineCheck:
         start = _calibration_samples(calibration, "start")
         later = [samples for samples in [*map(_point_samples, calibration.get("sections") or []),
                                          _calibration_samples(calibration, "end")] if samples]
-        moved = [samples for samples in later if start and _differs(*ratio_interval(start, samples)[:3])]
+        moved = [samples for samples in later if start and _differs(*ratio_interval(start, samples)[:3], band)]
         if moved:
             furthest = max(moved, key=lambda samples: abs(math.log(ratio_interval(start, samples)[0])))
             check.drifted = True
             check.lines.append(
                 f"the machine changed during {name}: calibration matmul went from {_gflops(start):.1f} GFLOP/s at "
-                f"its start to {_gflops(furthest):.1f} at a later check ({len(moved)} of {len(later)} checks moved), "
+                f"its start to {_gflops(furthest):.1f} at a later check ({len(moved)} of {len(later)} checks moved "
+                f"beyond +-{band:.0%}), "
                 "so part of that run's rows ran on another machine state than the rest: no row gets a "
                 "faster/slower verdict")
     # A run whose machine changed between its start and end is not comparable whatever the pooled factor says: an
@@ -347,12 +353,12 @@ def _cut(text: str, width: int) -> str:
 
 def compare_reports(before: dict[str, Any], now: dict[str, Any]) -> RunComparison:
     """Compare every measurement with samples in both reports, after checking the machine and the environment."""
-    machine = machine_check(before.get("calibration", {}), now.get("calibration", {}))
     old_rows = {row_key(row): row for row in before.get("rows", []) if row.get("samples_ms")}
     new_rows = {row_key(row): row for row in now.get("rows", []) if row.get("samples_ms")}
     shared = [key for key in new_rows if key in old_rows]
     band = run_band([float(np.median(new_rows[key]["samples_ms"]) / np.median(old_rows[key]["samples_ms"]))
                      for key in shared])
+    machine = machine_check(before.get("calibration", {}), now.get("calibration", {}), max(MACHINE_BAND, band))
     changes = [row_change(old_rows[key], new_rows[key], machine.factor, machine.differs, band) for key in shared]
     return RunComparison(machine, environment_changes(before, now), changes,
                          len(old_rows) - len(shared), len(new_rows) - len(shared), band)
