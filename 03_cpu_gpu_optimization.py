@@ -1366,7 +1366,11 @@ def batching_chart(rows: list[dict], bar: dict, out_dir: Any) -> Any:
                f", {bar['status'].lower()} [{bar['low']:.2f}-{bar['high']:.2f}]")  # the bar's word when unsettled
     fig, ax = plots.figure(f"Sorted dynamic padding: {bar['value']:.1f}x the texts/s of pad-to-max (each at its best"
                            f"{settled})", "batch size (texts)", "throughput (texts/s)")
-    plots.lines_by(ax, rows, "batch", "items_per_s", lambda r: r["strategy"])
+    # sorting a batch of one text changes nothing, so the sorted line starts from the dynamic batch-1 point
+    one_text = [{**r, "strategy": "dynamic + sorted"} for r in rows if (r["strategy"], r["batch"]) == ("dynamic", 1)]
+    order = list(dict.fromkeys(r["strategy"] for r in rows))
+    points = sorted(rows + one_text, key=lambda r: (order.index(r["strategy"]), r["batch"]))
+    plots.lines_by(ax, points, "batch", "items_per_s", lambda r: r["strategy"])
     return plots.save(fig, out_dir, "batching")
 
 
