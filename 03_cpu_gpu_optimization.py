@@ -1083,8 +1083,8 @@ def peers_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dic
     print_table([{**row, "cosine_min": f"{row['cosine_min']:.4f}", "varied_min": f"{row['varied_min']:.4f}",
                   "final": "yes" if row["workload"] in going else "no"} for row in screened],
                 ["workload", "vs_encode", "cosine_min", "varied_min", "final"],
-                title=f"screening: every candidate on {len(sample)} of the {len(corpus)} texts (every "
-                      f"{s.screen_every}th by length), one round-robin")
+                title=f"screening: every candidate on {len(sample)} of the {len(corpus)} texts (one in "
+                      f"{s.screen_every}, spread over the lengths), one round-robin")
     say(f"the {len(going)} finalists: up to two fastest of ours (each at every batch size tried: the sample pads "
         f"differently) and the fastest peer that keep {FIDELITY_TEXT} on both text sets, with "
         f"{' and '.join(name for name in (reference, runtimes.ONNX_INT8) if name in going)} (the columns' "

@@ -101,8 +101,9 @@ class ModelInfo:
     def line(self) -> str:
         """The short load record every script prints (the origin, package and licence, goes to the report)."""
         role = f"role={self.role} " if self.role and self.role != self.name else ""
-        return (f"[model] {role}{self.name} source={self.source} | {self.params / 1e6:.1f}M params {self.dtype} "
-                f"{self.device} | load {self.load_s:.2f} s")
+        head = f"[model] {role}{self.name} source={self.source}"
+        tail = f"| {self.params / 1e6:.1f}M params {self.dtype} {self.device} | load {self.load_s:.2f} s"
+        return f"{head} {tail}" if len(head) + 1 + len(tail) <= 120 else f"{head}\n  {tail}"  # tables' width
 
 
 @dataclass

@@ -264,3 +264,13 @@ def test_load_model_gives_transformers_the_gpu_with_its_index(pretend_gpu, monke
     with pytest.raises(UserError):
         models.load_model("encoder", source="bundled", device="cuda", verbose=False)
     assert seen["device_map"] == torch.device("cuda", 1)
+
+
+def test_a_long_model_line_wraps_before_its_figures_and_fits_120_columns():
+    def info(name: str) -> models.ModelInfo:
+        return models.ModelInfo("classifier", name, "hub", "o", "encoder", 66_955_010, "float32", "cpu", 0.25, True)
+
+    short, long = info("distilbert").line(), info("distilbert-base-uncased-finetuned-sst-2-english" * 2).line()
+    assert short == "[model] role=classifier distilbert source=hub | 67.0M params float32 cpu | load 0.25 s"
+    head, tail = long.split("\n")
+    assert head.endswith(" source=hub") and tail == "  | 67.0M params float32 cpu | load 0.25 s"
