@@ -1086,7 +1086,8 @@ def peers_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dic
                 title=f"screening: every candidate on {len(sample)} of the {len(corpus)} texts (one in "
                       f"{s.screen_every}, spread over the lengths), one round-robin")
     say(f"the {len(going)} finalists: up to two fastest of ours (each at every batch size tried: the sample pads "
-        f"differently) and the fastest peer that keep {FIDELITY_TEXT} on both text sets, with "
+        f"differently) and every peer that keep {FIDELITY_TEXT} on both text sets (a sample must not pick the "
+        f"recipe bar's opponent), with "
         f"{' and '.join(name for name in (reference, runtimes.ONNX_INT8) if name in going)} (the columns' "
         "references). Stopped here:")
     for name, why in stopped.items():

@@ -78,14 +78,15 @@ def choose(rows: Sequence[dict[str, Any]], ratio: Ratio, peers: Sequence[str], b
 def finalists(rows: Sequence[dict[str, Any]], ratio: Ratio, peers: Sequence[str], bar: FidelityBar,
               keep: Sequence[str] = (), own: int = 2,
               family: Callable[[str], Any] = lambda name: name) -> tuple[list[str], dict[str, str]]:
-    """Screening: the `own` fastest non-peer candidates and the fastest peer keeping the bar go on, with `keep` and
-    every qualified candidate of an own finalist's `family` (in row order); every other one with why it stops here."""
+    """Screening: the `own` fastest non-peer candidates keeping the bar go on, with every peer keeping it (the recipe
+    bar's opponent is decided on the whole corpus, not on a sample), `keep`, and every qualified candidate of an own
+    finalist's `family` (in row order); every other one with why it stops here."""
     choice = choose(rows, ratio, peers, bar)
     qualified = [row["workload"] for row in rows if row["workload"] not in choice.excluded]
     ours = ranked([name for name in qualified if name not in peers], ratio)
     theirs = ranked([name for name in qualified if name in peers], ratio)
     families = {family(name) for name in ours[:own]}
-    going = {*ours[:own], *theirs[:1], *keep, *(name for name in ours if family(name) in families)}
+    going = {*ours[:own], *theirs, *keep, *(name for name in ours if family(name) in families)}
     stopped = {}
     for row in rows:
         name = row["workload"]
