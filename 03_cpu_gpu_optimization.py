@@ -1085,9 +1085,9 @@ def peers_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> dic
                 ["workload", "vs_encode", "cosine_min", "varied_min", "final"],
                 title=f"screening: every candidate on {len(sample)} of the {len(corpus)} texts (one in "
                       f"{s.screen_every}, spread over the lengths), one round-robin")
-    say(f"the {len(going)} finalists: up to two fastest of ours (each at every batch size tried: the sample pads "
-        f"differently) and every peer that keep {FIDELITY_TEXT} on both text sets (a sample must not pick the "
-        f"recipe bar's opponent), with "
+    say(f"the {len(going)} finalists: up to two of ours, the fastest that keep {FIDELITY_TEXT} on both text sets "
+        "(each at every batch size tried: the sample pads differently); every peer that keeps it (a sample must not "
+        "pick the recipe bar's opponent); and "
         f"{' and '.join(name for name in (reference, runtimes.ONNX_INT8) if name in going)} (the columns' "
         "references). Stopped here:")
     for name, why in stopped.items():
