@@ -92,9 +92,11 @@ def finalists(rows: Sequence[dict[str, Any]], ratio: Ratio, peers: Sequence[str]
         name = row["workload"]
         if name in going:
             continue
-        leader = (theirs if name in peers else ours)[0]
-        estimate, low, high = ratio(name, leader)
-        stopped[name] = choice.excluded.get(name) or f"{estimate:.2f}x [{low:.2f}-{high:.2f}] the speed of {leader}"
+        if name in choice.excluded:  # every qualified peer goes on, so a stopped peer is always here
+            stopped[name] = choice.excluded[name]
+            continue
+        estimate, low, high = ratio(name, ours[0])
+        stopped[name] = f"{estimate:.2f}x [{low:.2f}-{high:.2f}] the speed of {ours[0]}"
     return [row["workload"] for row in rows if row["workload"] in going], stopped
 
 

@@ -105,3 +105,10 @@ def test_every_batch_size_of_an_own_finalist_goes_on_since_the_sample_pads_diffe
                                       family=lambda name: name.split(" b")[0])
     assert going == ["int8 b32", "int8 b64", "encode"]  # b64 screened slowest of ours, yet it is int8's family
     assert set(stopped) == {"fp32 b32", "fp32 b64"}
+
+
+def test_screening_when_nothing_of_ours_keeps_the_bar_stops_them_all_with_the_reason(monkeypatch):
+    comparison = simulated_comparison(monkeypatch, {"int8": [0.3], "int8 b64": [0.35], "encode": [1.0]})
+    rows = [row("int8", worst=0.9), row("int8 b64", worst=0.9), row("encode")]
+    going, stopped = recipe.finalists(rows, comparison.ratio, peers=("encode",), bar=BAR)
+    assert going == ["encode"] and all(why.startswith("misses the fidelity bar") for why in stopped.values())
