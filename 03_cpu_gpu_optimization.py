@@ -331,16 +331,17 @@ def precision_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) ->
 # ------------------------------------------------------------------------------------ 5. quantization
 
 
-def quantization_recipes(where: models.Checkpoint, fp32_model: Any, device: torch.device,
+def quantization_recipes(where: models.Checkpoint, fp32_model: Any, device: torch.device, torchao: bool,
                          **load: Any) -> dict[str, Callable[[], Any]]:
-    """How each quantised variant is made: dynamic int8 converts a loaded model, bitsandbytes quantises as it loads."""
+    """How each quantised variant is made: dynamic int8 converts a loaded model, bitsandbytes quantises as it loads;
+    torchao's int8 only when asked for (and installed)."""
     auto = AutoModelForCausalLM if where.kind == "decoder" else AutoModel
     compute = bnb_compute_dtype(device)  # the unquantised parts load in it too: fp32 would be cast on every Linear
     four_bit = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
     recipes = {"int8-dynamic": lambda: int8_dynamic(fp32_model)}
     if quantize.choose_activation_range().measure_both:  # AVX2 only: show what 8-bit activations' saturation costs
         recipes["int8-dynamic-8bit"] = lambda: int8_dynamic(fp32_model, reduce_range=False)
-    if quantize.torchao_unavailable() is None:
+    if torchao and quantize.torchao_unavailable() is None:
         recipes["torchao-int8"] = lambda: quantize.quantize_torchao_int8(fp32_model)
     return {
         **recipes,
@@ -435,9 +436,8 @@ def quantized_encoders(ctx: cli.Context, s: Settings) -> tuple[list[dict], Compa
     """fp32, int8 and bitsandbytes 8/4-bit encoders, timed round-robin: size, speed, cosine (and per-tensor int8's)."""
     where = models.checkpoint(ENCODER_ROLE, ctx.source)
     fp32 = ctx.load(ENCODER_ROLE)
-    builders, mixed = {"fp32": lambda: fp32.model, **quantization_recipes(where, fp32.model, ctx.device)}, {}
-    if not s.torchao:
-        builders.pop("torchao-int8", None)
+    builders, mixed = {"fp32": lambda: fp32.model, **quantization_recipes(where, fp32.model, ctx.device,
+                                                                          s.torchao)}, {}
     if ctx.device.type == "cpu":
         builders["int8-mixed"] = lambda: mixed.setdefault("model", mixed_int8(ctx, s, fp32))[0]
     built = ctx.build_each("encoder", builders, lambda key: variant_unavailable(key, ctx.device),
@@ -476,9 +476,7 @@ def quantized_decoders(ctx: cli.Context, s: Settings, slow: dict[str, str]) -> t
             tokens[key] = greedy(model, s.greedy_tokens)  # greedy repeats itself: any call's tokens are the answer
         return run
 
-    builders = {"fp32": lambda: fp32.model, **quantization_recipes(where, fp32.model, ctx.device)}
-    if not s.torchao:
-        builders.pop("torchao-int8", None)
+    builders = {"fp32": lambda: fp32.model, **quantization_recipes(where, fp32.model, ctx.device, s.torchao)}
     for key in ("bnb-8bit", "bnb-4bit") if not s.decoder_bnb and ctx.device.type == "cpu" else ():
         del builders[key]
         ctx.report.skip(f"decoder {VARIANT_LABELS[key]}", "--quick (bitsandbytes generation on a CPU takes "
@@ -497,9 +495,9 @@ def quantized_decoders(ctx: cli.Context, s: Settings, slow: dict[str, str]) -> t
     lines = comparison.print_verdicts("fp32")
     if where.meaningful:  # a twin's text is noise
         print(f"greedy continuations of {DECODER_PROMPT!r}:")
-    for key in built if where.meaningful else ():
-        text = fp32.tokenizer.decode(tokens[key], skip_special_tokens=True)
-        print(f"  {VARIANT_LABELS[key]:>31}: {textwrap.shorten(repr(text), 84, placeholder='...')}")
+        for key in built:
+            text = fp32.tokenizer.decode(tokens[key], skip_special_tokens=True)
+            print(f"  {VARIANT_LABELS[key]:>31}: {textwrap.shorten(repr(text), 84, placeholder='...')}")
     return rows, lines
 
 
@@ -984,11 +982,7 @@ def candidates(ctx: cli.Context, s: Settings, results: dict[str, Any]) -> tuple[
                                        settings["reduce_range"])
 
     def torchao_int8() -> Any:  # int8 weights and per-token int8 activations; inductor compiles its int8 matmuls
-        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
-
-        model = copy.deepcopy(fp32.model)
-        quantize_(model, Int8DynamicActivationInt8WeightConfig(reduce_range=settings["reduce_range"]))
-        return torch.compile(model, dynamic=True)
+        return torch.compile(quantize.quantize_torchao_int8(fp32.model, settings["reduce_range"]), dynamic=True)
 
     def pt2e_int8() -> Any:  # export, annotate for x86 int8, convert: inductor fuses quantise + int8 matmul
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -1219,7 +1213,7 @@ def gpu_memory_section(ctx: cli.Context, s: Settings, results: dict[str, Any]) -
     half = torch.bfloat16 if devices.native_bf16(device) else torch.float16
     variants = {"fp32": (fp32, None), f"{'bf16' if half == torch.bfloat16 else 'fp16'} autocast": (fp32, half),
                 "fp16 weights (.half())": (lambda: fp32().half(), None)}
-    bnb = quantization_recipes(where, None, device)
+    bnb = quantization_recipes(where, None, device, torchao=False)
     variants.update({VARIANT_LABELS[key]: (bnb[key], None) for key in ("bnb-8bit", "bnb-4bit")
                      if not variant_unavailable(key, device)})
     precision_rows = [{"variant": name, **footprint(device, load, batch, autocast)}

@@ -265,12 +265,13 @@ def torchao_unavailable() -> str | None:
     return None
 
 
-def quantize_torchao_int8(model: nn.Module) -> nn.Module:
-    """A copy quantised with torchao's int8 dynamic-activation / int8-weight config (what PyTorch now points to)."""
+def quantize_torchao_int8(model: nn.Module, reduce_range: bool = False) -> nn.Module:
+    """A copy quantised with torchao's int8 dynamic-activation / int8-weight config (what PyTorch now points to);
+    reduce_range=True gives the activations 7 bits, as the CPU's activation range asks."""
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
     quantised = copy.deepcopy(model)
-    quantize_(quantised, Int8DynamicActivationInt8WeightConfig())
+    quantize_(quantised, Int8DynamicActivationInt8WeightConfig(reduce_range=reduce_range))
     return quantised
 
 

@@ -84,9 +84,9 @@ def finalists(rows: Sequence[dict[str, Any]], ratio: Ratio, peers: Sequence[str]
     choice = choose(rows, ratio, peers, bar)
     qualified = [row["workload"] for row in rows if row["workload"] not in choice.excluded]
     ours = ranked([name for name in qualified if name not in peers], ratio)
-    theirs = ranked([name for name in qualified if name in peers], ratio)
     families = {family(name) for name in ours[:own]}
-    going = {*ours[:own], *theirs, *keep, *(name for name in ours if family(name) in families)}
+    going = {*ours[:own], *(name for name in qualified if name in peers), *keep,
+             *(name for name in ours if family(name) in families)}
     stopped = {}
     for row in rows:
         name = row["workload"]
