@@ -21,7 +21,7 @@ import torch
 
 from common.calibration import calibrate
 from common.errors import UserError, first_line
-from common.meter import rounds_to_settle, settle_text
+from common.meter import Comparison, rounds_to_settle, settle_text
 
 if TYPE_CHECKING:
     from common.cli import OutputLock
@@ -237,11 +237,38 @@ def limit_bar(name: str, target: str, measured: str, fraction: tuple[float, floa
             "minimum": minimum}
 
 
-def collect_bars(results: dict[str, Any], names: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Every named bar from the sections' results ("bars" lists), in order; one no section produced reads NOT RUN."""
-    measured = {bar["bar"]: bar for result in results.values() if result for bar in result.get("bars", [])}
-    return [measured.get(name, {"bar": name, "target": "-", "measured": "not measured (its section did not run or "
-                                "failed)", "value": None, "status": "NOT RUN"}) for name in names]
+SPEED_COLUMNS = ("workload", "p50_ms", "items_per_s", "speedup", "verdict")
+HOW_TO_READ = ("How to read the timing tables: the workloads of a table run in turns (round-robin rounds: one call of "
+               "each per round, so a busy neighbour slows all of them alike). p50_ms is a row's own median time per "
+               "call; `(! 12%)` beside it marks a noisy row (interquartile range / median). speedup is the median of "
+               "the per-round time ratios against the baseline row, with its exact 95% interval in brackets "
+               "(coverage is lower with few rounds).")
+_legend_printed = False
+
+
+def show(comparison: Comparison, baseline: str, title: str, *, extra: dict[str, dict[str, Any]] | None = None,
+         columns: tuple[str, ...] = (), report: "Report | None" = None, section: str | None = None,
+         bar: tuple[str, str, float] | None = None) -> list[dict[str, Any]]:
+    """The one way a lesson shows a comparison: a table (each row its own median, items/s, the paired ratio against
+    `baseline` with its interval, the verdict, then `columns` from `extra[workload]`), the rows recorded in the report
+    under `section`, and with `bar=(name, workload, minimum)` that ratio's performance bar, printed once under it.
+    Returns the rows (extra merged in), for the lesson's chart."""
+    global _legend_printed
+    if not _legend_printed:
+        _legend_printed = True
+        say(HOW_TO_READ)
+    rows = [{**row, **(extra or {}).get(row["workload"], {})} for row in comparison.rows(baseline=baseline)]
+    for row in rows:
+        row["sentence"] = "" if row["workload"] == baseline else comparison.sentence(row["workload"], baseline)
+    print_table(rows, [*SPEED_COLUMNS, *columns], title=f"{title}; speedup vs {baseline}")
+    if report is not None:
+        report.add_rows(section or title, rows)
+        if bar is not None:
+            name, workload, minimum = bar
+            measured = f"{workload} vs {baseline}, the speedup in the table above"  # the ratio is stated once
+            report.add_bar(ratio_bar(name, f">= {minimum:g}x", measured, comparison.ratio(workload, baseline),
+                                     comparison.rounds, minimum))
+    return rows
 
 
 def _is_table(value: Any) -> bool:
@@ -264,6 +291,7 @@ class Report:
         self.rows: list[dict[str, Any]] = []
         self.models: list[dict[str, Any]] = []
         self.charts: list[str] = []
+        self.bars: list[dict[str, Any]] = []  # printed once where measured; counted again only in finish's line
         self.section_seconds: dict[str, float] = {}
         self.calibration: dict[str, dict[str, Any]] = {}  # "start" and "end": see common.calibration
         self.partial = False
@@ -345,6 +373,11 @@ class Report:
         if all(tuple(m.get(k) for k in key) != tuple(model.get(k) for k in key) for m in self.models):
             self.models.append(to_jsonable(model))
 
+    def add_bar(self, bar: dict[str, Any]) -> dict[str, Any]:
+        """Keep a performance bar (already printed where it was measured) for the report and finish's count."""
+        self.bars.append(bar)
+        return bar
+
     def add_chart(self, path: Path | None) -> None:
         """Remember a chart file so the report can list it (None: the chart could not be saved, already said)."""
         if path is not None:
@@ -367,6 +400,7 @@ class Report:
             "skipped": self.skipped,
             "section_seconds": self.section_seconds,
             "charts": self.charts,
+            "bars": self.bars,
             "rows": self.rows,
         })
 
@@ -395,6 +429,9 @@ class Report:
             lines += ["## Failed sections", ""] + [f"- **{k}**: {v}" for k, v in data["failures"].items()] + [""]
         if data["skipped"]:
             lines += ["## Skipped", ""] + [f"- **{k}**: {v}" for k, v in data["skipped"].items()] + [""]
+        if data["bars"]:
+            lines += ["## Performance bars", "", markdown_table(data["bars"], ["status", "bar", "measured", "target"]),
+                      ""]
         if data["charts"]:
             lines += ["## Charts", ""] + [f"- {Path(c).name}" for c in data["charts"]] + [""]
         return "\n".join(lines)
@@ -425,6 +462,11 @@ class Report:
         print(f"\n{'=' * 78}")
         for path in paths + [Path(c) for c in self.charts]:
             print(f"wrote {path}")
+        if self.bars:
+            counts = {status: sum(bar["status"] == status for bar in self.bars)
+                      for status in dict.fromkeys(bar["status"] for bar in self.bars)}
+            print("performance bars (each printed under its table; listed in report.md): "
+                  + ", ".join(f"{n} {status}" for status, n in counts.items()))
         if self.failures:
             print(f"{len(self.failures)} section(s) failed: {', '.join(self.failures)}")
         print(f"total wall time: {time.perf_counter() - self.started:.1f} s")

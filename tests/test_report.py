@@ -187,10 +187,39 @@ def test_first_line_keeps_the_type_and_the_first_line_only():
     assert first_line(ValueError()) == "ValueError: "
 
 
-def test_collect_bars_keeps_the_named_order_and_marks_missing_ones_not_run():
-    results = {"a": {"bars": [{"bar": "second", "status": "PASS"}]}, "b": None, "c": {"rows": []}}
-    bars = report.collect_bars(results, ("first", "second"))
-    assert [(bar["bar"], bar["status"]) for bar in bars] == [("first", "NOT RUN"), ("second", "PASS")]
+def paired(samples: dict[str, list[float]]):
+    """A Comparison from known per-round times (seconds), as the meter would return it."""
+    from common.meter import Comparison, PerformanceMeter
+    meter = PerformanceMeter()
+    measurements = {name: meter.measure(name, lambda: None, warmup=0, min_runs=1, max_runs=1) for name in samples}
+    for name, values in samples.items():
+        measurements[name] = report_measurement(measurements[name], values)
+    return Comparison(measurements, [])
+
+
+def report_measurement(template, values):
+    import dataclasses
+    from common.meter import Stats
+    stats = Stats.from_samples(values)
+    return dataclasses.replace(template, samples_s=values, stats=stats, items_per_s=1 / stats.median)
+
+
+def test_show_prints_each_rows_own_median_and_the_ratio_once_and_records_rows_and_bar(tmp_path, capsys):
+    rep = Report("05_example", tmp_path, {"device": "cpu"})
+    base = [0.010, 0.011, 0.012, 0.010, 0.011, 0.010, 0.012]
+    fast = [t / 2.5 for t in base]  # 2.5x in every round
+    rows = report.show(paired({"slow": base, "fast": fast}), "slow", "two workloads", report=rep, section="demo",
+                       extra={"fast": {"cosine_min": 0.97}}, columns=("cosine_min",),
+                       bar=("fast enough", "fast", 2.0))
+    out = capsys.readouterr().out
+    by_name = {row["workload"]: row for row in rows}
+    assert by_name["fast"]["p50_ms"] == pytest.approx(np.median(fast) * 1e3)  # its own median, never derived
+    assert by_name["slow"]["p50_ms"] == pytest.approx(11.0)
+    assert by_name["fast"]["speedup"] == pytest.approx(2.5) and by_name["fast"]["cosine_min"] == 0.97
+    assert out.count("2.50x") == 1  # the table cell only: the bar under it points at it
+    assert "[PASS] fast enough" in out and "How to read the timing tables" in out
+    assert [row["section"] for row in rep.rows] == ["demo", "demo"]
+    assert (rep.bars[0]["status"], rep.bars[0]["value"]) == ("PASS", pytest.approx(2.5))
 
 
 def test_attempt_records_a_failing_item_and_goes_on(tmp_path, capsys):
