@@ -619,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx.report.run_section(title, section.__doc__, section, ctx, s, given[:MAX_USER_TEXTS_SHOWN])
     ctx.report.run_section("5. Custom pipelines", custom_pipelines_section.__doc__, custom_pipelines_section, ctx, s)
     memory.cleanup()
-    return ctx.report.finish()
+    return ctx.finish()
 
 
 if __name__ == "__main__":

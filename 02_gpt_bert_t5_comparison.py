@@ -797,7 +797,7 @@ def main(argv: list[str] | None = None) -> int:
     speed = run("3. Speed", speed_section.__doc__, speed_section, ctx, contenders, facts)
     memory_rows = run("4. Memory", memory_section.__doc__, memory_section, ctx, contenders)
     run("5. Summary", summary_section.__doc__, summary_section, ctx, contenders, facts, speed, memory_rows)
-    return ctx.report.finish()
+    return ctx.finish()
 
 
 if __name__ == "__main__":

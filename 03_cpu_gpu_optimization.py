@@ -1432,7 +1432,7 @@ def main(argv: list[str] | None = None) -> int:
     results = cli.run_sections(ctx, SECTIONS, ctx.pick(FULL, QUICK), only=args.only, results={})
     ctx.report.run_section("Performance bars", bars_section.__doc__, bars_section, ctx, results)
     memory.cleanup()
-    return ctx.report.finish()
+    return ctx.finish()
 
 
 if __name__ == "__main__":

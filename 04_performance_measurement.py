@@ -614,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
         "sections", []).append(calibrate(ctx.device)))
     ctx.report.run_section("7. Report and comparison", report_section.__doc__, report_section, ctx, results,
                            previous)
-    return ctx.report.finish()
+    return ctx.finish()
 
 
 if __name__ == "__main__":

@@ -25,9 +25,9 @@ from common.errors import OutputClosed, Terminated, UserError
 from common import models
 from common.calibration import calibrate
 from common.memory import MIB, peak_rss_method
-from common.meter import PerformanceMeter
+from common.meter import Comparison, PerformanceMeter
 from common.models import SOURCES
-from common.report import Report
+from common.report import Report, show
 
 T = TypeVar("T")
 THREADS_PER_CORE_LIMIT = 4  # more torch threads than this per core only thrash (and 100000 crashes the process)
@@ -158,11 +158,21 @@ class Context:
     device: torch.device
     out_dir: Path
     report: Report
+    output_lock: OutputLock | None = None  # taken in start(), released in close(): no other run writes out_dir
     _loaded: dict[tuple, Any] = field(default_factory=dict, repr=False)
 
     def close(self) -> None:
-        """Release the output folder for the next run (report.finish does it too)."""
-        self.report.release_output()
+        """Release the output folder for the next run (cli.run does it when the lesson returns or stops)."""
+        if self.output_lock is not None:
+            self.output_lock.close()
+            self.output_lock = None
+
+    def finish(self) -> int:
+        """Write the final report, then free the output folder; the exit code (1 if a section failed)."""
+        try:
+            return self.report.finish()
+        finally:
+            self.close()
 
     @property
     def quick(self) -> bool:
@@ -181,6 +191,10 @@ class Context:
     def meter(self, device: torch.device | str | None = None, **overrides: Any) -> PerformanceMeter:
         """The lessons' meter on this run's device (or another), with the full or --quick budget."""
         return PerformanceMeter.for_run(self.quick, self.device if device is None else device, **overrides)
+
+    def show(self, comparison: Comparison, baseline: str, title: str, **options: Any) -> list[dict[str, Any]]:
+        """report.show into this run's report, filed under the running section."""
+        return show(comparison, baseline, title, report=self.report, **options)
 
     def record(self, info: models.ModelInfo) -> models.ModelInfo:
         """List a model the lesson loaded itself in this run's report (provenance: Hub, bundled or twin)."""
@@ -353,8 +367,8 @@ def start(script_file: str, args: argparse.Namespace) -> Context:
         print(f"GPU: {gpu['name']}  {gpu['memory_gib']} GiB  compute capability {gpu['capability']}  driver "
               f"{gpu['driver'] or 'unknown'}  fp32 matmul precision {environment['float32_matmul_precision']}")
     print(f"model source: {args.source}  |  outputs: {out_dir}")
-    report = Report(stem, out_dir, environment, output_lock=lock)
-    _current = Context(args=args, device=device, out_dir=out_dir, report=report)
+    report = Report(stem, out_dir, environment)
+    _current = Context(args=args, device=device, out_dir=out_dir, report=report, output_lock=lock)
     report.calibration["start"] = calibrate(device)
     return _current
 

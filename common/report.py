@@ -14,7 +14,7 @@ import textwrap
 import time
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
@@ -22,9 +22,6 @@ import torch
 from common.calibration import calibrate
 from common.errors import UserError, first_line
 from common.meter import Comparison, rounds_to_settle, settle_text
-
-if TYPE_CHECKING:
-    from common.cli import OutputLock
 
 REPORT_VERSION = 1
 T = TypeVar("T")
@@ -262,7 +259,7 @@ def show(comparison: Comparison, baseline: str, title: str, *, extra: dict[str, 
         row["sentence"] = "" if row["workload"] == baseline else comparison.sentence(row["workload"], baseline)
     print_table(rows, [*SPEED_COLUMNS, *columns], title=f"{title}; speedup vs {baseline}")
     if report is not None:
-        report.add_rows(section or title, rows)
+        report.add_rows(section or report.current or title, rows)
         if bar is not None:
             name, workload, minimum = bar
             measured = f"{workload} vs {baseline}, the speedup in the table above"  # the ratio is stated once
@@ -279,11 +276,9 @@ def _is_table(value: Any) -> bool:
 class Report:
     """Results of one script run, section by section; writes report.json, report.md and results.csv."""
 
-    def __init__(self, script: str, out_dir: Path, environment: dict[str, Any],
-                 output_lock: OutputLock | None = None) -> None:
+    def __init__(self, script: str, out_dir: Path, environment: dict[str, Any]) -> None:
         self.script = script
         self.out_dir = Path(out_dir)
-        self.output_lock = output_lock  # held from cli.start until finish: no other run writes into out_dir meanwhile
         self.environment = environment
         self.sections: dict[str, Any] = {}
         self.failures: dict[str, str] = {}
@@ -291,7 +286,8 @@ class Report:
         self.rows: list[dict[str, Any]] = []
         self.models: list[dict[str, Any]] = []
         self.charts: list[str] = []
-        self.bars: list[dict[str, Any]] = []  # printed once where measured; counted again only in finish's line
+        self.bars: list[dict[str, Any]] = []
+        self.current = ""  # the running section's title: where show() files its rows  # printed once where measured; counted again only in finish's line
         self.section_seconds: dict[str, float] = {}
         self.calibration: dict[str, dict[str, Any]] = {}  # "start" and "end": see common.calibration
         self.partial = False
@@ -303,6 +299,7 @@ class Report:
     def run_section(self, title: str, why: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Print the heading and why (a docstring is fine), run the section, keep its result; failures are recorded."""
         print(f"\n{'=' * 78}\n{title}\n{'=' * 78}\n{inspect.cleandoc(why)}\n")
+        self.current = title
         started = time.perf_counter()
         result = None
         try:
@@ -470,14 +467,7 @@ class Report:
         if self.failures:
             print(f"{len(self.failures)} section(s) failed: {', '.join(self.failures)}")
         print(f"total wall time: {time.perf_counter() - self.started:.1f} s")
-        self.release_output()
         return 1 if self.failures else 0
-
-    def release_output(self) -> None:
-        """Let the next run use the output folder."""
-        if self.output_lock is not None:
-            self.output_lock.close()
-            self.output_lock = None
 
 
 def _markdown_block(result: Any) -> list[str]:

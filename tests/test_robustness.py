@@ -68,7 +68,7 @@ def tiny_main(body=None):
     def main(argv):
         ctx = cli.start("/x/05_example.py", cli.base_parser("test").parse_args(argv))
         ctx.report.run_section("1. only", "why", body or (lambda: {"value": 1}))
-        return ctx.report.finish()
+        return ctx.finish()
 
     return main
 
