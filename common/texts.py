@@ -265,3 +265,12 @@ def documentation_paragraphs(count: int) -> list[str]:
     if not 1 <= count <= len(prose):
         raise ValueError(f"count must be between 1 and {len(prose)} (the prose paragraphs available), got {count}")
     return [prose[i * len(prose) // count] for i in range(count)]
+
+
+def held_out_halves(items: list[str], lengths: list[int]) -> tuple[list[str], list[str]]:
+    """Two halves with the same mix of lengths: the items sorted by length, then every other one to each half. The
+    first half chooses, the second (never seen by the choice) confirms; each keeps the items' original order."""
+    if len(items) != len(lengths) or len(items) < 2:
+        raise ValueError(f"need at least 2 items with a length each, got {len(items)} items, {len(lengths)} lengths")
+    by_length = sorted(range(len(items)), key=lambda i: lengths[i])
+    return [items[i] for i in sorted(by_length[0::2])], [items[i] for i in sorted(by_length[1::2])]
