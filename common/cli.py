@@ -335,8 +335,9 @@ def quiet_transformers() -> None:
         logger.addFilter(_UnusedHeadsOnly())
 
 
-def start(script_file: str, args: argparse.Namespace) -> Context:
-    """Check the device and model caches, claim the output folder, apply threads and seed, print the banner, open
+def start(script_file: str, args: argparse.Namespace, roles: tuple[str, ...] = tuple(models.ROLES)) -> Context:
+    """Check the device, the model caches and that the models for `roles` (roles or catalog names; by default every
+    role the lessons use) can be loaded, claim the output folder, apply threads and seed, print the banner, open
     the report."""
     global _current
     if _current is not None:
@@ -347,6 +348,7 @@ def start(script_file: str, args: argparse.Namespace) -> Context:
     if args.source != "hub":  # twins and the converted decoder are built there
         models.check_cache_root()
     models.check_hub_cache(args.source)
+    models.check_models(roles, args.source)
     stem = Path(script_file).stem
     out_dir = args.output_dir if args.output_dir is not None else Path(script_file).resolve().parent / "outputs" / stem
     lock = claim_output_dir(out_dir, stem)
@@ -422,6 +424,25 @@ class _StopWhenClosed:
         return getattr(self._stream, name)
 
 
+def printable(stream: Any, environ: dict[str, str] | None = None) -> None:
+    """Make a text stream print any character: the lessons print Turkish and emoji, which a Windows code page
+    (cp1252, what `python lesson.py > out.txt` gets there) cannot encode. A file or pipe is switched to UTF-8, what
+    editors and tools read; a terminal, or an encoding the user chose with PYTHONIOENCODING, keeps its encoding and
+    escapes what it lacks (\\u0130) instead of raising UnicodeEncodeError."""
+    if not hasattr(stream, "reconfigure"):  # a test's capture, or a stream someone replaced: leave it alone
+        return
+    environ = os.environ if environ is None else environ
+    try:
+        chosen = bool(environ.get("PYTHONIOENCODING")) or stream.isatty()
+    except (OSError, ValueError):
+        chosen = True
+    with contextlib.suppress(OSError, ValueError, LookupError):
+        if chosen:
+            stream.reconfigure(errors="backslashreplace")
+        else:
+            stream.reconfigure(encoding="utf-8", errors="backslashreplace")
+
+
 def _stopped(stop: KeyboardInterrupt) -> int:
     """Save the partial report (if a section's runner has not already) and return the stop's exit code: 130 (Ctrl-C),
     143 (SIGTERM) or 141 (output closed)."""
@@ -443,6 +464,8 @@ def run(main: Callable[[list[str] | None], int], argv: list[str] | None = None) 
     global _output_closed
     _output_closed = False
     streams = sys.stdout, sys.stderr
+    for stream in streams:
+        printable(stream)
     sys.stdout, sys.stderr = _StopWhenClosed(sys.stdout), _StopWhenClosed(sys.stderr)
     # Windows has SIGTERM too (only SIGPIPE is missing, and a closed pipe arrives as BrokenPipeError everywhere);
     # the guard keeps a Python without it running.

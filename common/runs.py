@@ -46,6 +46,9 @@ MW_EXACT_MAX = 25  # exact Mann-Whitney counts up to this many samples a side
 Z95 = 1.959963984540054
 ROW_KEY = ("section", "measurement", "model", "device", "batch", "workload")
 TABLE_COLUMNS = ["measurement", "model", "before", "now", "now/before", "verdict"]  # the rest: report.json
+# When the machine changed every verdict is withheld (said once below the table): the raw ratio, what was timed,
+# stands beside the normalised one, so that a normalised 1.25x is never read as a speed-up on its own.
+WITHHELD_COLUMNS = ["measurement", "model", "before", "now", "raw now/before", "normalised"]
 CELL_WIDTHS = {"measurement": 40, "model": 20}  # compare-table cells cut with "..." so that it fits 120 columns
 ENVIRONMENT = {"python": "python", "torch": "torch", "transformers": "transformers", "bitsandbytes": "bitsandbytes",
                "device": "device", "torch_threads": "torch threads", "cpu": "CPU", "cpu_flags": "CPU flags",
@@ -326,17 +329,26 @@ class RunComparison:
                  "normalised_interval": f"{c.normalised_low:.2f}-{c.normalised_high:.2f}",
                  "coverage": c.coverage, "verdict": c.verdict, "verdict_on": c.basis} for c in self.changes]
 
+    def columns(self) -> list[str]:
+        """The console table's columns: with verdicts, or (machine changed) raw and normalised side by side."""
+        return WITHHELD_COLUMNS if self.machine.differs else TABLE_COLUMNS
+
     def console_table(self) -> list[dict[str, Any]]:
-        """What fits 120 columns: what was measured, both medians, the ratio the verdict is on, the verdict."""
-        shown = "normalised" if self.machine.differs else "raw"
+        """What fits 120 columns: what was measured, both medians, the ratio the verdict is on and the verdict; or,
+        when verdicts are withheld, the raw and the normalised ratio."""
         rows = []
-        for c, full in zip(self.changes, self.table()):
+        for c in self.changes:
             batch = f" [batch {c.key['batch']}]" if c.key.get("batch") is not None else ""
-            rows.append({"measurement": _cut(f"{c.key.get('measurement')}{batch}", CELL_WIDTHS["measurement"]),
-                         "model": _cut(str(c.key.get("model", "-")), CELL_WIDTHS["model"]),
-                         "before": c.before_ms, "now": c.now_ms,
-                         "now/before": f"{full[shown + '_x']:.2f}x [{full[shown + '_interval']}]",
-                         "verdict": c.verdict})
+            row = {"measurement": _cut(f"{c.key.get('measurement')}{batch}", CELL_WIDTHS["measurement"]),
+                   "model": _cut(str(c.key.get("model", "-")), CELL_WIDTHS["model"]),
+                   "before": c.before_ms, "now": c.now_ms}
+            raw = f"{c.ratio:.2f}x [{c.low:.2f}-{c.high:.2f}]"
+            if self.machine.differs:
+                row.update({"raw now/before": raw, "normalised": f"{c.normalised_ratio:.2f}x [{c.normalised_low:.2f}-"
+                                                                 f"{c.normalised_high:.2f}]"})
+            else:
+                row.update({"now/before": raw, "verdict": c.verdict})
+            rows.append(row)
         return rows
 
     def to_dict(self) -> dict[str, Any]:
@@ -367,19 +379,20 @@ def compare_reports(before: dict[str, Any], now: dict[str, Any]) -> RunCompariso
 def print_comparison(comparison: RunComparison, title: str) -> None:
     """What a reader sees first: the machine and environment lines, then every shared measurement and the tally."""
     for line in comparison.machine.lines:
-        print(f"[machine] {line}")
+        say(f"[machine] {line}")
     print("[environment] " + ("changed since the earlier run, a likely cause of any difference below: " +
                               "; ".join(comparison.environment) if comparison.environment else
                               "same versions, device, threads, CPU, model sources and --quick as the earlier run"))
-    basis = "normalised by the calibration, as information" if comparison.machine.differs else "raw"
-    print_table(comparison.console_table(), TABLE_COLUMNS, title=f"{title}: medians in ms; now/before {basis}, with "
-                "its Moses interval (95% where the samples allow) from both runs' raw samples; every column in "
+    basis = "raw and normalised by the calibration" if comparison.machine.differs else "raw"
+    print_table(comparison.console_table(), comparison.columns(), title=f"{title}: medians in ms; now/before {basis}, "
+                "with its Moses interval (95% where the samples allow) from both runs' raw samples; every column in "
                 "report.json")
     unmatched = f"{comparison.only_before} only in the earlier run, {comparison.only_now} only in this one"
     if comparison.machine.differs:
         say(f"{len(comparison.changes)} shared measurements: verdicts withheld, because the machine changed beyond "
-            "its own noise between or during the runs (see [machine] above); the normalised ratios are information, "
-            f"not verdicts. Rerun both on a quiet machine to compare code. {unmatched}")
+            "its own noise between or during the runs (see [machine] above). Read the raw column: it is what the "
+            "two runs timed; the normalised one assumes every row moved as the calibration matmul did, which one "
+            f"factor cannot promise, so neither is a verdict. Rerun both on a quiet machine to compare code. {unmatched}")
     else:
         print_band(comparison, unmatched)
 
