@@ -1,12 +1,14 @@
-"""The runtimes a user would pick instead of hand-tuned PyTorch: ONNX Runtime (fp32, dynamic int8, int8 after its
-transformer fusions) and sentence-transformers' `encode`, each wrapped as `embed(texts) -> Tensor` on the same
-batching and pooling; and each one's code as a learner would paste it."""
+"""Bookkeeping for 04's runtime contest: why a runtime cannot run here, the ONNX export its peers start from, the
+one batching-and-pooling loop every candidate shares (so they differ only in their forward), where a pass's time
+goes, and each winner's code as a learner pastes it. The runtimes' own calls are written in 04 itself."""
 from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import json
 import logging
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -15,14 +17,13 @@ import torch
 from torch import nn
 
 from common.errors import first_line
-from common.pipelines import mean_pool
-from common.recipe import list_literal
 
 Embedder = Callable[[list[str]], torch.Tensor]
-OPSET = 17  # ONNX Runtime 1.32 runs it; the TorchScript exporter's well-trodden opset for BERT-style encoders
+OPSET = 17  # ONNX Runtime 1.32 and OpenVINO 2026 run it; the TorchScript exporter's well-trodden opset for BERT
 SENTENCE_TRANSFORMERS, ONNX_FP32, ONNX_INT8 = "sentence-transformers fp32", "ONNX Runtime fp32", "ONNX Runtime int8"
-ONNX_FUSED_INT8 = "ONNX Runtime int8, fused"  # after onnxruntime.transformers.optimizer: Attention, SkipLayerNorm, ...
-PEERS = (SENTENCE_TRANSFORMERS, ONNX_FP32, ONNX_INT8, ONNX_FUSED_INT8)  # what a learner would reach for instead
+OPENVINO_FP32, OPENVINO_INT8 = "OpenVINO fp32", "OpenVINO int8"
+PYTORCH_FP32, PYTORCH_INT8 = "PyTorch fp32", "PyTorch int8"
+PEERS = (SENTENCE_TRANSFORMERS, ONNX_FP32, ONNX_INT8, OPENVINO_FP32, OPENVINO_INT8)  # what a learner reaches for
 
 
 def _missing(*modules: str) -> str | None:
@@ -49,63 +50,57 @@ def peer_problems(path: Path | str, device: torch.device) -> dict[str, str | Non
     """Why each peer runtime cannot embed with the model at `path` on this device (None where it can)."""
     pooling = (None if (Path(path) / "modules.json").is_file() else
                f"{Path(path).name} has no modules.json, so sentence-transformers would guess its pooling")
-    onnx = onnx_unavailable() or (None if device.type == "cpu" else f"the ONNX Runtime peers run on the CPU only "
-                                  f"(CPUExecutionProvider), so they would not compare with this run's {device}")
+    cpu_only = None if device.type == "cpu" else (f"it runs on the CPU here, so it would not compare with this run's "
+                                                  f"{device}")
+    onnx = onnx_unavailable() or cpu_only
+    openvino = onnx_unavailable() or _missing("openvino") or cpu_only  # OpenVINO converts the ONNX export
     return {SENTENCE_TRANSFORMERS: sentence_transformers_unavailable() or pooling, ONNX_FP32: onnx, ONNX_INT8: onnx,
-            ONNX_FUSED_INT8: onnx or _missing("onnxruntime.transformers.optimizer")}
+            OPENVINO_FP32: openvino, OPENVINO_INT8: openvino or _missing("nncf")}
 
 
-def peer_builders(path: Path | str, model: nn.Module, tokenizer: Any, device: torch.device, folder: Path,
-                  reduce_range: bool, batch_size: int = 32, max_length: int = 128) -> dict[str, Callable[[], Embedder]]:
-    """Each peer's `embed(texts)`, built only when called (exports land in `folder`), on the same batching.
-
-    The fused peer exports an eager-attention copy: ONNX Runtime's optimizer fuses the eager graph's explicit
-    softmax(QK^T)V into one Attention node, which SDPA's single exported op hides from it.
-    """
-    size = dict(batch_size=batch_size, max_length=max_length)
-
-    def fused() -> Embedder:
-        eager = type(model).from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
-        optimized = optimize_onnx(export_onnx(eager, tokenizer, folder, "encoder.eager"), model.config)
-        return onnx_embedder(quantize_onnx_int8(optimized, reduce_range), tokenizer, **size)
-
-    return {
-        SENTENCE_TRANSFORMERS: lambda: sentence_transformers_embedder(path, device, **size),
-        ONNX_FP32: lambda: onnx_embedder(export_onnx(model, tokenizer, folder), tokenizer, **size),
-        ONNX_INT8: lambda: onnx_embedder(quantize_onnx_int8(export_onnx(model, tokenizer, folder), reduce_range),
-                                         tokenizer, **size),
-        ONNX_FUSED_INT8: fused,
-    }
-
-
-def embed_sorted_batches(forward: Callable[[dict[str, torch.Tensor]], torch.Tensor], tokenizer: Any,
-                         texts: list[str], batch_size: int = 32, max_length: int = 128) -> torch.Tensor:
-    """L2-normalised mean-pooled embeddings; batches are length-sorted so each pads only to its own longest text.
-
-    `forward(batch)` maps the padded tokenizer tensors to the last hidden state, so PyTorch and ONNX Runtime share
-    every other step (tokenising, order, pooling) and differ only in what they are compared for.
-    """
+def embed_sorted(forward, tokenizer, texts: list[str], batch_size: int = 32, max_length: int = 128) -> torch.Tensor:
+    """L2-normalised mean-pooled embeddings, in the texts' order. Tokenised once; batches are length-sorted, so each
+    pads only to its own longest text; each batch is pooled straight into its rows of the output."""
     encoded = tokenizer(texts, truncation=True, max_length=max_length)
     order = sorted(range(len(texts)), key=lambda i: len(encoded["input_ids"][i]))
-    rows_out: list[torch.Tensor] = [torch.empty(0)] * len(texts)
+    embeddings = None
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         batch = tokenizer.pad({key: [encoded[key][i] for i in rows] for key in encoded}, return_tensors="pt")
-        pooled = mean_pool(forward(batch).float(), batch["attention_mask"])
-        for row, vector in zip(rows, torch.nn.functional.normalize(pooled, dim=-1)):
-            rows_out[row] = vector
-    return torch.stack(rows_out)
+        hidden = forward(batch).float()  # the last hidden state: (texts, tokens, hidden size)
+        if embeddings is None:
+            embeddings = torch.empty(len(texts), hidden.shape[-1])
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        embeddings[rows] = torch.nn.functional.normalize(pooled, dim=-1).cpu()
+    return embeddings
 
 
 def torch_embedder(model: nn.Module, tokenizer: Any, batch_size: int = 32, max_length: int = 128) -> Embedder:
-    """`embed(texts)` for a PyTorch encoder (any dtype or quantisation) under inference_mode."""
+    """`embed(texts)` for a PyTorch encoder (any dtype or quantisation) under inference_mode, on the model's device."""
     device = next(model.parameters(), torch.empty(0)).device
 
     def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.inference_mode():  # a copy on the device: BatchEncoding.to() would move the caller's mask too
             return model(**{key: value.to(device) for key, value in batch.items()}).last_hidden_state.cpu()
 
-    return lambda texts: embed_sorted_batches(forward, tokenizer, texts, batch_size, max_length)
+    return lambda texts: embed_sorted(forward, tokenizer, texts, batch_size, max_length)
+
+
+def outside_forward_share(forward: Callable[[dict], torch.Tensor], tokenizer: Any, texts: list[str], batch_size: int,
+                          max_length: int) -> float:
+    """The share of one embed_sorted pass spent outside `forward`: tokenising, padding, pooling and copies."""
+    inside = [0.0]
+
+    def clocked(batch: dict) -> torch.Tensor:
+        started = time.perf_counter()
+        hidden = forward(batch)
+        inside[0] += time.perf_counter() - started
+        return hidden
+
+    started = time.perf_counter()
+    embed_sorted(clocked, tokenizer, texts, batch_size, max_length)
+    return 1 - inside[0] / (time.perf_counter() - started)
 
 
 class KeywordEncoder(nn.Module):
@@ -164,36 +159,11 @@ def export_onnx(model: nn.Module, tokenizer: Any, folder: Path, name: str = "enc
     return path
 
 
-def optimize_onnx(fp32_path: Path, config: Any) -> Path:
-    """ONNX Runtime's transformer fusions (Attention, SkipLayerNormalization, BiasGelu, ...) of an export, cached."""
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    path = fp32_path.with_name(f"{fp32_path.stem}.fused.onnx")
-    if not path.exists() or path.stat().st_mtime < fp32_path.stat().st_mtime:
-        optimized = optimize_model(str(fp32_path), model_type="bert", num_heads=config.num_attention_heads,
-                                   hidden_size=config.hidden_size)
-        optimized.save_model_to_file(str(path))
-    return path
-
-
-def fused_operators(path: Path) -> dict[str, int]:
-    """How many of each fused operator (Attention, SkipLayerNormalization, ...) an optimised ONNX file holds."""
-    import onnx
-
-    fused = ("Attention", "QAttention", "SkipLayerNormalization", "EmbedLayerNormalization", "BiasGelu", "FastGelu")
-    counts: dict[str, int] = {}
-    for node in onnx.load(str(path), load_external_data=False).graph.node:
-        if node.op_type in fused:
-            counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return counts
-
-
 def quantize_onnx_int8(fp32_path: Path, reduce_range: bool) -> Path:
     """ONNX Runtime's dynamic int8 of an exported model (per-channel int8 weights, uint8 activations), cached.
 
     ORT's reduce_range narrows the WEIGHTS to 7 bits (PyTorch's narrows the activations) against the same AVX2
     int16 saturation, so the caller passes the same choice as for PyTorch (quantize.choose_activation_range).
-    DefaultTensorType tells the quantiser the element type of tensors whose type the fused graph leaves unknown.
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -213,55 +183,18 @@ def quantize_onnx_int8(fp32_path: Path, reduce_range: bool) -> Path:
     return path
 
 
-def onnx_session(path: Path, threads: int | None = None) -> Any:
-    """A CPU ONNX Runtime session using as many threads as torch does, so the comparison is like for like."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+def list_literal(items: list[str]) -> str:
+    """A list of strings as Python source, one item per line, so a pasted snippet stays narrow."""
+    return "[\n" + "".join(f"    {item!r},\n" for item in items) + "]"
 
 
-def onnx_embedder(path: Path, tokenizer: Any, batch_size: int = 32, max_length: int = 128,
-                  threads: int | None = None) -> Embedder:
-    """`embed(texts)` running an exported encoder (fp32 or int8) in ONNX Runtime."""
-    session = onnx_session(path, threads)
-    names = [node.name for node in session.get_inputs()]
-
-    def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        (hidden,) = session.run(["last_hidden_state"], {name: batch[name].numpy() for name in names})
-        return torch.from_numpy(hidden)
-
-    return lambda texts: embed_sorted_batches(forward, tokenizer, texts, batch_size, max_length)
-
-
-def sentence_transformers_embedder(path: Path | str, device: torch.device | str = "cpu", batch_size: int = 32,
-                                   max_length: int = 128) -> Embedder:
-    """`embed(texts)` with sentence-transformers' own `encode` (normalised), truncating at the same max_length."""
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(path), device=str(device))  # 6.2.0 rejects a Path
-    model.max_seq_length = max_length  # the bundled folder says 256; the comparison must truncate alike
-
-    def embed(texts: list[str]) -> torch.Tensor:
-        return model.encode(texts, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True,
-                            show_progress_bar=False).float().cpu()
-
-    return embed
-
-
-_ONNX_SNIPPET = '''import onnx
-import onnxruntime as ort
-import torch
-from onnxruntime.quantization import QuantType, quantize_dynamic
-from onnxruntime.transformers.optimizer import optimize_model
+_HEAD = '''import torch
 from transformers import AutoModel, AutoTokenizer
-
+{imports}
 tokenizer = AutoTokenizer.from_pretrained({model!r})
-model = AutoModel.from_pretrained({model!r}, attn_implementation={attention!r}).eval()
-names = tokenizer.model_input_names
+model = AutoModel.from_pretrained({model!r}, dtype=torch.float32).eval()
+'''
+_EXPORT = '''names = tokenizer.model_input_names
 
 
 class LastHiddenState(torch.nn.Module):  # the exporter passes inputs by position; the model wants keywords
@@ -277,44 +210,75 @@ example = tokenizer(["a short text", "a somewhat longer example text"], padding=
 torch.onnx.export(LastHiddenState(model).eval(), tuple(example[name] for name in names), "encoder.onnx",
                   input_names=names, output_names=["last_hidden_state"], opset_version={opset}, dynamo=False,
                   dynamic_axes={{name: {{0: "batch", 1: "sequence"}} for name in [*names, "last_hidden_state"]}})
-{prepare}session = ort.InferenceSession({session_file!r}, providers=["CPUExecutionProvider"])
+'''
+_FORWARD = {
+    PYTORCH_FP32: ("", "", '''
+
+def forward(batch):
+    with torch.inference_mode():
+        return model(**batch).last_hidden_state
+'''),
+    PYTORCH_INT8: ("from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic\n", "", '''
+# every Linear in int8 (stock module: 7-bit activations, safe on every x86 CPU)
+model = quantize_dynamic(model, {{torch.nn.Linear: per_channel_dynamic_qconfig}}, dtype=torch.qint8)
 
 
-def embed_sorted(texts, batch_size={batch_size}, max_length={max_length}):
-    """Mean-pooled, normalised embeddings, batched shortest-first so each batch pads only to its own longest text."""
-    encoded = tokenizer(texts, truncation=True, max_length=max_length)
-    order = sorted(range(len(texts)), key=lambda i: len(encoded["input_ids"][i]))
-    embeddings = torch.empty(len(texts), model.config.hidden_size)
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        batch = tokenizer.pad({{key: [encoded[key][i] for i in rows] for key in encoded}}, return_tensors="np")
-        (hidden,) = session.run(["last_hidden_state"], {{name: batch[name] for name in names}})
-        mask = torch.from_numpy(batch["attention_mask"]).unsqueeze(-1).float()
-        pooled = (torch.from_numpy(hidden) * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        embeddings[rows] = torch.nn.functional.normalize(pooled, dim=-1)
-    return embeddings
+def forward(batch):
+    with torch.inference_mode():
+        return model(**batch).last_hidden_state
+'''),
+    ONNX_FP32: ("import onnxruntime as ort\n", _EXPORT, '''options = ort.SessionOptions()
+options.intra_op_num_threads = {threads}
+session = ort.InferenceSession("encoder.onnx", options, providers=["CPUExecutionProvider"])
 
 
-texts = {texts}
-embeddings = embed_sorted(texts)'''
+def forward(batch):
+    return torch.from_numpy(session.run(["last_hidden_state"], {{name: batch[name].numpy() for name in names}})[0])
+'''),
+    ONNX_INT8: ("import onnx\nimport onnxruntime as ort\nfrom onnxruntime.quantization import QuantType, "
+                "quantize_dynamic\n", _EXPORT, '''quantize_dynamic("encoder.onnx", "encoder.int8.onnx", per_channel=True, reduce_range={reduce_range},
+                 weight_type=QuantType.QInt8, extra_options={{"DefaultTensorType": onnx.TensorProto.FLOAT}})
+options = ort.SessionOptions()
+options.intra_op_num_threads = {threads}
+session = ort.InferenceSession("encoder.int8.onnx", options, providers=["CPUExecutionProvider"])
 
 
-def peer_snippet(peer: str, model: str, texts: list[str], reduce_range: bool, batch_size: int = 32,
-                 max_length: int = 128) -> str:
-    """A peer's code as a learner can paste it: public APIs only, ending in `embeddings = ...` of `texts`."""
-    if peer == SENTENCE_TRANSFORMERS:
+def forward(batch):
+    return torch.from_numpy(session.run(["last_hidden_state"], {{name: batch[name].numpy() for name in names}})[0])
+'''),
+    OPENVINO_FP32: ("import openvino as ov\n", _EXPORT, '''compiled = ov.Core().compile_model(ov.convert_model("encoder.onnx"), "CPU", {{"INFERENCE_NUM_THREADS": {threads}}})
+
+
+def forward(batch):
+    return torch.from_numpy(compiled({{name: batch[name].numpy() for name in names}})[0])
+'''),
+    OPENVINO_INT8: ("import nncf\nimport openvino as ov\nfrom nncf.quantization.advanced_parameters import "
+                    "AdvancedQuantizationParameters, OverflowFix\n", _EXPORT, '''# calibration.txt: the paragraphs the lesson calibrated on (written beside this snippet), one per line
+calibration = [tokenizer(text, truncation=True, max_length={max_length}, return_tensors="np")
+               for text in open("calibration.txt", encoding="utf-8").read().splitlines()]
+quantized = nncf.quantize(ov.convert_model("encoder.onnx"), nncf.Dataset([dict(c) for c in calibration]),
+                          model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration),
+                          advanced_parameters=AdvancedQuantizationParameters(overflow_fix=OverflowFix.{overflow}))
+compiled = ov.Core().compile_model(quantized, "CPU", {{"INFERENCE_NUM_THREADS": {threads}}})
+
+
+def forward(batch):
+    return torch.from_numpy(compiled({{name: batch[name].numpy() for name in names}})[0])
+'''),
+}
+
+
+def snippet(kind: str, model: str, texts: list[str], batch_size: int, max_length: int, threads: int,
+            reduce_range: bool) -> str:
+    """The code a learner pastes for a winner: public APIs only, the batching the lesson timed (embed_sorted's own
+    source), ending in `embeddings = ...` of `texts` (L2-normalised, like every other candidate's)."""
+    if kind == SENTENCE_TRANSFORMERS:
         return (f"from sentence_transformers import SentenceTransformer\n\nmodel = SentenceTransformer({model!r})\n"
                 f"model.max_seq_length = {max_length}\ntexts = {list_literal(texts)}\nembeddings = model.encode("
                 f"texts, batch_size={batch_size}, convert_to_tensor=True, normalize_embeddings=True)")
-    quantise = ('quantize_dynamic({source!r}, "encoder.int8.onnx", per_channel=True, reduce_range={reduce_range},\n'
-                '                 weight_type=QuantType.QInt8, extra_options={{"DefaultTensorType": '
-                'onnx.TensorProto.FLOAT}})\n')
-    prepare, source = {ONNX_FP32: ("", "encoder.onnx"), ONNX_INT8: (quantise, "encoder.int8.onnx"), ONNX_FUSED_INT8: (
-        'optimize_model("encoder.onnx", model_type="bert", num_heads=model.config.num_attention_heads,\n'
-        '               hidden_size=model.config.hidden_size).save_model_to_file("encoder.fused.onnx")\n'
-        + quantise, "encoder.int8.onnx")}[peer]
-    prepare = prepare.format(source="encoder.fused.onnx" if peer == ONNX_FUSED_INT8 else "encoder.onnx",
-                             reduce_range=reduce_range)
-    return _ONNX_SNIPPET.format(model=model, attention="eager" if peer == ONNX_FUSED_INT8 else "sdpa", opset=OPSET,
-                                prepare=prepare, session_file=source, batch_size=batch_size, max_length=max_length,
-                                texts=list_literal(texts))
+    imports, export, forward = _FORWARD[kind]
+    settings = dict(opset=OPSET, threads=threads, reduce_range=reduce_range, max_length=max_length,
+                    overflow="ENABLE" if reduce_range else "DISABLE")
+    return (_HEAD.format(imports=imports, model=model) + export.format(**settings) + forward.format(**settings)
+            + "\n\n" + inspect.getsource(embed_sorted) + f"\n\ntexts = {list_literal(texts)}\n"
+            f"embeddings = embed_sorted(forward, tokenizer, texts, batch_size={batch_size}, max_length={max_length})")
