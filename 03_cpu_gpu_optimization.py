@@ -159,7 +159,7 @@ def thread_label(count: int) -> str:
 def threads_chart(rows: list[dict], default: int, out_dir: Any) -> Any:
     """Speed-up over the default thread count, one line per batch size, with the paired-ratio intervals."""
     best = max(rows, key=lambda r: r["speedup"])
-    title = (f"{best['threads']} threads: {best['speedup']:.2f}x the default {default} at batch {best['batch']}"
+    title = (f"{thread_label(best['threads'])}: {best['speedup']:.2f}x the default {default} at batch {best['batch']}"
              if best["verdict"] == "faster" else f"No thread count beats the default {default} beyond +-3%")
     fig, ax = plots.figure(title, "torch threads", f"speed-up vs {default} threads (x)")
     ax.axvline(os.cpu_count() or 1, color="grey", linestyle=":", label="logical cores")
@@ -323,7 +323,7 @@ def quantization_chart(rows: list[dict], out_dir: Any) -> Any:
     winners = [r for r in rows if r["verdict"] == "faster" and keeps_fidelity(r)]
     best = max(winners, key=lambda r: r["speedup"], default=None)
     fig, ax = plots.figure(f"{best['workload']}: {best['speedup']:.2f}x fp32 and keeps the fidelity bar" if best else
-                           "No quantised variant is both faster and within the fidelity bar here",
+                           "No quantised variant is both faster beyond +-3% and within the fidelity bar here",
                            "speed-up vs fp32 (x; bars: the ratio's interval)", "worst cosine vs fp32 (74 texts)")
     for row in rows:
         ax.errorbar(row["speedup"], row["cosine_min"], xerr=[[row["speedup"] - row["speedup_low"]],
