@@ -486,6 +486,10 @@ def memory_section(ctx: cli.Context, s: Settings) -> dict:
     cleanup = memory.snapshot_rows(steps)
     print_table(cleanup, ["step", "rss_mib", "rss_vs_start_mib"] + (["cuda_allocated_mib", "cuda_reserved_mib"] if
                 ctx.device.type == "cuda" else []), title="giving memory back, step by step (RSS: resident memory)")
+    converted = rows[-1]
+    if converted["peak_mib"] > max(r["peak_mib"] for r in rows[:-1]):
+        say(f"{converted['load']} peaks highest although its weights are half the size: converting reads the whole "
+            "fp32 file into memory beside the new copy.")
     lean = min(rows, key=lambda r: r["peak_mib"])
     say(f"Leanest load here: {lean['load']} ({lean['peak_mib']:.0f} MiB at its peak).")
     ctx.report.add_rows("memory", rows + cleanup)
