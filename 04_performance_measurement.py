@@ -8,6 +8,7 @@ measurement a verdict from both runs' raw samples.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from torch.utils.benchmark import Timer
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, pipeline
 
-from common import cli, models, pipelines, plots, runs, texts
+from common import cli, models, paper, pipelines, plots, runs, texts
 from common.calibration import calibrate
 from common.device import mps_available, timed_once
 from common.memory import MIB, CudaPeak, PeakRSSSampler, cleanup, rss_bytes, weights_bytes
@@ -54,12 +55,37 @@ SEED_MODELS = {"distilbert-base-uncased": "DistilBERT", "bert-base-uncased": "BE
 SEED_TABLE = {("DistilBERT", "CPU"): (0.045, 1.2), ("DistilBERT", "GPU"): (0.012, 2.1),  # (time_s, memory_gb)
               ("BERT-base", "CPU"): (0.089, 2.1), ("BERT-base", "GPU"): (0.021, 3.2)}
 AUTO_CLASSES = {"encoder": AutoModel, "decoder": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM}
-TWIN_NOTE = ("twin: random weights with the real parameter count and layer shapes; its borrowed tokenizer splits "
-             "text differently from the real model's, so the same text gives a different number of tokens")
+TWIN_NOTE = ("random weights with the real model's parameter count and layer shapes, so its speed and memory are "
+             "the real model's and its outputs are noise (never shown); its borrowed tokenizer splits text into a "
+             "different number of tokens")
 SCRIPT = Path(__file__).stem
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
+
+_explained: set[str] = set()  # terms already defined in this run: each explanation is printed once per lesson
+
+
+def explain_once(term: str, text: str) -> None:
+    """Print a term's definition the first time the run needs it."""
+    if term not in _explained:
+        _explained.add(term)
+        say(text)
+
+
+def define(term: str, definition: str) -> str:
+    """The term with its definition in brackets the first time the run uses it, the bare term afterwards."""
+    if term in _explained:
+        return term
+    _explained.add(term)
+    return f"{term} ({definition})"
+
+
+def explain_twin(label: str, meaningful: bool) -> None:
+    """What a twin is, the first time one appears."""
+    if not meaningful:
+        explain_once("twin", f"{label} is a twin: {TWIN_NOTE}")
 
 
 def available_devices(run_device: torch.device) -> tuple[list[torch.device], dict[str, str]]:
@@ -77,9 +103,20 @@ def classifier_pipeline(ctx: cli.Context):
     """The classifier role as a pipeline; offline it is the registered embedding-classification stand-in."""
     classifier, info = ctx.classifier()
     if info.source != "hub":
-        say("(offline: the classifier role is the registered 'embedding-classification' stand-in, MiniLM plus "
-              "similarity to example sentences, not a fine-tuned DistilBERT; its speed is a MiniLM encoder's)")
+        explain_once("stand-in", "(offline, the classifier role is the registered 'embedding-classification' "
+                     "stand-in: MiniLM plus similarity to example sentences, not a fine-tuned DistilBERT; its speed "
+                     "is a MiniLM encoder's)")
     return classifier, info
+
+
+def ms(seconds: float) -> str:
+    """Seconds as milliseconds to 3 significant figures, in plain digits (1,020 rather than 1.02e+03)."""
+    return format_value(seconds * 1e3)
+
+
+def slim(rows: list[dict], keys: tuple[str, ...]) -> list[dict]:
+    """Rows cut to the keys a section's result keeps (the raw samples stay in the report's rows)."""
+    return [{key: row.get(key) for key in keys} for row in rows]
 
 
 # ----------------------------------------------------------------------------------------------- sections
@@ -98,33 +135,37 @@ def meet_the_meter_section(ctx: cli.Context) -> dict:
     def call():
         return extractor(batch, batch_size=len(batch), return_tensors=True)
 
-    meter = ctx.meter()
+    meter = PerformanceMeter(ctx.device, warmup=2, min_runs=ctx.pick(5, 3), budget_s=ctx.pick(1.0, 0.2))
     m = meter.measure(workload, call, items=len(batch),
                       tokens=texts.count_tokens(loaded.tokenizer, batch, truncation=True))
     s = m.stats
     sync = ("torch.cuda/mps.synchronize() after every call, so the clock stops when the GPU is done"
             if ctx.device.type in ("cuda", "mps") else "not needed on CPU: the call returns when the work is done")
-    tail = f"p99 {s.p99 * 1e3:.2f} ms" if s.p99 is not None else f"max {s.max * 1e3:.2f} ms (p99 needs 100 samples)"
-    print(f"workload: {workload}\n  warm-up       {meter.warmup} untimed calls first (lazy init, allocator growth, "
-          f"cold caches)\n  sync          {sync}\n  repeats       {s.count} timed calls: at least {meter.min_runs} "
-          f"and until {meter.budget_s:g} s passed (took {m.wall_s:.2f} s)")
-    print(f"  percentiles   p50 {s.median * 1e3:.2f} ms  p90 {s.p90 * 1e3:.2f} ms  {tail}")
-    print(f"  median CI     {s.ci_text()} (exact order statistics, no normality assumed)")
-    print(f"  noise         IQR {s.iqr * 1e3:.2f} ms = {s.iqr / s.median:.1%} of the median; above 10% the meter "
-          f"warns: {'WARNED' if m.noisy else 'quiet enough'}")
-    for warning in m.warnings:
-        say(f"[noise] {warning}")
-
+    tail = f"p99 {ms(s.p99)} ms" if s.p99 is not None else f"max {ms(s.max)} ms (p99 needs 100 calls)"
+    coverage = "" if s.ci_coverage >= 0.95 else f", only {s.ci_coverage:.0%} coverage with {s.count} calls"
+    print(f"workload: {workload}")
+    for line in (f"warm-up   {meter.warmup} untimed calls first (lazy initialisation, allocator growth, cold caches)",
+                 f"sync      {sync}",
+                 f"repeats   {s.count} timed calls: at least {meter.min_runs}, and until {meter.budget_s:g} s had "
+                 f"passed (took {m.wall_s:.2f} s)",
+                 f"p50       {ms(s.median)} ms, the median call: half were faster; p90 {ms(s.p90)} ms; {tail}",
+                 f"interval  [{ms(s.ci95_low)}, {ms(s.ci95_high)}] ms: the median's exact 95% interval (from the "
+                 f"order statistics, no normal distribution assumed{coverage})",
+                 f"IQR       {ms(s.iqr)} ms = {s.iqr / s.median:.0%} of the median: the spread of the middle half "
+                 f"of the calls; above 10% a result is noisy{' (this one is)' if m.noisy else ''}, marked `(! "
+                 f"{s.iqr / s.median:.0%})` beside its p50 in tables"):
+        say(line, indent="  ")
     overhead_s = meter.overhead_per_call_s(OVERHEAD_RUNS)
-    say(f"\nmeter overhead: {overhead_s * 1e6:.2f} µs per timed call (an empty function, {OVERHEAD_RUNS} calls; "
-          f"target < {OVERHEAD_TARGET_S * 1e6:.0f} µs: {'OK' if overhead_s < OVERHEAD_TARGET_S else 'OVER'}) "
-          f"= 1/{s.median / overhead_s:,.0f} of this call's median")
+    say(f"\nmeter overhead: {overhead_s * 1e6:.2f} µs per timed call ({OVERHEAD_RUNS} calls of an empty function; "
+        f"target < {OVERHEAD_TARGET_S * 1e6:.0f} µs: {'OK' if overhead_s < OVERHEAD_TARGET_S else 'OVER'}), "
+        f"1/{s.median / overhead_s:,.0f} of this call's median")
     row = runs.result_row(m, measurement="one pipeline call", model=loaded.info.label, device=str(ctx.device),
                           batch=len(batch))
     ctx.report.add_rows("1. Meet the meter", [row])
-    return {"workload": workload, "measurement": row, "meter_overhead_us": overhead_s * 1e6,
-            "overhead_target_us": OVERHEAD_TARGET_S * 1e6, "overhead_ok": overhead_s < OVERHEAD_TARGET_S,
-            **instrument_check(ctx, meter, call, workload)}
+    return {"workload": workload, "measurement": slim([row], ("p50_ms", "ci95_low_ms", "ci95_high_ms", "iqr_ms",
+                                                                "runs", "items_per_s"))[0],
+            "meter_overhead_us": overhead_s * 1e6, "overhead_target_us": OVERHEAD_TARGET_S * 1e6,
+            "overhead_ok": overhead_s < OVERHEAD_TARGET_S, **instrument_check(ctx, meter, call, workload)}
 
 
 def instrument_check(ctx: cli.Context, meter: PerformanceMeter, call, workload: str) -> dict:
@@ -140,26 +181,26 @@ def instrument_check(ctx: cli.Context, meter: PerformanceMeter, call, workload: 
         block = timer.blocked_autorange(min_run_time=max(s.instrument_round_s, taken.wall_s))
         timer_samples += block.times
         per_block.add(block.number_per_run)
+    # two instruments, not two workloads: unpaired samples, so the ratio's interval is the two-sample one
     ratio, low, high, coverage = runs.ratio_interval(timer_samples, meter_samples)  # meter / Timer
     verdict = runs.agreement(ratio, low, high, INSTRUMENT_TOLERANCE)
     meter_ms, timer_ms = float(np.median(meter_samples)) * 1e3, float(np.median(timer_samples)) * 1e3
-    say(f"\ninstrument check, {s.instrument_rounds} alternating rounds: PerformanceMeter.measure median "
-          f"{meter_ms:.3g} ms of {len(meter_samples)} calls; torch Timer.blocked_autorange median {timer_ms:.3g} ms of "
-          f"{len(timer_samples)} blocks of {'/'.join(map(str, sorted(per_block)))} call(s) (a block's mean)")
-    say(f"meter / Timer median: {ratio:.3f} (interval {low:.3f}-{high:.3f}, {coverage:.0%} coverage) -> " + {
-        "agree": "they agree within 5%",
-        "disagree": "DISAGREE by more than 5%: do not trust small differences from this run; --compare repeats this",
-        "inconclusive": "inconclusive: the interval is wider than 5% either side, the machine is too busy to check "
-                        "the instrument; --compare repeats this"}[verdict])
+    say(f"instrument check, {s.instrument_rounds} alternating rounds: the meter's median {meter_ms:.3g} ms "
+        f"({len(meter_samples)} calls), torch Timer.blocked_autorange's {timer_ms:.3g} ms ({len(timer_samples)} "
+        f"blocks of {'/'.join(map(str, sorted(per_block)))} call(s)); meter/Timer {ratio:.3f}x [{low:.3f}-"
+        f"{high:.3f}, {coverage:.0%} coverage] -> " + {
+            "agree": "they agree within 5%",
+            "disagree": "they DISAGREE by more than 5%: do not trust small differences from this run",
+            "inconclusive": "inconclusive: wider than 5% either side, the machine is too busy to check the "
+                            "instrument"}[verdict])
     return {"meter_median_ms": meter_ms, "timer_median_ms": timer_ms, "meter_over_timer": ratio,
             "meter_over_timer_interval": [low, high], "instrument_check": verdict}
 
 
 def load_time_section(ctx: cli.Context) -> list[dict]:
-    """Start-up cost: the first load of a checkpoint in this process against the same load again, one load
-    each (a load is not repeatable), each followed by its first inference. safetensors weights are memory-mapped,
-    not read, at load: their pages come in when the first inference touches them, so time to first inference
-    (load + first inference) and RSS after it are the start-up cost; load time and load peak alone understate it."""
+    """Start-up cost: a checkpoint's first load in this process, the same load again, and each one's first
+    inference. safetensors weights are memory-mapped: their pages come in when the first inference touches them,
+    so time to first inference and the memory resident after it are the real start-up cost."""
     meter, table = ctx.meter(), []
     for role in ctx.pick(FULL, QUICK).load_roles:
         where = models.checkpoint(role, ctx.source)
@@ -194,16 +235,20 @@ def load_time_section(ctx: cli.Context) -> list[dict]:
     print_table(table, [key for key in table[0] if key not in ("class", "warm_ttfi_s", "cold_over_warm")],  # CSV
                 title=f"Model load time on {ctx.device}: Auto*.from_pretrained(path, dtype=torch.float32, "
                       f"device_map={str(ctx.device)!r}), then one first inference")
-    say("cold = first load of that checkpoint in this process (section 1 already imported the loading code), warm = "
-        "the same load again; both may read the OS page cache. One load each: cold/warm is one ratio, not a verdict. "
-        "ttfi = time to first inference: the load plus one forward of a short prompt (an encoder-decoder: its first "
-        "token). load_peak = the kernel's RSS high-water mark during the load minus RSS before it; resident = RSS "
-        "after the first inference minus RSS before the load.")
+    say("cold: the first load of that checkpoint in this process; warm: the same load again (one load each, so "
+        "cold/warm is no verdict). ttfi (time to first inference): the load plus one forward of a short prompt "
+        f"(an encoder-decoder: its first token). load_peak: {define('RSS', 'resident set size, the memory in RAM')}"
+        " at its highest during the load above RSS before it; resident: RSS after the first inference above RSS "
+        "before the load.")
     if ctx.device.type == "cpu":  # on a GPU the weights do not live in RSS, so the comparison would mean nothing
         mapped = [row["model"] for row in table if row["cold_load_peak_mib"] < 0.5 * row["weights_mib"]
                   <= row["cold_resident_mib"]]
-        say(f"memory-mapped (under half the weights resident after the load, at least half after the first "
-              f"inference): {len(mapped)} of {len(table)} cold loads{': ' + ', '.join(mapped) if mapped else ''}")
+        say(f"{'all' if len(mapped) == len(table) else len(mapped)} of {len(table)} cold loads mapped rather than "
+            f"read their weights (under half resident after the load, at least half after the first inference)"
+            + ("" if len(mapped) in (0, len(table)) else f": {', '.join(mapped)}"))
+    for role in ctx.pick(FULL, QUICK).load_roles:
+        where = models.checkpoint(role, ctx.source)
+        explain_twin(where.label, where.meaningful)
     return table
 
 
@@ -216,10 +261,13 @@ def bench_texts(ctx: cli.Context, meter: PerformanceMeter, task: str) -> dict:
                              device=loaded.model.device), loaded.info
     else:
         (run, info), options = classifier_pipeline(ctx), {}
-    m = meter.measure(task, lambda: run(batch, batch_size=len(batch), **options), items=len(batch),
-                      tokens=texts.count_tokens(run.tokenizer, batch, truncation=True))
+
+    def call():
+        return run(batch, batch_size=len(batch), **options)
+
+    m = meter.measure(task, call, items=len(batch), tokens=texts.count_tokens(run.tokenizer, batch, truncation=True))
     return {"task": task, "model": info.label, "per_call": f"{len(batch)} texts", "tokens_counted": "input",
-            "weights_mib": weights_bytes(run.model) / MIB, "measurements": [m]}
+            "weights_mib": weights_bytes(run.model) / MIB, "measurements": [m], "call": call}
 
 
 def bench_text_generation(ctx: cli.Context, meter: PerformanceMeter) -> dict:
@@ -236,14 +284,16 @@ def bench_text_generation(ctx: cli.Context, meter: PerformanceMeter) -> dict:
                 - len(loaded.tokenizer(PROMPT)["input_ids"]))
     if produced != new_tokens:
         raise RuntimeError(f"asked for {new_tokens} new tokens, the model produced {produced}")
-    sample = generate(new_tokens, return_full_text=False)[0]["generated_text"]
-    say(f"{PROMPT!r} -> {sample!r}" + ("" if loaded.info.meaningful else f"  ({TWIN_NOTE}; its text is noise)"))
+    if loaded.info.meaningful:
+        say(f"{PROMPT!r} -> {generate(new_tokens, return_full_text=False)[0]['generated_text']!r}")
+    explain_twin(loaded.info.label, loaded.info.meaningful)
     g = measure_generation(meter, "text-generation", lambda n: generate(n, return_full_text=False), new_tokens)
     return {"task": "text-generation", "model": loaded.info.label, "per_call": f"1 prompt, {new_tokens} new tokens",
             "tokens_counted": "generated", "weights_mib": weights_bytes(loaded.model) / MIB,
-            "measurements": [g.first_token, g.full],
+            "measurements": [g.first_token, g.full], "call": lambda: generate(new_tokens),
             "generation": {"model": loaded.info.label, "new_tokens": new_tokens,
-                           "ttft_ms": g.time_to_first_token_s * 1e3, "ttft_ci": g.first_token.stats.ci_text(),
+                           "ttft_ms": g.time_to_first_token_s * 1e3, "ttft_low_ms": g.first_token.stats.ci95_low * 1e3,
+                           "ttft_high_ms": g.first_token.stats.ci95_high * 1e3,
                            "per_token_ms": g.per_token_s * 1e3}}
 
 
@@ -253,55 +303,73 @@ def bench_text_to_text(ctx: cli.Context, meter: PerformanceMeter) -> dict:
     rewriter = pipeline(pipelines.TEXT_TO_TEXT, model=loaded.model, tokenizer=loaded.tokenizer,
                         device=loaded.model.device)
     text = "summarize: " + " ".join(texts.SENTENCES[:3])
-    output = rewriter(text, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+
+    def call():
+        return rewriter(text, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+
+    output = call()
     if output["output_tokens"] - 1 != new_tokens:  # the output also holds the decoder's start token
         raise RuntimeError(f"asked for {new_tokens} new tokens, the model produced {output['output_tokens'] - 1}")
-    say(f"text-to-text output: {output['generated_text']!r}" +
-          ("" if loaded.info.meaningful else f"  ({TWIN_NOTE}; its text is noise)"))
-    m = meter.measure("text-to-text", lambda: rewriter(text, max_new_tokens=new_tokens, min_new_tokens=new_tokens),
-                      items=1, tokens=new_tokens)
+    if loaded.info.meaningful:
+        say(f"text-to-text output: {output['generated_text']!r}")
+    explain_twin(loaded.info.label, loaded.info.meaningful)
+    m = meter.measure("text-to-text", call, items=1, tokens=new_tokens)
     return {"task": "text-to-text", "model": loaded.info.label, "per_call": f"1 text, {new_tokens} new tokens",
-            "tokens_counted": "generated", "weights_mib": weights_bytes(loaded.model) / MIB, "measurements": [m]}
+            "tokens_counted": "generated", "weights_mib": weights_bytes(loaded.model) / MIB, "measurements": [m],
+            "call": call}
+
+
+def one_call_mib(call) -> float:
+    """RSS at its highest during one call above RSS before it, after freed memory went back to the OS: what a call
+    needs beyond the resident weights (the timed calls reuse memory that their warm-up calls already took)."""
+    cleanup()
+    with PeakRSSSampler() as rss:
+        call()
+    return rss.peak_delta_bytes / MIB
 
 
 def task_section(ctx: cli.Context) -> dict:
-    """Four pipeline tasks, four models, one meter: tail latency, throughput in texts and real tokens,
-    and the memory each one holds; a failing task is recorded and the others go on."""
+    """Four pipeline tasks, four models, one meter: latency, throughput in texts and real tokens, and the
+    memory each holds; a failing task is recorded and the others go on."""
     section, meter = "3. Task benchmarks", ctx.meter()
     tasks, generation = [], None
     benches = {"feature-extraction": bench_texts, "text-classification": bench_texts,
                "text-generation": bench_text_generation, "text-to-text": bench_text_to_text}
     for name, bench in benches.items():
-        print(f"\n--- {name}")
         result = ctx.report.attempt(f"{section}: {name}", lambda: bench(ctx, meter, name) if bench is bench_texts
                                     else bench(ctx, meter), fails_run=True)  # the exit code still says it broke
-        cleanup()
         if result is None:
+            cleanup()
             continue
         *first, m = result.pop("measurements")  # generation also measured its first token alone
+        result["call_mib"] = one_call_mib(result.pop("call"))
         generation = result.pop("generation", generation)
         rows = [runs.result_row(x, measurement=f"{name} ({per_call})", model=result["model"], device=str(ctx.device))
                 for x, per_call in zip([*first, m], ["1 prompt, 1 new token"] * len(first) + [result["per_call"]])]
-        for warning in [w for x in (*first, m) for w in x.warnings]:
-            say(f"[noise] {warning}")
         ctx.report.add_rows(section, rows)
-        tasks.append({**result, **rows[-1]})
+        tasks.append({**result, **rows[-1], "cores_busy": rows[-1]["cpu_util_pct"] / 100})
+        cleanup()
     if not tasks:
         raise RuntimeError("every task failed")
     print_table(tasks, ["task", "model", "per_call", "p50_ms", "items_per_s"],
                 title=f"Task latency and throughput on {ctx.device}")
-    say("throughput = work per call / median call; tokens/s counts real tokens only: input tokens without padding "
-          "for the encoder tasks, generated tokens for the generation tasks. tokens/s, p90, p99 (it needs 100 "
-          "samples), the maximum and the run count are in results.csv.")
-    print_table(tasks, ["task", "weights_mib", "working_rss_mib", "peak_rss_mib", "cuda_alloc_mib", "cpu_util_pct",
-                        "gpu_util_pct"], title="Memory and utilisation while measuring")
-    say("weights: memory.weights_bytes; working RSS: the kernel's peak RSS during the timed calls above RSS before "
-        "them (0: the warm-up calls already made the process hold what the timed calls need); peak RSS: the whole "
-        "process (earlier sections' models included); cpu_util: CPU time / wall time.")
+    say("items/s = work per call / median call (tokens/s, counting real tokens only, p90, p99 and the maximum are "
+        "in results.csv)")
+    on_gpu = ctx.device.type == "cuda"
+    print_table(tasks, ["task", "weights_mib", "call_mib", "cores_busy"] + ["cuda_alloc_mib", "gpu_util_pct"] * on_gpu,
+                title="Memory and CPU use of each task")
+    say(f"weights: the parameters' bytes; call: {define('RSS', 'resident set size, the memory in RAM')} at its "
+        "highest during one call above RSS before it, after gc and malloc_trim handed freed memory back (the timed "
+        "calls themselves needed none beyond what their warm-up calls took); cores_busy: CPU time / wall time "
+        f"while timing, out of {os.cpu_count()} logical cores.")
     if generation:
-        print_table([generation], title="Generation latency (greedy; medians of 1-token and N-token calls; its "
-                                        "tokens/s is in the table above)")
-    outcome = {"tasks": tasks, "generation": generation,
+        say(f"text-generation ({generation['model']}): time to first token (ttft: the prompt's forward pass and one "
+            f"new token) {format_value(generation['ttft_ms'])} ms [{format_value(generation['ttft_low_ms'])}, "
+            f"{format_value(generation['ttft_high_ms'])}], then {format_value(generation['per_token_ms'])} ms per "
+            "further token (the median over rounds of the N-token call minus the 1-token call, / N-1)")
+    outcome = {"tasks": slim(tasks, ("task", "model", "per_call", "p50_ms", "ci95_low_ms", "ci95_high_ms",
+                                     "items_per_s", "tokens_per_s", "weights_mib", "call_mib", "cores_busy",
+                                     "cuda_alloc_mib", "gpu_util_pct")), "generation": generation,
                "latency_samples_ms": {task["task"]: task["samples_ms"] for task in tasks}}
     ctx.report.add_chart(plots.chart(ctx.out_dir, "latency_per_task", draw_latency, outcome))
     ctx.report.add_chart(plots.chart(ctx.out_dir, "memory_per_task", draw_memory, outcome))
@@ -324,37 +392,37 @@ def sweep_one(ctx: cli.Context, role: str, label: str, pipe, **options) -> dict:
                                      items={name: len(b) for name, b in batches.items()},
                                      tokens={name: texts.count_tokens(pipe.tokenizer, b, truncation=True)
                                              for name, b in batches.items()}, progress=f"batch sweep: {role}")
-    rows = [runs.result_row(m, measurement=f"batch sweep: {role}", model=label, device=str(ctx.device), batch=size)
-            for size, m in zip(sizes, comparison.measurements.values())]
-    ctx.report.add_rows("4. Batch-size sweep", rows)
+    workload = f"{role}: {label}, {pipe.task}"
+    rows = ctx.show(comparison, f"batch {sizes[0]}", f"Batch sizes, {workload} on {ctx.device}, one batch per call",
+                    extra={f"batch {size}": runs.result_row(m, measurement=f"batch sweep: {role}", model=label,
+                                                            device=str(ctx.device), batch=size)
+                           for size, m in zip(sizes, comparison.measurements.values())})
+
     def gain(larger: int, smaller: int) -> tuple[float, ...]:
         """Throughput of one size over another: the paired per-round speed ratio times texts per call."""
         return tuple(x * larger / smaller for x in comparison.ratio(f"batch {larger}", f"batch {smaller}"))
 
-    # One estimator: every throughput figure of this sweep is batch 1's texts / median call times the paired ratio
-    base = rows[0]["items_per_s"]
-    table = [{"batch": r["batch"], "items_per_s": base * gain(r["batch"], sizes[0])[0],
-              "throughput_vs_batch1": gain(r["batch"], sizes[0])[0],
-              "interval": "{:.2f}-{:.2f}".format(*gain(r["batch"], sizes[0])[1:]), "noisy": r["noisy"]} for r in rows]
-    workload = f"{role}: {label}, {pipe.task}"
-    print_table(table, title=f"{workload} on {ctx.device}: one call = one batch, all sizes timed round-robin")
-    print(f"texts/s = batch {sizes[0]}'s texts / its median call x throughput_vs_batch1 (the paired per-round ratio, "
-          "with its interval):\none estimator, so the two columns rank the sizes alike (each size's own median "
-          "latency is in results.csv)")
     knee = find_knee(sizes, gain)
-    best = max(table, key=lambda r: r["throughput_vs_batch1"])["batch"]
+    explain_once("knee", "knee: the smallest batch whose texts/s no larger batch beats by more than 3%, judged by "
+                 "the interval of their paired throughput ratio (speedup x texts per call).")
+    beyond = None
     if knee is None:
-        say(f"{workload}: no knee in batch sizes {sizes[0]}..{sizes[-1]}: batch {sizes[-1]} still beats "
-              f"batch {sizes[-2]}, so throughput has not levelled off")
-    elif knee == best:
-        say(f"{workload}: knee at batch {knee}: no larger batch beats it, and it is also the best measured")
+        say(f"{role}: no knee up to batch {sizes[-1]}: every smaller batch is outrun beyond +-3% by a larger one, "
+            "so throughput is still growing")
     else:
-        estimate, low, high = gain(best, knee)
-        say(f"{workload}: knee at batch {knee}: no larger batch beats it; batch {best}'s {estimate:.2f}x its "
-              f"throughput (interval {low:.2f}-{high:.2f}) is {VERDICT_WORDS[verdict_of(low, high)]}")
-    return {"role": role, "model": label, "workload": workload, "knee_batch": knee, "best_batch": best,
-            "stopped_because": stop_reason, "table": table,
-            "items_per_s_interval": [[base * x for x in gain(size, sizes[0])[1:]] for size in sizes]}
+        best = max((size for size in sizes if size > knee), key=lambda size: gain(size, knee)[0], default=None)
+        text = f"{role}: knee at batch {knee}"
+        if best is not None:
+            estimate, low, high = gain(best, knee)
+            beyond = {"batch": best, "gain": estimate, "low": low, "high": high, "verdict": verdict_of(low, high)}
+            text += (f"; the best larger batch, {best}, gives {estimate:.2f}x its texts/s [{low:.2f}-{high:.2f}]: "
+                     f"{VERDICT_WORDS[beyond['verdict']]}")
+        say(text)
+    table = [{"batch": size, "items_per_s": row["items_per_s"], "p50_ms": row["p50_ms"],
+              "items_per_s_low": size * 1e3 / row["ci95_high_ms"], "items_per_s_high": size * 1e3 / row["ci95_low_ms"]}
+             for size, row in zip(sizes, rows)]
+    return {"role": role, "model": label, "workload": workload, "knee_batch": knee, "beyond_knee": beyond,
+            "stopped_because": stop_reason, "table": table}
 
 
 def batch_sweep_section(ctx: cli.Context) -> dict:
@@ -374,7 +442,7 @@ def batch_sweep_section(ctx: cli.Context) -> dict:
 
 def devices_section(ctx: cli.Context) -> list[dict]:
     """The same workload on every device here, timed round-robin, so the comparison is the device and
-    nothing else; the advice follows the verdict."""
+    nothing else."""
     devices, missing = available_devices(ctx.device)
     for kind, reason in missing.items():
         ctx.report.skip(f"device {kind}", reason)
@@ -387,16 +455,13 @@ def devices_section(ctx: cli.Context) -> list[dict]:
     # A meter on the last device (the accelerator, when there is one) synchronises it after every timed call.
     comparison = ctx.meter(devices[-1]).compare(workloads, items=len(batch), progress="devices",
                                                 tokens=texts.count_tokens(loaded.tokenizer, batch, truncation=True))
-    rows = [runs.result_row(m, measurement="devices: feature-extraction", model=loaded.info.label, device=name,
-                            batch=len(batch)) for name, m in comparison.measurements.items()]
-    ctx.report.add_rows("5. Devices", rows)
-    table = comparison.rows(baseline="cpu", per_call=f"{len(batch)} texts")
-    print_table(table, title=f"Same workload on every device (encoder, {len(batch)} texts per call, round-robin)")
-    for name in list(workloads)[1:]:
-        print(comparison.sentence(name, "cpu"))
-    if len(devices) == 1:  # one bar says nothing: the number is printed in the table above instead of a chart
-        print("only the CPU is available here, so there is nothing to put beside it (see the skipped lines above)")
-    else:
+    rows = ctx.show(comparison, "cpu", f"Devices: {loaded.info.label} embedding {len(batch)} texts per call",
+                    extra={name: runs.result_row(m, measurement="devices: feature-extraction", model=loaded.info.label,
+                                                 device=name, batch=len(batch))
+                           for name, m in comparison.measurements.items()})
+    table = slim(rows, ("workload", "p50_ms", "ci95_low_ms", "ci95_high_ms", "items_per_s", "speedup",
+                        "speedup_low", "speedup_high", "verdict"))
+    if len(devices) > 1:  # one bar says nothing: with the CPU alone the table above is the whole result
         ctx.report.add_chart(plots.chart(ctx.out_dir, "devices_side_by_side", draw_devices, table))
     return table
 
@@ -435,51 +500,49 @@ def seed_table_section(ctx: cli.Context) -> dict:
         ctx.report.skip("notes' table, GPU rows", "this run has no CUDA or MPS GPU (--device); the course notes' GPU "
                         "numbers stand alone")
     text = " ".join(texts.SENTENCES * 2)  # long enough that truncation leaves exactly SEED_INPUT_TOKENS real tokens
-    measured, ratios, twins = {}, {}, False
+    measured, ratios = {}, {}
     for kind, device in devices.items():
         forwards, memory, shape = seed_models_on(ctx, device, text)
         comparison = ctx.meter(device).compare(forwards, items=shape[0], tokens=shape[0] * shape[1],
                                                progress=f"notes' table on {kind}")
+        extra = {name: {**runs.result_row(m, measurement=f"notes' table: forward {shape}",
+                                          model=memory[name]["label"], device=str(device), batch=shape[0]),
+                        "notes_ms": SEED_TABLE[(name, kind)][0] * 1e3, "memory_gib": memory[name]["bytes"] / 2**30,
+                        "notes_gb": SEED_TABLE[(name, kind)][1]} for name, m in comparison.measurements.items()}
+        ctx.show(comparison, "BERT-base", f"The course notes' table on {kind}: one forward pass of {shape} tokens "
+                 "here; notes_*: the notes' own numbers (another machine)", extra=extra,
+                 columns=("notes_ms", "memory_gib", "notes_gb"))
         for name, m in comparison.measurements.items():
-            ctx.report.add_rows("6. The course notes' table, reproduced", [runs.result_row(
-                m, measurement=f"notes' table: forward {shape}", model=memory[name]["label"], device=str(device),
-                batch=shape[0])])
-            measured[(name, kind)] = {
-                "ours_time_s": m.stats.median, "ours_ci95_s": m.stats.ci_text(1, "s"),
-                "ours_over_notes_time": m.stats.median / SEED_TABLE[(name, kind)][0],
-                "ours_memory_gib": memory[name]["bytes"] / 2**30,
-                "memory_measured_as": "CUDA allocated by load + one pass" if device.type == "cuda" else
-                "RSS added by load + one pass"}
-            twins = twins or not memory[name]["meaningful"]
+            measured[(name, kind)] = {"ours_time_s": m.stats.median, "ours_ci95_s": m.stats.ci_text(1, "s"),
+                                      "ours_over_notes_time": m.stats.median / SEED_TABLE[(name, kind)][0],
+                                      "ours_memory_gib": extra[name]["memory_gib"],
+                                      "memory_measured_as": "CUDA allocated by load + one pass"
+                                      if device.type == "cuda" else "RSS added by load + one pass"}
+            explain_twin(memory[name]["label"], memory[name]["meaningful"])
         notes = SEED_TABLE[("BERT-base", kind)][0] / SEED_TABLE[("DistilBERT", kind)][0]
-        ratios[kind] = {"ours": comparison.ratio("DistilBERT", "BERT-base")[0], "notes": notes,
-                        "verdict": comparison.verdict("DistilBERT", "BERT-base")}
-        say(f"on {kind}: {comparison.sentence('DistilBERT', 'BERT-base')}; the course notes' table says "
-            f"{notes:.2f}x (one machine's ratio compares models fairly)")
+        estimate, low, high = comparison.ratio("DistilBERT", "BERT-base")
+        ratios[kind] = {"ours": estimate, "ours_interval": [low, high], "notes": notes,
+                        "verdict": comparison.verdict("DistilBERT", "BERT-base"), "notes_inside": low <= notes <= high}
         del forwards
         cleanup()
+    say(f"Ours: batch {shape[0]} x {shape[1]} real tokens, float32, under torch.inference_mode(); memory_gib: "
+        + "; ".join(f"{kind}, {measured[('BERT-base', kind)]['memory_measured_as']}" for kind in devices)
+        + ". The notes state neither input shape nor what their memory counts, so their times compare machines, "
+        "not code; a ratio compares the models: the notes' DistilBERT/BERT-base ratio ("
+        + ", ".join(f"{kind} {r['notes']:.2f}x" for kind, r in ratios.items()) + ") lies "
+        + ", ".join(f"{'inside' if r['notes_inside'] else 'outside'} this machine's interval on {kind}"
+                    for kind, r in ratios.items()) + ".")
     rows = [{"model": model, "device": kind, "input_shape": f"{shape} tokens", "notes_time_s": time_s,
              "notes_memory_gb": memory_gb, **measured.get((model, kind), {"memory_measured_as": "not measured here"})}
             for (model, kind), (time_s, memory_gb) in SEED_TABLE.items()]
-    print_table(rows, ["model", "device", "ours_time_s", "ours_ci95_s", "notes_time_s", "ours_over_notes_time"],
-                title=f"The course notes' table: THIS machine (ours_*, input {shape} tokens) next to the notes' "
-                      "published numbers (ANOTHER machine)")
-    say("memory, ours (GiB) vs the notes (GB): " + "; ".join(
-        f"{row['model']} {row['device']} {format_value(row.get('ours_memory_gib'))} vs {row['notes_memory_gb']}" for row in rows))
-    say(f"ours: median of one forward pass, batch {shape[0]} x {shape[1]} real tokens, float32, under "
-        "torch.inference_mode(); memory: " + "; ".join(f"{kind} rows: {how}" for kind, how in sorted(
-            {(row["device"], row["memory_measured_as"]) for row in rows})) +
-        ". The notes stated neither their input shape nor what their memory counted, so ours/notes compares "
-        "machines, not code.")
-    if twins:
-        say(f"({TWIN_NOTE}: that is why the input is cut to exactly {SEED_INPUT_TOKENS} tokens here)")
+    ctx.report.add_chart(plots.chart(ctx.out_dir, "notes_table", draw_seed_table, rows, ratios))
     return {"input_shape": str(shape), "rows": rows, "distilbert_vs_bert": ratios}
 
 
 def report_section(ctx: cli.Context, results: dict, previous: dict | None) -> dict:
-    """Everything above in report.json, results.csv and report.md with a one-page summary; with --compare,
-    the machine and environment checked against a previous run, then a verdict for every shared measurement."""
-    draw_summary(ctx, results)
+    """Every measurement in report.json and results.csv, and the article built from them in report.md and
+    report.tex; with --compare, the machine and environment checked against a previous run, then a verdict for
+    every shared measurement."""
     if previous is None:
         say(f"run again later with --compare {ctx.out_dir / 'report.json'} (copy it first) to see what changed")
         return {"compared_with": None}
@@ -503,53 +566,54 @@ def report_section(ctx: cli.Context, results: dict, previous: dict | None) -> di
 
 
 def draw_latency(ax, outcome: dict) -> None:
-    """Box plot of every call's latency per task (log scale: generation is slower by orders of magnitude)."""
+    """Every call of each task over that task's own median: the spread reads alike whatever work a call does."""
     tasks = outcome["tasks"]
-    ax.boxplot([outcome["latency_samples_ms"][task["task"]] for task in tasks], showfliers=True)
-    ax.set_xticks(range(1, len(tasks) + 1), [f"{task['task']}\n({task['per_call']})" for task in tasks], fontsize=7,
-                  rotation=15, ha="right")
-    slowest = max(tasks, key=lambda task: task["p50_ms"])
-    fastest = min(tasks, key=lambda task: task["p50_ms"])
-    plots.log_y(ax)
-    ax.set(title=f"{slowest['task']} takes {slowest['p50_ms'] / fastest['p50_ms']:.0f}x as long per call as "
-                 f"{fastest['task']} (box: IQR, line: median)",
-           ylabel="latency per call (ms, log scale)", xlabel="task (work done per call)")
+    relative = [np.asarray(outcome["latency_samples_ms"][task["task"]]) / task["p50_ms"] for task in tasks]
+    ax.boxplot(relative, showfliers=True)
+    ax.axhline(1.0, color="grey", linestyle=":", linewidth=0.8)
+    ax.set_xticks(range(1, len(tasks) + 1), [f"{task['task']}\n{task['model']}" for task in tasks], fontsize=8)
+    spread = [float(np.subtract(*np.percentile(values, [75, 25]))) for values in relative]
+    widest = int(np.argmax(spread))
+    ax.set(title=f"{tasks[widest]['task']} varies most: its middle half of calls spans {spread[widest]:.0%} of "
+                 "its median", ylabel="call latency / the task's median",
+           xlabel="task and model (box: the middle half of the calls, line: the median)")
 
 
 def draw_memory(ax, outcome: dict) -> None:
-    """Weights beside the working memory the timed calls added (each bar labelled, so a small one still reads);
-    CUDA peak beside them when present."""
+    """Weights beside what one call needs on top of them (each bar labelled, so a small one still reads);
+    the CUDA peak beside them when present."""
     tasks = outcome["tasks"]
-    series = [("model weights (exact)", [task["weights_mib"] for task in tasks]),
-              ("working RSS: peak during calls - before them", [task["working_rss_mib"] for task in tasks])]
+    series = [("weights", [task["weights_mib"] for task in tasks]),
+              ("one call, on top of the weights", [task["call_mib"] for task in tasks])]
     if any(task["cuda_alloc_mib"] is not None for task in tasks):
-        series.append(("CUDA peak allocated", [task["cuda_alloc_mib"] or 0 for task in tasks]))
-    plots.grouped_bars(ax, [task["task"] for task in tasks], series, value_format="%.0f")
-    ax.tick_params(axis="x", labelrotation=15)
-    heaviest = max(tasks, key=lambda task: task["weights_mib"])
-    ax.set(title=f"The weights dominate: {heaviest['task']} holds {heaviest['weights_mib']:.0f} MiB",
-           ylabel="memory (MiB)", xlabel="task")
+        series.append(("CUDA peak allocated by a call", [task["cuda_alloc_mib"] or 0 for task in tasks]))
+    plots.grouped_bars(ax, [f"{task['task']}\n{task['model']}" for task in tasks], series, value_format="%.0f")
+    worst = max(tasks, key=lambda task: task["call_mib"] / task["weights_mib"])
+    share = worst["call_mib"] / worst["weights_mib"]
+    ax.set(title=(f"The weights dominate: a call needs at most {share:.0%} of its model's weights on top"
+                  if share < 1 else f"{worst['task']}: one call needs {share:.1f}x its weights on top of them"),
+           ylabel="memory (MiB)", xlabel="task and model")
 
 
 def draw_sweep(ax, sweeps: dict) -> None:
-    """Throughput against batch size per model (log2 x axis: sizes double), the knee starred."""
+    """Each batch size's own texts/s with its median's interval, per workload (log2 x axis: sizes double), the
+    knee starred."""
     for sweep in sweeps.values():
-        batches = [row["batch"] for row in sweep["table"]]
-        values = [row["items_per_s"] for row in sweep["table"]]
-        low, high = zip(*sweep["items_per_s_interval"])
-        line, = ax.plot(batches, values, marker="o", label=sweep["workload"])
-        ax.errorbar(batches, values, yerr=[np.subtract(values, low), np.subtract(high, values)], fmt="none",
-                    capsize=3, color=line.get_color())
+        table = sweep["table"]
+        batches, values = [row["batch"] for row in table], [row["items_per_s"] for row in table]
+        line = ax.errorbar(batches, values, yerr=[np.subtract(values, [row["items_per_s_low"] for row in table]),
+                                                  np.subtract([row["items_per_s_high"] for row in table], values)],
+                           marker="o", capsize=3, label=f"{sweep['role']}: {sweep['model']}").lines[0]
         if sweep["knee_batch"] is not None:
-            knee = next(row for row in sweep["table"] if row["batch"] == sweep["knee_batch"])
+            knee = next(row for row in table if row["batch"] == sweep["knee_batch"])
             ax.plot([knee["batch"]], [knee["items_per_s"]], marker="*", markersize=16, color=line.get_color(),
-                    linestyle="none", label=f"{sweep['role']} knee (batch {knee['batch']})")
+                    linestyle="none", label=f"{sweep['role']}'s knee (batch {knee['batch']})")
     plots.log2_x(ax, [row["batch"] for sweep in sweeps.values() for row in sweep["table"]])
-    knees = [f"{sweep['role']} at batch {sweep['knee_batch']}" for sweep in sweeps.values() if sweep["knee_batch"]]
-    ax.set(title="Throughput stops paying for latency: " + (", ".join(knees) or "no knee in the sizes tried"),
-           xlabel="batch size (texts per call, log2 scale)",
-           ylabel="texts/s (batch 1's median x paired ratio; bars: its interval)")
-    plots.legend_outside(ax)
+    knees = [f"{sweep['knee_batch']} ({sweep['role']})" for sweep in sweeps.values() if sweep["knee_batch"]]
+    ax.set(title=("More batch stops paying at batch " + " and ".join(knees)) if knees else
+           "Throughput still grows at the largest batch: no knee yet",
+           xlabel="batch size (texts per call, log2 scale)", ylabel="texts per second")
+    plots.legend_outside(ax, "error bars: the median's 95% interval")
 
 
 def draw_devices(ax, rows: list[dict]) -> None:
@@ -559,44 +623,301 @@ def draw_devices(ax, rows: list[dict]) -> None:
                         [row["ci95_high_ms"] - row["p50_ms"] for row in rows]], capsize=6, width=0.5)
     ax.bar_label(bars, [f"{row['items_per_s']:.1f} texts/s" for row in rows], label_type="center", color="white")
     best = max(rows, key=lambda row: row["speedup"])
-    ax.set(title=f"{best['workload']} is {best['speedup']:.1f}x the CPU's speed ({best['verdict']}; "
-                 f"{rows[0]['per_call']} per call)", xlabel="device",
+    ax.set(title=f"{best['workload']} is {best['speedup']:.1f}x the CPU's speed ({best['verdict']})", xlabel="device",
            ylabel="median latency per call (ms; bar: the median's interval)")
 
 
-def draw_seed_table(ax, seed: dict) -> None:
+def draw_seed_table(ax, rows: list[dict], ratios: dict) -> None:
     """Our measured time next to the course notes' published one, per model and device."""
-    rows = seed["rows"]
     ours = [None if row.get("ours_time_s") is None else row["ours_time_s"] * 1e3 for row in rows]
     plots.grouped_bars(ax, [f"{row['model']}\n{row['device']}" for row in rows],
-                       [("this run, this machine", ours), ("course notes (another machine)",
-                                                           [row["notes_time_s"] * 1e3 for row in rows])],
+                       [("this machine", ours), ("the course notes (another machine)",
+                                             [row["notes_time_s"] * 1e3 for row in rows])],
                        missing="not\nmeasured\nhere")
     plots.log_y(ax)
-    ax.set(title=f"The course notes' table: forward pass {rows[0]['input_shape']}, this machine vs theirs",
-           xlabel="model and device", ylabel="inference time (ms, log scale)")
+    ax.set(title="DistilBERT's speed over BERT-base's: " + "; ".join(
+        f"{kind} {ratio['ours']:.2f}x here, {ratio['notes']:.2f}x in the notes" for kind, ratio in ratios.items()),
+           xlabel=f"model and device (input {rows[0]['input_shape']} here)", ylabel="forward pass (ms, log scale)")
 
 
-def draw_summary(ctx: cli.Context, results: dict) -> None:
-    """The four main charts on one page, titled with the machine they were measured on."""
-    panels = [("tasks", draw_latency), ("sweep", draw_sweep), ("tasks", draw_memory), ("seed", draw_seed_table)]
-    fig, axes = plots.plt.subplots(2, 2, figsize=(14, 9.5))
-    for ax, (key, draw) in zip(axes.flat, panels):
-        if results.get(key):
-            draw(ax, results[key])
-        else:
-            ax.text(0.5, 0.5, f"no {key} results (section failed or was interrupted)", ha="center", va="center")
-            ax.set_axis_off()
-    env = ctx.report.environment
-    fig.suptitle(f"{SCRIPT}: {env['cpu']}, device {env['device']}, {env['torch_threads']} threads, "
-                 f"torch {env['torch']}, transformers {env['transformers']}", fontsize=11)
-    ctx.report.add_chart(plots.save(fig, ctx.out_dir, "summary"))
+# ---------------------------------------------------------------- 7. What you would ship
+# (this section's imports stay with it: it is the lesson's one user of the runtimes and the recipe bookkeeping)
+import contextlib  # noqa: E402
+import copy  # noqa: E402
+import io  # noqa: E402
+import logging  # noqa: E402
+import textwrap  # noqa: E402
+import warnings  # noqa: E402
+from typing import Callable  # noqa: E402
+
+from common import recipe, runtimes  # noqa: E402
+from common.batching import streamed_weight_bytes  # noqa: E402
+from common.calibration import matmul_peak  # noqa: E402
+from common.errors import UserError  # noqa: E402
+from common.fidelity import cosine_fidelity  # noqa: E402
+from common.meter import Comparison  # noqa: E402
+from common.quantize import choose_activation_range, linear_names, variant_unavailable  # noqa: E402
+from common.report import limit_bar, ratio_bar  # noqa: E402
+from common.runtimes import (ONNX_FP32, ONNX_INT8, OPENVINO_FP32, OPENVINO_INT8, PEERS, PYTORCH_FP32,  # noqa: E402
+                             PYTORCH_INT8, SENTENCE_TRANSFORMERS)
+
+
+@dataclass(frozen=True)
+class Contest:
+    """What --quick shrinks in the contest."""
+
+    texts: int  # real paragraphs timed: one half chooses, the other (held out) confirms
+    max_length: int  # tokens each text is cut to, here and in the snippet
+    calibration: int  # other paragraphs, never timed, that NNCF calibrates OpenVINO int8 on
+    rounds: int  # round-robin rounds per half
+    peak_sizes: tuple[int, ...]  # square fp32 matmuls whose fastest call is the FLOP/s reference
+
+
+CONTEST, CONTEST_QUICK = Contest(256, 128, 64, 5, (512, 1024, 2048)), Contest(12, 32, 4, 2, (128, 256))
+SHIP_BATCH = 32  # what the snippet is pasted with, with the max_length: its fidelity is checked at exactly these
+FIDELITY_BAR = recipe.FidelityBar(0.99, 0.98)  # cosine mean and worst text vs the reference, on both halves
+APPROXIMATE = (PYTORCH_INT8, ONNX_INT8, OPENVINO_INT8)  # int8 changes the output; the rest compute fp32 exactly
+FLOPS_FRACTION_TARGET = 0.7
+PEAK_REPEATS = 5
+EXAMPLE_TEXTS = [texts.SENTENCES[1], texts.SENTENCES[9]]  # what the pasted snippet embeds
+
+
+def contestants(ctx: cli.Context, where: models.Checkpoint, loaded: models.LoadedModel, calibration: list[str],
+                max_length: int, forwards: dict) -> dict[str, Callable[[], Callable[[list[str]], torch.Tensor]]]:
+    """Each candidate as a builder of embed(texts). All but sentence-transformers share runtimes.embed_sorted
+    (tokenise once, length-sorted batches of SHIP_BATCH, mean-pool, L2-normalise) and differ only in the forward
+    that turns a padded batch into the last hidden state; that forward is kept in `forwards` for the snippet's
+    time split."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    threads, names = torch.get_num_threads(), list(tokenizer.model_input_names)
+    reduce_range = choose_activation_range().reduce_range  # the safe int8 range on this CPU (section 3 of 03)
+
+    def shared(name: str, make_forward: Callable[[], Callable[[dict], torch.Tensor]]):
+        def build() -> Callable[[list[str]], torch.Tensor]:
+            forwards[name] = forward = make_forward()
+            return lambda corpus: runtimes.embed_sorted(forward, tokenizer, corpus, SHIP_BATCH, max_length)
+        return build
+
+    def pytorch(quantized: bool) -> Callable[[dict], torch.Tensor]:
+        ready = model
+        if quantized:  # stock module: 7-bit activations, safe on every x86 CPU; only public API
+            with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao
+                warnings.simplefilter("ignore")
+                ready = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {
+                    torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}, dtype=torch.qint8)
+
+        def forward(batch: dict) -> torch.Tensor:
+            with torch.inference_mode():
+                return ready(**batch.to(ctx.device)).last_hidden_state
+        return forward
+
+    def sentence_transformers() -> Callable[[list[str]], torch.Tensor]:
+        from sentence_transformers import SentenceTransformer
+
+        st = SentenceTransformer(str(where.path), device=str(ctx.device))
+        st.max_seq_length = max_length  # the bundled folder says 256; every candidate truncates alike
+        return lambda corpus: st.encode(corpus, batch_size=SHIP_BATCH, convert_to_tensor=True,
+                                        normalize_embeddings=True, show_progress_bar=False).float().cpu()
+
+    def onnx_runtime(quantized: bool) -> Callable[[dict], torch.Tensor]:
+        import onnxruntime as ort
+
+        path = runtimes.export_onnx(model, tokenizer, ctx.out_dir / "onnx")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads  # as many as torch uses: like for like
+        session = ort.InferenceSession(str(runtimes.quantize_onnx_int8(path, reduce_range) if quantized else path),
+                                       options, providers=["CPUExecutionProvider"])
+        return lambda batch: torch.from_numpy(session.run(["last_hidden_state"],
+                                                          {name: batch[name].numpy() for name in names})[0])
+
+    def openvino(quantized: bool) -> Callable[[dict], torch.Tensor]:
+        import openvino as ov
+
+        converted = ov.convert_model(runtimes.export_onnx(model, tokenizer, ctx.out_dir / "onnx"))
+        if quantized:  # static int8: activation ranges from calibration paragraphs that are never timed
+            import nncf
+            from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+
+            samples = [dict(tokenizer(text, truncation=True, max_length=max_length, return_tensors="np"))
+                       for text in calibration]
+            # without VNNI, 7-bit weights keep int8 sums from overflowing, as 7-bit activations do for PyTorch
+            overflow = OverflowFix.ENABLE if reduce_range else OverflowFix.DISABLE
+            nncf.set_log_level(logging.ERROR)
+            with contextlib.redirect_stdout(io.StringIO()):  # its progress bars
+                converted = nncf.quantize(converted, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER,
+                                          subset_size=len(samples),
+                                          advanced_parameters=AdvancedQuantizationParameters(overflow_fix=overflow))
+        compiled = ov.Core().compile_model(converted, "CPU", {"INFERENCE_NUM_THREADS": threads})
+        return lambda batch: torch.from_numpy(compiled({name: batch[name].numpy() for name in names})[0])
+
+    return {SENTENCE_TRANSFORMERS: sentence_transformers, PYTORCH_FP32: shared(PYTORCH_FP32, lambda: pytorch(False)),
+            PYTORCH_INT8: shared(PYTORCH_INT8, lambda: pytorch(True)),
+            ONNX_FP32: shared(ONNX_FP32, lambda: onnx_runtime(False)),
+            ONNX_INT8: shared(ONNX_INT8, lambda: onnx_runtime(True)),
+            OPENVINO_FP32: shared(OPENVINO_FP32, lambda: openvino(False)),
+            OPENVINO_INT8: shared(OPENVINO_INT8, lambda: openvino(True))}
+
+
+def contest_round(ctx: cli.Context, embedders: dict, corpus: list[str], rounds: int, progress: str,
+                  ) -> tuple[Comparison, recipe.Fidelity]:
+    """Every candidate over the same texts, round-robin; each one's cosine mean and min against the reference
+    (sentence-transformers' encode, else PyTorch fp32) on these texts."""
+    outputs: dict[str, torch.Tensor] = {}
+
+    def timed(name: str) -> Callable[[], None]:
+        def run() -> None:
+            outputs[name] = embedders[name](corpus)
+        return run
+
+    comparison = ctx.meter().compare({name: timed(name) for name in embedders}, items=len(corpus), warmup=1,
+                                     min_rounds=rounds, budget_s=0, progress=progress)
+    reference = outputs[SENTENCE_TRANSFORMERS if SENTENCE_TRANSFORMERS in outputs else PYTORCH_FP32]
+    return comparison, {name: tuple(cosine_fidelity(reference, out).values()) for name, out in outputs.items()}
+
+
+def cosines(fidelity: recipe.Fidelity, **more: dict) -> dict[str, dict]:
+    """The extra table columns per candidate: its cosine mean and min against the reference, and `more`."""
+    return {name: {"cos_mean": f"{mean:.4f}", "cos_min": f"{worst:.4f}",
+                   **{column: values[name] for column, values in more.items() if name in values}}
+            for name, (mean, worst) in fidelity.items()}
+
+
+def ship_section(ctx: cli.Context) -> dict:
+    """What you would ship: the runtimes a learner would reach for (sentence-transformers, ONNX Runtime, OpenVINO)
+    beside plain PyTorch, chosen on half of the paragraphs and confirmed on the other half, which the choice never
+    saw; only a confirmed winner becomes the code to paste."""
+    c = ctx.pick(CONTEST, CONTEST_QUICK)
+    max_length, reduce_range = c.max_length, choose_activation_range().reduce_range
+    where, loaded = models.checkpoint("encoder", ctx.source), ctx.load("encoder")
+    corpus = cli.read_user_texts(ctx.args) or texts.documentation_paragraphs(c.texts)
+    lengths = [len(ids) for ids in loaded.tokenizer(corpus, truncation=True, max_length=max_length)["input_ids"]]
+    choosing, confirming = texts.held_out_halves(corpus, lengths)
+    calibration = [text for text in texts.documentation_paragraphs(c.texts + c.calibration)
+                   if text not in corpus][:c.calibration]
+    say(f"{len(corpus)} {'of your texts' if ctx.args.text or ctx.args.text_file else 'paragraphs of Python docs'}"
+        f", split by length into a choosing half and a held-out half of {len(choosing)}; batches of {SHIP_BATCH} "
+        f"(length-sorted), max_length {max_length}, {torch.get_num_threads()} threads. Bar: {FIDELITY_BAR.text()} "
+        "vs encode on both halves; int8 must beat the fastest exact option beyond +-3%. int8 ranges: "
+        + ("7-bit (no VNNI: 8 bits could overflow)" if reduce_range else "8-bit (VNNI adds int8 in 32 bits)") + ".")
+    problems = runtimes.peer_problems(where.path, ctx.device)
+    problems[PYTORCH_INT8] = variant_unavailable("int8-dynamic", ctx.device)
+    if ctx.quick:  # the full run has them
+        problems[ONNX_INT8] = problems[ONNX_INT8] or "--quick (quantising the export takes seconds)"
+        problems[OPENVINO_INT8] = problems[OPENVINO_INT8] or "--quick (NNCF's calibration takes ~20 s)"
+    forwards: dict[str, Callable] = {}
+    built = ctx.build_each("contest", contestants(ctx, where, loaded, calibration, max_length, forwards), problems.get,
+                           lambda embed: embed(EXAMPLE_TEXTS))
+    embedders = {name: entry["model"] for name, entry in built.items()}
+    baseline = SENTENCE_TRANSFORMERS if SENTENCE_TRANSFORMERS in embedders else PYTORCH_FP32
+
+    chosen_on, fidelity_a = contest_round(ctx, embedders, choosing, c.rounds, "choosing half")
+    ctx.show(chosen_on, baseline, f"Choosing half: {len(choosing)} paragraphs per call", extra=cosines(fidelity_a),
+             columns=("cos_mean", "cos_min"))
+    choice = recipe.choose(list(embedders), chosen_on.ratio, fidelity_a, FIDELITY_BAR, APPROXIMATE)
+    for name, why in choice.excluded.items():
+        say(f"cannot win: {name}, {why}", "  ")
+    if choice.winner is None:
+        raise RuntimeError(f"no candidate kept {FIDELITY_BAR.text()}, so there is nothing to ship")
+    fastest_int8 = recipe.fastest([name for name in embedders if name in APPROXIMATE], chosen_on.ratio)
+    trade = ""
+    if choice.winner not in APPROXIMATE and fastest_int8 and choice.fastest_exact:
+        trade = (f"; the fastest int8, {fastest_int8}, would run {chosen_on.ratio_text(fastest_int8, choice.winner)}"
+                 f" its speed at worst cosine {fidelity_a[fastest_int8][1]:.4f} (exact: "
+                 f"{fidelity_a[choice.winner][1]:.4f})")
+    say(f"chosen: {choice.winner}{trade}")
+
+    peaks = [matmul_peak(c.peak_sizes, PEAK_REPEATS, ctx.device)]
+    held_out, fidelity_b = contest_round(ctx, embedders, confirming, c.rounds, "held-out half")
+    peak = max(peaks + [matmul_peak(c.peak_sizes, PEAK_REPEATS, ctx.device)], key=lambda p: p["flops"])
+    both = [name for name in embedders if name not in choice.excluded and FIDELITY_BAR.keeps(*fidelity_b[name])]
+    refused = recipe.confirm(choice.winner, list(embedders), held_out.ratio, fidelity_b, FIDELITY_BAR, APPROXIMATE)
+    shipped = choice.winner if not refused else recipe.fastest([n for n in both if n not in APPROXIMATE],
+                                                               held_out.ratio)
+    exact = recipe.fastest([name for name in both if name not in APPROXIMATE], held_out.ratio)
+    approx = recipe.fastest([name for name in both if name in APPROXIMATE], held_out.ratio)
+    work = {name: recipe.pass_work(loaded.model.config, [lengths[corpus.index(t)] for t in confirming], SHIP_BATCH,
+                                   int8_streamed(loaded.model) if name in APPROXIMATE else
+                                   streamed_weight_bytes(loaded.model)) for name in embedders}
+    roles = {exact: "best exact", approx: "best int8"}
+    roles[shipped] = "SHIPPED" + (" (exact)" if shipped == exact else "")
+    rows = ctx.show(held_out, exact or baseline, f"Held-out half: {len(confirming)} other paragraphs; pick: the "
+                    "fastest exact and int8 options keeping the bar, and the one shipped", columns=(
+                        "cos_mean", "cos_min", "pick"), extra=cosines(fidelity_b, pick={k: v for k, v in roles.items()
+                                                                                        if k}))
+    say(f"{'confirmed' if not refused else 'NOT confirmed'}: {choice.winner}" + (
+        f" ({refused}); shipping {shipped}, the fastest exact candidate keeping the bar on both halves" if refused
+        else ""))
+    best = recipe.best_peer(both, held_out.ratio, fidelity_b, FIDELITY_BAR, PEERS, shipped)
+    if best:
+        ctx.report.add_bar(ratio_bar("recipe vs best peer runtime", f">= 1.0x the fastest other peer keeping the bar",
+                                     f"{shipped} {held_out.ratio_text(shipped, best)} {best} on the held-out half",
+                                     held_out.ratio(shipped, best), held_out.rounds, 1.0))
+    stats = held_out.measurements[shipped].stats
+    fraction = tuple(work[shipped][0] / seconds / peak["flops"] for seconds in (stats.median, stats.ci95_high,
+                                                                                 stats.ci95_low))
+    ctx.report.add_bar(limit_bar("shipped useful FLOP/s vs matmul peak", f">= {FLOPS_FRACTION_TARGET:.0%}",
+                                 f"{fraction[0]:.0%} [{fraction[1]:.0%}-{fraction[2]:.0%}] of {peak['flops'] / 1e9:.1f}"
+                                 f" GFLOP/s (fp32 matmul, best of {peak['calls']} around the held-out rounds)",
+                                 fraction, held_out.rounds, FLOPS_FRACTION_TARGET))
+    if shipped in forwards:
+        share = runtimes.outside_forward_share(forwards[shipped], loaded.tokenizer, confirming, SHIP_BATCH,
+                                               max_length)
+        say(f"{shipped} spends {share:.0%} of a held-out pass outside the model's forward (tokenising once, padding "
+            "per batch, pooling in place, copies)")
+    bandwidth = ctx.report.calibration.get("start", {}).get("copy_gb_s")
+    if bandwidth and ctx.device.type == "cpu":  # the calibration's copy measures host memory: a CPU's roof only
+        ctx.report.add_chart(roofline_chart(rows, work, shipped, peak["flops"], bandwidth * 1e9, ctx.out_dir))
+    return {"shipped": shipped, "chosen": choice.winner, "not_confirmed": refused, "best_peer": best,
+            "fidelity_choosing": fidelity_a, "fidelity_held_out": fidelity_b, "excluded": choice.excluded,
+            "snippet": paste(ctx, shipped, fidelity_b[shipped][1], calibration, max_length,
+                             held_out.sentence(shipped, best) if best else "")}
+
+
+def int8_streamed(model: torch.nn.Module) -> int:
+    """Bytes a forward streams once the Linears hold int8 weights (a quarter of their fp32 bytes)."""
+    linear = sum(model.get_submodule(name).weight.nbytes for name in linear_names(model))
+    return streamed_weight_bytes(model) - linear * 3 // 4
+
+
+def paste(ctx: cli.Context, shipped: str, worst: float, calibration: list[str], max_length: int, measured: str) -> str:
+    """Print the shipped candidate's code, and write it (with OpenVINO int8's calibration texts) to the output folder."""
+    entry = models.CATALOG.get(ctx.load("encoder").info.name)
+    code = runtimes.snippet(shipped, entry.hub_id if entry else ctx.load("encoder").info.name, EXAMPLE_TEXTS,
+                            SHIP_BATCH, max_length, torch.get_num_threads(), choose_activation_range().reduce_range)
+    note = (f"# measured here on held-out paragraphs: {measured or shipped}; worst cosine vs encode "
+            f"{worst:.4f}.\n# Fidelity was checked at batch_size={SHIP_BATCH}, max_length="
+            f"{max_length} only: int8 outputs move with both.")
+    code = textwrap.fill(note.split("\n")[0], 118, subsequent_indent="#   ") + "\n" + note.split("\n")[1] + "\n" + code
+    (ctx.out_dir / "recipe.py").write_text(code + "\n")
+    if shipped == OPENVINO_INT8:
+        (ctx.out_dir / "calibration.txt").write_text("\n".join(calibration) + "\n")
+    print(f"ready to paste (also in {ctx.out_dir / 'recipe.py'}):\n{'-' * 78}\n{code}\n{'-' * 78}")
+    return code
+
+
+def roofline_chart(rows: list[dict], work: dict, shipped: str, peak_flops: float, bandwidth: float,
+                   out_dir: Path) -> Path | None:
+    """Each candidate's useful FLOP/s against its arithmetic intensity, under this run's matmul and memory roofs."""
+    points = [{"group": "int8 (approximate)" if row["workload"] in APPROXIMATE else "fp32 (exact)",
+               "label": row["workload"], "intensity": work[row["workload"]][0] / work[row["workload"]][1],
+               "flops": work[row["workload"]][0] / row["p50_ms"] * 1e3} for row in rows]
+    mine = next(point for point in points if point["label"] == shipped)
+    ridge = peak_flops / bandwidth
+    bound = "past the ridge: compute-bound" if mine["intensity"] >= ridge else "under the memory roof"
+    fig, ax = plots.figure(f"{shipped} reaches {mine['flops'] / peak_flops:.0%} of the fp32 matmul peak at "
+                           f"{mine['intensity']:.0f} FLOP/byte,\n{bound} (ridge {ridge:.0f} FLOP/byte)",
+                           "arithmetic intensity (useful FLOPs per byte moved: weights + activations)",
+                           "useful GFLOP/s (real tokens only)", size=(8, 6))
+    plots.roofline(ax, points, peak_flops, bandwidth, f"roofs: {bandwidth / 1e9:.1f} GB/s memory copy (calibration), "
+                   f"{peak_flops / 1e9:.1f} GFLOP/s fp32 matmul (best-of)")
+    return plots.save(fig, out_dir, "roofline")
 
 
 SECTIONS = {"meter": ("1. Meet the meter", meet_the_meter_section), "loads": ("2. Model load time", load_time_section),
             "tasks": ("3. Task benchmarks", task_section), "sweep": ("4. Batch-size sweep", batch_sweep_section),
             "devices": ("5. Devices", devices_section),
-            "seed": ("6. The course notes' table, reproduced", seed_table_section)}
+            "seed": ("6. The course notes' table, reproduced", seed_table_section),
+            "ship": ("7. What you would ship", ship_section)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -604,15 +925,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", type=Path, metavar="PREVIOUS.json",
                         help="a previous run's report.json: check machine and environment, then give every shared "
                              "measurement a verdict from both runs' samples")
+    cli.add_only_option(parser, SECTIONS)
+    cli.add_text_options(parser)  # section 7's paragraphs: your own instead of Python's documentation
     args = parser.parse_args(argv)
+    if (given := cli.read_user_texts(args)) is not None and len(given) < 4:
+        raise UserError(f"--text/--text-file gave {len(given)} text(s); section 7 splits them into two halves of "
+                        "at least 2, so give at least 4")
     # fail before minutes of measuring
     previous = runs.load_report(args.compare, SCRIPT, REPORT_VERSION) if args.compare else None
     ctx = cli.start(__file__, args)
-    ctx.report.latex = True  # the timed rows also as report.tex, a booktabs table a paper can \input
+    paper.attach(ctx.report)  # report.md and report.tex: the article, rebuilt from the data at every write
     # a calibration after every section as well: --compare then sees a machine that changed for a few sections only
-    results = cli.run_sections(ctx, SECTIONS, after_each=lambda: ctx.report.calibration.setdefault(
+    results = cli.run_sections(ctx, SECTIONS, only=args.only, after_each=lambda: ctx.report.calibration.setdefault(
         "sections", []).append(calibrate(ctx.device)))
-    ctx.report.run_section("7. Report and comparison", report_section.__doc__, report_section, ctx, results,
+    ctx.report.run_section("8. Report and comparison", report_section.__doc__, report_section, ctx, results,
                            previous)
     return ctx.finish()
 

@@ -7,6 +7,7 @@ from typing import Any, Callable, Iterable
 
 import matplotlib
 import numpy as np
+from PIL import Image
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
@@ -43,9 +44,10 @@ def log_y(ax: Axes) -> None:
 
 
 def legend_outside(ax: Axes, title: str | None = None) -> None:
-    """The legend to the right of the axes, where it can never cover data."""
+    """The legend to the right of the axes, where it can never cover data. It stays out of the layout, so a long
+    legend widens the saved image (save() includes it) instead of squeezing the plot."""
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8, title=title,
-              title_fontsize=8)
+              title_fontsize=8).set_in_layout(False)
 
 
 def log2_x(ax: Axes, values: Iterable[float]) -> None:
@@ -178,13 +180,31 @@ def chart(out_dir: Path, name: str, draw: Callable[..., None], *data: Any) -> Pa
     return save(fig, out_dir, name)
 
 
+def chart_title(fig: Figure) -> str:
+    """A chart's message: the figure's suptitle, else its axes' titles joined."""
+    return fig.get_suptitle() or "; ".join(ax.get_title() for ax in fig.axes if ax.get_title())
+
+
+def saved_title(path: Path) -> str | None:
+    """The message save() wrote into a chart's PNG (its Title text chunk); None when the file has none."""
+    try:
+        with Image.open(path) as image:
+            return image.text.get("Title")
+    except OSError:
+        return None
+
+
 def save(fig: Figure, out_dir: Path, name: str) -> Path | None:
-    """Save as PNG at a readable DPI and close the figure; None (said on stderr) when the file cannot be written."""
+    """Save as PNG at a readable DPI, its title kept in the file (saved_title reads it for a report's caption), and
+    close the figure; None (said on stderr) when the file cannot be written."""
     path = Path(out_dir) / f"{name}.png"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.tight_layout()
-        fig.savefig(path, dpi=DPI, bbox_inches="tight")  # long tick labels and outside legends are never clipped
+        # everything the tight box takes by default, plus the legends kept out of the layout: nothing is clipped
+        legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+        fig.savefig(path, dpi=DPI, bbox_inches="tight", metadata={"Title": chart_title(fig)},
+                    bbox_extra_artists=fig.get_default_bbox_extra_artists() + legends)
     except OSError as error:  # a full disk must not cost the section its measured numbers
         print(f"[chart] could not save {path} ({error.strerror or error}); the numbers are in the report",
               file=sys.stderr)

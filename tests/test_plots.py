@@ -50,3 +50,28 @@ def test_roofline_caps_the_memory_roof_at_the_peak_and_puts_the_legend_below(tmp
     fig.canvas.draw()
     assert ax.get_legend().get_window_extent().y1 <= ax.get_window_extent().y0  # under the plotting area
     assert is_png(plots.save(fig, tmp_path, "roofline"))
+
+
+def test_a_long_outside_legend_widens_the_image_instead_of_squeezing_the_plot(tmp_path):
+    from PIL import Image
+
+    widths = {}
+    for label in ("a", "a legend entry long enough to take more room than the plotting area has " * 2):
+        fig, ax = plots.figure("t", "x", "y")
+        ax.plot([1, 2], [1, 2], label=label)
+        plots.legend_outside(ax)
+        fig.tight_layout()
+        fig.canvas.draw()
+        axes_width = ax.get_window_extent().width
+        path = plots.save(fig, tmp_path, f"legend{len(label)}")
+        widths[label] = (axes_width, Image.open(path).size[0])
+    (short_axes, short_image), (long_axes, long_image) = widths.values()
+    assert long_axes == short_axes  # the plot keeps its size
+    assert long_image > short_image + 300  # and the saved image holds the whole legend
+
+
+def test_a_saved_chart_carries_its_title_for_a_reports_caption(tmp_path):
+    fig, ax = plots.figure("Batch 16 is the knee", "x", "y")
+    ax.plot([1, 2], [1, 2])
+    assert plots.saved_title(plots.save(fig, tmp_path, "titled")) == "Batch 16 is the knee"
+    assert plots.saved_title(tmp_path / "missing.png") is None
