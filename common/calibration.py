@@ -21,12 +21,12 @@ WARMUP_S = 0.1         # and at least this long: a cold start is a matter of tim
 FLOPS_PER_CYCLE = (("avx512f", 2 * 16 * 2), ("fma", 2 * 8 * 2))
 
 
-def _timed(fn: Any, rounds: int = ROUNDS, warmup_s: float = WARMUP_S,
-           clock: Callable[[], float] = time.perf_counter) -> list[float]:
+def _timed(fn: Any, rounds: int = ROUNDS, warmup_s: float = WARMUP_S) -> list[float]:
     """Seconds of `rounds` timed calls, in the order they ran, after a warm-up of WARMUP_CALLS calls and warmup_s.
 
     A fresh process's first calls run cold (thread pool start-up, page faults, a clock still ramping up): a first
     reading taken without warming read 104.5 GFLOP/s where the same run's later ones read about 150."""
+    clock = time.perf_counter
     began = clock()
     calls = 0
     while calls < WARMUP_CALLS or clock() - began < warmup_s:

@@ -246,10 +246,10 @@ def weights_bytes(model: torch.nn.Module) -> int:
             for name in value.__tensor_flatten__()[0]:  # torchao's int8 tensors: no storage, their parts have one
                 add(getattr(value, name))
         elif isinstance(value, torch.Tensor):
-            if value.is_quantized:
-                key, size = (value.data_ptr(), value.numel()), value.numel() * value.element_size()
-            else:
-                key, size = (value.untyped_storage().data_ptr(), value.nbytes), value.nbytes
+            # A tied tensor (SmolLM2's LM head is its input embedding) starts at the same address; views of one
+            # storage (a fused projection's slices) start at different ones, and each counts.
+            size = value.numel() * value.element_size() if value.is_quantized else value.nbytes
+            key = (value.data_ptr(), size)
             if key not in seen:
                 seen.add(key)
                 total += size

@@ -31,6 +31,7 @@ TWIN_DIR = Path(__file__).parent / "twins"
 TWIN_SEED = 0  # twins are the same weights on every run and every machine with the same torch
 HUB_PROBE_TIMEOUT_S = 1.5
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_CACHE = "smollm2-135m-instruct"  # the model-cache folder of its safetensors conversion
 
 
 @dataclass(frozen=True)
@@ -296,6 +297,13 @@ def _packages_for(offline_name: str) -> set[str]:
     return {TWIN_TOKENIZER[offline_name]} if entry.offline == "twin" else {ROLES["encoder"][1]}
 
 
+def _cache_names(offline_name: str) -> set[str]:
+    """The model-cache folders a role's offline model is built into: a twin's own, and the converted decoder's
+    wherever its tokenizer or weights are used."""
+    names = {SMOLLM2_CACHE} if "SmolLM2-135M-Instruct" in _packages_for(offline_name) else set()
+    return names | ({twin_cache_name(offline_name)} if CATALOG[offline_name].offline == "twin" else set())
+
+
 def _missing_packages(names: set[str]) -> list[str]:
     """The pip distributions of those bundled models that are not installed."""
     return sorted(BUNDLED_PACKAGES[name][1] for name in names
@@ -315,11 +323,10 @@ def hub_offline() -> bool:
 
 def check_models(roles: tuple[str, ...], source: str) -> None:
     """Before any work: every role (or catalog name) a lesson needs can be loaded from `source`; else one UserError
-    naming what is missing and the fix. Under auto, roles the Hub cannot serve use the offline set, said in one line."""
+    naming what is missing and the fix. Under auto, roles the Hub cannot serve use the offline set, said in one line.
+    A model-cache build of another run that those offline models need is waited for (see _build_lock)."""
     names = {role: ROLES[role] if role in ROLES else (role, role) for role in roles if role in ROLES or role in CATALOG}
     hub_ids = {role: CATALOG[hub_name].hub_id for role, (hub_name, _) in names.items()}
-    offline = [role for role in names if source == "bundled" or not (
-        source == "hub" or hub_cached(hub_ids[role]) or hub_reachable())]
     if source == "hub":
         absent = [hub_ids[role] for role in names if not (hub_cached(hub_ids[role]) or hub_reachable())]
         if absent:
@@ -327,12 +334,18 @@ def check_models(roles: tuple[str, ...], source: str) -> None:
             raise UserError(f"--source hub: {', '.join(absent)} not in the local Hugging Face cache and {why}; run "
                             f"with --source bundled, or {_download_hint(absent)}")
         return
+    offline = [role for role in names if source == "bundled" or not (hub_cached(hub_ids[role]) or hub_reachable())]
     missing = _missing_packages(set().union(*(_packages_for(names[role][1]) for role in offline)))
     if missing:
         hub_fix = "" if source == "bundled" else f", or {_download_hint([hub_ids[role] for role in offline])}"
-        raise UserError(f"{', '.join(offline)} need the bundled model package(s) {', '.join(missing)}, which are not "
-                        f"installed{'' if source == 'bundled' else ', and the Hub cannot serve them'}; "
-                        f"{INSTALL_HINT}{hub_fix}")
+        need = "needs" if len(offline) == 1 else "need"
+        packages = (f"package {missing[0]}, which is" if len(missing) == 1 else
+                    f"packages {', '.join(missing)}, which are")
+        raise UserError(f"{', '.join(offline)} {need} the bundled model {packages} not installed"
+                        f"{'' if source == 'bundled' else ', and the Hub cannot serve them'}; {INSTALL_HINT}{hub_fix}")
+    for name in sorted(set().union(*(_cache_names(names[role][1]) for role in offline))):
+        with _build_lock(check_cache_root() / name):  # here, not mid-section: a lock left behind stops the run
+            pass
     if source == "auto" and offline:
         why = "HF_HUB_OFFLINE=1" if hub_offline() else "the Hub cannot be reached"
         which = "every role uses its" if len(offline) == len(names) else f"{', '.join(offline)} use their"
@@ -415,8 +428,9 @@ def _verified_key(folder: Path, fingerprint: dict[str, Any]) -> tuple:
 
 
 # A build takes 40 s at most on 2 cores (the GGUF conversion). A lock still held long after that belongs to no
-# build: where flock is missing, filelock falls back to a lock file's mere existence, which a killed run leaves behind.
-BUILD_LOCK_WAIT_S = 600.0
+# build: where flock is missing, filelock falls back to a lock file's mere existence, and one that it cannot prove
+# dead (no owner recorded, or an owner on another host of a shared disk) would be waited on forever.
+BUILD_LOCK_WAIT_S = 300.0
 
 
 @contextmanager
@@ -428,7 +442,8 @@ def _build_lock(folder: Path) -> Iterator[None]:
     try:
         lock.acquire(blocking=False)
     except Timeout:
-        print(f"[cache] another process is building {folder}; waiting for it (at most {BUILD_LOCK_WAIT_S:.0f} s)...")
+        print(f"[cache] another process is building {folder} (it holds {path}); waiting for it, at most "
+              f"{BUILD_LOCK_WAIT_S:.0f} s...")
         try:
             lock.acquire(timeout=BUILD_LOCK_WAIT_S)
         except Timeout:
@@ -512,7 +527,7 @@ def bundled_folder(name: str) -> Path:
         print(f"[cache] converting the bundled GGUF {gguf.name} to safetensors once (about 30-40 s on 2 cores)...")
         convert_gguf(package_dir, SMOLLM2_GGUF, target)
 
-    return ensure_cached("smollm2-135m-instruct", fingerprint, build)
+    return ensure_cached(SMOLLM2_CACHE, fingerprint, build)
 
 
 def twin_config(name: str) -> PretrainedConfig:
@@ -527,6 +542,11 @@ def twin_config(name: str) -> PretrainedConfig:
 # BERT twins and AutoModel drops the heads as it does for the real file. bert-base-uncased's file holds BERT's whole
 # pre-training model (masked-LM and next-sentence heads, pooler); the others are the class their config names.
 TWIN_CLASS = {"bert-base-uncased": "BertForPreTraining"}
+
+
+def twin_cache_name(name: str) -> str:
+    """The model-cache folder of a twin."""
+    return f"twin-{name}"
 
 
 def twin_folder(name: str) -> Path:
@@ -555,7 +575,7 @@ def twin_folder(name: str) -> Path:
         model.save_pretrained(target)
         tokenizer.save_pretrained(target)
 
-    return ensure_cached(f"twin-{name}", fingerprint, build)
+    return ensure_cached(twin_cache_name(name), fingerprint, build)
 
 
 # --------------------------------------------------------------------------------------------- loading

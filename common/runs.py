@@ -392,7 +392,8 @@ def print_comparison(comparison: RunComparison, title: str) -> None:
         say(f"{len(comparison.changes)} shared measurements: verdicts withheld, because the machine changed beyond "
             "its own noise between or during the runs (see [machine] above). Read the raw column: it is what the "
             "two runs timed; the normalised one assumes every row moved as the calibration matmul did, which one "
-            f"factor cannot promise, so neither is a verdict. Rerun both on a quiet machine to compare code. {unmatched}")
+            "factor cannot promise, so neither is a verdict. Rerun both on a quiet machine to compare code. "
+            f"{unmatched}")
     else:
         print_band(comparison, unmatched)
 
