@@ -111,3 +111,34 @@ def test_empty_cache_returns_the_cached_blocks_to_the_driver(pretend_gpu):
     before, after = allocator_rows(torch.device("cuda", 0), lambda: pretend_gpu.spike(200 * 2**20))
     assert (before["allocated_mib"], before["reserved_mib"], before["cached_mib"]) == (500, 700, 200)
     assert (after["reserved_mib"], after["cached_mib"], after["returned_to_driver_mib"]) == (500, 0, 200)
+
+
+def tiny_decoder(tied: bool) -> torch.nn.Module:
+    """A one-layer Llama (SmolLM2's architecture) whose LM head is, or is not, its input embedding."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    return LlamaForCausalLM(config)
+
+
+def test_weights_bytes_counts_a_tied_lm_head_once():
+    from common.memory import weights_bytes
+
+    tied, untied = tiny_decoder(True), tiny_decoder(False)
+    state = tied.state_dict()
+    assert state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()  # one tensor, 2 keys
+    embedding_bytes = 1000 * 32 * 4
+    assert weights_bytes(tied) == sum(p.numel() for p in tied.parameters()) * 4  # parameters() lists it once
+    assert weights_bytes(untied) - weights_bytes(tied) == embedding_bytes
+
+
+def test_weights_bytes_counts_each_slice_of_one_storage():
+    """Slices of one storage (a fused projection split in parts) are different weights, though of the same size."""
+    from common.memory import weights_bytes
+
+    fused = torch.nn.Module()
+    query, key = torch.zeros(2, 16).unbind(0)
+    fused.register_buffer("query", query)
+    fused.register_buffer("key", key)
+    assert weights_bytes(fused) == 2 * 16 * 4

@@ -156,6 +156,22 @@ def test_decode_speedup_is_the_per_token_ratio_paired_by_round(clock):
     assert on.decode_speedup(same) is None  # no decode cost to divide by
 
 
+def test_the_ratio_is_the_median_of_the_per_round_ratios(clock):
+    """The exact interval is an interval of that median, so the estimate must be it: here the mean of the per-round
+    ratios is 1.8x and the ratio of the two medians 3.0x, and either would sit beside an interval it does not
+    belong to."""
+    times = {"a": iter([0.001, 0.001, 0.001, 0.002, 0.002]), "b": iter([0.0015, 0.0015, 0.003, 0.003, 0.003])}
+    meter = PerformanceMeter(warmup=0, min_runs=5, max_runs=5, budget_s=0.0)
+    comparison = meter.compare({name: (lambda name=name: clock.workload(next(times[name]))()) for name in times},
+                               min_rounds=5, max_rounds=5)
+    per_round = [1.5, 1.5, 3.0, 1.5, 1.5]  # b over a, round by round
+    estimate, low, high = comparison.ratio("a", "b")
+    assert estimate == pytest.approx(float(np.median(per_round))) == pytest.approx(1.5)
+    assert estimate != pytest.approx(float(np.mean(per_round)))
+    assert (low, high) == pytest.approx(median_ci(np.sort(per_round))[:2])
+    assert comparison.ratio_text("a", "b").startswith("1.50x [")
+
+
 def test_compare_calls_two_identical_workloads_the_same(clock):
     meter = PerformanceMeter(warmup=1, min_runs=30, budget_s=0.0)
     comparison = meter.compare({"a": clock.workload(0.001), "b": clock.workload(0.001)})

@@ -395,3 +395,28 @@ def test_drift_smaller_than_the_rows_own_band_is_no_reason_to_withhold():
     assert set(verdicts(comparison).values()) == {runs.WITHIN_NOISE}  # the A/A truth, now said instead of withheld
     lines = runs.machine_check(report()["calibration"], now["calibration"]).lines  # at the 10% machine band it is
     assert any("changed during this run" in line for line in lines)
+
+
+def test_withheld_verdicts_show_the_raw_ratio_beside_the_normalised_one_and_say_which_to_read(capsys):
+    """Issue 27's quiet pair: no code changed and the rows agreed, but the earlier run's calibration read 1.3x slow
+    (taken cold). Its normalised ratios alone read as a 1.3x change that did not happen."""
+    before, now = report(calibration_scale=1.3), report()
+    for row in before["rows"] + now["rows"]:
+        row.update(measurement="text-generation (1 prompt, 8 new tokens)", model="all-MiniLM-L6-v2 prototype classifier")
+    for i, row in enumerate(before["rows"] + now["rows"]):
+        row["measurement"] += f" {i % 4}"  # keep keys distinct, pairing each row with its twin in the other run
+    comparison = runs.compare_reports(before, now)
+    assert comparison.machine.differs
+    encode = next(change for change in comparison.changes if change.key["measurement"].endswith(" 0"))
+    row = comparison.console_table()[comparison.changes.index(encode)]
+    assert set(row) == set(runs.WITHHELD_COLUMNS) and "verdict" not in row
+    assert row["raw now/before"] == f"{encode.ratio:.2f}x [{encode.low:.2f}-{encode.high:.2f}]" == "1.00x [0.97-1.03]"
+    assert row["normalised"].startswith(f"{encode.normalised_ratio:.2f}x [")
+    assert abs(encode.normalised_ratio - 1.0) > 0.2  # what the normalised column alone would have suggested
+    text = format_table(comparison.console_table(), comparison.columns())
+    assert max(len(line) for line in text.splitlines()) <= 120
+    runs.print_comparison(comparison, "Now vs before")
+    printed = capsys.readouterr().out
+    assert "raw now/before" in printed and "normalised" in printed
+    assert "Read the raw column: it is what the two runs timed" in printed
+    assert max(len(line) for line in printed.splitlines()) <= 120
