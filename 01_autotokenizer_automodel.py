@@ -73,16 +73,16 @@ SENTIMENT_CHECKS = [                # clear cases with the label any sentiment m
 GENERATION_PROMPT = "The three most useful things about tokenizers are"
 TEXT_TO_TEXT_INPUT = "Tokenizers turn text into ids, the model turns ids into vectors, and pooling makes one vector."
 SPECIAL_TOKEN_PURPOSE = {
-    "cls_token": "starts each text",
-    "sep_token": "ends a text or splits a pair",
-    "pad_token": "fills a batch to a rectangle (mask 0)",
-    "unk_token": "replaces what the vocabulary cannot spell",
-    "mask_token": "the hidden word in masked-LM training",
+    "cls_token": "starts a text",
+    "sep_token": "ends one or splits a pair",
+    "pad_token": "fills a batch (mask 0)",
+    "unk_token": "stands for unknown characters",
+    "mask_token": "hides a word in pre-training",
     "bos_token": "begins a sequence",
     "eos_token": "ends a sequence; generation stops here",
 }
-VERDICT_TITLE = {"faster": "faster", "slower": "slower", "negligible": "within 3%",  # chart-title words
-                 "same": "no measurable difference", "inconclusive": "undecided"}
+VERDICT_TITLE = {"faster": "faster", "slower": "slower", "negligible": "within +-3%",  # chart-title words
+                 "same": "no measurable difference", "inconclusive": "inconclusive"}
 
 
 # --------------------------------------------------------------------------------------- 1. tokenizer
@@ -117,10 +117,9 @@ def tokenizer_section(ctx: cli.Context, s: Settings, user_texts: list[str]) -> d
         print(f"  {str(ids):<74} {''.join(map(str, mask))}{cut}")
 
     offsets = tokenizer(OFFSETS_DEMO_TEXT, return_offsets_mapping=True)
-    spans = [f"{token}→{OFFSETS_DEMO_TEXT[start:end]}"
+    spans = [f"{token}={OFFSETS_DEMO_TEXT[start:end]}"
              for token, (start, end) in zip(offsets.tokens(), offsets["offset_mapping"]) if end > start]
-    say(f"\nreturn_offsets_mapping=True: each token's characters in {OFFSETS_DEMO_TEXT!r} (special tokens "
-        f"have none): {'  '.join(spans)}")
+    say(f"\nreturn_offsets_mapping=True: each token's characters in {OFFSETS_DEMO_TEXT!r}: {'  '.join(spans)}")
 
     cases = EDGE_CASES + [("Over-long", " ".join(texts.SENTENCES * OVERLONG_REPEATS))]
     cases += [(f"--text {i + 1}", text) for i, text in enumerate(user_texts)]
@@ -160,11 +159,11 @@ def tokenisation_throughput(ctx: cli.Context, s: Settings, tokenizer: Any) -> di
     }, items=THROUGHPUT_TEXTS, tokens=sum(lengths), progress="tokenisation")
     rows = ctx.show(comparison, single, f"Tokenising the same {THROUGHPUT_TEXTS:,} texts ({sum(lengths):,} tokens)")
 
-    parallelism = os.environ.get("TOKENIZERS_PARALLELISM", "unset (Rust threads on)")
+    parallelism = os.environ.get("TOKENIZERS_PARALLELISM", "unset, so on")
     verdict = comparison.verdict(batched, single)
     if verdict == "faster":
-        say(f"Why batched wins: it crosses from Python into the Rust tokenizer once instead of {THROUGHPUT_TEXTS:,} "
-            f"times and can split the work over threads (TOKENIZERS_PARALLELISM={parallelism}).")
+        say(f"Why: one call into Rust instead of {THROUGHPUT_TEXTS:,}, split over threads (TOKENIZERS_PARALLELISM: "
+            f"{parallelism}).")
     padding = 1 - sum(lengths) / (len(lengths) * max(lengths))
     say(f"The padded tensor is {max(lengths)} tokens wide for every text, {padding:.0%} of it padding: dynamic "
         "padding (lesson 03) pads each small batch only to its own longest text.")
@@ -244,9 +243,9 @@ def pipeline_section(ctx: cli.Context, s: Settings, user_texts: list[str]) -> di
     rows = [{"text": texts.shorten(text, 44), "label": p["label"], "score": p["score"], "expected": want or "-"}
             for text, p, want in zip(inputs, predictions, expected)]
     correct = sum(p["label"] == want for p, want in zip(predictions, expected) if want)
-    stand_in = "" if info.source == "hub" else " (a stand-in: nearest example sentences, not fine-tuned)"
-    print_table(rows, title=f'pipeline("text-classification") with {info.label}{stand_in}: '
-                            f"{correct}/{len(SENTIMENT_CHECKS)} clear-cut sentences as expected")
+    stand_in = "" if info.source == "hub" else " (stand-in: nearest examples, not fine-tuned)"
+    print_table(rows, title=f'pipeline("text-classification"), {info.label}{stand_in}: '
+                            f"{correct}/{len(SENTIMENT_CHECKS)} clear-cut ones right")
 
     generation = generation_demo(ctx, s)
     return {"feature_shape": list(features.shape), "padded_rows": [f.shape[1] for f in padded], "own_tokens": own,
@@ -321,9 +320,9 @@ def manual_vs_pipeline_section(ctx: cli.Context, s: Settings, user_texts: list[s
     # the pipeline's speed as a share of manual's: a fixed per-call cost shows as a lower share at small batches
     shrinks = (comparisons[small].verdict("pipeline", "manual") == "slower"
                and ratios[small][2] < ratios[large][1])
-    say(f"The pipeline's relative cost is larger at batch {small} than at {large} (intervals apart): a fixed per-call "
-        "cost weighs most when the forward pass is short." if shrinks else
-        f"This run does not show the pipeline's relative cost shrinking from batch {small} to {large}.")
+    if shrinks:
+        say(f"The pipeline's relative cost is larger at batch {small} than at {large} (intervals apart): a fixed "
+            "per-call cost weighs most when the forward pass is short.")
 
     breakdown = overhead_breakdown(ctx, s, encoder, extractor, comparisons[large])
     plot_manual_vs_pipeline(ctx, timings, comparisons)
@@ -347,9 +346,9 @@ def check_agreement(ctx: cli.Context, encoder: models.LoadedModel, extractor: An
     by_hand = manual_labels(clf, sentences)
     by_pipeline = [p["label"] for p in clf(sentences, batch_size=PIPELINE_BATCH_SIZE, truncation=True)]
     mismatches = [(texts.shorten(t), a, b) for t, a, b in zip(sentences, by_hand, by_pipeline) if a != b]
-    say(f"{len(sentences)} texts, manual (one batch) vs pipeline (batch_size={PIPELINE_BATCH_SIZE}): embeddings "
-        f"differ by at most {max_diff:.1e} (tolerance {EMBEDDING_TOLERANCE:.0e}); {info.label} labels equal: "
-        f"{len(sentences) - len(mismatches)}/{len(sentences)}")
+    say(f"{len(sentences)} texts, manual vs pipeline(batch_size={PIPELINE_BATCH_SIZE}): embeddings within "
+        f"{max_diff:.1e} (tolerance {EMBEDDING_TOLERANCE:.0e}); labels equal {len(sentences) - len(mismatches)}/"
+        f"{len(sentences)}")
     if mismatches:
         raise AssertionError(f"labels differ between manual and pipeline paths: {mismatches}")
     return {"texts_compared": len(sentences), "embedding_max_abs_diff": max_diff, "tolerance": EMBEDDING_TOLERANCE,
@@ -405,10 +404,10 @@ def overhead_breakdown(ctx: cli.Context, s: Settings, encoder: models.LoadedMode
     _, low, high = (1e3 * seconds for seconds in whole.difference("pipeline", "manual"))
     explained = parts.measurements[per_text].median_ms - parts.measurements[batched].median_ms
     rest = (low - explained, high - explained)
-    say(f"Pipeline minus manual at batch {largest}, whole call, less tokenising's {explained:+.1f} ms: "
+    say(f"What the pipeline's whole call adds at batch {largest} beyond its tokenising ({explained:+.1f} ms): "
         f"{rest[0]:+.1f} to {rest[1]:+.1f} ms (paired interval), " + (
             "within this run's noise." if rest[0] <= 0 <= rest[1] else
-            "the DataLoader loop, unbatching and postprocess."))
+            "the rest of the call: forward, DataLoader loop, unbatching, postprocess."))
     return {"tokenising_parts": parts.rows(baseline=batched), "tokenising_explains_ms": explained,
             "rest_interval_ms": rest}
 
@@ -482,8 +481,7 @@ def custom_pipelines_section(ctx: cli.Context, s: Settings) -> dict:
     print_table([{"pipeline": name, **{row["stage"]: console_cell(row, "p50_ms") for row in rows},
                   "forward_pct": next(row["share_pct"] for row in rows if row["stage"] == "_forward")}
                  for name, rows in [("sentence-similarity", similarity_stages), ("text-to-text", t2t_stages)]],
-                title="Median ms per stage, timed round-robin with the whole call; forward_pct = _forward's "
-                      "share of the three stages' summed medians")
+                title="Median ms per stage, round-robin; forward_pct = _forward / the three stages' sum")
     say(f"glue = whole call minus its three stages, per round: {similarity_glue}; {t2t_glue}")
     return {"similarity_scores": scores, "ordering_ok": ordering_ok, "max_diff_vs_manual": agreement,
             "text_to_text": {"model": where.label, "source": where.source, "meaningful": where.meaningful,
@@ -549,11 +547,11 @@ def plot_similarity_heatmap(ctx: cli.Context, similarity: torch.Tensor, labels: 
 
 
 def pipeline_finding(verdicts: dict[int, str]) -> str:
-    """The pipeline's verdict against manual per batch size, batch sizes with the same verdict grouped: a chart title."""
+    """The pipeline's verdict against manual per batch size, sizes with one verdict grouped: a chart title."""
     grouped: dict[str, list[str]] = {}
     for batch, verdict in verdicts.items():
         grouped.setdefault(verdict, []).append(str(batch))
-    return "; ".join(f"{VERDICT_TITLE[verdict]} at batch {', '.join(batches)}" for verdict, batches in grouped.items())
+    return "; ".join(f"{VERDICT_TITLE[verdict]} at batch {', '.join(sizes)}" for verdict, sizes in grouped.items())
 
 
 def plot_manual_vs_pipeline(ctx: cli.Context, timings: list[dict], comparisons: dict[int, Comparison]) -> None:
