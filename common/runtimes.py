@@ -59,8 +59,7 @@ def peer_problems(path: Path | str, device: torch.device) -> dict[str, str | Non
 
 
 def embed_sorted(forward, tokenizer, texts: list[str], batch_size: int = 32, max_length: int = 128) -> torch.Tensor:
-    """L2-normalised mean-pooled embeddings, in the texts' order. Tokenised once; batches are length-sorted, so each
-    pads only to its own longest text; each batch is pooled straight into its rows of the output."""
+    """L2-normalised mean-pooled embeddings: tokenised once, length-sorted batches padded per batch, pooled in place."""
     encoded = tokenizer(texts, truncation=True, max_length=max_length)
     order = sorted(range(len(texts)), key=lambda i: len(encoded["input_ids"][i]))
     embeddings = None
