@@ -818,11 +818,14 @@ def ship_section(ctx: cli.Context) -> dict:
     if choice.winner is None:
         raise RuntimeError(f"no candidate kept {FIDELITY_BAR.text()}, so there is nothing to ship")
     fastest_int8 = recipe.fastest([name for name in embedders if name in APPROXIMATE], chosen_on.ratio)
-    trade = ""
-    if choice.winner not in APPROXIMATE and fastest_int8 and choice.fastest_exact:
-        trade = (f"; the fastest int8, {fastest_int8}, would run {chosen_on.ratio_text(fastest_int8, choice.winner)}"
-                 f" its speed at worst cosine {fidelity_a[fastest_int8][1]:.4f} (exact: "
-                 f"{fidelity_a[choice.winner][1]:.4f})")
+    other = choice.fastest_exact if choice.winner in APPROXIMATE else fastest_int8
+    trade = f" ({'int8' if choice.winner in APPROXIMATE else 'exact'})"
+    if other and other != choice.winner:  # what the approximation gains in speed and costs in fidelity
+        why = ("so int8 wins" if choice.winner in APPROXIMATE else "outside the bar" if other in choice.excluded
+               else "not beyond +-3%, so the exact one wins")
+        int8, exact = (choice.winner, other) if choice.winner in APPROXIMATE else (other, choice.winner)
+        trade += (f": int8 ({int8}) runs {chosen_on.ratio_text(int8, exact)} {exact}'s speed at worst cosine "
+                  f"{fidelity_a[int8][1]:.4f}, {why}")
     say(f"chosen: {choice.winner}{trade}")
 
     peaks = [matmul_peak(c.peak_sizes, PEAK_REPEATS, ctx.device)]
