@@ -64,9 +64,8 @@ SEED_TABLE = [dict(zip(("model", "architecture", "strengths", "typical uses"), r
     ("GPT", "decoder-only", "long text generation", "creative writing, conversational AI"),
     ("BERT", "encoder-only", "bidirectional understanding", "classification, NER, QA"),
     ("T5", "encoder-decoder", "text-to-text approach", "translation, summarisation"))]
-NOTES_CHECKED = ("Checked here: the architecture (class, masking probe) and the mechanics behind the strengths: a "
-                 "causal decoder generates (section 3), an encoder sees both sides, T5 maps text to text (section "
-                 "2). Not checked: how GOOD a model is at the uses, a matter of trained quality, not timing.")
+NOTES_CHECKED = ("Checked here: the architecture, and the mechanics behind each strength and use (sections 1-3). "
+                 "Not checked: how GOOD a model is at those uses; that is trained quality, not timing.")
 
 
 # ------------------------------------------------------------------------------------ which models, how loaded
@@ -109,9 +108,8 @@ def introduce(contenders: list[Contender]) -> str:
     twins = [c.label for c in contenders if not c.where.meaningful]
     text = f"Real (trained) models: {', '.join(real)}. Only a real model's outputs mean anything." if real else ""
     if twins:
-        text += (f"\nTwins: {', '.join(twins)}: the real model's exact config with random weights: same layers, "
-                 "parameters, and speed and memory at a fixed token count; outputs are noise, never shown as text; "
-                 "a borrowed tokenizer, so a different token count for the same text.")
+        text += (f"\nTwins: {', '.join(twins)}: the real model's exact config with random weights (same speed "
+                 "and memory per token); their outputs are noise, never shown; their tokenizer is borrowed.")
     return text.strip()
 
 
@@ -297,12 +295,11 @@ def speed_section(ctx: cli.Context, contenders: list[Contender]) -> dict:
     latency_chart(ctx, forward)
     generators = [c for c in ready if c.kind != "encoder"]
     if encoders := tuple(c.label for c in ready if c.kind == "encoder"):
-        ctx.report.skip_parts("generation", encoders, "encoder-only, no LM head to generate with")
+        ctx.report.skip_parts("generation", encoders, "encoder-only, no LM head")
     if generators:
-        say(f"\nGeneration: exactly {s.prompt_tokens} prompt tokens, then {s.new_tokens} greedy new tokens. Prefill = "
-            "the forward over the whole prompt; ttft (time to first token) = the `first token` row. items/s = new "
-            "tokens/s over the whole call (end to end); decode_tok_s = 1 / a later token's cost, (t(N) - t(1)) / "
-            "(N - 1) per round; per_token = the KV cache's speedup on that cost.")
+        say(f"\nGeneration: {s.prompt_tokens} prompt tokens, then {s.new_tokens} greedy ones. Prefill = the forward "
+            "over the prompt; ttft (time to first token) = the `first token` row. items/s = new tokens/s end to end; "
+            "decode_tok_s = (N - 1) / (t(N) - t(1)) per round; per_token = the KV cache's speedup on it.")
     generation = for_each_model(ctx, generators, "generation", generation_speed)
     if generation:
         say("End to end counts the first token, decode does not: with the cache on the first (prefill) is the "
@@ -333,8 +330,8 @@ def forward_in_turns(ctx: cli.Context, ready: list[Contender], loaded: dict) -> 
         say("Model size confounds architecture here: no two models share depth and width, so no row separates them.")
         return comparison, None
     encoder, decoder = pairs[0]
-    say(f"Model size confounds architecture: the models differ in depth, width and parameters too. Only "
-        f"{encoder.label}'s speedup is architecture alone (both {encoder.shape[0]} layers x {encoder.shape[1]}).")
+    say(f"Model size confounds architecture: the models differ in depth, width and parameters too. Only {encoder.label}"
+        f" vs {decoder.label} (both {encoder.shape[0]} layers x {encoder.shape[1]}) is architecture alone.")
     return comparison, {"encoder": encoder.label, "decoder": decoder.label, "layers": encoder.shape[0],
                         "hidden": encoder.shape[1], "seq_len": SAME_LENGTH,
                         **comparison.verdict_row(encoder.label, decoder.label)}
@@ -364,7 +361,7 @@ def forward_skip_reason(length: int, batch: int, limit: int | None, measured: tu
     if limit is not None and length > limit:
         return f"length {length} is above the model's {limit} positions"
     if batch > 1 and measured is not None and measured[1] * batch * length / measured[0] > max_call_s:
-        return f"predicted above the {max_call_s:g} s per-call budget (scaled from its largest cell measured)"
+        return f"predicted above {max_call_s:g} s a call"  # scaled from the largest cell measured
     return None
 
 
@@ -380,7 +377,7 @@ def forward_grid(ctx: cli.Context, contender: Contender, loaded: models.LoadedMo
         largest = max(((row["batch"] * row["seq_len"], row["p50_ms"] / 1e3) for row in rows), default=None)
         reason = forward_skip_reason(length, batch, models.max_positions(loaded.model.config), largest, s.max_call_s)
         if reason:
-            skipped.setdefault(reason, []).append(f"batch {batch} x {length}")
+            skipped.setdefault(reason, []).append(f"{batch}x{length}")  # batch x length
             continue
         labels = {"model": contender.label, "architecture": contender.family, "batch": batch, "seq_len": length}
         if (batch, length) == (1, SAME_LENGTH):
@@ -477,8 +474,7 @@ def memory_section(ctx: cli.Context, contenders: list[Contender]) -> list[dict]:
     rows = for_each_model(ctx, contenders, "memory", model_memory)
     columns = ["model", "weights_mib", "load_s", "ttfi_s", "after_load_mib", "resident_mib", "activation_mib",
                "after_free_mib"]  # the activation peak per length: results.csv
-    title = ("MiB of RSS above the pre-load level: resident = after the first forward; activation = a forward's "
-             "peak above that; after_free = after del and cleanup()")
+    title = "MiB of RSS above the pre-load level (resident: after 1st forward; activation: peak above it)"
     if ctx.device.type == "cuda":  # host RSS there is mostly the CUDA context and libraries, not the weights
         columns = columns[:4] + ["cuda_load_mib", "cuda_fwd_mib", "cuda_left_mib", "cuda_reserved_mib"]
         title = (f"MiB of {ctx.device} memory: the load's peak, a forward's peak above the weights, and what stays "
@@ -537,21 +533,21 @@ def model_memory(ctx: cli.Context, contender: Contender) -> dict:
 def summary_section(contenders: list[Contender], facts: dict | None, speed: dict | None) -> list[str]:
     """What each architecture showed in this run, and the course notes' use it supports."""
     masking = {row["model"]: row["masking"] for row in (facts or {}).get("facts", [])}
-    cache = {row["model"]: VERDICT_WORDS[row["verdict"]] for row in (speed or {}).get("generation", [])}
-    uses = {"encoder-only": "one forward reads each token with both sides in view, and no LM head generates: the "
-                            "notes' classification, NER, QA",
+    cache: dict[str, dict[str, list[str]]] = {}  # family -> the KV cache's verdict -> models
+    for row in (speed or {}).get("generation", []):
+        cache.setdefault(row["architecture"], {}).setdefault(VERDICT_WORDS[row["verdict"]], []).append(row["model"])
+    uses = {"encoder-only": "one forward sees both sides of each token, no LM head: the notes' classification, NER, QA",
             "decoder-only": "writes one token at a time: the notes' long generation and chat",
             "encoder-decoder": "reads the input once, then writes: the notes' translation and summarisation"}
     found = []
     for family in dict.fromkeys(c.family for c in contenders):
         members = [c.label for c in contenders if c.family == family]
         probes = " / ".join(dict.fromkeys(masking[m] for m in members if m in masking)) or "probe not run"
-        kv = ", ".join(f"{cache[m]} for {m}" for m in members if m in cache)
-        found.append(f"{family.capitalize()} ({probes}): {uses[family]}{f'; KV cache on vs off: {kv}' if kv else ''}.")
+        kv = "; ".join(f"KV cache {words} for {', '.join(names)}" for words, names in cache.get(family, {}).items())
+        found.append(f"{family.capitalize()} ({probes}): {uses[family]}{f'; {kv}' if kv else ''}.")
     pair = (speed or {}).get("same_shape")
     if pair:
-        found.append(f"Same depth and width, {pair['encoder']} vs {pair['decoder']} forward: "
-                     f"{VERDICT_WORDS[pair['verdict']]}.")
+        found.append(f"Same depth and width, {pair['encoder']} vs {pair['decoder']}: {VERDICT_WORDS[pair['verdict']]}.")
     for line in found:
         say(f"- {line}")
     return found
@@ -622,7 +618,7 @@ def memory_chart(ctx: cli.Context, rows: list[dict]) -> None:
                                                                         for name, key in (
         ("after load", "after_load_mib"), ("after first forward", "resident_mib"),
         ("activation peak above that (batch 1, longest)", "activation_mib"),
-        ("after release + cleanup()", "after_free_mib"))], value_format="%.0f")
+        ("after del + cleanup() (after_free)", "after_free_mib"))], value_format="%.0f")
     ax.axhline(0, color="black", linewidth=0.8)
     ctx.report.add_chart(plots.save(fig, ctx.out_dir, "peak_memory"))
 

@@ -111,15 +111,17 @@ def test_kv_cache_on_vs_off_is_a_verdict_and_the_summary_names_it_without_its_nu
     sections = run[2]["sections"]
     kv_rows = {row["model"]: row for row in sections["3. Speed"]["generation"]}
     assert kv_rows["SmolLM2-135M-Instruct"]["same_greedy_tokens"] is True
-    findings = " ".join(sections["5. When to use which"])
+    findings = {line.split(" (")[0]: line for line in sections["5. When to use which"]}
     for label, row in kv_rows.items():
         assert row["verdict"] in VERDICTS and row["rounds"] >= 3
         assert row["speedup_low"] <= row["speedup"] <= row["speedup_high"]
         assert row["per_token_speedup"] is None or (
             row["per_token_low"] <= row["per_token_speedup"] <= row["per_token_high"]
             and row["per_token_verdict"] in VERDICTS)
-        assert f"{VERDICT_WORDS[row['verdict']]} for {label}" in findings
-        assert f"{row['speedup']:.2f}x" not in findings  # the ratio is stated once, in its table
+        finding = findings[row["architecture"].capitalize()]
+        verdict = f"KV cache {VERDICT_WORDS[row['verdict']]} for "
+        assert verdict in finding and label in finding[finding.index(verdict):]
+        assert f"{row['speedup']:.2f}x" not in finding  # the ratio is stated once, in its table
         assert row["kv_bytes_per_token"] == row["formula_bytes"]  # measured from the returned cache
     # SmolLM2: 30 layers x 2 x 3 kv_heads x 64 head_dim x 4 bytes; its 9 query heads share those 3 (GQA)
     smol = kv_rows["SmolLM2-135M-Instruct"]
@@ -280,7 +282,8 @@ def test_memory_reports_time_to_first_inference_and_resident_weights(run):
 def test_length_above_max_positions_is_skipped_with_a_reason(lesson):
     assert "above the model's 512 positions" in lesson.forward_skip_reason(1024, 1, 512, None, 2.5)
     assert lesson.forward_skip_reason(512, 1, 512, None, 2.5) is None
-    assert "per-call budget" in lesson.forward_skip_reason(512, 8, 1024, (128, 1.0), 2.5)
+    assert "above 2.5 s a call" in lesson.forward_skip_reason(512, 8, 1024, (128, 1.0), 2.5)  # 32 s predicted
+    assert lesson.forward_skip_reason(32, 8, 1024, (128, 1.0), 2.5) is None  # 2 s predicted
 
 
 def test_defaults_offline_are_the_bundled_models_plus_the_twins(lesson):
