@@ -126,7 +126,8 @@ def tokenizer_section(ctx: cli.Context, s: Settings, user_texts: list[str]) -> d
     round_trip = [round_trip_row(tokenizer, label, text) for label, text in cases]
     print_table(round_trip, ["case", "text", "tokens", "kept", "same_after_norm", "lost"],
                 title=f"Round trip decode(encode(text, truncation=True)): kept = tokens the model reads (at most "
-                      f"{tokenizer.model_max_length}); same_after_norm = the normaliser's characters, spaces ignored")
+                      f"{tokenizer.model_max_length}); same_after_norm = equal to the text after the normaliser "
+                      "(lower-casing, accent stripping), spaces aside")
     return {"walkthrough": {"text": WALKTHROUGH_TEXT, "tokens": encoded.tokens(), "input_ids": encoded["input_ids"]},
             "special_tokens": special, "padded_batch_shape": list(batch["input_ids"].shape),
             "max_tokens": tokenizer.model_max_length, "round_trip": round_trip,
@@ -458,8 +459,8 @@ def custom_pipelines_section(ctx: cli.Context, s: Settings) -> dict:
     ordering_ok = (min(row["score"] for row in scores if row["kind"] == "related")
                    > max(row["score"] for row in scores if row["kind"] == "unrelated"))
     agreement = max(abs(row["score"] - row["by_hand"]) for row in scores)
-    say(f'pipeline(task="sentence-similarity") on the {len(scores)} pairs of section 2\'s sentences: related above '
-        f"unrelated: {'yes' if ordering_ok else 'NO'}; largest difference from the cosine by hand {agreement:.1e}")
+    say(f"sentence-similarity, {len(scores)} pairs of section 2: related > unrelated: "
+        f"{'yes' if ordering_ok else 'NO'}; gap to by-hand cosine {agreement:.1e}")
 
     where = models.checkpoint("seq2seq", ctx.source)
     text_to_text = ctx.record_load(where, lambda: pipeline(task=pipelines.TEXT_TO_TEXT, model=where.path,
