@@ -431,6 +431,7 @@ def _verified_key(folder: Path, fingerprint: dict[str, Any]) -> tuple:
 # build: where flock is missing, filelock falls back to a lock file's mere existence, and one that it cannot prove
 # dead (no owner recorded, or an owner on another host of a shared disk) would be waited on forever.
 BUILD_LOCK_WAIT_S = 300.0
+QUIET_WAIT_S = 5.0  # a run checking a sound cache holds its lock a second or two (hashing): no line for that
 
 
 @contextmanager
@@ -439,13 +440,14 @@ def _build_lock(folder: Path) -> Iterator[None]:
     to BUILD_LOCK_WAIT_S, then a UserError naming the lock file to delete."""
     path = folder.with_name(f".{folder.name}.lock")
     lock = FileLock(path, thread_local=False)
+    quiet_s = min(QUIET_WAIT_S, BUILD_LOCK_WAIT_S)
     try:
-        lock.acquire(blocking=False)
+        lock.acquire(timeout=quiet_s)
     except Timeout:
         print(f"[cache] another process is building {folder} (it holds {path}); waiting for it, at most "
               f"{BUILD_LOCK_WAIT_S:.0f} s...")
         try:
-            lock.acquire(timeout=BUILD_LOCK_WAIT_S)
+            lock.acquire(timeout=BUILD_LOCK_WAIT_S - quiet_s)
         except Timeout:
             raise UserError(f"waited {BUILD_LOCK_WAIT_S:.0f} s for the lock {path}, longer than any model build "
                             "takes: a run that was killed left it behind; if no other lesson is running, delete that "

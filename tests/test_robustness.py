@@ -63,10 +63,11 @@ def one_line_error(stderr: str) -> str:
     return lines[0]
 
 
-def tiny_main(body=None):
-    """A lesson-shaped main on the shared parser: start, one section (body), finish."""
+def tiny_main(body=None, roles=()):
+    """A lesson-shaped main on the shared parser: start (needing the models of `roles`), one section (body),
+    finish."""
     def main(argv):
-        ctx = cli.start("/x/05_example.py", cli.base_parser("test").parse_args(argv))
+        ctx = cli.start("/x/05_example.py", cli.base_parser("test").parse_args(argv), roles=roles)
         ctx.report.run_section("1. only", "why", body or (lambda: {"value": 1}))
         return ctx.finish()
 
