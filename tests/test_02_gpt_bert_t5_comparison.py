@@ -292,5 +292,5 @@ def test_defaults_offline_are_the_bundled_models_plus_the_twins(lesson):
 
 def test_settings_keep_quick_and_full_side_by_side(lesson):
     assert lesson.QUICK.prompt_tokens < lesson.FULL.prompt_tokens and lesson.FULL.prompt_tokens >= 256
-    assert lesson.SUMMARY_LENGTH in lesson.QUICK.seq_lengths and lesson.SUMMARY_LENGTH in lesson.FULL.seq_lengths
+    assert lesson.SAME_LENGTH in lesson.QUICK.seq_lengths and lesson.SAME_LENGTH in lesson.FULL.seq_lengths
     assert lesson.QUICK.warmup >= 1 and lesson.FULL.warmup >= 1
