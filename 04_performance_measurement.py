@@ -162,8 +162,7 @@ def meet_the_meter_section(ctx: cli.Context) -> dict:
     row = runs.result_row(m, measurement="one pipeline call", model=loaded.info.label, device=str(ctx.device),
                           batch=len(batch))
     ctx.report.add_rows("1. Meet the meter", [row])
-    return {"workload": workload, "measurement": slim([row], ("p50_ms", "ci95_low_ms", "ci95_high_ms", "iqr_ms",
-                                                                "runs", "items_per_s"))[0],
+    return {"workload": workload, "warmup": meter.warmup, "min_runs": meter.min_runs, "budget_s": meter.budget_s,
             "meter_overhead_us": overhead_s * 1e6, "overhead_target_us": OVERHEAD_TARGET_S * 1e6,
             "overhead_ok": overhead_s < OVERHEAD_TARGET_S, **instrument_check(ctx, meter, call, workload)}
 
@@ -185,10 +184,12 @@ def instrument_check(ctx: cli.Context, meter: PerformanceMeter, call, workload: 
     ratio, low, high, coverage = runs.ratio_interval(timer_samples, meter_samples)  # meter / Timer
     verdict = runs.agreement(ratio, low, high, INSTRUMENT_TOLERANCE)
     meter_ms, timer_ms = float(np.median(meter_samples)) * 1e3, float(np.median(timer_samples)) * 1e3
-    say(f"instrument check, {s.instrument_rounds} alternating rounds: the meter's median {meter_ms:.3g} ms "
-        f"({len(meter_samples)} calls), torch Timer.blocked_autorange's {timer_ms:.3g} ms ({len(timer_samples)} "
-        f"blocks of {'/'.join(map(str, sorted(per_block)))} call(s)); meter/Timer {ratio:.3f}x [{low:.3f}-"
-        f"{high:.3f}, {coverage:.0%} coverage] -> " + {
+    blocks = "/".join(map(str, sorted(per_block)))
+    say(f"instrument check, {s.instrument_rounds} alternating "
+        f"{define('rounds', 'each round: the meter times the call, then Timer for as long')}: the meter's median "
+        f"{format_value(meter_ms)} ms ({len(meter_samples)} calls), torch Timer.blocked_autorange's "
+        f"{format_value(timer_ms)} ms ({len(timer_samples)} blocks of {blocks} call(s)); meter/Timer "
+        f"{ratio:.3f}x [{low:.3f}-{high:.3f}, {coverage:.0%} coverage] -> " + {
             "agree": "they agree within 5%",
             "disagree": "they DISAGREE by more than 5%: do not trust small differences from this run",
             "inconclusive": "inconclusive: wider than 5% either side, the machine is too busy to check the "
@@ -352,9 +353,8 @@ def task_section(ctx: cli.Context) -> dict:
     if not tasks:
         raise RuntimeError("every task failed")
     print_table(tasks, ["task", "model", "per_call", "p50_ms", "items_per_s"],
-                title=f"Task latency and throughput on {ctx.device}")
-    say("items/s = work per call / median call (tokens/s, counting real tokens only, p90, p99 and the maximum are "
-        "in results.csv)")
+                title=f"Task latency and throughput on {ctx.device} (items_per_s = work per call / p50)")
+    say("tokens/s (real tokens only), p90, p99 and the maximum are in results.csv")
     on_gpu = ctx.device.type == "cuda"
     print_table(tasks, ["task", "weights_mib", "call_mib", "cores_busy"] + ["cuda_alloc_mib", "gpu_util_pct"] * on_gpu,
                 title="Memory and CPU use of each task")
@@ -539,7 +539,7 @@ def seed_table_section(ctx: cli.Context) -> dict:
     return {"input_shape": str(shape), "rows": rows, "distilbert_vs_bert": ratios}
 
 
-def report_section(ctx: cli.Context, results: dict, previous: dict | None) -> dict:
+def report_section(ctx: cli.Context, previous: dict | None) -> dict:
     """Every measurement in report.json and results.csv, and the article built from them in report.md and
     report.tex; with --compare, the machine and environment checked against a previous run, then a verdict for
     every shared measurement."""
@@ -938,10 +938,9 @@ def main(argv: list[str] | None = None) -> int:
     ctx = cli.start(__file__, args)
     paper.attach(ctx.report)  # report.md and report.tex: the article, rebuilt from the data at every write
     # a calibration after every section as well: --compare then sees a machine that changed for a few sections only
-    results = cli.run_sections(ctx, SECTIONS, only=args.only, after_each=lambda: ctx.report.calibration.setdefault(
+    cli.run_sections(ctx, SECTIONS, only=args.only, after_each=lambda: ctx.report.calibration.setdefault(
         "sections", []).append(calibrate(ctx.device)))
-    ctx.report.run_section("8. Report and comparison", report_section.__doc__, report_section, ctx, results,
-                           previous)
+    ctx.report.run_section("8. Report and comparison", report_section.__doc__, report_section, ctx, previous)
     return ctx.finish()
 
 

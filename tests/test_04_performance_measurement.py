@@ -6,12 +6,13 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from common import cli, runs, texts
+from common import cli, paper, runs, texts
 from common.meter import VERDICT_WORDS, verdict_of
 from common.report import REPORT_VERSION
 from conftest import ROOT, cuda_test, is_png, load_script
@@ -56,10 +57,8 @@ def test_run_succeeds_and_writes_the_three_reports(run):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert report["failures"] == {} and report["partial"] is False
     assert (out / "results.csv").is_file()
-    markdown = (out / "report.md").read_text()
     for title in SECTIONS:
         assert title in report["sections"]
-        assert f"## {title}" in markdown
     assert set(report["calibration"]) == {"start", "sections", "end"}
     assert len(report["calibration"]["sections"]) == len(SECTIONS) - 1  # after each; the last is followed by "end"
     assert all(point["matmul_samples_s"] for point in report["calibration"]["sections"])
@@ -111,8 +110,11 @@ def test_tasks_count_real_tokens_and_report_one_tokens_per_second(run):
     section = run[2]["sections"]["3. Task benchmarks"]
     tasks = {task["task"]: task for task in section["tasks"]}
     assert sorted(tasks) == sorted(TASKS)
+    # each task's last row is its whole call (generation's 1-token row comes first)
+    rows = {row["measurement"].split(" (")[0]: row for row in run[2]["rows"] if row["section"] == "3. Task benchmarks"}
     for name, task in tasks.items():
-        assert section["latency_samples_ms"][name] == task["samples_ms"]
+        assert section["latency_samples_ms"][name] == rows[name]["samples_ms"]
+        assert task["p50_ms"] == pytest.approx(float(np.median(rows[name]["samples_ms"])))
     tokenizer = AutoTokenizer.from_pretrained(models.bundled_folder("all-MiniLM-L6-v2"))
     batch = texts.repeated_sentences(script.TASK_TEXTS)
     unpadded = sum(len(tokenizer(text)["input_ids"]) for text in batch)
@@ -125,7 +127,6 @@ def test_tasks_count_real_tokens_and_report_one_tokens_per_second(run):
     assert generation["tokens_per_s"] == pytest.approx(script.QUICK.new_tokens * 1e3 / generation["p50_ms"])
     assert section["generation"]["new_tokens"] == script.QUICK.new_tokens
     assert not any("tokens_per_s" in key for key in section["generation"])  # the one tokens/s is the task row's
-    rows = {row["measurement"].split(" (")[0]: row for row in run[2]["rows"] if row["section"] == "3. Task benchmarks"}
     for name, task in tasks.items():  # cores busy is the meter's CPU time / wall time, as a count of cores
         assert task["cores_busy"] == pytest.approx(rows[name]["cpu_util_pct"] / 100)
 
@@ -164,27 +165,22 @@ def test_sweep_rows_are_their_own_medians_and_the_knee_sentence_agrees_with_the_
                f"{VERDICT_WORDS[beyond['verdict']]}" in " ".join(done.stdout.split())
 
 
-def test_report_tex_is_a_booktabs_table_of_the_csv_medians_and_intervals(run):
+def test_report_tex_and_md_are_the_article_with_the_csv_medians_and_intervals(run):
     _, out, report = run
-    tex = (out / "report.tex").read_text()
-    lines = tex.splitlines()
-    assert lines.index(r"\toprule") < lines.index(r"\midrule") < lines.index(r"\bottomrule")
-    header = lines[lines.index(r"\toprule") + 1]
-    assert "Median (ms)" in header and "Interval (ms)" in header and "(items/s)" in header
-    caption = next(line for line in lines if line.startswith(r"\caption"))
-    assert report["environment"]["cpu"].replace("_", r"\_") in caption  # the machine it was measured on
-    body = lines[lines.index(r"\midrule") + 1:lines.index(r"\bottomrule")]
+    tex, markdown = (out / "report.tex").read_text(), (out / "report.md").read_text()
+    assert tex.startswith(r"\documentclass") and tex.rstrip().endswith(r"\end{document}")
+    for heading in ("Method", "Environment", "Results", "Figures", "Limitations"):
+        assert f"\\section{{{heading}}}" in tex and f"## {heading}" in markdown
+    assert report["environment"]["cpu"] in markdown.split("## Method")[0]  # the abstract names the machine
     with open(out / "results.csv", newline="") as stream:
-        timed = [row for row in csv.DictReader(stream) if row["p50_ms"] and row.get("ci95_low_ms")]
-    assert len(body) == len(timed) > 5
-    for line, row in zip(body, timed):
-        cells = line.removesuffix(r" \\").split(" & ")
-        assert cells[2] == row["device"]
-        assert float(cells[4]) == pytest.approx(float(row["p50_ms"]), rel=1e-3)
-        low, high = (float(x) for x in cells[5].strip("[]").split(", "))
-        assert low == pytest.approx(float(row["ci95_low_ms"]), rel=1e-3)
-        assert high == pytest.approx(float(row["ci95_high_ms"]), rel=1e-3)
-        assert low <= float(cells[4]) <= high
+        tasks = [row for row in csv.DictReader(stream) if row["section"] == "3. Task benchmarks"]
+    for row in tasks:  # each task's median and interval, as the csv has them, in both documents
+        cells = " & ".join([paper.number(float(row["p50_ms"])),
+                            paper.interval(float(row["ci95_low_ms"]), float(row["ci95_high_ms"]))])
+        assert cells in tex and cells.replace(" & ", " | ") in markdown
+    for chart in report["charts"]:
+        assert Path(chart).name in tex
+
 
 def test_devices_and_seed_table_cover_what_this_machine_has(run):
     report = run[2]

@@ -133,3 +133,20 @@ def test_the_article_compiles_with_pdflatex(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:]
     assert (tmp_path / "report.pdf").stat().st_size > 10_000
+
+
+def test_attached_report_writes_the_article_and_falls_back_to_tables_when_it_cannot(tmp_path, capsys):
+    from common.report import Report
+
+    report = Report("04_performance_measurement", tmp_path, RECORDED["environment"])
+    report.rows, report.sections, report.models = RECORDED["rows"], RECORDED["sections"], RECORDED["models"]
+    paper.attach(report)
+    written = report.write()
+    assert tmp_path / "report.tex" in written
+    assert (tmp_path / "report.tex").read_text().startswith(r"\documentclass")
+    assert "## Limitations" in (tmp_path / "report.md").read_text()
+    report.sections = {"4. Batch-size sweep": {"encoder": "not a sweep"}}  # data the article cannot read
+    report.write()
+    assert "could not be built" in capsys.readouterr().err
+    assert r"\toprule" in (tmp_path / "report.tex").read_text() and "## Limitations" not in (
+        tmp_path / "report.md").read_text()
