@@ -347,9 +347,8 @@ def check_agreement(ctx: cli.Context, encoder: models.LoadedModel, extractor: An
     by_hand = manual_labels(clf, sentences)
     by_pipeline = [p["label"] for p in clf(sentences, batch_size=PIPELINE_BATCH_SIZE, truncation=True)]
     mismatches = [(texts.shorten(t), a, b) for t, a, b in zip(sentences, by_hand, by_pipeline) if a != b]
-    say(f"{len(sentences)} texts, manual vs pipeline(batch_size={PIPELINE_BATCH_SIZE}): embeddings within "
-        f"{max_diff:.1e} (tolerance {EMBEDDING_TOLERANCE:.0e}); labels equal {len(sentences) - len(mismatches)}/"
-        f"{len(sentences)}")
+    say(f"{len(sentences)} texts, manual vs pipeline(batch_size={PIPELINE_BATCH_SIZE}): embedding gap {max_diff:.1e} "
+        f"(limit {EMBEDDING_TOLERANCE:.0e}), labels {len(sentences) - len(mismatches)}/{len(sentences)} equal")
     if mismatches:
         raise AssertionError(f"labels differ between manual and pipeline paths: {mismatches}")
     return {"texts_compared": len(sentences), "embedding_max_abs_diff": max_diff, "tolerance": EMBEDDING_TOLERANCE,
