@@ -232,6 +232,8 @@ def last_token_probe(hidden: Callable[[torch.Tensor], torch.Tensor], ids: torch.
 def pipelines_section(ctx: cli.Context, contenders: list[Contender]) -> list[dict]:
     """Each architecture's natural pipeline: an encoder turns text into vectors (or fills a blank), a decoder
     continues a prompt, an encoder-decoder rewrites text into new text."""
+    say(f"Inputs: {PROMPT!r} (text-generation, feature-extraction), {TEXT_TO_TEXT_INPUT!r} (text-to-text), "
+        f"{FILL_MASK_TEXT.format(mask='[MASK]')!r} (fill-mask); tokens = how many each model's tokenizer made.")
     rows = for_each_model(ctx, contenders, "pipeline", pipeline_demo)
     for contender in (c for c in contenders if c.kind == "encoder" and not c.masked_lm):
         ctx.report.skip(f"fill-mask: {contender.label}", "no masked-LM head (saved as "
@@ -266,8 +268,7 @@ def pipeline_demo(ctx: cli.Context, contender: Contender, fill_mask: bool = Fals
     if not contender.where.meaningful and task != "feature-extraction":  # a twin's words are noise, its shapes real
         output = TWIN_NOTE
     tokens = texts.count_tokens(tokenizer, [given])  # how many tokens this model's tokenizer made of the input
-    print(f"{contender.label:<32} {task:<18} {given!r} ({tokens} tokens)\n{'':<32} -> "
-          + textwrap.shorten(output, 84, placeholder="..."))
+    print(f"{contender.label:<24} {task:<18} {tokens:>2} tokens -> " + textwrap.shorten(output, 62, placeholder="..."))
     return {"model": contender.label, "architecture": contender.family, "pipeline": task, "input": given,
             "input_tokens": tokens, "output": output, "meaningful": contender.where.meaningful}
 
@@ -291,6 +292,8 @@ def speed_section(ctx: cli.Context, contenders: list[Contender]) -> dict:
         cell[f"L{row['seq_len']}"] = row["tokens_per_s"] / 1e3
     print_table(list(pivot.values()), ["model", "batch", *[f"L{n}" for n in s.seq_lengths]],
                 title=f"Forward throughput, thousand tokens/s by sequence length L (batch 1 x L{SAME_LENGTH}: above):")
+    if any(key.startswith("forward ") for key in ctx.report.skipped):  # each cell and its reason: report.md
+        say(f"'-' or no row: skipped, past the model's positions or predicted above {s.max_call_s:g} s a call.")
     ctx.report.add_rows("forward grid", forward)
     latency_chart(ctx, forward)
     generators = [c for c in ready if c.kind != "encoder"]
@@ -371,13 +374,12 @@ def forward_grid(ctx: cli.Context, contender: Contender, loaded: models.LoadedMo
     s = ctx.pick(FULL, QUICK)
     meter = ctx.meter(warmup=s.warmup)
     rows: list[dict] = []
-    skipped: dict[str, list[str]] = {}
     for batch, length in tqdm([(b, n) for b in s.batch_sizes for n in s.seq_lengths], desc=contender.label,
                               disable=None, leave=False):
         largest = max(((row["batch"] * row["seq_len"], row["p50_ms"] / 1e3) for row in rows), default=None)
         reason = forward_skip_reason(length, batch, models.max_positions(loaded.model.config), largest, s.max_call_s)
         if reason:
-            skipped.setdefault(reason, []).append(f"{batch}x{length}")  # batch x length
+            ctx.report.skipped[f"forward {contender.label}: batch {batch} x {length}"] = reason  # said once below
             continue
         labels = {"model": contender.label, "architecture": contender.family, "batch": batch, "seq_len": length}
         if (batch, length) == (1, SAME_LENGTH):
@@ -387,8 +389,6 @@ def forward_grid(ctx: cli.Context, contender: Contender, loaded: models.LoadedMo
         with torch.inference_mode():
             rows.append(meter.measure(f"{contender.label} b{batch} L{length}", lambda: loaded.model(**inputs),
                                       items=batch, tokens=batch * length, budget_s=s.budget_s).row(**labels))
-    for reason, cells in skipped.items():
-        ctx.report.skip_parts(f"forward {contender.label}", tuple(cells), reason)
     return rows
 
 
