@@ -204,27 +204,12 @@ def cuda_uuid(index: int) -> str:
 
 SAME_BAND = 0.03  # a speed difference under 3% is too small to act on
 MAX_SETTLE_ROUNDS = 10_000  # beyond this, "rounds to settle" reads "more than"
-VERDICT_RULE = (
-    "How to read a verdict: A is timed against B in alternating rounds; the ratio is the median of the per-round "
-    "t_B/t_A, with an exact interval. faster/slower: the whole interval is beyond +-3%. within +-3%: the interval "
-    "excludes 1 but stays inside +-3%, too small to matter. no measurable difference: the interval contains 1 and "
-    "stays inside +-3%. inconclusive: the interval is too wide to say; more rounds would tell."
-)
 VERDICT_WORDS = {"faster": "faster", "slower": "slower", "negligible": "within +-3%: too small to matter",
                  "same": "no measurable difference", "inconclusive": "inconclusive"}
-_rule_printed = False
-
-
-def explain_verdicts_once() -> None:
-    """Print VERDICT_RULE the first time a lesson produces verdicts, wrapped to 100 columns."""
-    global _rule_printed
-    if not _rule_printed:
-        _rule_printed = True
-        print(textwrap.fill(VERDICT_RULE, 100, subsequent_indent="  "))
 
 
 def verdict_of(low: float, high: float) -> str:
-    """The verdict code of a ratio interval: faster, slower, negligible, same or inconclusive (see VERDICT_RULE)."""
+    """The verdict code of a ratio interval: faster, slower, negligible, same or inconclusive (report.HOW_TO_READ)."""
     band_low, band_high = 1 / (1 + SAME_BAND), 1 + SAME_BAND
     if low > band_high:
         return "faster"
@@ -435,7 +420,6 @@ class PerformanceMeter:
                 bar.update(1)
                 if round_index + 1 >= min_rounds and time.perf_counter() - started >= budget_s:
                     break
-        explain_verdicts_once()
         return Comparison(
             {name: resources.measurement(name, samples[name], per_items[name], per_tokens[name]) for name in names},
             schedule,

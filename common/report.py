@@ -237,11 +237,12 @@ def limit_bar(name: str, target: str, measured: str, fraction: tuple[float, floa
 
 
 SPEED_COLUMNS = ("workload", "p50_ms", "items_per_s", "speedup", "verdict")
-HOW_TO_READ = ("How to read the timing tables: the workloads of a table run in turns (round-robin rounds: one call of "
-               "each per round, so a busy neighbour slows all of them alike). p50_ms is a row's own median time per "
-               "call; `(! 12%)` beside it marks a noisy row (interquartile range / median). speedup is the median of "
-               "the per-round time ratios against the baseline row, with its exact 95% interval in brackets "
-               "(coverage is lower with few rounds).")
+HOW_TO_READ = ("How to read the timing tables: a table's workloads take turns, one call each per round "
+               "(round-robin), so a busy neighbour slows them alike. p50_ms is each row's own median time per call; "
+               "`(! 12%)` flags a noisy row (interquartile range / median). speedup is the median of the per-round "
+               "time ratios against the baseline row, with its exact interval [95%, or lower as stated for few "
+               "rounds]. verdict: faster or slower when the whole interval is beyond +-3%; within +-3% or no "
+               "measurable difference when it lies inside; inconclusive when it is too wide to say.")
 _legend_printed = False
 
 

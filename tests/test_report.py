@@ -204,7 +204,9 @@ def report_measurement(template, values):
     return dataclasses.replace(template, samples_s=values, stats=stats, items_per_s=1 / stats.median)
 
 
-def test_show_prints_each_rows_own_median_and_the_ratio_once_and_records_rows_and_bar(tmp_path, capsys):
+def test_show_prints_each_rows_own_median_and_the_ratio_once_and_records_rows_and_bar(tmp_path, capsys,
+                                                                                       monkeypatch):
+    monkeypatch.setattr(report, "_legend_printed", False)
     rep = Report("05_example", tmp_path, {"device": "cpu"})
     base = [0.010, 0.011, 0.012, 0.010, 0.011, 0.010, 0.012]
     fast = [t / 2.5 for t in base]  # 2.5x in every round
@@ -219,6 +221,8 @@ def test_show_prints_each_rows_own_median_and_the_ratio_once_and_records_rows_an
     assert out.count("2.50x") == 1  # the table cell only: the bar under it points at it
     assert "[PASS] fast enough" in out and "How to read the timing tables" in out
     assert [row["section"] for row in rep.rows] == ["demo", "demo"]
+    report.show(paired({"slow": base, "fast": fast}), "slow", "again")
+    assert capsys.readouterr().out.count("How to read the timing tables") == 0  # once per lesson
     assert (rep.bars[0]["status"], rep.bars[0]["value"]) == ("PASS", pytest.approx(2.5))
 
 
