@@ -117,14 +117,14 @@ def environment_table(data: dict[str, Any]) -> Table:
             ["GPU", str(env.get("gpu") or "none")], ["Device", str(env.get("device"))],
             ["OS", str(env.get("platform"))], ["Threads (torch)", str(env.get("torch_threads"))],
             ["Peak memory", str(env.get("peak_rss_method"))]]
-    rows += [[name, str(env[key])] for name, key in (("Python", "python"), ("torch", "torch"),
-                                                     ("transformers", "transformers"), ("accelerate", "accelerate"),
-                                                     ("bitsandbytes", "bitsandbytes")) if env.get(key)]
+    rows.append(["Software", ", ".join(f"{name} {env[key]}" for name, key in (
+        ("Python", "python"), ("torch", "torch"), ("transformers", "transformers"), ("accelerate", "accelerate"),
+        ("bitsandbytes", "bitsandbytes")) if env.get(key))])
     sources: dict[str, str] = {}
     for model in data.get("models", []):
         sources.setdefault(model.get("label") or model.get("name"), model.get("source", ""))
-    rows += [[f"Model: {name}", source] for name, source in sources.items()]
-    return Table("The environment of this run.", ["Item", "Value"], rows, "lp{11.5cm}")
+    rows.append(["Models (source)", ", ".join(f"{name} ({source})" for name, source in sources.items())])
+    return Table("The environment of this run.", ["Item", "Value"], rows, "lp{13cm}")
 
 
 def timed_table(rows: list[dict[str, Any]], caption: str, label: Callable[[dict], list[str]], heads: list[str],
@@ -210,7 +210,7 @@ def build(data: dict[str, Any]) -> Document:
                          "Cosine min"],
                         [[row["workload"], number(row["p50_ms"]), interval(row["ci95_low_ms"], row["ci95_high_ms"]),
                           number(row["items_per_s"]), _speedup(row), _cosine(row)] for row in held_out],
-                        "p{5cm}rrrrr"))
+                        "p{3.6cm}rrrrr"))
     notes = sections.get(NOTES) or {}
     if notes.get("rows"):
         ratio = "; ".join(f"{kind}: DistilBERT/BERT-base {number(r['ours'])}x {interval(*r['ours_interval'])} here, "
@@ -255,8 +255,9 @@ def limitations(data: dict[str, Any]) -> list[str]:
                      f"{number(max(gflops))} GFLOP/s during the run, and {sum(bool(row.get('noisy')) for row in timed)}"
                      f" of {len(timed)} timed results were noisy (interquartile range above {NOISY_CV:.0%} of the "
                      "median).")
-    for what, why in {**data.get("skipped", {}), **data.get("failures", {})}.items():
-        found.append(f"Not measured: {what} ({why}).")
+    missing = {**data.get("skipped", {}), **data.get("failures", {})}
+    if missing:
+        found.append("Not measured: " + "; ".join(f"{what} ({why})" for what, why in missing.items()) + ".")
     if data.get("environment", {}).get("quick"):
         found.append("A --quick run: fewer calls per measurement and fewer batch sizes than the full run.")
     found.append("One machine, one run: the numbers describe this machine on this day, not a population of machines.")
@@ -292,15 +293,15 @@ def latex(doc: Document) -> str:
                       " & ".join(_tex_text(head) for head in block.header) + r" \\", r"\midrule",
                       *[" & ".join(_tex_text(cell) for cell in row) + r" \\" for row in block.rows],
                       r"\bottomrule", r"\end{tabular}", r"\end{table}"]
-        elif kind == "figures":  # two to a row: a page holds four charts and their captions
-            lines += [r"\begin{figure}[H]", r"\centering"]
-            for index, figure in enumerate(block):
-                lines += [r"\begin{minipage}[t]{0.49\linewidth}", r"\centering",
-                          r"\includegraphics[width=\linewidth,height=0.3\textheight,keepaspectratio]"
-                          f"{{{figure.file}}}",
-                          f"\\caption{{{_tex_text(figure.caption)}}}", r"\end{minipage}"]
-                lines.append(r"\hfill" if index % 2 == 0 else r"\par\medskip")
-            lines.append(r"\end{figure}")
+        elif kind == "figures":  # two to a row, a float each, so a page fills with as many rows as fit
+            for start in range(0, len(block), 2):
+                lines += [r"\begin{figure}[H]", r"\centering"]
+                for figure in block[start:start + 2]:
+                    lines += [r"\begin{minipage}[t]{0.49\linewidth}", r"\centering",
+                              r"\includegraphics[width=\linewidth,height=0.24\textheight,keepaspectratio]"
+                              f"{{{figure.file}}}", f"\\caption{{{_tex_text(figure.caption)}}}", r"\end{minipage}",
+                              r"\hfill"]
+                lines.append(r"\end{figure}")
     return "\n".join([*lines, r"\end{document}", ""])
 
 
