@@ -556,8 +556,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = cli.base_parser(__doc__)
     cli.add_only_option(parser, SECTIONS)
     args = parser.parse_args(argv)
-    ctx = cli.start(__file__, args)
-    results = cli.run_sections(ctx, SECTIONS, ctx.pick(FULL, QUICK), only=args.only)
+    settings = QUICK if args.quick else FULL
+    ctx = cli.start(__file__, args, roles=(ENCODER_ROLE, settings.speed_role))
+    results = cli.run_sections(ctx, SECTIONS, settings, only=args.only)
     found = [result["choice"] for result in results.values() if result and result.get("choice")]
     if found:
         ctx.report.sections["Summary"] = summary = ("Fastest faithful settings found here: " + "; ".join(found)
