@@ -183,8 +183,9 @@ def quantize_onnx_int8(fp32_path: Path, reduce_range: bool) -> Path:
 
 
 def list_literal(items: list[str]) -> str:
-    """A list of strings as Python source, one item per line, so a pasted snippet stays narrow."""
-    return "[\n" + "".join(f"    {item!r},\n" for item in items) + "]"
+    """A list of strings as Python source: on one line when it fits in 110 columns, else one item per line."""
+    flat = repr(list(items))
+    return flat if len(flat) <= 110 else "[\n" + "".join(f"    {item!r},\n" for item in items) + "]"
 
 
 _HEAD = '''import torch
