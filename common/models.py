@@ -347,10 +347,10 @@ def check_models(roles: tuple[str, ...], source: str) -> None:
         with _build_lock(check_cache_root() / name):  # here, not mid-section: a lock left behind stops the run
             pass
     if source == "auto" and offline:
-        why = "HF_HUB_OFFLINE=1" if hub_offline() else "the Hub cannot be reached"
+        why = "HF_HUB_OFFLINE=1" if hub_offline() else "Hub unreachable"
         which = "every role uses its" if len(offline) == len(names) else f"{', '.join(offline)} use their"
-        print(textwrap.fill(f"[models] {why}, checkpoints not cached: {which} offline model (bundled, twin or "
-                            "stand-in)", width=120, subsequent_indent="  ", break_on_hyphens=False))
+        print(textwrap.fill(f"[models] {why}, nothing cached: {which} offline model (bundled, twin or stand-in)",
+                            width=120, subsequent_indent="  ", break_on_hyphens=False))
 
 
 # --------------------------------------------------------------------------------- validated disk caches

@@ -134,7 +134,7 @@ def offline_here(monkeypatch, tmp_path):
 
 def test_auto_falls_back_to_the_offline_models_in_one_line(offline_here, capsys):
     models.check_models(("encoder", "decoder"), "auto")
-    assert capsys.readouterr().out == ("[models] HF_HUB_OFFLINE=1, checkpoints not cached: every role uses its offline "
+    assert capsys.readouterr().out == ("[models] HF_HUB_OFFLINE=1, nothing cached: every role uses its offline "
                                        "model (bundled, twin or stand-in)\n")
 
 
