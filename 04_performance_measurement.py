@@ -2,9 +2,9 @@
 """04 · Performance measurement: the PerformanceMeter as an instrument you can trust and cite.
 
 Checks the meter against torch.utils.benchmark, then benchmarks model loads, four pipeline tasks, batch sizes and
-devices, re-measures the course notes' DistilBERT/BERT table, and writes report.json, results.csv and report.md. A later
-run with `--compare report.json` checks the machine and the environment first, then gives every shared
-measurement a verdict from both runs' raw samples.
+devices, re-measures the course notes' DistilBERT/BERT table, runs the runtime contest, and writes report.json and
+results.csv with the article built from them (report.md, report.tex). A later run with `--compare report.json` checks
+the machine and the environment first, then gives every shared measurement a verdict from both runs' raw samples.
 """
 from __future__ import annotations
 
@@ -89,8 +89,7 @@ def explain_twin(label: str, meaningful: bool) -> None:
 
 
 def available_devices(run_device: torch.device) -> tuple[list[torch.device], dict[str, str]]:
-    """The CPU and this run's GPU (the one --device chose, so the environment describes it), and why any other
-    backend is not timed."""
+    """The CPU and the GPU --device chose (the one the environment describes); why any other is not timed."""
     present = {"cuda": torch.cuda.is_available(), "mps": mps_available()}
     why = {"cuda": f"this torch ({torch.__version__}) sees no CUDA GPU",
            "mps": "Apple's MPS backend is not available (it exists only on Apple-silicon Macs)"}
@@ -580,8 +579,7 @@ def draw_latency(ax, outcome: dict) -> None:
 
 
 def draw_memory(ax, outcome: dict) -> None:
-    """Weights beside what one call needs on top of them (each bar labelled, so a small one still reads);
-    the CUDA peak beside them when present."""
+    """Weights beside what one call needs on top of them, and the CUDA peak when present; each bar labelled."""
     tasks = outcome["tasks"]
     series = [("weights", [task["weights_mib"] for task in tasks]),
               ("one call, on top of the weights", [task["call_mib"] for task in tasks])]
