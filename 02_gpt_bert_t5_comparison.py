@@ -305,8 +305,8 @@ def speed_section(ctx: cli.Context, contenders: list[Contender]) -> dict:
             "decode_tok_s = (N - 1) / (t(N) - t(1)) per round; per_token = the KV cache's speedup on it.")
     generation = for_each_model(ctx, generators, "generation", generation_speed)
     if generation:
-        say("End to end counts the first token, decode does not: with the cache on the first (prefill) is the "
-            "dearest token; with it off each step re-runs the growing sequence, so later ones cost more.")
+        say("End to end counts the first token, decode does not, so decode_tok_s is above items/s exactly when a "
+            "later token costs less than the first; with the cache on, the first one carries the whole prefill.")
         print_table(generation, ["model", "kv_bytes_per_token", "formula_bytes", "layers", "kv_heads", "heads",
                                  "head_dim", "dtype_bytes"],
                     title="KV cache per token: measured in output.cache vs layers x 2 x kv_heads x head_dim x bytes")
