@@ -32,7 +32,9 @@ EXPECTED_SKIPS: dict[str, tuple[str, ...]] = {
                                 r"^torch\.compile: --quick \(compiling"),
     "03 torch.compile": (),
     "04_performance_measurement": (r"^encoder batch sizes after|^classifier batch sizes after",
-                                   r"^device mps: Apple's MPS backend is not available"),
+                                   r"^device mps: Apple's MPS backend is not available",
+                                   r"^contest (PyTorch int8|ONNX Runtime|OpenVINO).*: (PyTorch's dynamic int8 kernels "
+                                   r"are CPU-only|it runs on the CPU here|--quick)"),
 }
 PYTEST_EXPECTED_SKIPS: tuple[str, ...] = ()  # on a GPU every `cuda` test runs
 
