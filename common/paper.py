@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from common.meter import NOISY_CV, SAME_BAND
+from common.meter import NOISY_CV, SAME_BAND, VERDICT_WORDS
 from common.plots import saved_title
 from common.report import Report, atomic_write, latex_escape, latex_number, latex_table
 
@@ -99,7 +99,8 @@ def findings(data: dict[str, Any]) -> list[str]:
     cpu = ((sections.get(NOTES) or {}).get("distilbert_vs_bert") or {}).get("CPU")
     if cpu:
         found.append(f"DistilBERT ran {number(cpu['ours'])}x {interval(*cpu['ours_interval'])} as fast as BERT-base "
-                     f"on the CPU, where the course notes report {number(cpu['notes'])}x")
+                     f"on the CPU ({VERDICT_WORDS[cpu['verdict']]}), where the course notes report "
+                     f"{number(cpu['notes'])}x")
     meter = sections.get(METER) or {}
     if len(found) < 3 and meter.get("meter_over_timer") is not None:
         found.append(f"our meter and torch.utils.benchmark's Timer, timing the same call, gave a median ratio of "
@@ -140,8 +141,9 @@ def build(data: dict[str, Any]) -> Document:
     env, sections = data.get("environment", {}), data.get("sections", {})
     machine = f"{env.get('cpu')} ({env.get('logical_cores')} threads" + (f", {env['gpu']}" if env.get("gpu") else "") + ")"
     found = findings(data)
-    abstract = (f"We timed Hugging Face Transformers inference, from model loading through four pipeline tasks, "
-                f"batch sizes and a runtime contest, on {machine} with torch {env.get('torch')} and transformers "
+    scope = ", batch sizes and a runtime contest" if sections.get(CONTEST) else " and batch sizes"
+    abstract = (f"We timed Hugging Face Transformers inference, from model loading through four pipeline tasks"
+                f"{scope}, on {machine} with torch {env.get('torch')} and transformers "
                 f"{env.get('transformers')}. Each latency is the median of round-robin timed calls with an exact "
                 "distribution-free 95% interval. "
                 + ("Findings: " + "; ".join(f"({i}) {text}" for i, text in enumerate(found, 1)) + "." if found else ""))
