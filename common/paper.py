@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from common.meter import NOISY_CV, SAME_BAND, VERDICT_WORDS
 from common.plots import saved_title
-from common.report import Report, atomic_write, latex_escape, latex_number, latex_table
+from common.report import Report, latex_escape, latex_number, latex_table
 
 TASKS = "3. Task benchmarks"
 SWEEP = "4. Batch-size sweep"
@@ -329,26 +329,17 @@ def markdown(doc: Document) -> str:
 
 def attach(report: Report) -> None:
     """Make report.md and report.tex the article each time the report is written (after every section, so a
-    partial run's article has what it measured). Report has no hook for extra documents yet, so this wraps the
-    instance's markdown() and write(). Should the article fail, report.md falls back to Report's plain tables and
-    report.tex to its booktabs table: a report writer must never cost a run its numbers."""
-    write, plain_markdown = report.write, report.markdown
+    partial run's article has what it measured). Should the article fail, report.md keeps Report's plain tables and
+    report.tex holds the timed rows as one booktabs table: a report writer must never cost a run its numbers."""
+    plain_markdown = report.markdown
 
-    def article(data: dict[str, Any]) -> Document | None:
+    def documents(data: dict[str, Any]) -> dict[str, str]:
         try:
-            return build(data)
+            document = build(data)
         except Exception as error:  # noqa: BLE001  (a bug here must not lose the measurements: say it, fall back)
             print(f"[report] the article could not be built ({type(error).__name__}: {error}); report.md and "
                   "report.tex hold the plain tables", file=sys.stderr)
-            return None
+            return {"report.md": plain_markdown(data), "report.tex": latex_table(data["rows"], report.latex_caption())}
+        return {"report.md": markdown(document), "report.tex": latex(document)}
 
-    def write_with_article() -> list[Path]:
-        report.latex = False  # Report's own table only when the article fails
-        paths = write()
-        data = report.to_dict()
-        document = article(data)
-        tex = latex(document) if document else latex_table(data["rows"], report.latex_caption())
-        return [*paths, atomic_write(report.out_dir / "report.tex", tex)]
-
-    report.markdown = lambda data: markdown(document) if (document := article(data)) else plain_markdown(data)
-    report.write = write_with_article
+    report.documents = documents

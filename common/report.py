@@ -296,7 +296,8 @@ class Report:
         self.partial = False
         self.interrupted: str | None = None  # why the run stopped early: Ctrl-C or SIGTERM
         self.finished = False  # until finish(), a report on disk is the last section's checkpoint
-        self.latex = False  # True: also report.tex, the timed rows as a booktabs table (04's reports for a paper)
+        # more documents from the same data ({file name: text}), written beside report.json each time: 04's article
+        self.documents: Callable[[dict[str, Any]], dict[str, str]] | None = None
         self.started = time.perf_counter()
 
     def run_section(self, title: str, why: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -442,8 +443,8 @@ class Report:
         texts = {"report.json": json.dumps(data, indent=2, allow_nan=False), "report.md": self.markdown(data)}
         if data["rows"]:
             texts["results.csv"] = rows_to_csv(data["rows"])
-        if data["rows"] and self.latex:
-            texts["report.tex"] = latex_table(data["rows"], self.latex_caption())
+        if self.documents is not None:
+            texts.update(self.documents(data))
         try:
             return [atomic_write(self.out_dir / name, text) for name, text in texts.items()]
         except OSError as error:  # e.g. the disk filled during the run: the measurements must survive it

@@ -248,14 +248,14 @@ def test_attempt_lets_ctrl_c_through(tmp_path):
         rep.attempt("item", interrupted)
 
 
-def test_report_tex_only_when_asked_with_escaped_labels_and_the_machine(tmp_path):
+def test_latex_table_escapes_labels_and_names_the_machine(tmp_path):
     rep = Report("05_example", tmp_path, {"cpu": "Xeon_8480 & co", "device": "cpu", "torch_threads": 2})
     row = {"measurement": "batch sweep: 100% _real_", "model": "m", "device": "cpu", "batch": 8, "p50_ms": 12.3456,
            "ci95_low_ms": 11.0, "ci95_high_ms": 13.52, "ci_coverage": 0.75, "items_per_s": 648.01}
     rep.add_rows("s", [row, {"measurement": "a load", "load_s": 1.0}])  # a row without an interval is left out
     rep.write()
-    assert not (tmp_path / "report.tex").exists()
-    rep.latex = True
+    assert not (tmp_path / "report.tex").exists()  # only a lesson that asks for documents gets more than the three
+    rep.documents = lambda data: {"report.tex": report.latex_table(data["rows"], rep.latex_caption())}
     rep.write()
     tex = (tmp_path / "report.tex").read_text()
     assert r"batch sweep: 100\% \_real\_ & m & cpu & 8 & 12.35 & [11, 13.52] & 75 & 648 \\" in tex
