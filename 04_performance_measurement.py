@@ -154,6 +154,7 @@ def meet_the_meter_section(ctx: cli.Context) -> dict:
                  f"of the calls; above 10% a result is noisy{' (this one is)' if m.noisy else ''}, marked `(! "
                  f"{s.iqr / s.median:.0%})` beside its p50 in tables"):
         say(line, indent="  ")
+    report.explained("timing")  # p50, its interval and the noise mark are taught here, not again at the first table
     overhead_s = meter.overhead_per_call_s(OVERHEAD_RUNS)
     say(f"\nmeter overhead: {overhead_s * 1e6:.2f} µs per timed call ({OVERHEAD_RUNS} calls of an empty function; "
         f"target < {OVERHEAD_TARGET_S * 1e6:.0f} µs: {'OK' if overhead_s < OVERHEAD_TARGET_S else 'OVER'}), "

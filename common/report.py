@@ -237,13 +237,20 @@ def limit_bar(name: str, target: str, measured: str, fraction: tuple[float, floa
 
 
 SPEED_COLUMNS = ("workload", "p50_ms", "items_per_s", "speedup", "verdict")
-HOW_TO_READ = ("How to read the timing tables: a table's workloads take turns, one call each per round "
-               "(round-robin), so a busy neighbour slows them alike. p50_ms is each row's own median time per call; "
-               "`(! 12%)` flags a noisy row (interquartile range / median). speedup is the median of the per-round "
-               "time ratios against the baseline row, with its exact interval [95%, or lower as stated for few "
-               "rounds]. verdict: faster or slower when the whole interval is beyond +-3%; within +-3% or no "
-               "measurable difference when it lies inside; inconclusive when it is too wide to say.")
-_legend_printed = False
+HOW_TO_READ = {  # printed once per lesson, at its first table, unless the lesson taught a part itself
+    "timing": "p50_ms is each row's own median time per call; `(! 12%)` flags a noisy row (interquartile range / "
+              "median).",
+    "ratio": "A table's workloads take turns, one call each per round (round-robin), so a busy neighbour slows them "
+             "alike. speedup is the median of the per-round time ratios against the baseline row, with its exact "
+             "interval [95%, or lower as stated for few rounds]. verdict: faster or slower when the whole interval is "
+             "beyond +-3%; within +-3% or no measurable difference when it lies inside; inconclusive when too wide.",
+}
+_explained: set[str] = set()
+
+
+def explained(part: str) -> None:
+    """Note that the lesson has taught this part of HOW_TO_READ in its own words: show() will not repeat it."""
+    _explained.add(part)
 
 
 def show(comparison: Comparison, baseline: str, title: str, *, extra: dict[str, dict[str, Any]] | None = None,
@@ -253,10 +260,10 @@ def show(comparison: Comparison, baseline: str, title: str, *, extra: dict[str, 
     `baseline` with its interval, the verdict, then `columns` from `extra[workload]`), the rows recorded in the report
     under `section`, and with `bar=(name, workload, minimum)` that ratio's performance bar, printed once under it.
     Returns the rows (extra merged in), for the lesson's chart."""
-    global _legend_printed
-    if not _legend_printed:
-        _legend_printed = True
-        say(HOW_TO_READ)
+    legend = [text for part, text in HOW_TO_READ.items() if part not in _explained]
+    if legend:
+        _explained.update(HOW_TO_READ)
+        say("How to read the timing tables: " + " ".join(legend))
     rows = [{**row, **(extra or {}).get(row["workload"], {})} for row in comparison.rows(baseline=baseline)]
     for row in rows:
         row["sentence"] = "" if row["workload"] == baseline else comparison.sentence(row["workload"], baseline)
