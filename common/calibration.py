@@ -15,10 +15,6 @@ COPY_MIB = 64          # larger than any last-level cache: memory-bound
 ROUNDS = 7             # median of 7 short timings: each figure takes well under 0.3 s
 WARMUP_CALLS = 2       # as the meter warms every workload
 WARMUP_S = 0.1         # and at least this long: a cold start is a matter of time (clock ramp), not of calls
-# fp32 FLOPs one core can retire per cycle, by the widest FMA the flags show: 2 FMA units x lanes x 2 (multiply and
-# add). Flags cannot say how many units a core has (some have one, some split 512-bit work in two), so this is the
-# upper bound a limit needs.
-FLOPS_PER_CYCLE = (("avx512f", 2 * 16 * 2), ("fma", 2 * 8 * 2))
 
 
 def _timed(fn: Any, rounds: int = ROUNDS, warmup_s: float = WARMUP_S) -> list[float]:
@@ -78,34 +74,6 @@ def matmul_peak(sizes: tuple[int, ...], repeats: int, device: torch.device | str
             if flops > best["flops"]:
                 best.update(flops=flops, size=size)
     return best
-
-
-def cores_in_use() -> int | None:
-    """Physical cores torch's threads can occupy: hyper-threads share a core's FMA units, so they add no peak."""
-    physical = psutil.cpu_count(logical=False)
-    return min(torch.get_num_threads(), physical) if physical else None
-
-
-def theoretical_peak_flops(flags: list[str], cores: int | None, mhz: float | None) -> tuple[float | None, str]:
-    """fp32 FLOP/s the cores can retire at most (cores x clock x FLOPs/cycle from the flags), and how it was got.
-
-    None, with the reason, when the clock, the core count or the vector units cannot be known.
-    """
-    unit, per_cycle = next(((flag, flops) for flag, flops in FLOPS_PER_CYCLE if flag in flags), (None, None))
-    known = {"the clock": mhz, "the core count": cores, "a known vector unit in the CPU flags": per_cycle}
-    missing = [what for what, value in known.items() if not value]
-    if missing:
-        return None, f"cannot be known here: the OS does not report {' or '.join(missing)}"
-    return cores * mhz * 1e6 * per_cycle, (f"{cores} core(s) x {mhz / 1e3:.2f} GHz x {per_cycle} FLOPs/cycle; {unit}: "
-                                           "2 FMA units assumed, turbo may clock above this")
-
-
-def theory_text(measured: float, theory: float, how: str) -> str:
-    """The theoretical peak beside the measured one; a theory that a measurement beats is no ceiling, and says so."""
-    if measured > theory:
-        return (f"{theory / 1e9:.1f} GFLOP/s at the reported clock\n  ({how});\n  the measured peak is "
-                f"{measured / theory:.0%} of it, so the core ran faster than reported (turbo): not a ceiling here")
-    return f"{theory / 1e9:.1f} GFLOP/s; the measured peak reaches {measured / theory:.0%} of it\n  = {how}"
 
 
 def calibrate(device: torch.device | str = "cpu") -> dict[str, Any]:

@@ -5,7 +5,6 @@ import importlib.util
 import os
 import platform
 import shutil
-import statistics
 import time
 from importlib import metadata
 from typing import Any, Callable, TypeVar
@@ -106,23 +105,6 @@ def timed_once(run: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - started
 
 
-def event_ms(device: torch.device, fn: Callable[[], Any], calls: int = 20) -> tuple[float, float]:
-    """Median host latency (until fn returns, no synchronise) and GPU time between two CUDA events, in ms."""
-    host, gpu = [], []
-    with torch.cuda.device(device):
-        for _ in range(calls):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(device)
-            started = time.perf_counter()
-            start.record()
-            fn()
-            end.record()
-            host.append((time.perf_counter() - started) * 1e3)
-            end.synchronize()
-            gpu.append(start.elapsed_time(end))
-    return statistics.median(host), statistics.median(gpu)
-
-
 def cpu_model() -> str:
     """The CPU's marketing name from /proc/cpuinfo, falling back to platform's answer."""
     try:
@@ -206,24 +188,9 @@ def describe_environment(device: torch.device) -> dict:
     }
 
 
-def thread_counts() -> list[int]:
-    """1, powers of two up to the core count, the core count, torch's setting, and 2x cores (oversubscribed)."""
-    cores = os.cpu_count() or 1
-    powers = (2**i for i in range(cores.bit_length()) if 2**i <= cores)
-    return sorted({1, cores, 2 * cores, torch.get_num_threads(), *powers})
-
-
 def thread_label(count: int) -> str:
     """"1 thread", "4 threads": how a thread count is named in tables and verdicts."""
     return f"{count} thread{'s' if count > 1 else ''}"
-
-
-def with_threads(count: int, run: Callable[[], T]) -> Callable[[], T]:
-    """`run` under `count` torch threads (set on every call, so round-robin rounds can alternate counts)."""
-    def call() -> T:
-        torch.set_num_threads(count)
-        return run()
-    return call
 
 
 def compile_problem(device: torch.device) -> str | None:
@@ -235,66 +202,3 @@ def compile_problem(device: torch.device) -> str | None:
     if device.type == "mps":
         return "inductor's MPS backend is experimental; not measured"
     return None
-
-
-def first_calls(model: Callable[..., Any], batches: list[Any], device: torch.device) -> tuple[list[float], list[int]]:
-    """Each batch through `model` once under inference_mode: seconds per call and graphs dynamo compiled for it."""
-    from torch._dynamo.utils import counters  # here, not at the top: importing dynamo takes seconds
-
-    seconds, graphs = [], []
-    with torch.inference_mode():
-        for batch in batches:
-            before = counters["stats"]["unique_graphs"]
-            synchronize(device)
-            started = time.perf_counter()
-            model(**batch)
-            synchronize(device)
-            seconds.append(time.perf_counter() - started)
-            graphs.append(counters["stats"]["unique_graphs"] - before)
-    return seconds, graphs
-
-
-def compiled_graphs() -> int:
-    """Graphs dynamo has compiled in this process so far (its own counter)."""
-    from torch._dynamo.utils import counters
-
-    return counters["stats"]["unique_graphs"]
-
-
-def compile_costs(seconds: list[float], graphs: list[int], compiled_s: float,
-                  saving: tuple[float, float, float]) -> dict[str, Any]:
-    """What compiling cost, from the first pass's per-call seconds and new graphs, the compiled steady-state median
-    and the per-pass saving over eager (estimate, low, high, seconds): the overhead and its break-even in passes."""
-    overhead_s = sum(seconds) - compiled_s
-    return {"first_call_s": seconds[0], "graphs_first_call": graphs[0], "recompiles": sum(graphs[1:]),
-            "recompile_s": sum(t for t, new in zip(seconds[1:], graphs[1:]) if new), "overhead_s": overhead_s,
-            "saving_s": saving[0], "saving_low_s": saving[1], "saving_high_s": saving[2],
-            **break_even_passes(overhead_s, saving)}
-
-
-def break_even_passes(overhead_s: float, saving: tuple[float, float, float]) -> dict[str, float | None]:
-    """Passes until a one-off overhead is paid back by a per-pass saving (estimate, low, high): overhead / saving.
-
-    The saving's interval gives the passes' interval (the largest saving pays back soonest); None where that saving
-    is <= 0, which at that end means never.
-    """
-    def passes(per_pass: float) -> float | None:
-        return max(overhead_s, 0.0) / per_pass if per_pass > 0 else None
-
-    estimate, low, high = saving
-    return {"break_even_passes": passes(estimate), "break_even_low": passes(high), "break_even_high": passes(low)}
-
-
-def break_even_text(costs: dict[str, Any]) -> str:
-    """The break-even in words: "never" only when the whole saving interval is <= 0."""
-    saving = (f"saving per pass {costs['saving_s'] * 1e3:.1f} ms, interval {costs['saving_low_s'] * 1e3:.1f} to "
-              f"{costs['saving_high_s'] * 1e3:.1f} ms; {costs['overhead_s']:.1f} s to compile")
-    if costs["break_even_low"] is None:
-        return f"compiling never pays back here: no pass was measurably faster ({saving})"
-    soonest = f"{costs['break_even_low']:,.0f}"
-    if costs["break_even_passes"] is None:
-        return (f"at the measured saving compiling never pays back, but the interval allows it after {soonest} "
-                f"passes ({saving})")
-    span = (f"{soonest}-{costs['break_even_high']:,.0f}" if costs["break_even_high"] is not None
-            else f"{soonest} to never, as the interval includes no saving")
-    return f"compiling pays back after ~{costs['break_even_passes']:,.0f} passes (interval {span}; {saving})"

@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import json
 import os
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import psutil
@@ -230,11 +228,6 @@ def kv_cache_factors(config: Any, dtype_bytes: int) -> dict[str, int]:
     return {**factors, "formula_bytes": factors["layers"] * 2 * factors["kv_heads"] * factors["head_dim"] * dtype_bytes}
 
 
-def kv_cache_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
-    """Bytes one more token adds to a decoder's KV cache, per sequence: a key and a value per layer and KV head."""
-    return kv_cache_factors(config, dtype.itemsize)["formula_bytes"]
-
-
 def weights_bytes(model: torch.nn.Module) -> int:
     """Bytes of everything the model stores (parameters, buffers, packed int8/4-bit weights), tied tensors once."""
     seen: set[tuple[int, int]] = set()
@@ -262,64 +255,9 @@ def weights_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def placement_bytes(model: torch.nn.Module, device_map: dict[str, Any] | None, default: str) -> dict[str, int]:
-    """Bytes of parameters and buffers per device of an accelerate device map (module name -> device; an integer is a
-    GPU index), tied tensors once; without a map the whole model is on `default`. Offloaded tensors sit on "meta" and
-    still count their size."""
-    totals: dict[str, int] = {}
-    seen: set[int] = set()
-    for name, where in (device_map or {"": default}).items():
-        module, device = model.get_submodule(name), f"cuda:{where}" if isinstance(where, int) else str(where)
-        for tensor in [*module.parameters(), *module.buffers()]:
-            if id(tensor) not in seen:
-                seen.add(id(tensor))
-                totals[device] = totals.get(device, 0) + tensor.nbytes
-    return totals
-
-
-def stored_bytes(folder: str | os.PathLike) -> dict[str, int]:
-    """Bytes per dtype (safetensors names: F32, BF16, I64, ...) in a checkpoint folder's .safetensors files, from
-    their headers alone."""
-    found: dict[str, int] = {}
-    for path in Path(folder).glob("*.safetensors"):
-        with open(path, "rb") as handle:
-            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
-        for key, entry in header.items():
-            if key != "__metadata__":
-                start, end = entry["data_offsets"]
-                found[entry["dtype"]] = found.get(entry["dtype"], 0) + end - start
-    return found
-
-
 def resident_bytes(device: torch.device) -> int:
     """Memory a model lives in: the CUDA allocator's bytes on a GPU, the process RSS otherwise."""
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else rss_bytes()
-
-
-def allocator_rows(device: torch.device, run: Callable[[], Any]) -> list[dict[str, float | str]]:
-    """Allocated vs reserved after a workload's output is dropped, and what empty_cache() hands back to the driver."""
-    run()  # its output is dropped at once: the blocks go back to the caching allocator, not to the driver
-    rows: list[dict[str, float | str]] = []
-    first_free = None
-    for step in ("output dropped", "after torch.cuda.empty_cache()"):
-        if rows:
-            torch.cuda.empty_cache()
-        free, _ = torch.cuda.mem_get_info(device)
-        first_free = free if first_free is None else first_free
-        allocated, reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
-        rows.append({"step": step, "allocated_mib": allocated / MIB, "reserved_mib": reserved / MIB,
-                     "cached_mib": (reserved - allocated) / MIB, "driver_free_mib": free / MIB,
-                     "returned_to_driver_mib": (free - first_free) / MIB})
-    return rows
-
-
-def peak_while_held(run: Callable[[], Any], device: torch.device) -> int:
-    """Peak memory above the start while `run` executes and its output is held: CUDA allocator on a GPU, RSS else."""
-    cleanup()
-    with PeakRSSSampler() as rss, CudaPeak(device) as cuda:
-        output = run()
-    del output
-    return cuda.delta_bytes if device.type == "cuda" else rss.peak_delta_bytes
 
 
 def saved_for_backward_bytes(model: Any, run: Callable[[], Any]) -> int:

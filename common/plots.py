@@ -95,12 +95,6 @@ def lines_by(ax: Axes, rows: list[dict], x: str, y: str, group: Callable[[dict],
     legend_outside(ax, legend_title)
 
 
-def annotated_bars(ax: Axes, labels: list[str], values: list[float], notes: list[str]) -> None:
-    """One bar per label with its note written above it, and head-room left for the notes."""
-    ax.bar_label(ax.bar(labels, values, color="tab:blue"), notes, fontsize=8)
-    ax.margins(y=0.2)
-
-
 def grouped_bars(ax: Axes, groups: list[str], series: list[tuple[str, list[float | None]]], missing: str = "",
                  value_format: str = "") -> None:
     """Side-by-side bars per group, one colour per series, with a legend; a None draws no bar (but `missing` text);
@@ -119,27 +113,6 @@ def grouped_bars(ax: Axes, groups: list[str], series: list[tuple[str, list[float
                 ax.annotate(missing, (x[i], top), ha="center", va="bottom", fontsize=7)
     ax.set_xticks(positions, groups, fontsize=8)
     legend_outside(ax)
-
-
-def ratio_bars(ax: Axes, labels: list[str], rows: list[dict]) -> None:
-    """Each row's `speedup` as a bar, its interval (`speedup_low`-`speedup_high`) as error bars, a dotted line at 1x."""
-    ax.bar(labels, [r["speedup"] for r in rows], color="tab:blue", capsize=4,
-           yerr=[[r["speedup"] - r["speedup_low"] for r in rows], [r["speedup_high"] - r["speedup"] for r in rows]])
-    ax.axhline(1.0, color="grey", linestyle=":")
-
-
-def pass_fail_pairs(ax: Axes, means: list[float], minimums: list[float], passed: list[bool],
-                    lines: tuple[float, float]) -> None:
-    """Two bars per position, a mean (dark) and a minimum (light), green where passed else red, on an axis up to 1
-    with dashed and dotted lines at the mean's and the minimum's bar."""
-    colours = ["tab:green" if ok else "tab:red" for ok in passed]
-    x = np.arange(len(means))
-    ax.bar(x - 0.2, means, 0.4, color=colours)
-    ax.bar(x + 0.2, minimums, 0.4, color=colours, alpha=0.55)
-    for line, style in zip(lines, ("--", ":")):
-        ax.axhline(line, color="black", linestyle=style, linewidth=0.8)
-    low = min(*minimums, lines[1])
-    ax.set_ylim(max(0.0, low - (1 - low) * 0.3), 1.0 + (1 - low) * 0.05)
 
 
 def roofline(ax: Axes, points: list[dict], peak_flops: float, bandwidth: float, roof_label: str) -> None:

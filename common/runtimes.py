@@ -75,17 +75,6 @@ def embed_sorted(forward, tokenizer, texts: list[str], batch_size: int = 32, max
     return embeddings
 
 
-def torch_embedder(model: nn.Module, tokenizer: Any, batch_size: int = 32, max_length: int = 128) -> Embedder:
-    """`embed(texts)` for a PyTorch encoder (any dtype or quantisation) under inference_mode, on the model's device."""
-    device = next(model.parameters(), torch.empty(0)).device
-
-    def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with torch.inference_mode():  # a copy on the device: BatchEncoding.to() would move the caller's mask too
-            return model(**{key: value.to(device) for key, value in batch.items()}).last_hidden_state.cpu()
-
-    return lambda texts: embed_sorted(forward, tokenizer, texts, batch_size, max_length)
-
-
 def outside_forward_share(forward: Callable[[dict], torch.Tensor], tokenizer: Any, texts: list[str], batch_size: int,
                           max_length: int) -> float:
     """The share of one embed_sorted pass spent outside `forward`: tokenising, padding, pooling and copies."""

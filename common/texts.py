@@ -1,9 +1,7 @@
 """Deterministic sample texts shared by the lessons: everyday sentences, corpora, and a varied fidelity set."""
 from __future__ import annotations
 
-import math
 import random
-import re
 import textwrap
 import unicodedata
 from typing import Any
@@ -214,33 +212,6 @@ FIDELITY_TEXTS: list[str] = [
     "3.14159 2.71828 1.41421 1.61803",
     "Q3 2023: 1,204 units; Q4 2023: 1,587 units (+31.8%).",
 ]
-
-
-def _sentences(text: str) -> list[str]:
-    """Whole sentences of a prose text (split after . ! ?), keeping their punctuation."""
-    return [part.strip() for part in re.split(r"(?<=[.!?])\s+", text) if part.strip()]
-
-
-def realistic_corpus(count: int, seed: int = 0, words: tuple[int, int] = (4, 220)) -> list[str]:
-    """`count` paragraphs of whole real sentences (at least a log-uniform draw of `words` words), the same every run.
-
-    Sentences come from SENTENCES and the prose of FIDELITY_TEXTS (only those ending in . ! or ?, so no code, IDs
-    or URLs), so each text is real language, unlike mixed_length_corpus's word salad, while the length spread still
-    exercises padding.
-    """
-    pool = [s for text in SENTENCES + FIDELITY_TEXTS if "\n" not in text for s in _sentences(text) if s[-1] in ".!?"]
-    rng = random.Random(seed)
-    low, high = words
-    corpus = []
-    for _ in range(count):
-        target = round(math.exp(rng.uniform(math.log(low), math.log(high))))
-        paragraph, length = [], 0
-        while length < target:
-            sentence = rng.choice(pool)
-            paragraph.append(sentence)
-            length += len(sentence.split())
-        corpus.append(" ".join(paragraph))
-    return corpus
 
 
 def documentation_paragraphs(count: int) -> list[str]:

@@ -24,20 +24,6 @@ def test_matmul_peak_is_the_fastest_call_over_every_size_and_repeat():
     assert slowest_first["flops"] == pytest.approx(2 * 8**3 / 0.25)
 
 
-def test_theoretical_peak_is_cores_times_clock_times_flops_per_cycle():
-    flops, how = calibration.theoretical_peak_flops(["avx2", "fma"], cores=2, mhz=2500.0)
-    assert flops == 2 * 2.5e9 * (2 * 8 * 2)  # two 8-lane fp32 FMA units, multiply and add: 32 FLOPs a cycle
-    assert "2 core(s) x 2.50 GHz x 32 FLOPs/cycle" in how
-    assert calibration.theoretical_peak_flops(["avx512f", "fma"], 4, 2000.0)[0] == 4 * 2e9 * 64
-
-
-@pytest.mark.parametrize(("flags", "cores", "mhz", "missing"), [
-    (["fma"], 2, None, "the clock"), ([], 2, 2500.0, "vector unit"), (["fma"], None, 2500.0, "core count")])
-def test_theoretical_peak_says_why_it_cannot_be_known(flags, cores, mhz, missing):
-    flops, how = calibration.theoretical_peak_flops(flags, cores, mhz)
-    assert flops is None and how.startswith("cannot be known here") and missing in how
-
-
 def test_on_a_gpu_the_matmul_peak_comes_from_cuda_events_not_the_host_clock(monkeypatch):
     """A host clock around one small GPU matmul counts launch and sync as compute."""
     import torch
@@ -50,14 +36,6 @@ def test_on_a_gpu_the_matmul_peak_comes_from_cuda_events_not_the_host_clock(monk
 
     peak = calibration.matmul_peak((256, 512), 3, torch.device("cuda", 1), clock=host_clock)
     assert peak["flops"] == 5e13 and asked == [(torch.device("cuda", 1), 50)]
-
-
-def test_a_theoretical_peak_that_a_measurement_beats_is_not_called_a_ceiling():
-    beaten = calibration.theory_text(82.1e9, 78.3e9, "1 core(s) x 2.45 GHz x 32 FLOPs/cycle")
-    assert "105% of it" in beaten and "not a ceiling here" in beaten
-    held = calibration.theory_text(60e9, 78.3e9, "1 core(s) x 2.45 GHz x 32 FLOPs/cycle")
-    assert "reaches 77% of it" in held and "ceiling" not in held
-
 
 
 class ColdStart:

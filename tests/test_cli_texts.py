@@ -107,15 +107,6 @@ def test_lines_by_draws_one_line_per_group_with_its_intervals_on_a_log2_axis():
     plt.close(fig)
 
 
-def test_annotated_bars_write_each_note_above_its_bar():
-    fig, ax = plt.subplots()
-    plots.annotated_bars(ax, ["fp32", "bf16"], [10.0, 4.0], ["1.00x", "0.40x\ncos 0.99"])
-    assert [p.get_height() for p in ax.patches] == [10.0, 4.0]
-    assert [t.get_text() for t in ax.texts] == ["1.00x", "0.40x\ncos 0.99"]
-    assert [t.xy[1] for t in ax.texts] == [10.0, 4.0]  # each note sits on top of its own bar
-    plt.close(fig)
-
-
 def test_annotated_heatmap_writes_every_value_in_its_cell():
     fig, ax = plt.subplots()
     plots.annotated_heatmap(fig, ax, [[1.0, 0.25], [0.25, 1.0]], ["S1", "S2"], ["S1: x", "S2: y"], "cosine")

@@ -6,7 +6,7 @@ import mmap
 import numpy as np
 import torch
 
-from common.memory import MIB, PeakRSSSampler, allocator_rows, cleanup, rss_bytes, saved_for_backward_bytes, snapshot
+from common.memory import MIB, PeakRSSSampler, cleanup, rss_bytes, saved_for_backward_bytes, snapshot
 
 
 def _short_lived_allocation(megabytes: int) -> None:
@@ -45,19 +45,6 @@ def test_cleanup_frees_memory_held_only_by_a_reference_cycle():
     assert freed["cuda_reserved_freed_bytes"] == 0
 
 
-def test_peak_while_held_sees_an_output_that_is_gone_afterwards():
-    import torch
-
-    from common.memory import peak_while_held, resident_bytes
-
-    def hold() -> np.ndarray:
-        return np.ones(120 * MIB, dtype=np.uint8)  # 120 MiB, touched, alive only while held
-
-    assert peak_while_held(hold, torch.device("cpu")) > 100 * MIB
-    assert peak_while_held(lambda: None, torch.device("cpu")) < 20 * MIB
-    assert abs(resident_bytes(torch.device("cpu")) - rss_bytes()) < 20 * MIB  # off CUDA it is the process RSS
-
-
 def test_snapshot_rows_are_mib_against_the_first_step():
     from common.memory import MemorySnapshot, snapshot_rows
 
@@ -73,44 +60,6 @@ def test_saved_for_backward_counts_activations_only_with_grad():
     assert with_grad >= inputs.nbytes + 3 * 8 * 4  # at least the input and the hidden activation, never weights
     with torch.no_grad():
         assert saved_for_backward_bytes(model, lambda: model(inputs)) == 0
-
-
-def test_placement_bytes_per_device_counts_offloaded_meta_tensors_and_tied_weights_once():
-    from common.memory import placement_bytes
-
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4, device="meta"), torch.nn.Linear(4, 4))
-    model[2].weight = model[0].weight  # tied: counted where it is met first
-    placed = placement_bytes(model, {"0": "cpu", "1": "disk", "2": 0}, "cpu")
-    assert placed == {"cpu": (16 + 4) * 4, "disk": (16 + 4) * 4, "cuda:0": 4 * 4}  # GPU 0 holds only its own bias
-    assert placement_bytes(model, None, "cuda:0") == {"cuda:0": (3 * 4 + 2 * 16) * 4}
-
-
-def test_stored_bytes_reads_the_safetensors_headers(tmp_path):
-    from safetensors.torch import save_file
-
-    from common.memory import stored_bytes
-
-    save_file({"a": torch.zeros(3), "b": torch.zeros(2, 2, dtype=torch.bfloat16)}, tmp_path / "model.safetensors")
-    assert stored_bytes(tmp_path) == {"F32": 3 * 4, "BF16": 4 * 2}
-    assert stored_bytes(tmp_path / "nothing") == {}
-
-
-def test_kv_cache_per_token_counts_keys_and_values_per_layer_and_kv_head():
-    from transformers import GPT2Config, LlamaConfig
-
-    from common.memory import kv_cache_bytes_per_token
-
-    gpt2 = GPT2Config()  # 12 layers, 12 heads of 64: 2 x 12 x 12 x 64 x 4 bytes
-    assert kv_cache_bytes_per_token(gpt2, torch.float32) == 73_728
-    grouped = LlamaConfig(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576)
-    assert kv_cache_bytes_per_token(grouped, torch.float16) == 2 * 30 * 3 * 64 * 2  # only the 3 KV heads are cached
-
-
-def test_empty_cache_returns_the_cached_blocks_to_the_driver(pretend_gpu):
-    pretend_gpu.hold(500 * 2**20)
-    before, after = allocator_rows(torch.device("cuda", 0), lambda: pretend_gpu.spike(200 * 2**20))
-    assert (before["allocated_mib"], before["reserved_mib"], before["cached_mib"]) == (500, 700, 200)
-    assert (after["reserved_mib"], after["cached_mib"], after["returned_to_driver_mib"]) == (500, 0, 200)
 
 
 def tiny_decoder(tied: bool) -> torch.nn.Module:

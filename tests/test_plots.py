@@ -1,7 +1,6 @@
 """The house chart style: log ticks that read as plain numbers, legends outside the data, nothing clipped."""
 from __future__ import annotations
 
-import matplotlib
 
 from common import plots
 from conftest import is_png
@@ -26,17 +25,6 @@ def test_legend_sits_outside_the_axes(tmp_path):
     legend, axes = ax.get_legend().get_window_extent(), ax.get_window_extent()
     assert legend.x0 >= axes.x1  # entirely to the right of the plotting area
     assert is_png(plots.save(fig, tmp_path, "legend"))
-
-
-def test_pass_fail_pairs_colour_each_pair_and_keep_the_bars_lines_in_view():
-    fig, ax = plots.figure("t", "x", "y")
-    plots.pass_fail_pairs(ax, [0.995, 0.97], [0.985, 0.90], [True, False], (0.99, 0.98))
-    colours = [patch.get_facecolor()[:3] for patch in ax.patches]
-    green, red = matplotlib.colors.to_rgb("tab:green"), matplotlib.colors.to_rgb("tab:red")
-    assert colours == [green, red, green, red]  # means first, then minimums, one colour per position
-    low, high = ax.get_ylim()
-    assert low < 0.90 and high > 1.0 and {line.get_ydata()[0] for line in ax.get_lines()} == {0.99, 0.98}
-    plots.plt.close(fig)
 
 
 def test_roofline_caps_the_memory_roof_at_the_peak_and_puts_the_legend_below(tmp_path):

@@ -22,10 +22,25 @@ def minilm():
     return folder, AutoModel.from_pretrained(folder, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(folder)
 
 
+def torch_embed(model, tokenizer, texts, batch_size=32):
+    """PyTorch's forward in the shared loop, as 04 builds it."""
+    def forward(batch):
+        with torch.inference_mode():
+            return model(**batch).last_hidden_state
+    return runtimes.embed_sorted(forward, tokenizer, texts, batch_size)
+
+
 @pytest.fixture(scope="module")
 def reference(minilm):
     _, model, tokenizer = minilm
-    return runtimes.torch_embedder(model, tokenizer)(TEXTS)
+    return torch_embed(model, tokenizer, TEXTS)
+
+
+def test_sorted_batches_return_rows_in_input_order_unaffected_by_padding(minilm, reference):
+    _, model, tokenizer = minilm
+    one_by_one = torch_embed(model, tokenizer, TEXTS[:12], batch_size=1)
+    assert cosine_fidelity(one_by_one, reference[:12])["cosine_min"] > 0.99999
+    torch.testing.assert_close(reference.norm(dim=-1), torch.ones(len(reference)))
 
 
 def onnx_embed(path, tokenizer, texts):
@@ -44,24 +59,10 @@ def exported(minilm, tmp_path_factory):
     return runtimes.export_onnx(model, tokenizer, tmp_path_factory.mktemp("onnx"))
 
 
-def test_sorted_batches_return_rows_in_input_order_unaffected_by_padding(minilm, reference):
-    _, model, tokenizer = minilm
-    one_by_one = runtimes.torch_embedder(model, tokenizer, batch_size=1)(TEXTS[:12])
-    assert cosine_fidelity(one_by_one, reference[:12])["cosine_min"] > 0.99999
-    torch.testing.assert_close(reference.norm(dim=-1), torch.ones(len(reference)))
-
-
 def test_onnx_export_matches_pytorch_on_mixed_lengths(minilm, reference, exported):
     _, _, tokenizer = minilm
     onnx_fp32 = onnx_embed(exported, tokenizer, TEXTS)
     assert cosine_fidelity(reference, onnx_fp32)["cosine_min"] >= 0.9999
-
-
-def test_export_leaves_the_pytorch_model_as_it_was(minilm, reference, exported):
-    _, model, tokenizer = minilm
-    assert not model.training  # the exporter restores modes recursively; dropout must stay off
-    after = runtimes.torch_embedder(model, tokenizer)(TEXTS)
-    torch.testing.assert_close(after, reference)
 
 
 def test_export_is_reused_while_the_model_is_the_same(minilm, exported):
@@ -115,26 +116,6 @@ def test_peer_problems_refuse_a_folder_without_pooling_config(tmp_path, minilm):
     if runtimes.onnx_unavailable() is None:
         assert "on the CPU here" in on_gpu[runtimes.ONNX_FP32]
         assert on_gpu[runtimes.ONNX_INT8] == on_gpu[runtimes.ONNX_FP32] == on_gpu[runtimes.OPENVINO_FP32]
-
-
-def test_torch_embedder_pools_with_the_mask_left_where_the_hidden_states_come_back(minilm):
-    """On a GPU the forward returns CPU hidden states: the pooling mask must not have been moved to the GPU with the
-    inputs (BatchEncoding.to moves in place). A model whose weights are on `meta` stands in for the GPU."""
-    _, _, tokenizer = minilm
-    seen = []
-
-    class OnMeta(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.weight = torch.nn.Parameter(torch.empty(1, device="meta"))
-
-        def forward(self, **inputs):
-            seen.append({value.device.type for value in inputs.values()})
-            hidden = torch.ones(*inputs["input_ids"].shape, 4)  # what `.cpu()` of the GPU's output would be
-            return type("Output", (), {"last_hidden_state": hidden})()
-
-    embedded = runtimes.torch_embedder(OnMeta(), tokenizer)(["a short text", "a somewhat longer text here"])
-    assert seen == [{"meta"}] and embedded.shape == (2, 4)  # inputs went to the model's device, pooling stayed on CPU
 
 
 def test_outside_forward_share_is_the_time_the_forward_does_not_take(minilm):
