@@ -24,7 +24,7 @@ from common.calibration import calibrate
 from common.device import mps_available, timed_once
 from common.memory import MIB, CudaPeak, PeakRSSSampler, cleanup, rss_bytes, weights_bytes
 from common.meter import VERDICT_WORDS, PerformanceMeter, measure_generation, verdict_of
-from common.report import REPORT_VERSION, format_value, print_table, say
+from common.report import REPORT_VERSION, explained, format_value, print_table, say
 from common.sweep import find_knee, fitting_batches
 
 
@@ -154,7 +154,7 @@ def meet_the_meter_section(ctx: cli.Context) -> dict:
                  f"of the calls; above 10% a result is noisy{' (this one is)' if m.noisy else ''}, marked `(! "
                  f"{s.iqr / s.median:.0%})` beside its p50 in tables"):
         say(line, indent="  ")
-    report.explained("timing")  # p50, its interval and the noise mark are taught here, not again at the first table
+    explained("timing")  # p50, its interval and the noise mark are taught here, not again at the first table
     overhead_s = meter.overhead_per_call_s(OVERHEAD_RUNS)
     say(f"\nmeter overhead: {overhead_s * 1e6:.2f} µs per timed call ({OVERHEAD_RUNS} calls of an empty function; "
         f"target < {OVERHEAD_TARGET_S * 1e6:.0f} µs: {'OK' if overhead_s < OVERHEAD_TARGET_S else 'OVER'}), "
@@ -398,13 +398,13 @@ def sweep_one(ctx: cli.Context, role: str, label: str, pipe, **options) -> dict:
                                                             device=str(ctx.device), batch=size)
                            for size, m in zip(sizes, comparison.measurements.values())})
 
-    def gain(larger: int, smaller: int) -> tuple[float, ...]:
-        """Throughput of one size over another: the paired per-round speed ratio times texts per call."""
-        return tuple(x * larger / smaller for x in comparison.ratio(f"batch {larger}", f"batch {smaller}"))
+    def gain(larger: int, smaller: int) -> tuple[float, float, float]:
+        """Throughput of one size over another: their paired per-round ratio of time per text."""
+        return comparison.ratio(f"batch {larger}", f"batch {smaller}")
 
     knee = find_knee(sizes, gain)
     explain_once("knee", "knee: the smallest batch whose texts/s no larger batch beats by more than 3%, judged by "
-                 "the interval of their paired throughput ratio (speedup x texts per call).")
+                 "the interval of their paired throughput ratio.")
     beyond = None
     if knee is None:
         say(f"{role}: no knee up to batch {sizes[-1]}: every smaller batch is outrun beyond +-3% by a larger one, "

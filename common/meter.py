@@ -243,8 +243,9 @@ def settle_text(needed: int | None, question: str = "whether it is beyond +-3%")
 class Comparison:
     """Workloads timed round-robin; speed ratios with an exact interval from the paired rounds, and verdicts.
 
-    ratio(a, b) is the median of the per-round ratios t_b / t_a, and its interval the distribution-free interval of
-    that median (order statistics, as for Stats), so estimate and interval always agree. Pairing by round cancels
+    ratio(a, b) is the median of the per-round ratios of time per item, b's over a's, and its interval the
+    distribution-free interval of that median (order statistics, as for Stats), so estimate and interval always
+    agree. Pairing by round cancels
     what the machine did during that round; the interval's real coverage is kept beside it. Every figure about a
     pair (table, sentence, chart, bar) comes from ratio(); items/s comes from each workload's median.
     """
@@ -258,8 +259,12 @@ class Comparison:
         return min(m.stats.count for m in self.measurements.values())
 
     def ratio(self, a: str, b: str) -> tuple[float, float, float]:
-        """How many times faster a is than b: (median of the per-round t_b / t_a, interval low, interval high)."""
-        ta, tb = np.asarray(self.measurements[a].samples_s), np.asarray(self.measurements[b].samples_s)
+        """How many times faster a is than b per item: (median of the per-round (t_b / items_b) / (t_a / items_a),
+        interval low, interval high). With equal items per call that is t_b / t_a; a batch of 8 that takes 4x as long
+        as a batch of 1 is 2x as fast."""
+        ma, mb = self.measurements[a], self.measurements[b]
+        ta = np.asarray(ma.samples_s) / ma.items_per_call
+        tb = np.asarray(mb.samples_s) / mb.items_per_call
         per_round = np.sort(tb / ta)
         low, high, _ = median_ci(per_round)
         return float(np.median(per_round)), low, high

@@ -241,7 +241,8 @@ HOW_TO_READ = {  # printed once per lesson, at its first table, unless the lesso
     "timing": "p50_ms is each row's own median time per call; `(! 12%)` flags a noisy row (interquartile range / "
               "median).",
     "ratio": "A table's workloads take turns, one call each per round (round-robin), so a busy neighbour slows them "
-             "alike. speedup is the median of the per-round time ratios against the baseline row, with its exact "
+             "alike. speedup is how many times faster per item than the baseline row: the median of the per-round "
+             "ratios, with its exact "
              "interval [95%, or lower as stated for few rounds]. verdict: faster or slower when the whole interval is "
              "beyond +-3%; within +-3% or no measurable difference when it lies inside; inconclusive when too wide.",
 }

@@ -350,3 +350,13 @@ def test_a_cpu_row_never_shows_gpu_utilisation():
     m.gpu_util_pct = 55.0  # what a round-robin with a GPU workload could attribute
     assert runs.result_row(m, device="cpu")["gpu_util_pct"] is None
     assert runs.result_row(m, device="cuda:0")["gpu_util_pct"] == 55.0
+
+
+def test_ratio_is_per_item_so_a_bigger_batch_that_takes_longer_can_be_faster(clock):
+    meter = PerformanceMeter(warmup=0, min_runs=5, budget_s=0.0)
+    comparison = meter.compare({"batch 1": clock.workload(0.010), "batch 8": clock.workload(0.040)},
+                               items={"batch 1": 1, "batch 8": 8})
+    assert comparison.ratio("batch 8", "batch 1") == pytest.approx((2.0, 2.0, 2.0))  # 4x the time for 8x the texts
+    assert comparison.verdict("batch 8", "batch 1") == "faster"
+    rows = {row["workload"]: row for row in comparison.rows(baseline="batch 1")}
+    assert rows["batch 8"]["items_per_s"] / rows["batch 1"]["items_per_s"] == pytest.approx(rows["batch 8"]["speedup"])
