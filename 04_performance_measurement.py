@@ -8,10 +8,16 @@ the machine and the environment first, then gives every shared measurement a ver
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import io
+import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import common  # noqa: F401  (first: it quiets torchao's import-time warnings; see common/__init__.py)
 import numpy as np
@@ -19,12 +25,18 @@ import torch
 from torch.utils.benchmark import Timer
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, pipeline
 
-from common import cli, models, paper, pipelines, plots, runs, texts
-from common.calibration import calibrate
+from common import cli, models, paper, pipelines, plots, recipe, runs, runtimes, texts
+from common.batching import streamed_weight_bytes
+from common.calibration import calibrate, matmul_peak
 from common.device import mps_available, timed_once
+from common.errors import UserError
+from common.fidelity import cosine_fidelity
 from common.memory import MIB, CudaPeak, PeakRSSSampler, cleanup, rss_bytes, weights_bytes
-from common.meter import VERDICT_WORDS, PerformanceMeter, measure_generation, verdict_of
-from common.report import REPORT_VERSION, explained, format_value, print_table, say
+from common.meter import VERDICT_WORDS, Comparison, PerformanceMeter, measure_generation, verdict_of
+from common.quantize import choose_activation_range, linear_names, variant_unavailable
+from common.report import REPORT_VERSION, explained, format_value, limit_bar, print_table, ratio_bar, say
+from common.runtimes import (ONNX_FP32, ONNX_INT8, OPENVINO_FP32, OPENVINO_INT8, PEERS, PYTORCH_FP32, PYTORCH_INT8,
+                             SENTENCE_TRANSFORMERS)
 from common.sweep import find_knee, fitting_batches
 
 
@@ -640,25 +652,6 @@ def draw_seed_table(ax, rows: list[dict], ratios: dict) -> None:
 
 
 # ---------------------------------------------------------------- 7. What you would ship
-# (this section's imports stay with it: it is the lesson's one user of the runtimes and the recipe bookkeeping)
-import contextlib  # noqa: E402
-import copy  # noqa: E402
-import io  # noqa: E402
-import logging  # noqa: E402
-import warnings  # noqa: E402
-from typing import Callable  # noqa: E402
-
-from common import recipe, runtimes  # noqa: E402
-from common.batching import streamed_weight_bytes  # noqa: E402
-from common.calibration import matmul_peak  # noqa: E402
-from common.errors import UserError  # noqa: E402
-from common.fidelity import cosine_fidelity  # noqa: E402
-from common.meter import Comparison  # noqa: E402
-from common.quantize import choose_activation_range, linear_names, variant_unavailable  # noqa: E402
-from common.report import limit_bar, ratio_bar  # noqa: E402
-from common.runtimes import (ONNX_FP32, ONNX_INT8, OPENVINO_FP32, OPENVINO_INT8, PEERS, PYTORCH_FP32,  # noqa: E402
-                             PYTORCH_INT8, SENTENCE_TRANSFORMERS)
-
 
 @dataclass(frozen=True)
 class Contest:
