@@ -302,9 +302,9 @@ def quantization_section(ctx: cli.Context, s: Settings) -> dict:
                                          items=s.speed_batch, warmup=1, min_rounds=s.rounds, progress="quantization")
     faithful = [name for name in variants if name.startswith("int8") and keeps_fidelity(extra[name])]
     bar_name = "dynamic int8 vs fp32"
-    rows = ctx.show(comparison, "fp32", f"encoder {fp32.info.label}, batch {s.speed_batch}; cosine vs fp32 on "
-                    f"{len(FIDELITY_TEXTS)} varied texts in length-sorted batches of 32 (int8 scales activations per "
-                    "batch, so batch size moves it)", extra=extra, columns=("size_pct", "cosine_mean", "cosine_min"),
+    rows = ctx.show(comparison, "fp32", f"encoder {fp32.info.label}, batch {s.speed_batch}; size_pct = bytes stored "
+                    f"vs fp32; cosine vs fp32 on {len(FIDELITY_TEXTS)} varied texts in length-sorted batches of 32 "
+                    "(int8 scales activations per batch, so batch size moves it)", extra=extra, columns=("size_pct", "cosine_mean", "cosine_min"),
                     bar=(bar_name, faithful[-1], INT8_TARGET) if faithful else None)
     if ctx.device.type == "cpu" and not faithful:
         ctx.report.add_bar(performance_bar(bar_name, f">= {INT8_TARGET:g}x", f"no int8 variant keeps {FIDELITY_TEXT}",
