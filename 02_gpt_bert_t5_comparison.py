@@ -425,7 +425,7 @@ def generation_speed(ctx: cli.Context, contender: Contender) -> dict:
     ctx.show(comparison, "cache off", f"{contender.label}: {n} greedy tokens after a {s.prompt_tokens}-token prompt",
              extra={"cache on": {"decode_tok_s": decode["on"], "per_token": ratio_cell(*per_token) if per_token
                                  else "not measurable"}, "cache off": {"decode_tok_s": decode["off"]}},
-             columns=("decode_tok_s", "per_token"))
+             columns=("decode_tok_s", "per_token"), unranked=("first token",))
     written = {"decoder_input_ids": last["on"]} if contender.kind == "seq2seq" else {}  # its decoder's tokens
     with torch.inference_mode():  # the cache itself, after one prefill (and the encoder-decoder's new tokens)
         stored, cached_tokens = kv_cache_bytes(model(input_ids=ids, use_cache=True, **written).cache)

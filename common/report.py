@@ -256,18 +256,21 @@ def explained(part: str) -> None:
 
 def show(comparison: Comparison, baseline: str, title: str, *, extra: dict[str, dict[str, Any]] | None = None,
          columns: tuple[str, ...] = (), report: "Report | None" = None, section: str | None = None,
-         bar: tuple[str, str, float] | None = None) -> list[dict[str, Any]]:
+         bar: tuple[str, str, float] | None = None, unranked: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """The one way a lesson shows a comparison: a table (each row its own median, items/s, the paired ratio against
     `baseline` with its interval, the verdict, then `columns` from `extra[workload]`), the rows recorded in the report
     under `section`, and with `bar=(name, workload, minimum)` that ratio's performance bar, printed once under it.
-    Returns the rows (extra merged in), for the lesson's chart."""
+    `unranked` rows were timed in the same rounds for another figure and are not like-for-like with the baseline:
+    they show their own median and no ratio. Returns the rows (extra merged in), for the lesson's chart."""
     legend = [text for part, text in HOW_TO_READ.items() if part not in _explained]
     if legend:
         _explained.update(HOW_TO_READ)
-        say("How to read the timing tables: " + " ".join(legend))
+        say("\nHow to read the timing tables: " + " ".join(legend))
     rows = [{**row, **(extra or {}).get(row["workload"], {})} for row in comparison.rows(baseline=baseline)]
     for row in rows:
         row["sentence"] = "" if row["workload"] == baseline else comparison.sentence(row["workload"], baseline)
+        if row["workload"] in unranked:
+            row.update(speedup=None, speedup_low=None, speedup_high=None, verdict="-", sentence="")
     print_table(rows, [*SPEED_COLUMNS, *columns], title=f"{title}; speedup vs {baseline}")
     if report is not None:
         report.add_rows(section or report.current or title, rows)

@@ -276,3 +276,12 @@ def test_ratio_cell_reads_the_estimate_then_its_interval():
     assert report.ratio_cell(2.044, 1.906, 2.164) == "2.04x [1.91-2.16]"
     assert report.console_cell({"speedup": 0.5, "speedup_low": 0.4, "speedup_high": 0.6}, "speedup") == \
         "0.50x [0.40-0.60]"
+
+
+def test_show_leaves_an_unranked_row_without_a_ratio(tmp_path, capsys):
+    base = [0.010, 0.011, 0.012]
+    rows = report.show(paired({"whole": base, "first step": [t / 10 for t in base]}), "whole", "steps",
+                       unranked=("first step",))
+    first = next(row for row in rows if row["workload"] == "first step")
+    assert (first["speedup"], first["verdict"]) == (None, "-") and first["p50_ms"] == pytest.approx(1.1)
+    assert "10.00x" not in capsys.readouterr().out
