@@ -21,6 +21,7 @@ from common.device import compile_problem, timed_once
 from common.errors import first_line
 from common.fidelity import cosine_fidelity
 from common.memory import MIB, PeakRSSSampler, saved_for_backward_bytes
+from common.meter import VERDICT_WORDS
 from common.pipelines import embed, mean_pool
 from common.quantize import bnb_compute_dtype, linear_names, rank_sensitivity, storage_columns
 from common.report import performance_bar, print_table, ratio_bar, say
@@ -432,10 +433,11 @@ def attention_section(ctx: cli.Context, s: Settings) -> dict:
                     f"{s.speed_batch}")
     if not problem:
         saved = comparison.difference("sdpa", "sdpa + torch.compile")[0]  # seconds per call, median of rounds
+        verdict = comparison.verdict("sdpa + torch.compile", "sdpa")
         say(f"The first compiled call took {first_call_s:.1f} s; " + (
             f"at {saved * 1e3:.1f} ms saved per call that pays back after ~{first_call_s / saved:,.0f} calls, and "
-            "each new batch shape compiles again." if saved > 0 else "no later call was faster, so compiling "
-            "never pays back here."))
+            "each new batch shape compiles again." if verdict == "faster" else f"against sdpa alone the compiled "
+            f"calls are {VERDICT_WORDS[verdict]}, so compiling does not pay back in this run."))
     fastest = max(rows, key=lambda r: r["speedup"])
     choice = fastest["workload"] if fastest["verdict"] == "faster" else "eager or sdpa (no measurable difference)"
     return {"model": where.label, "compile_skipped": problem, "choice": f"attention {choice}"}
@@ -491,9 +493,11 @@ def memory_section(ctx: cli.Context, s: Settings) -> dict:
         say(f"{converted['load']} peaks highest although its weights are half the size: converting reads the whole "
             "fp32 file into memory beside the new copy.")
     lean = min(rows, key=lambda r: r["peak_mib"])
-    say(f"Leanest load here: {lean['load']} ({lean['peak_mib']:.0f} MiB at its peak).")
+    alike = [r["load"] for r in rows if r["peak_mib"] <= 1.05 * lean["peak_mib"]]  # one load each: 5% is noise
+    say(f"Leanest load here: {lean['load']} ({lean['peak_mib']:.0f} MiB at its peak)." if len(alike) == 1 else
+        f"{' and '.join(alike)} peak alike here (within 5% of {lean['peak_mib']:.0f} MiB).")
     ctx.report.add_rows("memory", rows + cleanup)
-    return {"model": where.label, "choice": f"load with {lean['load']}"}
+    return {"model": where.label, "choice": f"load with {' or '.join(alike)}"}
 
 
 # ------------------------------------------------------------------------------------- 9. GPU memory
