@@ -459,6 +459,17 @@ def devices_section(ctx: cli.Context) -> list[dict]:
     for kind, reason in missing.items():
         ctx.report.skip(f"device {kind}", reason)
     batch, workloads = texts.repeated_sentences(TASK_TEXTS), {}
+    if len(devices) == 1:  # nothing to race: one line instead of a one-row table (the row still feeds --compare)
+        loaded = ctx.load("encoder", devices[0])
+        extractor = pipeline("feature-extraction", model=loaded.model, tokenizer=loaded.tokenizer)
+        m = ctx.meter().measure(str(devices[0]), lambda: extractor(batch, batch_size=len(batch), return_tensors=True),
+                                items=len(batch))
+        row = runs.result_row(m, workload=str(devices[0]), measurement="devices: feature-extraction",
+                              model=loaded.info.label, device=str(devices[0]), batch=len(batch))
+        ctx.report.add_rows("5. Devices", [row])
+        say(f"Only the {devices[0]} here, so nothing to race: {loaded.info.label} embeds {len(batch)} texts in "
+            f"{m.median_ms:.3g} ms per call. With a GPU (--device cuda or mps) this section times both round-robin.")
+        return [slim([row], ("workload", "p50_ms", "ci95_low_ms", "ci95_high_ms", "items_per_s"))[0]]
     for device in devices:
         loaded = ctx.load("encoder", device)
         extractor = pipeline("feature-extraction", model=loaded.model, tokenizer=loaded.tokenizer,

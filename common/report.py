@@ -472,8 +472,8 @@ class Report:
         self.finished = not self.partial
         paths = self.write()
         print(f"\n{'=' * 78}")
-        for path in paths + [Path(c) for c in self.charts]:
-            print(f"wrote {path}")
+        names = [Path(path).name for path in paths + [Path(chart) for chart in self.charts]]
+        say(f"wrote to {self.out_dir}: {', '.join(names)}")
         if self.bars:
             counts = {status: sum(bar["status"] == status for bar in self.bars)
                       for status in dict.fromkeys(bar["status"] for bar in self.bars)}

@@ -185,8 +185,9 @@ def test_report_tex_and_md_are_the_article_with_the_csv_medians_and_intervals(ru
 def test_devices_and_seed_table_cover_what_this_machine_has(run):
     report = run[2]
     devices = report["sections"]["5. Devices"]
-    assert devices[0]["workload"] == "cpu" and devices[0]["speedup"] == pytest.approx(1.0)
-    assert devices[0]["verdict"] == "baseline"
+    assert devices[0]["workload"] == "cpu" and devices[0]["items_per_s"] > 0
+    if len(devices) > 1:  # the CPU alone is one line, with nothing to race
+        assert devices[0]["speedup"] == pytest.approx(1.0) and devices[0]["verdict"] == "baseline"
     seed = report["sections"]["6. The course notes' table, reproduced"]
     assert seed["input_shape"] == f"[1, {script.SEED_INPUT_TOKENS}]"
     assert [(row["model"], row["device"], row["notes_time_s"]) for row in seed["rows"]] == \
