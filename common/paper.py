@@ -169,8 +169,9 @@ def build(data: dict[str, Any]) -> Document:
                   "slower. An interval inside that band is too small to matter, and a wider one is inconclusive. "
                   "Performance bars are judged by the same rule against their target.")
     if sections.get(CONTEST):
-        doc.paragraph("Fidelity is the cosine similarity between a configuration's sentence embeddings and fp32 "
-                      "PyTorch's, on texts held out from the half on which the configuration was chosen.")
+        doc.paragraph("Fidelity is the cosine similarity between a configuration's sentence embeddings and those of "
+                      "sentence-transformers' encode in fp32, on texts held out from the half on which the "
+                      "configuration was chosen.")
     calibration = data.get("calibration", {})
     start, end = calibration.get("start") or {}, calibration.get("end") or {}
     if start.get("matmul_gflops"):
@@ -207,7 +208,8 @@ def build(data: dict[str, Any]) -> Document:
     if held_out:
         baseline = next((row["workload"] for row in held_out if row.get("verdict") == "baseline"), "the baseline")
         doc.table(Table(f"The runtime contest on held-out texts: our recipes against the peers' runtimes. Shipped: "
-                        f"{(sections.get(CONTEST) or {}).get('shipped')}. Fidelity: cosine against fp32 PyTorch.",
+                        f"{(sections.get(CONTEST) or {}).get('shipped')}. Fidelity: cosine against "
+                        "sentence-transformers' encode (fp32).",
                         ["Configuration", "Median (ms)", "95% interval (ms)", "Texts/s", f"Speed-up vs {baseline}",
                          "Cosine min"],
                         [[row["workload"], number(row["p50_ms"]), interval(row["ci95_low_ms"], row["ci95_high_ms"]),
