@@ -105,8 +105,9 @@ def grouped_bars(ax: Axes, groups: list[str], series: list[tuple[str, list[float
         x = positions + (index - (len(series) - 1) / 2) * width
         present = [i for i, value in enumerate(values) if value is not None]
         bars = ax.bar(x[present], [values[i] for i in present], width=width, label=label)
-        if value_format:
-            ax.bar_label(bars, fmt=value_format, fontsize=7)
+        if value_format:  # "-0" for a value that rounds to nothing would read as a loss
+            texts = [value_format % values[i] for i in present]
+            ax.bar_label(bars, labels=[text.lstrip("-") if float(text) == 0 else text for text in texts], fontsize=7)
         for i, value in enumerate(values):
             if value is None and missing:
                 top = max((v[i] for _, v in series if v[i] is not None), default=0)  # where the group's bars end

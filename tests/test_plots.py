@@ -63,3 +63,11 @@ def test_a_saved_chart_carries_its_title_for_a_reports_caption(tmp_path):
     ax.plot([1, 2], [1, 2])
     assert plots.saved_title(plots.save(fig, tmp_path, "titled")) == "Batch 16 is the knee"
     assert plots.saved_title(tmp_path / "missing.png") is None
+
+
+def test_grouped_bars_never_label_a_bar_minus_zero():
+    from common import plots
+    fig, ax = plots.plt.subplots()
+    plots.grouped_bars(ax, ["a", "b"], [("x", [1.2, -0.07]), ("y", [None, -2.4])], value_format="%.0f")
+    assert [text.get_text() for text in ax.texts] == ["1", "0", "-2"]
+    plots.plt.close(fig)
