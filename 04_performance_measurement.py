@@ -461,7 +461,8 @@ def devices_section(ctx: cli.Context) -> list[dict]:
     batch, workloads = texts.repeated_sentences(TASK_TEXTS), {}
     if len(devices) == 1:  # nothing to race: one line instead of a one-row table (the row still feeds --compare)
         loaded = ctx.load("encoder", devices[0])
-        extractor = pipeline("feature-extraction", model=loaded.model, tokenizer=loaded.tokenizer)
+        extractor = pipeline("feature-extraction", model=loaded.model, tokenizer=loaded.tokenizer,
+                             device=loaded.model.device)
         m = ctx.meter().measure(str(devices[0]), lambda: extractor(batch, batch_size=len(batch), return_tensors=True),
                                 items=len(batch))
         row = runs.result_row(m, workload=str(devices[0]), measurement="devices: feature-extraction",
