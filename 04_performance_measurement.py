@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
 import logging
 import os
@@ -898,7 +899,9 @@ def paste(ctx: cli.Context, shipped: str, calibration: list[str], max_length: in
     (ctx.out_dir / "recipe.py").write_text(code + "\n")
     if shipped == OPENVINO_INT8:
         (ctx.out_dir / "calibration.txt").write_text("\n".join(calibration) + "\n")
-    print(f"ready to paste (also in {ctx.out_dir / 'recipe.py'}):\n{'-' * 78}\n{code}\n{'-' * 78}")
+    shared = inspect.getsource(runtimes.embed_sorted)  # the same loop in every snippet, taught in 03's section 6
+    shown = code.replace(shared, f"{shared.splitlines()[0]}\n    ...  # the shared loop: in full in recipe.py\n")
+    print(f"to paste: {ctx.out_dir / 'recipe.py'}, runnable as it is; its lines:\n{'-' * 78}\n{shown}\n{'-' * 78}")
     return code
 
 
