@@ -460,23 +460,20 @@ def devices_section(ctx: cli.Context) -> list[dict]:
     for kind, reason in missing.items():
         ctx.report.skip(f"device {kind}", reason)
     batch, workloads = texts.repeated_sentences(TASK_TEXTS), {}
-    if len(devices) == 1:  # nothing to race: one line instead of a one-row table (the row still feeds --compare)
-        loaded = ctx.load("encoder", devices[0])
-        extractor = pipeline("feature-extraction", model=loaded.model, tokenizer=loaded.tokenizer,
-                             device=loaded.model.device)
-        m = ctx.meter().measure(str(devices[0]), lambda: extractor(batch, batch_size=len(batch), return_tensors=True),
-                                items=len(batch))
-        row = runs.result_row(m, workload=str(devices[0]), measurement="devices: feature-extraction",
-                              model=loaded.info.label, device=str(devices[0]), batch=len(batch))
-        ctx.report.add_rows("5. Devices", [row])
-        say(f"Only the {devices[0]} here, so nothing to race: {loaded.info.label} embeds {len(batch)} texts in "
-            f"{m.median_ms:.3g} ms per call. With a GPU (--device cuda or mps) this section times both round-robin.")
-        return [slim([row], ("workload", "p50_ms", "ci95_low_ms", "ci95_high_ms", "items_per_s"))[0]]
     for device in devices:
         loaded = ctx.load("encoder", device)
         extractor = pipeline("feature-extraction", model=loaded.model, tokenizer=loaded.tokenizer,
                              device=loaded.model.device)
         workloads[str(device)] = lambda e=extractor: e(batch, batch_size=len(batch), return_tensors=True)
+    if len(devices) == 1:  # nothing to race: one line instead of a one-row table (the row still feeds --compare)
+        name = str(devices[0])
+        m = ctx.meter().measure(name, workloads[name], items=len(batch))
+        row = runs.result_row(m, workload=name, measurement="devices: feature-extraction", model=loaded.info.label,
+                              device=name, batch=len(batch))
+        ctx.report.add_rows("5. Devices", [row])
+        say(f"Only the {name} here, so nothing to race: {loaded.info.label} embeds {len(batch)} texts in "
+            f"{m.median_ms:.3g} ms per call. With a GPU (--device cuda or mps) this section times both round-robin.")
+        return [slim([row], ("workload", "p50_ms", "ci95_low_ms", "ci95_high_ms", "items_per_s"))[0]]
     # A meter on the last device (the accelerator, when there is one) synchronises it after every timed call.
     comparison = ctx.meter(devices[-1]).compare(workloads, items=len(batch), progress="devices",
                                                 tokens=texts.count_tokens(loaded.tokenizer, batch, truncation=True))
@@ -486,8 +483,7 @@ def devices_section(ctx: cli.Context) -> list[dict]:
                            for name, m in comparison.measurements.items()})
     table = slim(rows, ("workload", "p50_ms", "ci95_low_ms", "ci95_high_ms", "items_per_s", "speedup",
                         "speedup_low", "speedup_high", "verdict"))
-    if len(devices) > 1:  # one bar says nothing: with the CPU alone the table above is the whole result
-        ctx.report.add_chart(plots.chart(ctx.out_dir, "devices_side_by_side", draw_devices, table))
+    ctx.report.add_chart(plots.chart(ctx.out_dir, "devices_side_by_side", draw_devices, table))
     return table
 
 
