@@ -242,9 +242,9 @@ HOW_TO_READ = {  # printed once per lesson, at its first table, unless the lesso
               "median).",
     "ratio": "A table's workloads take turns, one call each per round (round-robin), so a busy neighbour slows them "
              "alike. speedup is how many times faster per item than the baseline row: the median of the per-round "
-             "ratios, with its exact "
-             "interval [95%, or lower as stated for few rounds]. verdict: faster or slower when the whole interval is "
-             "beyond +-3%; within +-3% or no measurable difference when it lies inside; inconclusive when too wide.",
+             "ratios, with its exact interval [95%, or lower as stated for few rounds]. verdict: faster or slower "
+             "when the whole interval is beyond +-3%; within +-3% or no measurable difference when it lies inside; "
+             "inconclusive when too wide.",
 }
 _explained: set[str] = set()
 
@@ -300,8 +300,8 @@ class Report:
         self.rows: list[dict[str, Any]] = []
         self.models: list[dict[str, Any]] = []
         self.charts: list[str] = []
-        self.bars: list[dict[str, Any]] = []
-        self.current = ""  # the running section's title: where show() files its rows  # printed once where measured; counted again only in finish's line
+        self.bars: list[dict[str, Any]] = []  # printed once where measured; counted again only in finish's line
+        self.current = ""  # the running section's title: where show() files its rows
         self.section_seconds: dict[str, float] = {}
         self.calibration: dict[str, dict[str, Any]] = {}  # "start" and "end": see common.calibration
         self.partial = False
