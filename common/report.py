@@ -93,7 +93,7 @@ def console_cell(row: dict[str, Any], column: str) -> str:
     value = row.get(column)
     if column == "p50_ms" and row.get("noisy") and row.get("iqr_ms") is not None and value:
         return f"{format_value(value)} (! {row['iqr_ms'] / value:.0%})"
-    if column.startswith("cosine") and isinstance(value, float):  # bars sit at 0.98/0.99: three figures would hide a miss
+    if column.startswith("cosine") and isinstance(value, float):  # bars sit at 0.98/0.99: 3 figures hide a miss
         return f"{value:.4f}"
     if column == "speedup" and value is not None and row.get("speedup_low") is not None:
         if row.get("verdict") == "baseline":
