@@ -265,6 +265,7 @@ def quantization_section(ctx: cli.Context, s: Settings) -> dict:
     model, tokenizer = fp32.model, fp32.tokenizer
     reference = embed(model, tokenizer, FIDELITY_TEXTS)
     variants: dict[str, Any] = {"fp32": model}
+    embedded = {"fp32": reference}  # each variant's fidelity-text embeddings, computed once
     if ctx.device.type == "cpu":
         # int8 weights; each batch's activations are scaled to int8 on the fly (7-bit: fbgemm's safe default)
         variants["dynamic int8"] = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
@@ -279,9 +280,10 @@ def quantization_section(ctx: cli.Context, s: Settings) -> dict:
             kept = {layer.name for layer in ranking[:keep]}
             quantised = [name for name in linear_names(model) if name not in kept]
             mixed = quantize_dynamic(model, dict.fromkeys(quantised, per_channel_dynamic_qconfig), dtype=torch.qint8)
-            if keeps_fidelity(cosine_fidelity(reference, embed(mixed, tokenizer, FIDELITY_TEXTS))):
+            mixed_embedded = embed(mixed, tokenizer, FIDELITY_TEXTS)
+            if keeps_fidelity(cosine_fidelity(reference, mixed_embedded)):
                 break
-        variants[f"int8, {keep} kept fp32"] = mixed
+        variants[f"int8, {keep} kept fp32"], embedded[f"int8, {keep} kept fp32"] = mixed, mixed_embedded
         say(f"Linears int8 hurts most (each quantised alone, {len(subset)} texts): "
             + ", ".join(f"{layer.name} ({layer.drop:.4f})" for layer in ranking[:3]) + f"; the last row keeps {keep}.")
     else:
@@ -296,7 +298,8 @@ def quantization_section(ctx: cli.Context, s: Settings) -> dict:
             variants[label] = loaded
     batch = sentences(tokenizer, s.speed_batch, ctx.device)
     extra = {name: {**storage_columns(variant, memory.weights_bytes(model)),
-                    **cosine_fidelity(reference, embed(variant, tokenizer, FIDELITY_TEXTS))}
+                    **cosine_fidelity(reference, embedded[name] if name in embedded else
+                                      embed(variant, tokenizer, FIDELITY_TEXTS))}
              for name, variant in variants.items()}
     with torch.inference_mode():
         comparison = ctx.meter().compare({name: lambda v=variant: v(**batch) for name, variant in variants.items()},
