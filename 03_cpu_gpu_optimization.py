@@ -292,8 +292,10 @@ def quantization_section(ctx: cli.Context, s: Settings) -> dict:
     for label, config in (("bitsandbytes 8-bit", BitsAndBytesConfig(load_in_8bit=True)),
                           ("bitsandbytes 4-bit nf4", BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                                         bnb_4bit_compute_dtype=compute))):
-        loaded = ctx.report.attempt(label, lambda config=config: ctx.record_load(where, lambda: AutoModel.from_pretrained(
-            where.path, quantization_config=config, dtype=compute, device_map=ctx.device)))
+        def load(config: BitsAndBytesConfig = config) -> Any:
+            return ctx.record_load(where, lambda: AutoModel.from_pretrained(
+                where.path, quantization_config=config, dtype=compute, device_map=ctx.device))
+        loaded = ctx.report.attempt(label, load)
         if loaded is not None:  # quantised as it loads; a missing bitsandbytes backend was recorded as a skip
             variants[label] = loaded
     batch = sentences(tokenizer, s.speed_batch, ctx.device)
@@ -308,7 +310,8 @@ def quantization_section(ctx: cli.Context, s: Settings) -> dict:
     bar_name = "dynamic int8 vs fp32"
     rows = ctx.show(comparison, "fp32", f"encoder {fp32.info.label}, batch {s.speed_batch}; size_pct = bytes stored "
                     f"vs fp32; cosine vs fp32 on {len(FIDELITY_TEXTS)} varied texts in length-sorted batches of 32 "
-                    "(int8 scales activations per batch, so batch size moves it)", extra=extra, columns=("size_pct", "cosine_mean", "cosine_min"),
+                    "(int8 scales activations per batch, so batch size moves it)", extra=extra,
+                    columns=("size_pct", "cosine_mean", "cosine_min"),
                     bar=(bar_name, faithful[-1], INT8_TARGET) if faithful else None)
     if ctx.device.type == "cpu" and not faithful:
         ctx.report.add_bar(performance_bar(bar_name, f">= {INT8_TARGET:g}x", f"no int8 variant keeps {FIDELITY_TEXT}",
